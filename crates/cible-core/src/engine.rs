@@ -1,0 +1,1215 @@
+//! The engine: the one writer of the durable store, owner of the identity graph, the dedup set,
+//! the dictionaries and the hot store.
+//!
+//! **All writes go through [`Engine::ingest`] (or [`Engine::unmerge`]) under one mutex, and each
+//! call is one atomic fjall batch.** In-memory state is changed only along with a batch; if a
+//! commit fails the engine refuses further writes (the process must restart and reload), so
+//! memory never disagrees with disk.
+//!
+//! Callers parse messages outside the lock (in parallel); the engine then dedups, resolves
+//! identities, flags anomalies, and commits. Group commit is the caller's choice of batch size.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::hot::{HotStore, NO_KEY, NO_NAME};
+use crate::identity::{self, Graph, Plan, Target};
+use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
+use crate::message::{Message, MessageType, ParseContext, Rejection, parse_message_text};
+use crate::quality::{self, QualityCounters, Reason, flags};
+use crate::store::{HotRecord, Store, StoreError, decode_event_key, event_key, profile_key};
+
+/// Errors of the engine. User mistakes (`NotFound`, `Invalid`) are separated from failures of the
+/// machine (`Store`, `Poisoned`).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store refused a write earlier ({0}); restart cible to recover from disk")]
+    Poisoned(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<fjall::Error> for EngineError {
+    fn from(error: fjall::Error) -> Self {
+        Self::Store(StoreError::Engine(error))
+    }
+}
+
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// When a batch counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced to disk (fsync) before `ingest` returns: what an acknowledgement promises.
+    Sync,
+    /// Handed to the OS; survives a process crash but not a power loss. Bulk import uses it and
+    /// syncs at the end.
+    Buffered,
+}
+
+/// A message offered to [`Engine::ingest`].
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub parsed: std::result::Result<Message, Rejection>,
+    /// Set when the message is replayed from quarantine: the record to drop once it is accepted.
+    pub replay_of: Option<u64>,
+}
+
+impl From<std::result::Result<Message, Rejection>> for Incoming {
+    fn from(parsed: std::result::Result<Message, Rejection>) -> Self {
+        Self {
+            parsed,
+            replay_of: None,
+        }
+    }
+}
+
+/// A quarantined message in a batch answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuarantineNote {
+    /// Position of the message in the batch.
+    pub index: usize,
+    pub reason: Reason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub detail: String,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BatchOutcome {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub quarantined: Vec<QuarantineNote>,
+    pub profiles_created: u64,
+    pub profiles_merged: u64,
+    pub identity_conflicts: u64,
+}
+
+impl BatchOutcome {
+    /// Adds another batch's counts (the notes are not kept).
+    pub fn absorb(&mut self, other: &BatchOutcome) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.profiles_created += other.profiles_created;
+        self.profiles_merged += other.profiles_merged;
+        self.identity_conflicts += other.identity_conflicts;
+    }
+}
+
+/// A trait value and the time of the message that set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraitValue {
+    pub value: Value,
+    /// Message time (epoch ms) of the identify call that set it: the latest one wins.
+    pub at: i64,
+}
+
+/// A profile as stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub id: u32,
+    pub created_at: i64,
+    /// `u:`, `a:` and `e:` identifiers.
+    pub identifiers: Vec<String>,
+    pub traits: BTreeMap<String, TraitValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<u32>,
+}
+
+impl ProfileRecord {
+    /// Applies an identify call's traits: a trait changes only if the message is not older
+    /// than the one that set it.
+    fn apply_traits(&mut self, traits: &serde_json::Map<String, Value>, at: i64) {
+        for (name, value) in traits {
+            let newer = self.traits.get(name).is_none_or(|current| current.at <= at);
+            if newer {
+                self.traits.insert(
+                    name.clone(),
+                    TraitValue {
+                        value: value.clone(),
+                        at,
+                    },
+                );
+            }
+        }
+    }
+
+    fn absorb(&mut self, other: ProfileRecord) {
+        self.identifiers.extend(other.identifiers);
+        for (name, incoming) in other.traits {
+            let newer = self
+                .traits
+                .get(&name)
+                .is_none_or(|current| current.at <= incoming.at);
+            if newer {
+                self.traits.insert(name, incoming);
+            }
+        }
+    }
+}
+
+/// A merge, kept forever (unmerge marks it, never deletes it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub id: u64,
+    pub from: u32,
+    pub into: u32,
+    pub cause: String,
+    pub at: i64,
+    /// The identifiers `from` held when it was merged.
+    pub identifiers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmerged_at: Option<i64>,
+}
+
+/// A quarantined message, kept whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub id: u64,
+    pub reason: Reason,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub detail: String,
+    pub source: String,
+    pub received_at: i64,
+    pub raw: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Counters {
+    next_seq: u64,
+    next_profile: u32,
+    next_merge: u64,
+    next_quarantine: u64,
+    quality: QualityCounters,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ProfileMeta {
+    merged_into: Option<u32>,
+    has_user: bool,
+}
+
+/// A text dictionary with dense ids.
+#[derive(Debug, Default)]
+struct Dict {
+    ids: FxHashMap<String, u32>,
+    texts: Vec<String>,
+}
+
+impl Dict {
+    fn insert_loaded(&mut self, text: String, id: u32) {
+        let index = id as usize;
+        if self.texts.len() <= index {
+            self.texts.resize(index + 1, String::new());
+        }
+        self.texts[index] = text.clone();
+        self.ids.insert(text, id);
+    }
+}
+
+struct State {
+    counters: Counters,
+    idents: FxHashMap<String, u32>,
+    profiles: Vec<ProfileMeta>,
+    /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
+    seen: FxHashSet<u64>,
+    names: Dict,
+    keys: Dict,
+}
+
+impl State {
+    /// The live profile a (possibly merged-away) ordinal now lives in.
+    fn find(&self, mut profile: u32) -> u32 {
+        while let Some(into) = self
+            .profiles
+            .get(profile as usize)
+            .and_then(|m| m.merged_into)
+        {
+            profile = into;
+        }
+        profile
+    }
+}
+
+impl Graph for State {
+    fn lookup(&self, ident: &str) -> Option<u32> {
+        self.idents.get(ident).copied()
+    }
+    fn has_user(&self, profile: u32) -> bool {
+        self.profiles
+            .get(profile as usize)
+            .is_some_and(|m| m.has_user)
+    }
+}
+
+/// Hash of a messageId for the in-memory dedup set.
+pub fn message_hash(message_id: &str) -> u64 {
+    let mut hasher = FxBuildHasher.build_hasher();
+    hasher.write(message_id.as_bytes());
+    hasher.finish()
+}
+
+const COUNTERS_KEY: &str = "counters";
+const NAME_PREFIX: u8 = b'n';
+const KEY_PREFIX: u8 = b'k';
+
+/// The engine. Cheap to share behind an `Arc`.
+pub struct Engine {
+    store: Store,
+    state: Mutex<State>,
+    hot: RwLock<HotStore>,
+    api_keys: RwLock<FxHashMap<String, KeyRecord>>,
+    poisoned: AtomicBool,
+}
+
+/// Sizes of what was loaded at start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadStats {
+    pub events: usize,
+    pub profiles: usize,
+    pub identifiers: usize,
+}
+
+impl Engine {
+    /// Opens the store in `dir` and rebuilds the in-memory state from it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let store = Store::open(dir)?;
+        let counters: Counters = match store.meta.get(COUNTERS_KEY)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?,
+            None => Counters::default(),
+        };
+        let mut state = State {
+            profiles: vec![ProfileMeta::default(); counters.next_profile as usize],
+            counters,
+            idents: FxHashMap::default(),
+            seen: FxHashSet::default(),
+            names: Dict::default(),
+            keys: Dict::default(),
+        };
+        for entry in store.idents.iter() {
+            let (key, value) = entry.into_inner()?;
+            let ident = String::from_utf8_lossy(&key).into_owned();
+            let profile = u32::from_be_bytes(
+                value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|e| corrupt("idents", e))?,
+            );
+            if let Some(meta) = state.profiles.get_mut(profile as usize) {
+                meta.has_user |= ident.starts_with("u:");
+            }
+            state.idents.insert(ident, profile);
+        }
+        for entry in store.merges.iter() {
+            let (_, value) = entry.into_inner()?;
+            let merge: MergeRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
+            if let Some(meta) = state.profiles.get_mut(merge.from as usize) {
+                meta.merged_into = if merge.unmerged_at.is_none() {
+                    Some(merge.into)
+                } else {
+                    None
+                };
+            }
+        }
+        for entry in store.dict.iter() {
+            let (key, value) = entry.into_inner()?;
+            let id = u32::from_be_bytes(value.as_ref().try_into().map_err(|e| corrupt("dict", e))?);
+            let text = String::from_utf8_lossy(&key[1..]).into_owned();
+            match key.first() {
+                Some(&NAME_PREFIX) => state.names.insert_loaded(text, id),
+                _ => state.keys.insert_loaded(text, id),
+            }
+        }
+        let mut hot = HotStore::default();
+        state.seen.reserve(store.hot.approximate_len());
+        for entry in store.hot.iter() {
+            let (key, value) = entry.into_inner()?;
+            let (profile, ts, _) =
+                decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
+            let record = HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
+            state.seen.insert(record.message_hash);
+            hot.push_sorted(profile, record.to_hot(ts));
+        }
+        hot.shrink_to_fit();
+        let mut api_keys = FxHashMap::default();
+        for entry in store.keys.iter() {
+            let (key, value) = entry.into_inner()?;
+            let record: KeyRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("keys", e))?;
+            api_keys.insert(String::from_utf8_lossy(&key).into_owned(), record);
+        }
+        Ok(Self {
+            store,
+            state: Mutex::new(state),
+            hot: RwLock::new(hot),
+            api_keys: RwLock::new(api_keys),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Counts of what is loaded.
+    pub fn load_stats(&self) -> LoadStats {
+        let state = self.state.lock();
+        LoadStats {
+            events: self.hot.read().n_events(),
+            profiles: live_profiles(&state),
+            identifiers: state.idents.len(),
+        }
+    }
+
+    /// Read access to the hot store.
+    pub fn hot(&self) -> parking_lot::RwLockReadGuard<'_, HotStore> {
+        self.hot.read()
+    }
+
+    /// The event name of a dictionary id.
+    pub fn event_name(&self, id: u16) -> Option<String> {
+        self.state.lock().names.texts.get(usize::from(id)).cloned()
+    }
+
+    /// Syncs everything written so far to disk.
+    pub fn sync(&self) -> Result<()> {
+        self.store.db.persist(fjall::PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(EngineError::Poisoned("an earlier commit failed".into()));
+        }
+        Ok(())
+    }
+
+    /// Accepts, deduplicates or quarantines each message, resolves identities, and commits the
+    /// whole batch atomically.
+    pub fn ingest(
+        &self,
+        items: Vec<Incoming>,
+        source: &str,
+        durability: Durability,
+        now: i64,
+    ) -> Result<BatchOutcome> {
+        self.check_poisoned()?;
+        let mut state = self.state.lock();
+        let hot = self.hot.read();
+        // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
+        let prepared = (|| -> Result<_> {
+            let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
+            for (index, item) in items.into_iter().enumerate() {
+                tx.offer(index, item)?;
+            }
+            let Tx {
+                batch,
+                outcome,
+                pending,
+                hot_merges,
+                ..
+            } = tx.finish()?;
+            let batch = batch.durability(Some(match durability {
+                Durability::Sync => fjall::PersistMode::SyncAll,
+                Durability::Buffered => fjall::PersistMode::Buffer,
+            }));
+            batch.commit()?;
+            Ok((outcome, pending, hot_merges))
+        })();
+        let (outcome, pending, hot_merges) = prepared.inspect_err(|_| {
+            self.poisoned.store(true, Ordering::Release);
+        })?;
+        drop(hot);
+        let mut hot = self.hot.write();
+        for (from, into) in hot_merges {
+            hot.merge(from, into);
+        }
+        for event in pending {
+            hot.insert(state.find(event.profile), event.record.to_hot(event.ts));
+        }
+        Ok(outcome)
+    }
+
+    /// Re-offers quarantined messages (all, or those of one reason) under today's rules: a
+    /// message accepted now leaves the quarantine, in the same batch.
+    pub fn replay_quarantine(&self, reason: Option<Reason>, now: i64) -> Result<BatchOutcome> {
+        let records = self.quarantined(reason, usize::MAX)?;
+        let mut total = BatchOutcome::default();
+        for chunk in records.chunks(10_000) {
+            let items = chunk
+                .iter()
+                .map(|record| Incoming {
+                    parsed: parse_message_text(&record.raw, &ParseContext::at(now)),
+                    replay_of: Some(record.id),
+                })
+                .collect();
+            let outcome = self.ingest(items, "replay", Durability::Sync, now)?;
+            total.absorb(&outcome);
+            total.quarantined.extend(outcome.quarantined);
+        }
+        Ok(total)
+    }
+
+    /// Quarantined messages, oldest first.
+    pub fn quarantined(
+        &self,
+        reason: Option<Reason>,
+        limit: usize,
+    ) -> Result<Vec<QuarantineRecord>> {
+        let mut records = Vec::new();
+        for entry in self.store.quarantine.iter() {
+            let (_, value) = entry.into_inner()?;
+            let record: QuarantineRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("quarantine", e))?;
+            if reason.is_none_or(|r| r == record.reason) {
+                records.push(record);
+                if records.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// The data-quality report.
+    pub fn quality(&self) -> Result<QualityReport> {
+        let (counters, profiles, merges) = {
+            let state = self.state.lock();
+            let merges = state
+                .profiles
+                .iter()
+                .filter(|m| m.merged_into.is_some())
+                .count();
+            (
+                state.counters.quality.clone(),
+                live_profiles(&state),
+                merges,
+            )
+        };
+        let mut in_quarantine: BTreeMap<Reason, u64> = BTreeMap::new();
+        for record in self.quarantined(None, usize::MAX)? {
+            *in_quarantine.entry(record.reason).or_default() += 1;
+        }
+        Ok(QualityReport {
+            events: self.hot.read().n_events() as u64,
+            profiles: profiles as u64,
+            merged_profiles: merges as u64,
+            in_quarantine,
+            counters,
+        })
+    }
+
+    /// Finds a profile by ordinal, userId, anonymousId or e-mail (in that order), following
+    /// merges to the live profile.
+    pub fn find_profile(&self, id: &str) -> Option<u32> {
+        let state = self.state.lock();
+        if let Ok(ordinal) = id.parse::<u32>()
+            && ordinal < state.counters.next_profile
+        {
+            return Some(state.find(ordinal));
+        }
+        let email = crate::normalize::normalize_email(id);
+        [identity::user_ident(id), identity::anonymous_ident(id)]
+            .into_iter()
+            .chain(email.map(|e| identity::email_ident(&e)))
+            .find_map(|ident| state.idents.get(&ident).copied())
+    }
+
+    /// A profile's record.
+    pub fn profile_record(&self, profile: u32) -> Result<ProfileRecord> {
+        read_profile(&self.store, profile)?
+            .ok_or_else(|| EngineError::NotFound(format!("profile {profile}")))
+    }
+
+    /// Merges into `profile` (including ones later undone).
+    pub fn merges_into(&self, profile: u32) -> Result<Vec<MergeRecord>> {
+        Ok(self
+            .all_merges()?
+            .into_iter()
+            .filter(|m| m.into == profile)
+            .collect())
+    }
+
+    /// Every merge ever recorded.
+    pub fn all_merges(&self) -> Result<Vec<MergeRecord>> {
+        let mut merges = Vec::new();
+        for entry in self.store.merges.iter() {
+            let (_, value) = entry.into_inner()?;
+            merges.push(serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?);
+        }
+        Ok(merges)
+    }
+
+    /// A page of a profile's timeline, newest first, optionally only one message type.
+    pub fn timeline(
+        &self,
+        profile: u32,
+        kind: Option<MessageType>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let mut events = Vec::new();
+        let mut skipped = 0;
+        for entry in self.store.events.prefix(profile_key(profile)).rev() {
+            let (key, value) = entry.into_inner()?;
+            let message: Message =
+                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            if kind.is_some_and(|k| k != message.kind) {
+                continue;
+            }
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            let (_, _, seq) = decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+            events.push(StoredEvent {
+                profile,
+                seq,
+                message,
+            });
+            if events.len() >= limit {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Every stored event, in (profile, time) order.
+    pub fn for_each_event(&self, mut visit: impl FnMut(StoredEvent) -> Result<()>) -> Result<()> {
+        for entry in self.store.events.iter() {
+            let (key, value) = entry.into_inner()?;
+            let (profile, _, seq) =
+                decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+            let message: Message =
+                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            visit(StoredEvent {
+                profile,
+                seq,
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Undoes merge `merge_id`: the absorbed profile comes back with the identifiers it brought
+    /// (those still held by the survivor), the events sent under them, and traits recomputed
+    /// from each side's identify calls.
+    pub fn unmerge(&self, merge_id: u64, now: i64) -> Result<UnmergeOutcome> {
+        self.check_poisoned()?;
+        let mut state = self.state.lock();
+        let merge_key = merge_id.to_be_bytes();
+        let mut merge: MergeRecord = match self.store.merges.get(merge_key)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt("merges", e))?,
+            None => return Err(EngineError::NotFound(format!("merge {merge_id}"))),
+        };
+        if merge.unmerged_at.is_some() {
+            return Err(EngineError::Invalid(format!(
+                "merge {merge_id} was already undone"
+            )));
+        }
+        let survivor = state.find(merge.into);
+        let moved: FxHashSet<String> = merge
+            .identifiers
+            .iter()
+            .filter(|ident| state.idents.get(*ident) == Some(&survivor))
+            .cloned()
+            .collect();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+
+        // Split the survivor's events by the identifier they were sent under.
+        let mut back = Vec::new();
+        let mut survivor_events = Vec::new();
+        for entry in self.store.events.prefix(profile_key(survivor)) {
+            let (key, value) = entry.into_inner()?;
+            let message: Message =
+                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            let sent_under = match (&message.user_id, &message.anonymous_id) {
+                (Some(user), _) => identity::user_ident(user),
+                (None, Some(anonymous)) => identity::anonymous_ident(anonymous),
+                (None, None) => String::new(),
+            };
+            let (_, ts, seq) =
+                decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+            let hot_value = self
+                .store
+                .hot
+                .get(key.as_ref())?
+                .ok_or_else(|| corrupt("hot", "missing"))?;
+            let record =
+                HotRecord::decode(&hot_value).ok_or_else(|| corrupt("hot", "bad record"))?;
+            if moved.contains(&sent_under) {
+                batch.remove(&self.store.events, key.clone());
+                batch.remove(&self.store.hot, key);
+                let new_key = event_key(merge.from, ts, seq);
+                batch.insert(&self.store.events, new_key, value);
+                batch.insert(&self.store.hot, new_key, record.encode());
+                back.push((message, record.to_hot(ts)));
+            } else {
+                survivor_events.push((message, record.to_hot(ts)));
+            }
+        }
+
+        let mut survivor_record = read_profile(&self.store, survivor)?.unwrap_or_default();
+        let mut restored = read_profile(&self.store, merge.from)?.unwrap_or_default();
+        survivor_record
+            .identifiers
+            .retain(|ident| !moved.contains(ident));
+        restored.identifiers = merge
+            .identifiers
+            .iter()
+            .filter(|i| moved.contains(*i))
+            .cloned()
+            .collect();
+        restored.merged_into = None;
+        survivor_record.traits = fold_traits(survivor_events.iter().map(|(m, _)| m));
+        restored.traits = fold_traits(back.iter().map(|(m, _)| m));
+        for ident in &moved {
+            state.idents.insert(ident.clone(), merge.from);
+            batch.insert(
+                &self.store.idents,
+                ident.as_bytes(),
+                merge.from.to_be_bytes(),
+            );
+        }
+        state.profiles[merge.from as usize] = ProfileMeta {
+            merged_into: None,
+            has_user: restored.identifiers.iter().any(|i| i.starts_with("u:")),
+        };
+        state.profiles[survivor as usize].has_user = survivor_record
+            .identifiers
+            .iter()
+            .any(|i| i.starts_with("u:"));
+        batch.insert(
+            &self.store.profiles,
+            profile_key(survivor),
+            to_json(&survivor_record),
+        );
+        batch.insert(
+            &self.store.profiles,
+            profile_key(merge.from),
+            to_json(&restored),
+        );
+        merge.unmerged_at = Some(now);
+        batch.insert(&self.store.merges, merge_key, to_json(&merge));
+        if let Err(error) = batch.commit() {
+            self.poisoned.store(true, Ordering::Release);
+            return Err(error.into());
+        }
+        let mut hot = self.hot.write();
+        let moved_events = back.len();
+        hot.replace(merge.from, back.into_iter().map(|(_, h)| h).collect());
+        hot.replace(
+            survivor,
+            survivor_events.into_iter().map(|(_, h)| h).collect(),
+        );
+        Ok(UnmergeOutcome {
+            merge: merge_id,
+            restored_profile: merge.from,
+            survivor,
+            identifiers: restored.identifiers,
+            events_moved: moved_events as u64,
+        })
+    }
+
+    /// Creates an API key and returns it in clear text (the only time it is shown).
+    pub fn create_key(&self, kind: KeyKind, name: &str, now: i64) -> Result<String> {
+        let key = new_key(kind);
+        let record = KeyRecord {
+            kind,
+            name: name.to_string(),
+            created_at: now,
+            prefix: key[..12].to_string(),
+        };
+        let hash = key_hash(&key);
+        self.store.keys.insert(hash.as_bytes(), to_json(&record))?;
+        self.store.db.persist(fjall::PersistMode::SyncAll)?;
+        self.api_keys.write().insert(hash, record);
+        Ok(key)
+    }
+
+    /// What a presented key may do, if it is one of ours.
+    pub fn key_kind(&self, key: &str) -> Option<KeyKind> {
+        self.api_keys
+            .read()
+            .get(&key_hash(key))
+            .map(|record| record.kind)
+    }
+
+    /// Every key's record (never the key itself).
+    pub fn list_keys(&self) -> Vec<KeyRecord> {
+        let mut keys: Vec<KeyRecord> = self.api_keys.read().values().cloned().collect();
+        keys.sort_by_key(|k| k.created_at);
+        keys
+    }
+}
+
+/// The result of [`Engine::unmerge`].
+#[derive(Debug, Clone, Serialize)]
+pub struct UnmergeOutcome {
+    pub merge: u64,
+    pub restored_profile: u32,
+    pub survivor: u32,
+    pub identifiers: Vec<String>,
+    pub events_moved: u64,
+}
+
+/// An event as read back from the store.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredEvent {
+    pub profile: u32,
+    pub seq: u64,
+    pub message: Message,
+}
+
+/// `GET /api/quality` and `cible quality`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QualityReport {
+    pub events: u64,
+    pub profiles: u64,
+    pub merged_profiles: u64,
+    /// Messages waiting in quarantine now, by reason.
+    pub in_quarantine: BTreeMap<Reason, u64>,
+    #[serde(flatten)]
+    pub counters: QualityCounters,
+}
+
+fn live_profiles(state: &State) -> usize {
+    state
+        .profiles
+        .iter()
+        .filter(|m| m.merged_into.is_none())
+        .count()
+}
+
+fn corrupt(keyspace: &'static str, detail: impl std::fmt::Display) -> EngineError {
+    EngineError::Store(StoreError::Corrupt {
+        keyspace,
+        detail: detail.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn read_profile(store: &Store, profile: u32) -> Result<Option<ProfileRecord>> {
+    match store.profiles.get(profile_key(profile))? {
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).map_err(|e| corrupt("profiles", e))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Traits as the fold of identify calls, latest message time winning.
+fn fold_traits<'a>(messages: impl Iterator<Item = &'a Message>) -> BTreeMap<String, TraitValue> {
+    let mut record = ProfileRecord::default();
+    for message in messages.filter(|m| m.kind == MessageType::Identify) {
+        record.apply_traits(&message.traits, message.timestamp);
+    }
+    record.traits
+}
+
+struct PendingEvent {
+    profile: u32,
+    ts: i64,
+    seq: u64,
+    record: HotRecord,
+    body: Vec<u8>,
+    message_id: String,
+}
+
+/// One batch in the making.
+struct Tx<'a> {
+    store: &'a Store,
+    state: &'a mut State,
+    hot: &'a HotStore,
+    source: &'a str,
+    now: i64,
+    batch: fjall::OwnedWriteBatch,
+    dirty: FxHashMap<u32, ProfileRecord>,
+    pending: Vec<PendingEvent>,
+    batch_ids: FxHashSet<String>,
+    /// Recent event times per profile within this batch, for burst detection.
+    batch_times: FxHashMap<u32, Vec<u32>>,
+    hot_merges: Vec<(u32, u32)>,
+    outcome: BatchOutcome,
+}
+
+impl<'a> Tx<'a> {
+    fn new(
+        store: &'a Store,
+        state: &'a mut State,
+        hot: &'a HotStore,
+        source: &'a str,
+        now: i64,
+    ) -> Self {
+        Self {
+            store,
+            state,
+            hot,
+            source,
+            now,
+            batch: store.db.batch(),
+            dirty: FxHashMap::default(),
+            pending: Vec::new(),
+            batch_ids: FxHashSet::default(),
+            batch_times: FxHashMap::default(),
+            hot_merges: Vec::new(),
+            outcome: BatchOutcome::default(),
+        }
+    }
+
+    fn offer(&mut self, index: usize, item: Incoming) -> Result<()> {
+        self.state.counters.quality.received(self.source);
+        let message = match item.parsed {
+            Ok(message) => message,
+            Err(rejection) => {
+                self.quarantine(index, rejection, item.replay_of);
+                return Ok(());
+            }
+        };
+        if self.is_duplicate(&message.message_id)? {
+            self.state.counters.quality.duplicate(self.source);
+            self.outcome.duplicates += 1;
+            self.drop_replayed(item.replay_of);
+            return Ok(());
+        }
+        let name = match message.behavioral_name() {
+            Some(name) => match self.name_id(name) {
+                Some(id) => id,
+                None => {
+                    let detail = "the store already holds 65535 distinct event names".to_string();
+                    let raw = serde_json::to_string(&message).expect("messages serialize");
+                    let rejection = Rejection {
+                        reason: Reason::TooManyEventNames,
+                        field: Some("event".into()),
+                        detail,
+                        raw,
+                    };
+                    self.quarantine(index, rejection, item.replay_of);
+                    return Ok(());
+                }
+            },
+            None => NO_NAME,
+        };
+        let profile = self.resolve(&message)?;
+        self.drop_replayed(item.replay_of);
+        self.accept(profile, name, message)
+    }
+
+    fn drop_replayed(&mut self, replay_of: Option<u64>) {
+        if let Some(id) = replay_of {
+            self.batch.remove(&self.store.quarantine, id.to_be_bytes());
+        }
+    }
+
+    fn quarantine(&mut self, index: usize, rejection: Rejection, replay_of: Option<u64>) {
+        self.outcome.quarantined.push(QuarantineNote {
+            index,
+            reason: rejection.reason,
+            field: rejection.field.clone(),
+            detail: rejection.detail.clone(),
+        });
+        if replay_of.is_some() {
+            // Still rejected: the original record stays where it is.
+            return;
+        }
+        self.state
+            .counters
+            .quality
+            .quarantined(self.source, rejection.reason);
+        let id = self.state.counters.next_quarantine;
+        self.state.counters.next_quarantine += 1;
+        let record = QuarantineRecord {
+            id,
+            reason: rejection.reason,
+            field: rejection.field,
+            detail: rejection.detail,
+            source: self.source.to_string(),
+            received_at: self.now,
+            raw: rejection.raw,
+        };
+        self.batch
+            .insert(&self.store.quarantine, id.to_be_bytes(), to_json(&record));
+    }
+
+    fn is_duplicate(&mut self, message_id: &str) -> Result<bool> {
+        if self.batch_ids.contains(message_id) {
+            return Ok(true);
+        }
+        let seen = self.state.seen.contains(&message_hash(message_id))
+            && self.store.msgids.contains_key(message_id.as_bytes())?;
+        Ok(seen)
+    }
+
+    fn name_id(&mut self, name: &str) -> Option<u16> {
+        if let Some(id) = self.state.names.ids.get(name) {
+            return Some(*id as u16);
+        }
+        let id = self.state.names.texts.len();
+        if id >= usize::from(NO_NAME) {
+            return None;
+        }
+        self.add_dict_entry(NAME_PREFIX, name, id as u32);
+        Some(id as u16)
+    }
+
+    fn key_id(&mut self, text: &str) -> u32 {
+        if let Some(id) = self.state.keys.ids.get(text) {
+            return *id;
+        }
+        let id = self.state.keys.texts.len() as u32;
+        self.add_dict_entry(KEY_PREFIX, text, id);
+        id
+    }
+
+    fn add_dict_entry(&mut self, prefix: u8, text: &str, id: u32) {
+        let dict = if prefix == NAME_PREFIX {
+            &mut self.state.names
+        } else {
+            &mut self.state.keys
+        };
+        dict.insert_loaded(text.to_string(), id);
+        let mut key = Vec::with_capacity(text.len() + 1);
+        key.push(prefix);
+        key.extend_from_slice(text.as_bytes());
+        self.batch.insert(&self.store.dict, key, id.to_be_bytes());
+    }
+
+    fn record(&mut self, profile: u32) -> Result<&mut ProfileRecord> {
+        if !self.dirty.contains_key(&profile) {
+            let record = read_profile(self.store, profile)?
+                .ok_or_else(|| corrupt("profiles", format!("profile {profile} has no record")))?;
+            self.dirty.insert(profile, record);
+        }
+        Ok(self.dirty.get_mut(&profile).expect("just inserted"))
+    }
+
+    /// Plans and carries out identity resolution; returns the message's profile.
+    fn resolve(&mut self, message: &Message) -> Result<u32> {
+        let plan = match (message.kind, &message.previous_id, &message.user_id) {
+            (MessageType::Alias, Some(previous), Some(user)) => {
+                identity::plan_alias(self.state, previous, user)
+            }
+            _ => identity::plan_message(
+                self.state,
+                message.user_id.as_deref(),
+                message.anonymous_id.as_deref(),
+                message.email.as_deref(),
+            ),
+        };
+        let Plan {
+            target,
+            merges,
+            attach,
+            conflicts,
+        } = plan;
+        self.outcome.identity_conflicts += conflicts.len() as u64;
+        self.state.counters.quality.identity_conflicts += conflicts.len() as u64;
+        for conflict in &conflicts {
+            tracing::debug!(conflict = conflict.as_str(), "identity link refused");
+        }
+        for merge in merges {
+            self.merge(merge.from, merge.into, merge.cause)?;
+        }
+        let profile = match target {
+            Target::Existing(profile) => self.state.find(profile),
+            Target::New => self.create_profile(),
+        };
+        for ident in attach {
+            self.state.idents.insert(ident.clone(), profile);
+            self.state.profiles[profile as usize].has_user |= ident.starts_with("u:");
+            self.batch
+                .insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
+            self.record(profile)?.identifiers.push(ident);
+        }
+        if message.kind == MessageType::Identify && !message.traits.is_empty() {
+            self.record(profile)?
+                .apply_traits(&message.traits, message.timestamp);
+        }
+        Ok(profile)
+    }
+
+    fn create_profile(&mut self) -> u32 {
+        let profile = self.state.counters.next_profile;
+        self.state.counters.next_profile += 1;
+        self.state.profiles.push(ProfileMeta::default());
+        self.dirty.insert(
+            profile,
+            ProfileRecord {
+                id: profile,
+                created_at: self.now,
+                ..Default::default()
+            },
+        );
+        self.outcome.profiles_created += 1;
+        profile
+    }
+
+    fn merge(&mut self, from: u32, into: u32, cause: String) -> Result<()> {
+        let absorbed = std::mem::take(self.record(from)?);
+        let identifiers = absorbed.identifiers.clone();
+        for ident in &identifiers {
+            self.state.idents.insert(ident.clone(), into);
+            self.batch
+                .insert(&self.store.idents, ident.as_bytes(), into.to_be_bytes());
+        }
+        let from_has_user = self.state.profiles[from as usize].has_user;
+        self.state.profiles[from as usize].merged_into = Some(into);
+        self.state.profiles[into as usize].has_user |= from_has_user;
+        let restored_id = absorbed.id;
+        let created_at = absorbed.created_at;
+        self.record(into)?.absorb(absorbed);
+        *self.record(from)? = ProfileRecord {
+            id: restored_id,
+            created_at,
+            merged_into: Some(into),
+            ..Default::default()
+        };
+        let id = self.state.counters.next_merge;
+        self.state.counters.next_merge += 1;
+        let record = MergeRecord {
+            id,
+            from,
+            into,
+            cause,
+            at: self.now,
+            identifiers,
+            unmerged_at: None,
+        };
+        self.batch
+            .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
+        self.hot_merges.push((from, into));
+        if let Some(times) = self.batch_times.remove(&from) {
+            self.batch_times.entry(into).or_default().extend(times);
+        }
+        self.outcome.profiles_merged += 1;
+        Ok(())
+    }
+
+    fn accept(&mut self, profile: u32, name: u16, message: Message) -> Result<()> {
+        let mut message = message;
+        let ts_s = message
+            .timestamp
+            .div_euclid(1000)
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        if message.kind.is_behavioral() {
+            if message
+                .duration_s()
+                .is_some_and(|d| d > quality::LONG_TIME_ON_PAGE_S)
+            {
+                message.flags |= flags::LONG_TIME_ON_PAGE;
+            }
+            let window_start = ts_s.saturating_sub(quality::BURST_WINDOW_S);
+            let times = self.batch_times.entry(profile).or_default();
+            let in_batch = times
+                .iter()
+                .filter(|t| (window_start..=ts_s).contains(*t))
+                .count();
+            times.push(ts_s);
+            if times.len() > 4 * quality::BURST_EVENTS {
+                times.drain(..times.len() - 2 * quality::BURST_EVENTS);
+            }
+            let stored = self.hot.count_between(profile, window_start, ts_s);
+            if stored + in_batch >= quality::BURST_EVENTS {
+                message.flags |= flags::BURST;
+            }
+        }
+        let key = match message.key_property() {
+            Some(text) => self.key_id(text),
+            None => NO_KEY,
+        };
+        let record = HotRecord {
+            name,
+            flags: message.flags,
+            kind: message.kind.code(),
+            key,
+            value: message.numeric_value().map_or(f32::NAN, |v| v as f32),
+            message_hash: message_hash(&message.message_id),
+        };
+        let seq = self.state.counters.next_seq;
+        self.state.counters.next_seq += 1;
+        self.state
+            .counters
+            .quality
+            .accepted(self.source, message.flags);
+        self.state.seen.insert(record.message_hash);
+        self.batch_ids.insert(message.message_id.clone());
+        self.outcome.accepted += 1;
+        self.pending.push(PendingEvent {
+            profile,
+            ts: message.timestamp,
+            seq,
+            record,
+            body: to_json(&message),
+            message_id: message.message_id,
+        });
+        Ok(())
+    }
+
+    /// Writes everything into the batch: committed events of merged-away profiles move under
+    /// their survivor, new events go under their final profile.
+    fn finish(mut self) -> Result<Self> {
+        let mut moved = FxHashSet::default();
+        for &(from, _) in &self.hot_merges {
+            if !moved.insert(from) {
+                continue;
+            }
+            let survivor = self.state.find(from);
+            for entry in self.store.events.prefix(profile_key(from)) {
+                let (key, value) = entry.into_inner()?;
+                let (_, ts, seq) =
+                    decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+                let new_key = event_key(survivor, ts, seq);
+                self.batch.remove(&self.store.events, key.clone());
+                self.batch.insert(&self.store.events, new_key, value);
+            }
+            for entry in self.store.hot.prefix(profile_key(from)) {
+                let (key, value) = entry.into_inner()?;
+                let (_, ts, seq) =
+                    decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
+                self.batch.remove(&self.store.hot, key.clone());
+                self.batch
+                    .insert(&self.store.hot, event_key(survivor, ts, seq), value);
+            }
+        }
+        for event in &mut self.pending {
+            event.profile = self.state.find(event.profile);
+            let key = event_key(event.profile, event.ts, event.seq);
+            self.batch
+                .insert(&self.store.events, key, std::mem::take(&mut event.body));
+            self.batch
+                .insert(&self.store.hot, key, event.record.encode());
+            self.batch
+                .insert(&self.store.msgids, event.message_id.as_bytes(), []);
+        }
+        for (profile, record) in &self.dirty {
+            self.batch
+                .insert(&self.store.profiles, profile_key(*profile), to_json(record));
+        }
+        self.batch.insert(
+            &self.store.meta,
+            COUNTERS_KEY,
+            to_json(&self.state.counters),
+        );
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests;

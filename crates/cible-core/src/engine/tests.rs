@@ -1,0 +1,343 @@
+//! Engine tests: dedup, identity, traits, quarantine and restart, through the public API.
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::hot::HotEvent;
+use crate::message::parse_message;
+
+const NOW: i64 = 1_777_636_800_000; // 2026-05-01T12:00:00Z
+
+fn ingest(engine: &Engine, messages: &[Value]) -> BatchOutcome {
+    let items = messages
+        .iter()
+        .map(|m| parse_message(m.clone(), None, &ParseContext::at(NOW)).into())
+        .collect();
+    engine.ingest(items, "test", Durability::Sync, NOW).unwrap()
+}
+
+fn track(
+    id: &str,
+    user: Option<&str>,
+    anonymous: Option<&str>,
+    event: &str,
+    minutes_ago: i64,
+) -> Value {
+    let mut message = json!({
+        "type": "track", "messageId": id, "event": event,
+        "timestamp": crate::time::format_ms(NOW - minutes_ago * 60_000),
+    });
+    if let Some(user) = user {
+        message["userId"] = json!(user);
+    }
+    if let Some(anonymous) = anonymous {
+        message["anonymousId"] = json!(anonymous);
+    }
+    message
+}
+
+fn identify(
+    id: &str,
+    user: &str,
+    anonymous: Option<&str>,
+    traits: Value,
+    minutes_ago: i64,
+) -> Value {
+    let mut message = json!({
+        "type": "identify", "messageId": id, "userId": user, "traits": traits,
+        "timestamp": crate::time::format_ms(NOW - minutes_ago * 60_000),
+    });
+    if let Some(anonymous) = anonymous {
+        message["anonymousId"] = json!(anonymous);
+    }
+    message
+}
+
+fn events_of(engine: &Engine, id: &str) -> Vec<String> {
+    let profile = engine.find_profile(id).expect("profile exists");
+    let mut ids: Vec<String> = engine
+        .timeline(profile, None, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message.message_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn duplicates_are_dropped_within_a_batch_and_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        let a = track("m1", Some("u1"), None, "Email Opened", 5);
+        let outcome = ingest(
+            &engine,
+            &[
+                a.clone(),
+                a.clone(),
+                track("m2", Some("u1"), None, "Email Opened", 4),
+            ],
+        );
+        assert_eq!((outcome.accepted, outcome.duplicates), (2, 1));
+    }
+    let engine = Engine::open(dir.path()).unwrap();
+    let outcome = ingest(&engine, &[track("m1", Some("u1"), None, "Email Opened", 5)]);
+    assert_eq!((outcome.accepted, outcome.duplicates), (0, 1));
+    assert_eq!(engine.load_stats().events, 2);
+    assert_eq!(events_of(&engine, "u1"), ["m1", "m2"]);
+}
+
+#[test]
+fn anonymous_history_joins_the_identified_profile_and_unmerge_splits_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    ingest(
+        &engine,
+        &[track("k1", Some("u1"), None, "Order Completed", 100)],
+    );
+    ingest(
+        &engine,
+        &[
+            track("a1", None, Some("d1"), "Page Viewed", 50),
+            track("a2", None, Some("d1"), "Product Added", 40),
+        ],
+    );
+    assert_ne!(engine.find_profile("u1"), engine.find_profile("d1"));
+    let outcome = ingest(
+        &engine,
+        &[identify("i1", "u1", Some("d1"), json!({"plan": "pro"}), 30)],
+    );
+    assert_eq!(outcome.profiles_merged, 1);
+    assert_eq!(engine.find_profile("u1"), engine.find_profile("d1"));
+    assert_eq!(events_of(&engine, "u1"), ["a1", "a2", "i1", "k1"]);
+    let survivor = engine.find_profile("u1").unwrap();
+    assert_eq!(engine.hot().events(survivor).len(), 4);
+
+    let merge = engine
+        .merges_into(survivor)
+        .unwrap()
+        .pop()
+        .expect("merge recorded");
+    assert!(merge.cause.contains("a:d1"), "{}", merge.cause);
+    let undone = engine.unmerge(merge.id, NOW).unwrap();
+    assert_eq!(undone.events_moved, 2);
+    assert_eq!(events_of(&engine, "d1"), ["a1", "a2"]);
+    assert_eq!(events_of(&engine, "u1"), ["i1", "k1"]);
+    assert!(
+        engine.unmerge(merge.id, NOW).is_err(),
+        "a merge is undone once"
+    );
+
+    // The split survives a restart.
+    drop(engine);
+    let engine = Engine::open(dir.path()).unwrap();
+    assert_ne!(engine.find_profile("u1"), engine.find_profile("d1"));
+    assert_eq!(
+        engine
+            .hot()
+            .events(engine.find_profile("d1").unwrap())
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn a_shared_device_does_not_merge_two_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    ingest(
+        &engine,
+        &[identify("i1", "alice", Some("family-ipad"), json!({}), 10)],
+    );
+    let outcome = ingest(
+        &engine,
+        &[identify("i2", "bob", Some("family-ipad"), json!({}), 5)],
+    );
+    assert_eq!(outcome.profiles_merged, 0);
+    assert_ne!(engine.find_profile("alice"), engine.find_profile("bob"));
+    assert_eq!(events_of(&engine, "bob"), ["i2"]);
+    // Same with a shared e-mail address.
+    ingest(
+        &engine,
+        &[identify(
+            "i3",
+            "carol",
+            None,
+            json!({"email": "home@example.com"}),
+            4,
+        )],
+    );
+    let outcome = ingest(
+        &engine,
+        &[identify(
+            "i4",
+            "dave",
+            None,
+            json!({"email": "HOME@example.com"}),
+            3,
+        )],
+    );
+    assert_eq!(
+        (outcome.profiles_merged, outcome.identity_conflicts),
+        (0, 1)
+    );
+    assert_eq!(engine.quality().unwrap().counters.identity_conflicts, 2);
+    // An explicit alias does merge them.
+    let alias =
+        json!({"type": "alias", "messageId": "al1", "previousId": "carol", "userId": "dave"});
+    assert_eq!(ingest(&engine, &[alias]).profiles_merged, 1);
+    assert_eq!(engine.find_profile("carol"), engine.find_profile("dave"));
+}
+
+#[test]
+fn traits_merge_by_message_time_not_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    ingest(
+        &engine,
+        &[identify(
+            "i1",
+            "u1",
+            None,
+            json!({"plan": "pro", "country": "FR"}),
+            10,
+        )],
+    );
+    // Arrives later but happened earlier: must not override plan.
+    ingest(
+        &engine,
+        &[identify(
+            "i0",
+            "u1",
+            None,
+            json!({"plan": "free", "age": 31}),
+            60,
+        )],
+    );
+    let record = engine
+        .profile_record(engine.find_profile("u1").unwrap())
+        .unwrap();
+    assert_eq!(record.traits["plan"].value, "pro");
+    assert_eq!(record.traits["age"].value, 31);
+    assert_eq!(record.traits["country"].value, "FR");
+    let history = engine
+        .timeline(record.id, Some(MessageType::Identify), 0, 10)
+        .unwrap();
+    assert_eq!(history.len(), 2, "every identify call is kept");
+}
+
+#[test]
+fn quarantined_messages_are_kept_whole_and_replayed_after_a_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let future = json!({"type": "track", "messageId": "f1", "userId": "u1", "event": "Email Opened",
+        "timestamp": crate::time::format_ms(NOW + 3 * DAY)});
+    let outcome = ingest(
+        &engine,
+        &[future.clone(), json!({"type": "track", "userId": "u1"})],
+    );
+    assert_eq!(outcome.accepted, 0);
+    let reasons: Vec<Reason> = outcome.quarantined.iter().map(|q| q.reason).collect();
+    assert_eq!(reasons, [Reason::FutureTimestamp, Reason::MissingEvent]);
+    let kept = engine.quarantined(None, 10).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&kept[0].raw).unwrap(), future);
+
+    // Replaying now changes nothing; replaying once the date has come accepts it.
+    assert_eq!(engine.replay_quarantine(None, NOW).unwrap().accepted, 0);
+    assert_eq!(engine.quarantined(None, 10).unwrap().len(), 2);
+    let later = engine
+        .replay_quarantine(Some(Reason::FutureTimestamp), NOW + 3 * DAY)
+        .unwrap();
+    assert_eq!(later.accepted, 1);
+    let left: Vec<Reason> = engine
+        .quarantined(None, 10)
+        .unwrap()
+        .iter()
+        .map(|q| q.reason)
+        .collect();
+    assert_eq!(left, [Reason::MissingEvent]);
+    let report = engine.quality().unwrap();
+    assert_eq!(report.in_quarantine.get(&Reason::MissingEvent), Some(&1));
+    assert_eq!(report.counters.by_source["replay"].accepted, 1);
+}
+
+const DAY: i64 = crate::time::DAY_MS;
+
+#[test]
+fn anomalies_are_flagged_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let mut messages = vec![json!({"type": "page", "messageId": "long", "userId": "u1",
+        "properties": {"url": "https://x.io/a", "duration_s": 20000}})];
+    for i in 0..70 {
+        messages.push(
+            json!({"type": "track", "messageId": format!("b{i}"), "userId": "bot", "event": "Click",
+            "timestamp": crate::time::format_ms(NOW - 30_000 + i * 100)}),
+        );
+    }
+    let outcome = ingest(&engine, &messages);
+    assert_eq!(outcome.accepted, 71);
+    let report = engine.quality().unwrap();
+    assert_eq!(report.counters.anomalies_by_flag["long_time_on_page"], 1);
+    let bursts = report.counters.anomalies_by_flag["burst"];
+    assert!(
+        (10..=11).contains(&bursts),
+        "events past the 60th in a minute are flagged, got {bursts}"
+    );
+    let bot = engine.find_profile("bot").unwrap();
+    assert!(
+        engine
+            .hot()
+            .events(bot)
+            .iter()
+            .filter(|e| e.flags & flags::BURST != 0)
+            .count()
+            >= 10
+    );
+}
+
+#[test]
+fn restart_rebuilds_the_same_hot_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = crate::generate::GenerateOptions {
+        profiles: 200,
+        days: 30,
+        seed: 3,
+        end_ms: NOW,
+    };
+    let mut out = Vec::new();
+    crate::generate::generate(&options, &mut out).unwrap();
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, out).unwrap();
+    let data = dir.path().join("data");
+    let (before, n_slots) = {
+        let engine = Engine::open(&data).unwrap();
+        let progress = std::sync::Arc::default();
+        let summary =
+            crate::import::import_files(&engine, std::slice::from_ref(&path), NOW, &progress)
+                .unwrap();
+        assert!(summary.accepted > 1000 && summary.duplicates > 0 && summary.profiles_merged == 0);
+        let again =
+            crate::import::import_files(&engine, std::slice::from_ref(&path), NOW, &progress)
+                .unwrap();
+        assert_eq!(
+            again.accepted, 0,
+            "importing the same file twice adds nothing"
+        );
+        let hot = engine.hot();
+        let snapshot: Vec<Vec<HotEvent>> = (0..hot.n_slots() as u32)
+            .map(|p| hot.events(p).to_vec())
+            .collect();
+        (snapshot, hot.n_slots())
+    };
+    let engine = Engine::open(&data).unwrap();
+    let hot = engine.hot();
+    for profile in 0..n_slots as u32 {
+        let (a, b) = (&before[profile as usize], hot.events(profile));
+        assert_eq!(a.len(), b.len(), "profile {profile}");
+        for (x, y) in a.iter().zip(b) {
+            assert!(x.ts == y.ts && x.name == y.name && x.key == y.key && x.flags == y.flags);
+        }
+    }
+}

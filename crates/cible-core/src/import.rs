@@ -1,0 +1,445 @@
+//! Bulk import of Segment messages from JSON Lines (optionally gzip) and CSV files.
+//!
+//! A reader thread reads and parses chunks in parallel (rayon) while the calling thread feeds
+//! them to [`Engine::ingest`], so parsing and the single writer overlap. Every message passes the
+//! same gate as the HTTP API ([`crate::message::parse_message`]); dedup by messageId makes a
+//! second import of the same file add nothing.
+//!
+//! CSV layout: one message per row; the header names the columns. Top-level columns are Segment's
+//! fields (`type`, `messageId`, `timestamp`, `userId`, `anonymousId`, `event`, `name`,
+//! `previousId`, `groupId`); `properties.X`, `traits.X` and `context.X` columns fill those
+//! objects (`context.campaign.source` nests further). An empty cell is absent; a cell reading as
+//! a number or `true`/`false` in `properties`, `traits` or `context` becomes that JSON value.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};
+use crate::message::{ParseContext, parse_message, parse_message_text};
+use crate::quality::Reason;
+
+/// Messages per chunk handed to the engine (one atomic batch each).
+const CHUNK_MESSAGES: usize = 20_000;
+
+/// Input formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+impl Format {
+    /// The format a file name implies (`.jsonl`, `.json`, `.ndjson`, `.csv`, each optionally
+    /// `.gz`).
+    pub fn detect(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
+        if name.ends_with(".csv") {
+            Some(Self::Csv)
+        } else if [".jsonl", ".ndjson", ".json"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
+        {
+            Some(Self::Jsonl)
+        } else {
+            None
+        }
+    }
+}
+
+/// Errors of an import. Malformed messages are not errors (they are quarantined); these are.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: cannot tell the format from the name; use .jsonl, .ndjson, .json or .csv (optionally .gz)"
+    )]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: CSV error: {source}")]
+    Csv { path: PathBuf, source: csv::Error },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Per-file result.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FileSummary {
+    pub path: String,
+    pub messages: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub quarantined: u64,
+}
+
+/// What `cible import` prints at the end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImportSummary {
+    pub files: Vec<FileSummary>,
+    pub messages: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub quarantined: u64,
+    pub quarantined_by_reason: BTreeMap<Reason, u64>,
+    pub profiles_created: u64,
+    pub profiles_merged: u64,
+    pub identity_conflicts: u64,
+    pub seconds: f64,
+    pub messages_per_second: f64,
+}
+
+/// Progress shared with whoever draws a progress bar: bytes read of the current file.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_read: AtomicU64,
+    pub messages: AtomicU64,
+}
+
+/// Imports `paths` in order. `now` is the receive time given to every message.
+pub fn import_files(
+    engine: &Engine,
+    paths: &[PathBuf],
+    now: i64,
+    progress: &Arc<Progress>,
+) -> Result<ImportSummary, ImportError> {
+    let started = Instant::now();
+    let mut summary = ImportSummary::default();
+    for path in paths {
+        let format = Format::detect(path)
+            .ok_or_else(|| ImportError::UnknownFormat { path: path.clone() })?;
+        progress.bytes_read.store(0, Ordering::Relaxed);
+        let file = import_file(engine, path, format, now, progress, &mut summary)?;
+        summary.files.push(file);
+    }
+    engine.sync()?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.messages_per_second = summary.messages as f64 / summary.seconds.max(1e-9);
+    Ok(summary)
+}
+
+/// Counts the bytes that pass through, for the progress bar.
+struct CountingReader<R> {
+    inner: R,
+    progress: Arc<Progress>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open_reader(path: &Path, progress: &Arc<Progress>) -> Result<Box<dyn Read + Send>, ImportError> {
+    let file = File::open(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let counting = CountingReader {
+        inner: file,
+        progress: Arc::clone(progress),
+    };
+    let is_gzip = path
+        .extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("gz"));
+    Ok(if is_gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
+            1 << 20,
+            counting,
+        )))
+    } else {
+        Box::new(counting)
+    })
+}
+
+/// A chunk of raw records with the line (or row) number of the first one.
+enum RawChunk {
+    Lines(Vec<String>, u64),
+    Objects(Vec<Value>, u64),
+}
+
+fn import_file(
+    engine: &Engine,
+    path: &Path,
+    format: Format,
+    now: i64,
+    progress: &Arc<Progress>,
+    summary: &mut ImportSummary,
+) -> Result<FileSummary, ImportError> {
+    let reader = open_reader(path, progress)?;
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<Vec<Incoming>, ImportError>>(2);
+    let owned_path = path.to_path_buf();
+    let reader_name = name.clone();
+    let producer = std::thread::spawn(move || {
+        let ctx = ParseContext::at(now);
+        let send = |chunk: RawChunk| {
+            sender
+                .send(Ok(parse_chunk(chunk, &reader_name, &ctx)))
+                .is_ok()
+        };
+        let result = match format {
+            Format::Jsonl => read_jsonl(reader, &owned_path, send),
+            Format::Csv => read_csv(reader, &owned_path, send),
+        };
+        if let Err(error) = result {
+            let _ = sender.send(Err(error));
+        }
+    });
+    let mut file = FileSummary {
+        path: path.display().to_string(),
+        ..Default::default()
+    };
+    let mut outcome_error = None;
+    for chunk in receiver {
+        let items = match chunk {
+            Ok(items) => items,
+            Err(error) => {
+                outcome_error = Some(error);
+                break;
+            }
+        };
+        let n = items.len() as u64;
+        let outcome = engine.ingest(items, "import", Durability::Buffered, now)?;
+        record(summary, &mut file, n, &outcome);
+        progress.messages.fetch_add(n, Ordering::Relaxed);
+    }
+    producer
+        .join()
+        .expect("the import reader thread does not panic");
+    match outcome_error {
+        Some(error) => Err(error),
+        None => Ok(file),
+    }
+}
+
+fn record(summary: &mut ImportSummary, file: &mut FileSummary, n: u64, outcome: &BatchOutcome) {
+    let quarantined = outcome.quarantined.len() as u64;
+    file.messages += n;
+    file.accepted += outcome.accepted;
+    file.duplicates += outcome.duplicates;
+    file.quarantined += quarantined;
+    summary.messages += n;
+    summary.accepted += outcome.accepted;
+    summary.duplicates += outcome.duplicates;
+    summary.quarantined += quarantined;
+    summary.profiles_created += outcome.profiles_created;
+    summary.profiles_merged += outcome.profiles_merged;
+    summary.identity_conflicts += outcome.identity_conflicts;
+    for note in &outcome.quarantined {
+        *summary
+            .quarantined_by_reason
+            .entry(note.reason)
+            .or_default() += 1;
+    }
+}
+
+fn parse_chunk(chunk: RawChunk, file: &str, ctx: &ParseContext) -> Vec<Incoming> {
+    let locate = |line: u64, parsed: Result<crate::Message, crate::Rejection>| -> Incoming {
+        parsed
+            .map_err(|mut rejection| {
+                rejection.detail = format!("{file}:{line}: {}", rejection.detail);
+                rejection
+            })
+            .into()
+    };
+    match chunk {
+        RawChunk::Lines(lines, first) => lines
+            .par_iter()
+            .enumerate()
+            .map(|(i, line)| locate(first + i as u64, parse_message_text(line, ctx)))
+            .collect(),
+        RawChunk::Objects(objects, first) => objects
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, object)| locate(first + i as u64, parse_message(object, None, ctx)))
+            .collect(),
+    }
+}
+
+fn read_jsonl(
+    reader: Box<dyn Read + Send>,
+    path: &Path,
+    mut send: impl FnMut(RawChunk) -> bool,
+) -> Result<(), ImportError> {
+    let reader = BufReader::with_capacity(1 << 20, reader);
+    let mut chunk = Vec::with_capacity(CHUNK_MESSAGES);
+    let mut first_line = 1;
+    let mut line_number = 0;
+    for line in reader.lines() {
+        line_number += 1;
+        let line = line.map_err(|source| ImportError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if chunk.is_empty() {
+            first_line = line_number;
+        }
+        chunk.push(line);
+        if chunk.len() >= CHUNK_MESSAGES {
+            // Line numbers inside a chunk are exact only without blank lines; good enough to
+            // point at the neighbourhood, and blank lines are rare.
+            if !send(RawChunk::Lines(std::mem::take(&mut chunk), first_line)) {
+                return Ok(());
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        send(RawChunk::Lines(chunk, first_line));
+    }
+    Ok(())
+}
+
+fn read_csv(
+    reader: Box<dyn Read + Send>,
+    path: &Path,
+    mut send: impl FnMut(RawChunk) -> bool,
+) -> Result<(), ImportError> {
+    let csv_error = |source| ImportError::Csv {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(reader);
+    let headers: Vec<String> = csv
+        .headers()
+        .map_err(csv_error)?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let mut chunk = Vec::with_capacity(CHUNK_MESSAGES);
+    let mut first_row = 2;
+    for (index, row) in csv.records().enumerate() {
+        let row = row.map_err(csv_error)?;
+        if chunk.is_empty() {
+            first_row = index as u64 + 2;
+        }
+        chunk.push(csv_row_to_message(&headers, &row));
+        if chunk.len() >= CHUNK_MESSAGES
+            && !send(RawChunk::Objects(std::mem::take(&mut chunk), first_row))
+        {
+            return Ok(());
+        }
+    }
+    if !chunk.is_empty() {
+        send(RawChunk::Objects(chunk, first_row));
+    }
+    Ok(())
+}
+
+/// Builds a Segment message object from one CSV row (see the module docs for the layout).
+pub fn csv_row_to_message(headers: &[String], row: &csv::StringRecord) -> Value {
+    let mut object = Map::new();
+    for (header, cell) in headers.iter().zip(row.iter()) {
+        if cell.is_empty() {
+            continue;
+        }
+        let mut parts = header.split('.');
+        let head = parts.next().unwrap_or_default();
+        let rest: Vec<&str> = parts.collect();
+        if rest.is_empty() {
+            object.insert(head.to_string(), Value::String(cell.to_string()));
+            continue;
+        }
+        let mut slot = object
+            .entry(head.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        for part in &rest[..rest.len() - 1] {
+            let Value::Object(map) = slot else { break };
+            slot = map
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+        }
+        if let Value::Object(map) = slot {
+            map.insert(rest[rest.len() - 1].to_string(), typed_cell(cell));
+        }
+    }
+    Value::Object(object)
+}
+
+fn typed_cell(cell: &str) -> Value {
+    match cell {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        _ => {}
+    }
+    // Identifiers such as "007" or "+33..." stay text; so does anything not a finite number.
+    let looks_like_code = cell.starts_with('+')
+        || (cell.len() > 1 && cell.starts_with('0') && !cell.starts_with("0."));
+    if !looks_like_code {
+        if let Ok(integer) = cell.parse::<i64>() {
+            return Value::Number(integer.into());
+        }
+        if let Some(number) = cell
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+        {
+            return Value::Number(number);
+        }
+    }
+    Value::String(cell.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_come_from_the_file_name() {
+        assert_eq!(
+            Format::detect(Path::new("a/events.jsonl.gz")),
+            Some(Format::Jsonl)
+        );
+        assert_eq!(Format::detect(Path::new("x.CSV")), Some(Format::Csv));
+        assert_eq!(Format::detect(Path::new("x.txt")), None);
+    }
+
+    #[test]
+    fn csv_rows_become_segment_messages() {
+        let headers: Vec<String> = [
+            "type",
+            "userId",
+            "event",
+            "properties.revenue",
+            "properties.sku",
+            "context.campaign.source",
+        ]
+        .map(String::from)
+        .to_vec();
+        let row =
+            csv::StringRecord::from(vec!["track", "u1", "Order Completed", "19.5", "007", "nl"]);
+        let message = csv_row_to_message(&headers, &row);
+        assert_eq!(
+            message,
+            serde_json::json!({
+                "type": "track", "userId": "u1", "event": "Order Completed",
+                "properties": {"revenue": 19.5, "sku": "007"},
+                "context": {"campaign": {"source": "nl"}}
+            })
+        );
+    }
+}

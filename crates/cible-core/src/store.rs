@@ -1,0 +1,202 @@
+//! The durable store on fjall (an embedded LSM-tree engine): keyspaces, key layouts and the
+//! fixed binary records. See `docs/architecture.md` for why fjall.
+//!
+//! | keyspace     | key                                   | value                               |
+//! |--------------|---------------------------------------|-------------------------------------|
+//! | `events`     | profile u32 · time i64 · seq u64 (BE) | the normalized message, JSON        |
+//! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes              |
+//! | `msgids`     | messageId                             | empty (dedup across restarts)       |
+//! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
+//! | `profiles`   | profile u32                           | [`crate::engine::ProfileRecord`]    |
+//! | `merges`     | merge id u64                          | [`crate::engine::MergeRecord`]      |
+//! | `quarantine` | quarantine id u64                     | [`crate::engine::QuarantineRecord`] |
+//! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
+//! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |
+//! | `meta`       | name                                  | counters, JSON                      |
+//!
+//! **Every change of a batch (events, identities, profiles, counters) is one atomic fjall batch;
+//! acknowledged means committed with `PersistMode::SyncAll`.**
+
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+use crate::hot::HotEvent;
+
+/// Errors from the storage engine, with the data directory named.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {dir} is in use by another cible process (a running `cible serve`?); stop it or use its HTTP API"
+    )]
+    Locked { dir: String },
+    #[error("storage error: {0}")]
+    Engine(#[from] fjall::Error),
+    #[error("corrupt record in keyspace {keyspace}: {detail}")]
+    Corrupt {
+        keyspace: &'static str,
+        detail: String,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The open store: one fjall database and its keyspaces.
+pub struct Store {
+    pub db: Database,
+    pub events: Keyspace,
+    pub hot: Keyspace,
+    pub msgids: Keyspace,
+    pub idents: Keyspace,
+    pub profiles: Keyspace,
+    pub merges: Keyspace,
+    pub quarantine: Keyspace,
+    pub dict: Keyspace,
+    pub keys: Keyspace,
+    pub meta: Keyspace,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = Database::builder(dir.join("store"))
+            .open()
+            .map_err(|error| match error {
+                fjall::Error::Locked => StoreError::Locked {
+                    dir: dir.display().to_string(),
+                },
+                other => StoreError::Engine(other),
+            })?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Self {
+            events: open("events")?,
+            hot: open("hot")?,
+            msgids: open("msgids")?,
+            idents: open("idents")?,
+            profiles: open("profiles")?,
+            merges: open("merges")?,
+            quarantine: open("quarantine")?,
+            dict: open("dict")?,
+            keys: open("keys")?,
+            meta: open("meta")?,
+            db,
+        })
+    }
+}
+
+/// Length of an event key.
+pub const EVENT_KEY_LEN: usize = 20;
+
+/// `profile · time · seq`, big-endian, time with its sign bit flipped so keys sort by time.
+pub fn event_key(profile: u32, ts_ms: i64, seq: u64) -> [u8; EVENT_KEY_LEN] {
+    let mut key = [0u8; EVENT_KEY_LEN];
+    key[..4].copy_from_slice(&profile.to_be_bytes());
+    key[4..12].copy_from_slice(&((ts_ms as u64) ^ (1 << 63)).to_be_bytes());
+    key[12..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Inverse of [`event_key`].
+pub fn decode_event_key(key: &[u8]) -> Option<(u32, i64, u64)> {
+    if key.len() != EVENT_KEY_LEN {
+        return None;
+    }
+    let profile = u32::from_be_bytes(key[..4].try_into().ok()?);
+    let ts = (u64::from_be_bytes(key[4..12].try_into().ok()?) ^ (1 << 63)) as i64;
+    let seq = u64::from_be_bytes(key[12..].try_into().ok()?);
+    Some((profile, ts, seq))
+}
+
+/// What the `hot` keyspace holds per event: the hot-store fields and the message-id hash.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HotRecord {
+    pub name: u16,
+    pub flags: u8,
+    pub kind: u8,
+    pub key: u32,
+    pub value: f32,
+    pub message_hash: u64,
+}
+
+impl HotRecord {
+    pub const LEN: usize = 20;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..2].copy_from_slice(&self.name.to_le_bytes());
+        out[2] = self.flags;
+        out[3] = self.kind;
+        out[4..8].copy_from_slice(&self.key.to_le_bytes());
+        out[8..12].copy_from_slice(&self.value.to_le_bytes());
+        out[12..].copy_from_slice(&self.message_hash.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        Some(Self {
+            name: u16::from_le_bytes(bytes[..2].try_into().ok()?),
+            flags: bytes[2],
+            kind: bytes[3],
+            key: u32::from_le_bytes(bytes[4..8].try_into().ok()?),
+            value: f32::from_le_bytes(bytes[8..12].try_into().ok()?),
+            message_hash: u64::from_le_bytes(bytes[12..].try_into().ok()?),
+        })
+    }
+
+    /// The hot-store event at `ts_ms`.
+    pub fn to_hot(self, ts_ms: i64) -> HotEvent {
+        HotEvent {
+            ts: (ts_ms.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32,
+            name: self.name,
+            flags: self.flags,
+            kind: self.kind,
+            key: self.key,
+            value: self.value,
+        }
+    }
+}
+
+/// Big-endian bytes of a profile ordinal (the prefix of its event keys).
+pub fn profile_key(profile: u32) -> [u8; 4] {
+    profile.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_keys_sort_by_profile_then_time() {
+        let keys = [
+            event_key(1, -5, 0),
+            event_key(1, 0, 9),
+            event_key(1, 1_700_000_000_000, 1),
+            event_key(2, -1_000, 0),
+        ];
+        assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(decode_event_key(&keys[0]), Some((1, -5, 0)));
+    }
+
+    #[test]
+    fn hot_record_round_trips() {
+        let record = HotRecord {
+            name: 7,
+            flags: 2,
+            kind: 0,
+            key: 99,
+            value: 1.5,
+            message_hash: 42,
+        };
+        assert_eq!(HotRecord::decode(&record.encode()), Some(record));
+    }
+}
