@@ -403,18 +403,34 @@ impl Engine {
         durability: Durability,
         now: i64,
     ) -> Result<BatchOutcome> {
+        let mut outcomes = self.ingest_groups(vec![items], source, durability, now)?;
+        Ok(outcomes.pop().unwrap_or_default())
+    }
+
+    /// Group commit: several requests' messages in one atomic, durable batch (one fsync), with
+    /// an outcome per group. Quarantine indexes are relative to each group.
+    pub fn ingest_groups(
+        &self,
+        groups: Vec<Vec<Incoming>>,
+        source: &str,
+        durability: Durability,
+        now: i64,
+    ) -> Result<Vec<BatchOutcome>> {
         self.check_poisoned()?;
         let mut state = self.state.lock();
         let hot = self.hot.read();
         // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
         let prepared = (|| -> Result<_> {
             let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
-            for (index, item) in items.into_iter().enumerate() {
-                tx.offer(index, item)?;
+            let mut outcomes = Vec::with_capacity(groups.len());
+            for items in groups {
+                for (index, item) in items.into_iter().enumerate() {
+                    tx.offer(index, item)?;
+                }
+                outcomes.push(std::mem::take(&mut tx.outcome));
             }
             let Tx {
                 batch,
-                outcome,
                 pending,
                 hot_merges,
                 ..
@@ -424,9 +440,9 @@ impl Engine {
                 Durability::Buffered => fjall::PersistMode::Buffer,
             }));
             batch.commit()?;
-            Ok((outcome, pending, hot_merges))
+            Ok((outcomes, pending, hot_merges))
         })();
-        let (outcome, pending, hot_merges) = prepared.inspect_err(|_| {
+        let (outcomes, pending, hot_merges) = prepared.inspect_err(|_| {
             self.poisoned.store(true, Ordering::Release);
         })?;
         drop(hot);
@@ -437,7 +453,7 @@ impl Engine {
         for event in pending {
             hot.insert(state.find(event.profile), event.record.to_hot(event.ts));
         }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     /// Re-offers quarantined messages (all, or those of one reason) under today's rules: a

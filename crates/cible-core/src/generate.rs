@@ -193,6 +193,10 @@ fn generate_profile(options: &GenerateOptions, profile: u64, out: &mut Vec<u8>) 
     } else {
         None
     };
+    let second_device_day = match identify_after {
+        Some(day) if rng.random_bool(0.25) => Some(day + rng.random_range(1..30)),
+        _ => None,
+    };
     let country = COUNTRIES[rng.random_range(0..COUNTRIES.len())];
     let first_name = FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())];
     let mut generator = ProfileGen {
@@ -221,6 +225,22 @@ fn generate_profile(options: &GenerateOptions, profile: u64, out: &mut Vec<u8>) 
                 "first_name": first_name, "country": country, "plan": plan,
             });
             generator.emit(json!({"type": "identify", "traits": traits}), ts);
+        }
+        // A second device: browsing there anonymously, then logging in, which merges it.
+        if second_device_day == Some(day) && generator.user_id.is_some() {
+            let user_id = generator.user_id.take();
+            let first_device = std::mem::replace(
+                &mut generator.anonymous_id,
+                format!("anon-{profile:x}-mobile"),
+            );
+            let ts = day_start + pick_hour(&mut generator.rng) * 3_600_000;
+            session(&mut generator, ts, favourite, None, &mut Vec::new());
+            generator.user_id = user_id;
+            generator.emit(
+                json!({"type": "identify", "traits": {"device": "mobile"}}),
+                ts + 1_800_000,
+            );
+            generator.anonymous_id = first_device;
         }
         // Newsletter every Tuesday to identified people, whatever their activity.
         let mut clicked_campaign = None;

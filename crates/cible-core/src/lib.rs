@@ -15,6 +15,7 @@ pub mod normalize;
 pub mod quality;
 pub mod store;
 pub mod time;
+pub mod view;
 
 pub use engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};
 pub use message::{Message, MessageType, ParseContext, Rejection};

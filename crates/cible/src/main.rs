@@ -1,1 +1,138 @@
-fn main() {}
+//! The `cible` binary: command-line parsing and dispatch. The only crate that knows the terminal
+//! and HTTP; everything it does with data it asks of `cible-core`.
+
+mod commands;
+mod server;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+/// cible: behavioral segmentation engine for hyper-targeted email campaigns.
+#[derive(Debug, Parser)]
+#[command(name = "cible", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand accepts.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Data directory (the embedded store lives here).
+    #[arg(
+        long,
+        global = true,
+        env = "CIBLE_DATA",
+        default_value = "./cible-data"
+    )]
+    pub data: PathBuf,
+    /// Pin "now" (RFC 3339 or epoch seconds) for reproducible evaluation and tests.
+    #[arg(long, global = true, env = "CIBLE_NOW")]
+    pub now: Option<String>,
+}
+
+impl Global {
+    /// The pinned time, if any, in epoch ms.
+    pub fn pinned_now(&self) -> anyhow::Result<Option<i64>> {
+        self.now
+            .as_deref()
+            .map(|text| {
+                let value = match text.parse::<f64>() {
+                    Ok(number) => serde_json::json!(number),
+                    Err(_) => serde_json::json!(text),
+                };
+                cible_core::time::parse_timestamp(&value).map_err(|e| anyhow::anyhow!("--now: {e}"))
+            })
+            .transpose()
+    }
+
+    /// "Now": the pinned time, or the wall clock.
+    pub fn now_ms(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .pinned_now()?
+            .unwrap_or_else(cible_core::time::wall_clock_ms))
+    }
+
+    /// Opens the engine on an existing data directory (for commands that only read or repair).
+    pub fn open_existing(&self) -> anyhow::Result<cible_core::Engine> {
+        if !self.data.join("store").is_dir() {
+            anyhow::bail!(
+                "no cible store in {} (set --data or CIBLE_DATA, or create one with `cible import` or `cible serve`)",
+                self.data.display()
+            );
+        }
+        self.open()
+    }
+
+    /// Opens (or creates) the engine on the data directory.
+    pub fn open(&self) -> anyhow::Result<cible_core::Engine> {
+        cible_core::Engine::open(&self.data)
+            .with_context(|| format!("opening the store in {}", self.data.display()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP server: Segment-compatible ingestion (/v1/*), admin API (/api/*).
+    Serve(server::ServeArgs),
+    /// Import Segment messages from JSON Lines (optionally .gz) or CSV files.
+    Import(commands::ImportArgs),
+    /// Write realistic synthetic Segment messages as JSON Lines.
+    Generate(commands::GenerateArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(commands::KeyCommand),
+    /// Look at and repair profiles.
+    #[command(subcommand)]
+    Profile(commands::ProfileCommand),
+    /// Data-quality report, quarantine listing and replay.
+    Quality(commands::QualityArgs),
+    /// Export data.
+    #[command(subcommand)]
+    Export(commands::ExportCommand),
+}
+
+/// Restores the default SIGPIPE action so `cible ... | head` ends quietly like other Unix tools
+/// instead of panicking on a closed pipe (Rust ignores SIGPIPE by default).
+#[allow(
+    unsafe_code,
+    reason = "one libc call at start-up, before any thread exists"
+)]
+fn restore_sigpipe() {
+    // SAFETY: `signal` with SIG_DFL is async-signal-safe and runs before other threads start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    restore_sigpipe();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CIBLE_LOG")
+                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => server::run(&cli.global, args),
+        Command::Import(args) => commands::import(&cli.global, args),
+        Command::Generate(args) => commands::generate(&cli.global, args),
+        Command::Key(command) => commands::key(&cli.global, command),
+        Command::Profile(command) => commands::profile(&cli.global, command),
+        Command::Quality(args) => commands::quality(&cli.global, args),
+        Command::Export(command) => commands::export(&cli.global, command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Read models shared by the CLI and the HTTP API: what `cible profile show` and
+//! `GET /api/profiles/{id}` return.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::engine::{Engine, EngineError, MergeRecord, StoredEvent};
+use crate::message::MessageType;
+use crate::quality::flags;
+use crate::time::format_ms;
+
+/// A profile with a page of its timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileView {
+    pub id: u32,
+    /// The id asked for, when it named a profile that was merged into this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_merged_profile: Option<u32>,
+    pub identifiers: Identifiers,
+    pub traits: BTreeMap<String, TraitView>,
+    pub created_at: String,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub event_count: usize,
+    /// Events carrying each anomaly flag.
+    pub flags: BTreeMap<&'static str, usize>,
+    /// Merges into this profile, undone ones included.
+    pub merges: Vec<MergeView>,
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Identifiers {
+    pub user_ids: Vec<String>,
+    pub anonymous_ids: Vec<String>,
+    pub emails: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TraitView {
+    pub value: Value,
+    /// Time of the identify call that set it.
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeView {
+    pub id: u64,
+    pub from: u32,
+    pub cause: String,
+    pub at: String,
+    pub identifiers: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmerged_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timeline {
+    pub offset: usize,
+    pub limit: usize,
+    /// Events matching the filter in all.
+    pub total: usize,
+    pub events: Vec<Value>,
+}
+
+/// Which page of the timeline to show.
+#[derive(Debug, Clone, Copy)]
+pub struct TimelineQuery {
+    pub kind: Option<MessageType>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Default for TimelineQuery {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            offset: 0,
+            limit: 50,
+        }
+    }
+}
+
+/// Builds the view of the profile named by `id` (ordinal, userId, anonymousId or e-mail).
+pub fn profile_view(
+    engine: &Engine,
+    id: &str,
+    query: TimelineQuery,
+) -> Result<ProfileView, EngineError> {
+    let profile = engine
+        .find_profile(id)
+        .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+    let record = engine.profile_record(profile)?;
+    let mut identifiers = Identifiers::default();
+    for ident in &record.identifiers {
+        let (kind, value) = ident.split_at(2);
+        match kind {
+            "u:" => identifiers.user_ids.push(value.to_string()),
+            "a:" => identifiers.anonymous_ids.push(value.to_string()),
+            _ => identifiers.emails.push(value.to_string()),
+        }
+    }
+    let (first_seen, last_seen, event_count, flag_counts, total) = {
+        let hot = engine.hot();
+        let events = hot.events(profile);
+        let mut flag_counts = BTreeMap::new();
+        for (bit, name) in flags::ALL {
+            flag_counts.insert(name, events.iter().filter(|e| e.flags & bit != 0).count());
+        }
+        let total = match query.kind {
+            Some(kind) => events.iter().filter(|e| e.kind == kind.code()).count(),
+            None => events.len(),
+        };
+        let seconds = |ts: u32| format_ms(i64::from(ts) * 1000);
+        (
+            events.first().map(|e| seconds(e.ts)),
+            events.last().map(|e| seconds(e.ts)),
+            events.len(),
+            flag_counts,
+            total,
+        )
+    };
+    let events = engine.timeline(profile, query.kind, query.offset, query.limit)?;
+    Ok(ProfileView {
+        id: profile,
+        requested_merged_profile: id.parse::<u32>().ok().filter(|asked| *asked != profile),
+        identifiers,
+        traits: record
+            .traits
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name,
+                    TraitView {
+                        value: t.value,
+                        updated_at: format_ms(t.at),
+                    },
+                )
+            })
+            .collect(),
+        created_at: format_ms(record.created_at),
+        first_seen,
+        last_seen,
+        event_count,
+        flags: flag_counts,
+        merges: engine
+            .merges_into(profile)?
+            .into_iter()
+            .map(merge_view)
+            .collect(),
+        timeline: Timeline {
+            offset: query.offset,
+            limit: query.limit,
+            total,
+            events: events.into_iter().map(event_json).collect(),
+        },
+    })
+}
+
+pub fn merge_view(merge: MergeRecord) -> MergeView {
+    MergeView {
+        id: merge.id,
+        from: merge.from,
+        cause: merge.cause,
+        at: format_ms(merge.at),
+        identifiers: merge.identifiers,
+        unmerged_at: merge.unmerged_at.map(format_ms),
+    }
+}
+
+/// A stored event as the API shows it: Segment's field names, times as RFC 3339, flag names.
+pub fn event_json(event: StoredEvent) -> Value {
+    let flags = flags::names(event.message.flags);
+    let mut value = serde_json::to_value(&event.message).expect("messages serialize");
+    let object = value.as_object_mut().expect("messages are objects");
+    object.insert(
+        "timestamp".into(),
+        Value::String(format_ms(event.message.timestamp)),
+    );
+    object.insert(
+        "receivedAt".into(),
+        Value::String(format_ms(event.message.received_at)),
+    );
+    object.insert("profile".into(), Value::from(event.profile));
+    object.insert("seq".into(), Value::from(event.seq));
+    if !flags.is_empty() {
+        object.insert("flags".into(), Value::from(flags));
+    }
+    value
+}

@@ -1,0 +1,559 @@
+//! The offline subcommands: import, generate, key, profile, quality, export. Each opens the
+//! store directly, so it refuses to run while `cible serve` holds the same data directory.
+
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cible_core::generate::{GenerateOptions, generate as generate_messages};
+use cible_core::import::{ImportSummary, Progress, import_files};
+use cible_core::keys::KeyKind;
+use cible_core::message::MessageType;
+use cible_core::quality::Reason;
+use cible_core::time::{DAY_MS, format_ms};
+use cible_core::view::{TimelineQuery, profile_view};
+use clap::{Args, Subcommand};
+
+use crate::Global;
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Files to import: .jsonl/.ndjson/.json or .csv, each optionally .gz.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn import(global: &Global, args: ImportArgs) -> anyhow::Result<()> {
+    for file in &args.files {
+        if !file.is_file() {
+            bail!("{}: no such file", file.display());
+        }
+    }
+    let engine = global.open()?;
+    let now = global.now_ms()?;
+    let total_bytes: u64 = args
+        .files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total_bytes);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let summary = std::thread::scope(|scope| {
+        if let Some(bar) = &bar {
+            let progress = Arc::clone(&progress);
+            let done = &done;
+            scope.spawn(move || {
+                let mut finished_files_bytes = 0;
+                let mut last = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let read = progress.bytes_read.load(Ordering::Relaxed);
+                    if read < last {
+                        finished_files_bytes += last;
+                    }
+                    last = read;
+                    bar.set_position(finished_files_bytes + read);
+                    bar.set_message(format!(
+                        "{} messages",
+                        progress.messages.load(Ordering::Relaxed)
+                    ));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        let result = import_files(&engine, &args.files, now, &progress);
+        done.store(true, Ordering::Relaxed);
+        result
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_import_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_import_summary(summary: &ImportSummary) {
+    println!(
+        "imported {} messages from {} file(s) in {:.1}s ({:.0} messages/s)",
+        summary.messages,
+        summary.files.len(),
+        summary.seconds,
+        summary.messages_per_second
+    );
+    println!("  accepted          {}", summary.accepted);
+    println!("  duplicates        {}", summary.duplicates);
+    println!("  quarantined       {}", summary.quarantined);
+    for (reason, count) in &summary.quarantined_by_reason {
+        println!("    {:<22}{count}", reason.code());
+    }
+    println!("  profiles created  {}", summary.profiles_created);
+    println!("  profiles merged   {}", summary.profiles_merged);
+    if summary.identity_conflicts > 0 {
+        println!(
+            "  identity links refused (different userIds) {}",
+            summary.identity_conflicts
+        );
+    }
+    if summary.quarantined > 0 {
+        println!("see `cible quality list` for the quarantined messages");
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Number of people.
+    #[arg(long, default_value_t = 10_000)]
+    profiles: u64,
+    /// Days of history, ending at --now (or today's midnight UTC).
+    #[arg(long, default_value_t = 90)]
+    days: u32,
+    /// Random seed: the same seed, sizes and end give the same file.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output file (.jsonl, or .jsonl.gz to compress).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn generate(global: &Global, args: GenerateArgs) -> anyhow::Result<()> {
+    let end_ms = match global.pinned_now()? {
+        Some(now) => now,
+        None => cible_core::time::wall_clock_ms().div_euclid(DAY_MS) * DAY_MS,
+    };
+    let options = GenerateOptions {
+        profiles: args.profiles,
+        days: args.days,
+        seed: args.seed,
+        end_ms,
+    };
+    let stats = write_generated(&options, &args.out)?;
+    eprintln!(
+        "wrote {} messages for {} profiles over {} days ending {} to {} ({:.1} MB)",
+        stats.messages,
+        stats.profiles,
+        args.days,
+        format_ms(end_ms),
+        args.out.display(),
+        stats.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Generates into a file, gzip-compressed when the name ends in `.gz`.
+pub fn write_generated(
+    options: &GenerateOptions,
+    out: &std::path::Path,
+) -> anyhow::Result<cible_core::generate::GenerateStats> {
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut writer = BufWriter::with_capacity(1 << 20, file);
+    let stats = if out.extension().is_some_and(|e| e == "gz") {
+        let mut encoder = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
+        let stats = generate_messages(options, &mut encoder)?;
+        encoder.finish()?.flush()?;
+        stats
+    } else {
+        let stats = generate_messages(options, &mut writer)?;
+        writer.flush()?;
+        stats
+    };
+    Ok(stats)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key and print it (only now: it is stored hashed).
+    Create {
+        /// A write key, for the tracking API (/v1/*).
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        write: bool,
+        /// An admin key, for the admin API (/api/*).
+        #[arg(long)]
+        admin: bool,
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (names, kinds, prefixes; never the keys).
+    List,
+}
+
+pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
+    let engine = global.open()?;
+    match command {
+        KeyCommand::Create { admin, name, .. } => {
+            let kind = if admin {
+                KeyKind::Admin
+            } else {
+                KeyKind::Write
+            };
+            println!("{}", engine.create_key(kind, &name, global.now_ms()?)?);
+        }
+        KeyCommand::List => {
+            for key in engine.list_keys() {
+                println!(
+                    "{:<6} {}…  {}  {}",
+                    format!("{:?}", key.kind).to_lowercase(),
+                    key.prefix,
+                    format_ms(key.created_at),
+                    key.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// Identifiers, traits, merges, flags and a page of the timeline.
+    Show {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// Timeline page: events to skip (newest first).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Timeline page size.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Only messages of this type (track, identify, page, screen, alias, group).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Print JSON (the same document as GET /api/profiles/{id}).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List merges (all, or those into one profile).
+    Merges {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: Option<String>,
+    },
+    /// Undo a merge: the absorbed profile comes back with its identifiers and events.
+    Unmerge {
+        /// The merge id (see `cible profile merges` or `profile show`).
+        merge: u64,
+    },
+}
+
+pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
+    let engine = global.open_existing()?;
+    match command {
+        ProfileCommand::Show {
+            id,
+            offset,
+            limit,
+            kind,
+            json,
+        } => {
+            let kind = kind.as_deref().map(parse_kind).transpose()?;
+            let view = profile_view(
+                &engine,
+                &id,
+                TimelineQuery {
+                    kind,
+                    offset,
+                    limit,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                return Ok(());
+            }
+            println!("profile {}", view.id);
+            if let Some(asked) = view.requested_merged_profile {
+                println!("  (profile {asked} was merged into this one)");
+            }
+            println!("  user ids       {}", view.identifiers.user_ids.join(", "));
+            println!(
+                "  anonymous ids  {}",
+                view.identifiers.anonymous_ids.join(", ")
+            );
+            println!("  emails         {}", view.identifiers.emails.join(", "));
+            println!("  created        {}", view.created_at);
+            println!(
+                "  events         {} (first {}, last {})",
+                view.event_count,
+                view.first_seen.as_deref().unwrap_or("-"),
+                view.last_seen.as_deref().unwrap_or("-")
+            );
+            let flagged: Vec<String> = view
+                .flags
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(f, n)| format!("{f}: {n}"))
+                .collect();
+            if !flagged.is_empty() {
+                println!("  flags          {}", flagged.join(", "));
+            }
+            println!("traits");
+            for (name, value) in &view.traits {
+                println!("  {name:<20} {}  (since {})", value.value, value.updated_at);
+            }
+            if !view.merges.is_empty() {
+                println!("merges");
+                for merge in &view.merges {
+                    let undone = merge
+                        .unmerged_at
+                        .as_deref()
+                        .map(|at| format!(" [undone {at}]"))
+                        .unwrap_or_default();
+                    println!(
+                        "  #{} from profile {} at {}: {}{undone}",
+                        merge.id, merge.from, merge.at, merge.cause
+                    );
+                }
+            }
+            println!(
+                "timeline ({}-{} of {}, newest first)",
+                offset + 1,
+                offset + view.timeline.events.len(),
+                view.timeline.total
+            );
+            for event in &view.timeline.events {
+                let name = event["event"]
+                    .as_str()
+                    .unwrap_or_else(|| event["type"].as_str().unwrap_or("?"));
+                let detail = event
+                    .get("properties")
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let flags = event
+                    .get("flags")
+                    .map(|f| format!(" flags={f}"))
+                    .unwrap_or_default();
+                println!(
+                    "  {}  {name:<20} {detail}{flags}",
+                    event["timestamp"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        ProfileCommand::Merges { id } => {
+            let merges = match id {
+                Some(id) => {
+                    let profile = engine
+                        .find_profile(&id)
+                        .with_context(|| format!("no profile {id:?}"))?;
+                    engine.merges_into(profile)?
+                }
+                None => engine.all_merges()?,
+            };
+            for merge in merges {
+                let undone = merge
+                    .unmerged_at
+                    .map(|at| format!(" [undone {}]", format_ms(at)))
+                    .unwrap_or_default();
+                println!(
+                    "#{} {} -> {} at {}: {} ({}){undone}",
+                    merge.id,
+                    merge.from,
+                    merge.into,
+                    format_ms(merge.at),
+                    merge.cause,
+                    merge.identifiers.join(", ")
+                );
+            }
+        }
+        ProfileCommand::Unmerge { merge } => {
+            let outcome = engine.unmerge(merge, global.now_ms()?)?;
+            println!(
+                "merge #{} undone: profile {} is back with {} event(s) and {}; profile {} keeps the rest",
+                outcome.merge,
+                outcome.restored_profile,
+                outcome.events_moved,
+                outcome.identifiers.join(", "),
+                outcome.survivor
+            );
+        }
+    }
+    Ok(())
+}
+
+fn parse_kind(text: &str) -> anyhow::Result<MessageType> {
+    MessageType::parse(text).with_context(|| {
+        format!("--type {text:?}: expected track, identify, page, screen, alias or group")
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct QualityArgs {
+    #[command(subcommand)]
+    command: Option<QualityCommand>,
+    /// Print the report as JSON (the same document as GET /api/quality).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum QualityCommand {
+    /// List quarantined messages with their reason, kept whole.
+    List {
+        #[arg(long, value_parser = parse_reason)]
+        reason: Option<Reason>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Re-process quarantined messages under today's rules (and --now).
+    Replay {
+        #[arg(long, value_parser = parse_reason)]
+        reason: Option<Reason>,
+    },
+}
+
+fn parse_reason(text: &str) -> Result<Reason, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string()))
+        .map_err(|_| format!("unknown reason {text:?}; see `cible quality` for the reasons in use"))
+}
+
+pub fn quality(global: &Global, args: QualityArgs) -> anyhow::Result<()> {
+    let engine = global.open_existing()?;
+    match args.command {
+        None => {
+            let report = engine.quality()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            let c = &report.counters;
+            println!("events stored       {}", report.events);
+            println!(
+                "profiles            {} ({} merged away)",
+                report.profiles, report.merged_profiles
+            );
+            println!("messages received   {}", c.received);
+            println!("  accepted          {}", c.accepted);
+            println!("  duplicates        {}", c.duplicates);
+            println!(
+                "  quarantined       {}",
+                c.quarantined_by_reason.values().sum::<u64>()
+            );
+            for (reason, n) in &c.quarantined_by_reason {
+                let waiting = report.in_quarantine.get(reason).copied().unwrap_or(0);
+                println!(
+                    "    {:<22}{n} ({waiting} still in quarantine)",
+                    reason.code()
+                );
+            }
+            println!("anomalies flagged");
+            for (flag, n) in &c.anomalies_by_flag {
+                println!("  {flag:<24}{n}");
+            }
+            println!("identity links refused  {}", c.identity_conflicts);
+            println!("by source");
+            for (source, s) in &c.by_source {
+                println!(
+                    "  {source:<10} received {} accepted {} duplicates {} quarantined {}",
+                    s.received, s.accepted, s.duplicates, s.quarantined
+                );
+            }
+        }
+        Some(QualityCommand::List { reason, limit }) => {
+            for record in engine.quarantined(reason, limit)? {
+                if args.json {
+                    println!("{}", serde_json::to_string(&record)?);
+                } else {
+                    let field = record
+                        .field
+                        .as_deref()
+                        .map(|f| format!(" [{f}]"))
+                        .unwrap_or_default();
+                    println!(
+                        "#{} {} {}{field}: {}",
+                        record.id,
+                        format_ms(record.received_at),
+                        record.reason.code(),
+                        record.detail
+                    );
+                    println!("    {}", record.raw);
+                }
+            }
+        }
+        Some(QualityCommand::Replay { reason }) => {
+            let outcome = engine.replay_quarantine(reason, global.now_ms()?)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                println!(
+                    "replayed: {} accepted, {} duplicates, {} still quarantined",
+                    outcome.accepted,
+                    outcome.duplicates,
+                    outcome.quarantined.len()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Every stored event as JSON Lines, with its profile number, in (profile, time) order.
+    Events {
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
+    let engine = global.open_existing()?;
+    let ExportCommand::Events { out } = command;
+    let sink: Box<dyn Write> = match &out {
+        Some(path) => Box::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut writer = BufWriter::with_capacity(1 << 20, sink);
+    let mut io_error = None;
+    engine
+        .for_each_event(|event| {
+            let line = cible_core::view::event_json(event);
+            if let Err(error) = serde_json::to_writer(&mut writer, &line)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writer.write_all(b"\n"))
+            {
+                io_error = Some(error);
+                return Err(cible_core::EngineError::Invalid("output closed".into()));
+            }
+            Ok(())
+        })
+        .or_else(|error| {
+            if io_error.is_some() {
+                Ok(())
+            } else {
+                Err(error)
+            }
+        })?;
+    if let Some(error) = io_error {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(error.into());
+        }
+    }
+    writer.flush().or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    Ok(())
+}
