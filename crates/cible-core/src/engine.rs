@@ -63,7 +63,23 @@ pub enum Durability {
 pub struct Incoming {
     pub parsed: std::result::Result<Message, Rejection>,
     /// Set when the message is replayed from quarantine: the record to drop once it is accepted.
-    pub replay_of: Option<u64>,
+    pub replay_of: Option<Replay>,
+}
+
+/// A quarantine record being replayed.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay {
+    pub id: u64,
+    /// Its [`quarantine_key`].
+    pub key: [u8; 16],
+}
+
+/// The dedup key of a quarantined message: a hash of its raw text, so that sending or importing
+/// the same bad message again does not quarantine it twice.
+pub fn quarantine_key(raw: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    digest[..16].try_into().expect("16 bytes of 32")
 }
 
 impl From<std::result::Result<Message, Rejection>> for Incoming {
@@ -466,7 +482,10 @@ impl Engine {
                 .iter()
                 .map(|record| Incoming {
                     parsed: parse_message_text(&record.raw, &ParseContext::at(now)),
-                    replay_of: Some(record.id),
+                    replay_of: Some(Replay {
+                        id: record.id,
+                        key: quarantine_key(&record.raw),
+                    }),
                 })
                 .collect();
             let outcome = self.ingest(items, "replay", Durability::Sync, now)?;
@@ -860,6 +879,7 @@ struct Tx<'a> {
     dirty: FxHashMap<u32, ProfileRecord>,
     pending: Vec<PendingEvent>,
     batch_ids: FxHashSet<String>,
+    batch_quarantine: FxHashSet<[u8; 16]>,
     /// Recent event times per profile within this batch, for burst detection.
     batch_times: FxHashMap<u32, Vec<u32>>,
     hot_merges: Vec<(u32, u32)>,
@@ -884,6 +904,7 @@ impl<'a> Tx<'a> {
             dirty: FxHashMap::default(),
             pending: Vec::new(),
             batch_ids: FxHashSet::default(),
+            batch_quarantine: FxHashSet::default(),
             batch_times: FxHashMap::default(),
             hot_merges: Vec::new(),
             outcome: BatchOutcome::default(),
@@ -895,7 +916,7 @@ impl<'a> Tx<'a> {
         let message = match item.parsed {
             Ok(message) => message,
             Err(rejection) => {
-                self.quarantine(index, rejection, item.replay_of);
+                self.quarantine(index, rejection, item.replay_of)?;
                 return Ok(());
             }
         };
@@ -917,7 +938,7 @@ impl<'a> Tx<'a> {
                         detail,
                         raw,
                     };
-                    self.quarantine(index, rejection, item.replay_of);
+                    self.quarantine(index, rejection, item.replay_of)?;
                     return Ok(());
                 }
             },
@@ -928,13 +949,20 @@ impl<'a> Tx<'a> {
         self.accept(profile, name, message)
     }
 
-    fn drop_replayed(&mut self, replay_of: Option<u64>) {
-        if let Some(id) = replay_of {
-            self.batch.remove(&self.store.quarantine, id.to_be_bytes());
+    fn drop_replayed(&mut self, replay_of: Option<Replay>) {
+        if let Some(replay) = replay_of {
+            self.batch
+                .remove(&self.store.quarantine, replay.id.to_be_bytes());
+            self.batch.remove(&self.store.qkeys, replay.key);
         }
     }
 
-    fn quarantine(&mut self, index: usize, rejection: Rejection, replay_of: Option<u64>) {
+    fn quarantine(
+        &mut self,
+        index: usize,
+        rejection: Rejection,
+        replay_of: Option<Replay>,
+    ) -> Result<()> {
         self.outcome.quarantined.push(QuarantineNote {
             index,
             reason: rejection.reason,
@@ -943,7 +971,13 @@ impl<'a> Tx<'a> {
         });
         if replay_of.is_some() {
             // Still rejected: the original record stays where it is.
-            return;
+            return Ok(());
+        }
+        let key = quarantine_key(&rejection.raw);
+        if !self.batch_quarantine.insert(key) || self.store.qkeys.contains_key(key)? {
+            // Already in quarantine: the sender is told again, the store keeps one copy.
+            self.state.counters.quality.duplicate(self.source);
+            return Ok(());
         }
         self.state
             .counters
@@ -962,6 +996,8 @@ impl<'a> Tx<'a> {
         };
         self.batch
             .insert(&self.store.quarantine, id.to_be_bytes(), to_json(&record));
+        self.batch.insert(&self.store.qkeys, key, id.to_be_bytes());
+        Ok(())
     }
 
     fn is_duplicate(&mut self, message_id: &str) -> Result<bool> {

@@ -10,6 +10,7 @@
 //! | `profiles`   | profile u32                           | [`crate::engine::ProfileRecord`]    |
 //! | `merges`     | merge id u64                          | [`crate::engine::MergeRecord`]      |
 //! | `quarantine` | quarantine id u64                     | [`crate::engine::QuarantineRecord`] |
+//! | `qkeys`      | hash of a quarantined raw message     | quarantine id (dedup of bad input)  |
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
 //! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |
 //! | `meta`       | name                                  | counters, JSON                      |
@@ -54,6 +55,7 @@ pub struct Store {
     pub profiles: Keyspace,
     pub merges: Keyspace,
     pub quarantine: Keyspace,
+    pub qkeys: Keyspace,
     pub dict: Keyspace,
     pub keys: Keyspace,
     pub meta: Keyspace,
@@ -83,6 +85,7 @@ impl Store {
             profiles: open("profiles")?,
             merges: open("merges")?,
             quarantine: open("quarantine")?,
+            qkeys: open("qkeys")?,
             dict: open("dict")?,
             keys: open("keys")?,
             meta: open("meta")?,

@@ -543,10 +543,10 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
                 Err(error)
             }
         })?;
-    if let Some(error) = io_error {
-        if error.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(error.into());
-        }
+    if let Some(error) = io_error
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(error.into());
     }
     writer.flush().or_else(|e| {
         if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -181,49 +181,80 @@ fn router(state: AppState) -> Router {
         .route("/api/merges", get(api_merges))
         .route("/api/merges/{id}/unmerge", post(api_unmerge))
         .route("/api/keys", post(api_create_key).get(api_list_keys))
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint".into(),
-                None,
-            )
-        })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(state)
 }
 
-/// The one JSON error shape: `{"error": {"code", "message", "field"?}}`.
-fn error(status: StatusCode, code: &str, message: String, field: Option<&str>) -> Response {
-    let mut body = json!({"error": {"code": code, "message": message}});
-    if let Some(field) = field {
-        body["error"]["field"] = json!(field);
-    }
-    (status, axum::Json(body)).into_response()
+/// The one JSON error shape: `{"error": {"code", "message", "field"?}}`, with its HTTP status.
+/// Codes are part of the API: never reuse one for another meaning.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<&'static str>,
+    retry_after: Option<&'static str>,
 }
 
-fn engine_error(failure: EngineError) -> Response {
-    match failure {
-        EngineError::NotFound(what) => error_404(what),
-        EngineError::Invalid(message) => {
-            error(StatusCode::BAD_REQUEST, "invalid_request", message, None)
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+        field: None,
+        retry_after: None,
+    }
+}
+
+impl ApiError {
+    fn field(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
+    }
+
+    fn retry_after(mut self, seconds: &'static str) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(field) = self.field {
+            body["error"]["field"] = json!(field);
         }
-        other => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            other.to_string(),
-            None,
-        ),
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+        }
+        response
     }
 }
 
-fn error_404(what: String) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("{what} not found"),
-        None,
-    )
+impl From<EngineError> for ApiError {
+    fn from(failure: EngineError) -> Self {
+        match failure {
+            EngineError::NotFound(what) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            ),
+            EngineError::Invalid(message) => {
+                error(StatusCode::BAD_REQUEST, "invalid_request", message)
+            }
+            other => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        }
+    }
 }
+
+type ApiResult = Result<Response, ApiError>;
 
 /// The key a request presents: HTTP Basic user name (Segment's way) or a Bearer token.
 fn presented_key(headers: &HeaderMap) -> Option<String> {
@@ -243,25 +274,23 @@ fn presented_key(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), Response> {
+fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> {
     match key {
         None => Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing write key: send it as the HTTP Basic user name, as Segment clients do".into(),
-            None,
+            "missing write key: send it as the HTTP Basic user name, as Segment clients do",
         )),
         Some(key) if state.engine.key_kind(key).is_some() => Ok(()),
         Some(_) => Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "unknown write key".into(),
-            None,
+            "unknown write key",
         )),
     }
 }
 
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match presented_key(headers)
         .as_deref()
         .map(|key| state.engine.key_kind(key))
@@ -270,40 +299,35 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         Some(Some(KeyKind::Write)) => Err(error(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "this is a write key; the admin API needs an admin key (cible key create --admin)"
-                .into(),
-            None,
+            "this is a write key; the admin API needs an admin key (cible key create --admin)",
         )),
         Some(None) => Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "unknown admin key".into(),
-            None,
+            "unknown admin key",
         )),
         None => Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing admin key: send `Authorization: Bearer <admin key>`".into(),
-            None,
+            "missing admin key: send `Authorization: Bearer <admin key>`",
         )),
     }
 }
 
 /// Reads a body of at most `limit` bytes, gunzipping it when `Content-Encoding: gzip`.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Response> {
-    let too_large = |size: String| {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = |size: &str| {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!(
                 "request body is {size} bytes, the limit is {limit} (Segment's limits: 32 KB a message, 500 KB a batch)"
             ),
-            None,
         )
     };
     let raw = axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| too_large(format!("more than {limit}")))?;
+        .map_err(|_| too_large(&format!("more than {limit}")))?;
     let gzip = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -318,23 +342,22 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
             StatusCode::BAD_REQUEST,
             "invalid_gzip",
             format!("the gzip body cannot be decoded: {e}"),
-            None,
         )
     })?;
     if decoded.len() > limit {
-        return Err(too_large(format!("more than {limit} once decompressed")));
+        return Err(too_large(&format!("more than {limit} once decompressed")));
     }
     Ok(decoded)
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, Response> {
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         let message = format!(
             "invalid JSON at line {} column {}: {e}",
             e.line(),
             e.column()
         );
-        error(StatusCode::BAD_REQUEST, "invalid_json", message, None)
+        error(StatusCode::BAD_REQUEST, "invalid_json", message)
     })
 }
 
@@ -343,38 +366,28 @@ async fn single(
     Path(kind): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let Some(kind) = MessageType::parse(&kind) else {
-        return error(
+) -> ApiResult {
+    let kind = MessageType::parse(&kind).ok_or_else(|| {
+        error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no endpoint /v1/{kind}"),
-            None,
-        );
-    };
+        )
+    })?;
     let key = presented_key(&headers);
-    let bytes = match read_body(&headers, body, MAX_MESSAGE_BYTES).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let mut message = match parse_json(&bytes) {
-        Ok(value) => value,
-        Err(response) => return response,
-    };
-    let Some(object) = message.as_object_mut() else {
-        return error(
+    let bytes = read_body(&headers, body, MAX_MESSAGE_BYTES).await?;
+    let mut message = parse_json(&bytes)?;
+    let object = message.as_object_mut().ok_or_else(|| {
+        error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "the body must be a JSON object".into(),
-            None,
-        );
-    };
+            "the body must be a JSON object",
+        )
+    })?;
     let body_key = object
         .remove("writeKey")
         .and_then(|k| k.as_str().map(str::to_string));
-    if let Err(response) = check_write_key(&state, key.as_deref().or(body_key.as_deref())) {
-        return response;
-    }
+    check_write_key(&state, key.as_deref().or(body_key.as_deref()))?;
     // As in Segment, the endpoint decides the type.
     object.insert(
         "type".into(),
@@ -384,42 +397,28 @@ async fn single(
     submit(&state, vec![parse_message(message, None, &ctx).into()]).await
 }
 
-async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let key = presented_key(&headers);
-    let bytes = match read_body(&headers, body, MAX_BATCH_BYTES).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let mut document = match parse_json(&bytes) {
-        Ok(value) => value,
-        Err(response) => return response,
-    };
+    let bytes = read_body(&headers, body, MAX_BATCH_BYTES).await?;
+    let mut document = parse_json(&bytes)?;
     let body_key = document
         .get("writeKey")
         .and_then(Value::as_str)
         .map(str::to_string);
-    if let Err(response) = check_write_key(&state, key.as_deref().or(body_key.as_deref())) {
-        return response;
-    }
+    check_write_key(&state, key.as_deref().or(body_key.as_deref()))?;
     let shared_context = document.get("context").and_then(Value::as_object).cloned();
     let Some(Value::Array(messages)) = document.get_mut("batch").map(Value::take) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the body must be {\"batch\": [messages]}".into(),
-            Some("batch"),
-        );
+        let message = "the body must be {\"batch\": [messages]}";
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_request", message).field("batch"));
     };
     for (index, message) in messages.iter().enumerate() {
         let size = serde_json::to_vec(message).map(|v| v.len()).unwrap_or(0);
         if size > MAX_MESSAGE_BYTES {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "batch[{index}] is {size} bytes, the limit for one message is {MAX_MESSAGE_BYTES}"
-                ),
-                Some("batch"),
+            let message = format!(
+                "batch[{index}] is {size} bytes, the limit for one message is {MAX_MESSAGE_BYTES}"
+            );
+            return Err(
+                error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message).field("batch"),
             );
         }
     }
@@ -427,6 +426,7 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     let items = messages
         .into_iter()
         .map(|mut message| {
+            // Segment merges a batch-level context into each message's own.
             if let (Some(shared), Some(object)) = (&shared_context, message.as_object_mut()) {
                 let context = object.entry("context").or_insert_with(|| json!({}));
                 if let Some(context) = context.as_object_mut() {
@@ -442,23 +442,14 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
 }
 
 /// Queues the messages for the writer and answers once they are durable.
-async fn submit(state: &AppState, items: Vec<Incoming>) -> Response {
+async fn submit(state: &AppState, items: Vec<Incoming>) -> ApiResult {
     let (reply, answer) = oneshot::channel();
     if let Err(send_error) = state.jobs.try_send(Job { items, reply }) {
         let message = match send_error {
             mpsc::error::TrySendError::Full(_) => "the writer is saturated; retry after the delay",
             mpsc::error::TrySendError::Closed(_) => "the server is shutting down",
         };
-        let mut response = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            message.into(),
-            None,
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after("1"));
     }
     match answer.await {
         Ok(Ok(outcome)) => {
@@ -468,56 +459,40 @@ async fn submit(state: &AppState, items: Vec<Incoming>) -> Response {
                 "duplicates": outcome.duplicates,
                 "quarantined": outcome.quarantined,
             });
-            (StatusCode::OK, axum::Json(body)).into_response()
+            Ok((StatusCode::OK, axum::Json(body)).into_response())
         }
-        Ok(Err(message)) => {
-            let mut response = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                message,
-                None,
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            response
-        }
-        Err(_) => error(
+        Ok(Err(message)) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            "the writer stopped".into(),
-            None,
-        ),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, Response> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(engine_error),
-        Err(join) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            join.to_string(),
-            None,
+            message,
+        )
+        .retry_after("5")),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the writer stopped",
         )),
     }
 }
 
-fn ok_json<T: serde::Serialize>(result: Result<T, Response>) -> Response {
-    match result {
-        Ok(value) => axum::Json(value).into_response(),
-        Err(response) => response,
+/// Runs store reads off the async workers and answers JSON.
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> ApiResult {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(axum::Json(result?).into_response()),
+        Err(join) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            join.to_string(),
+        )),
     }
 }
 
-async fn api_quality(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
+async fn api_quality(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    ok_json(blocking(move || engine.quality()).await)
+    blocking(move || engine.quality()).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -526,15 +501,15 @@ struct QuarantineQuery {
     limit: Option<usize>,
 }
 
-fn parse_reason(text: Option<&str>) -> Result<Option<Reason>, Response> {
+fn parse_reason(text: Option<&str>) -> Result<Option<Reason>, ApiError> {
     text.map(|text| {
         serde_json::from_value(Value::String(text.to_string())).map_err(|_| {
             error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!("unknown reason {text:?}"),
-                Some("reason"),
             )
+            .field("reason")
         })
     })
     .transpose()
@@ -544,34 +519,24 @@ async fn api_quarantine(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<QuarantineQuery>,
-) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
-    let reason = match parse_reason(query.reason.as_deref()) {
-        Ok(reason) => reason,
-        Err(response) => return response,
-    };
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let reason = parse_reason(query.reason.as_deref())?;
     let engine = Arc::clone(&state.engine);
     let limit = query.limit.unwrap_or(100).min(10_000);
-    ok_json(blocking(move || engine.quarantined(reason, limit)).await)
+    blocking(move || engine.quarantined(reason, limit)).await
 }
 
 async fn api_replay(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<QuarantineQuery>,
-) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
-    let reason = match parse_reason(query.reason.as_deref()) {
-        Ok(reason) => reason,
-        Err(response) => return response,
-    };
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let reason = parse_reason(query.reason.as_deref())?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    ok_json(blocking(move || engine.replay_quarantine(reason, now)).await)
+    blocking(move || engine.replay_quarantine(reason, now)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,66 +552,51 @@ async fn api_profile(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(params): Query<TimelineParams>,
-) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
-    let kind = match params
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let kind = params
         .kind
         .as_deref()
-        .map(|k| MessageType::parse(k).ok_or(k))
-        .transpose()
-    {
-        Ok(kind) => kind,
-        Err(text) => {
-            let message = format!(
-                "unknown type {text:?}; expected track, identify, page, screen, alias or group"
-            );
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                message,
-                Some("type"),
-            );
-        }
-    };
+        .map(|text| {
+            MessageType::parse(text).ok_or_else(|| {
+                let message = format!(
+                    "unknown type {text:?}; expected track, identify, page, screen, alias or group"
+                );
+                error(StatusCode::BAD_REQUEST, "invalid_request", message).field("type")
+            })
+        })
+        .transpose()?;
     let query = TimelineQuery {
         kind,
         offset: params.offset.unwrap_or(0),
         limit: params.limit.unwrap_or(50).min(1000),
     };
     let engine = Arc::clone(&state.engine);
-    ok_json(blocking(move || profile_view(&engine, &id, query)).await)
+    blocking(move || profile_view(&engine, &id, query)).await
 }
 
-async fn api_merges(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
+async fn api_merges(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    ok_json(
-        blocking(move || {
-            Ok(engine
-                .all_merges()?
-                .into_iter()
-                .map(cible_core::view::merge_view)
-                .collect::<Vec<_>>())
-        })
-        .await,
-    )
+    blocking(move || {
+        Ok(engine
+            .all_merges()?
+            .into_iter()
+            .map(cible_core::view::merge_view)
+            .collect::<Vec<_>>())
+    })
+    .await
 }
 
 async fn api_unmerge(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<u64>,
-) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
+) -> ApiResult {
+    check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    ok_json(blocking(move || engine.unmerge(id, now)).await)
+    blocking(move || engine.unmerge(id, now)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -657,44 +607,39 @@ struct CreateKey {
     name: String,
 }
 
-async fn api_create_key(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
-    let bytes = match read_body(&headers, body, 4096).await {
-        Ok(bytes) => bytes,
-        Err(response) => return response,
-    };
-    let request: CreateKey = match serde_json::from_slice(&bytes) {
-        Ok(request) => request,
-        Err(e) => {
-            let message =
-                format!("expected {{\"kind\": \"write\"|\"admin\", \"name\": \"...\"}}: {e}");
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                message,
-                Some("kind"),
-            );
-        }
-    };
+async fn api_create_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let bytes = read_body(&headers, body, 4096).await?;
+    let request: CreateKey = serde_json::from_slice(&bytes).map_err(|e| {
+        let message = format!("expected {{\"kind\": \"write\"|\"admin\", \"name\": \"...\"}}: {e}");
+        error(StatusCode::BAD_REQUEST, "invalid_request", message).field("kind")
+    })?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    match blocking(move || engine.create_key(request.kind, &request.name, now)).await {
-        Ok(key) => (
-            StatusCode::CREATED,
-            axum::Json(json!({"key": key, "kind": request.kind})),
-        )
-            .into_response(),
-        Err(response) => response,
-    }
+    let key =
+        tokio::task::spawn_blocking(move || engine.create_key(request.kind, &request.name, now))
+            .await
+            .map_err(|join| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    join.to_string(),
+                )
+            })??;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"key": key, "kind": request.kind})),
+    )
+        .into_response())
 }
 
-async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(response) = check_admin(&state, &headers) {
-        return response;
-    }
-    axum::Json(state.engine.list_keys()).into_response()
+async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
+    Ok(axum::Json(state.engine.list_keys()).into_response())
 }
 
 /// `serve --demo`: demo data into an empty store, then fresh keys, printed.

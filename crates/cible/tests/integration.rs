@@ -1,0 +1,9 @@
+//! End-to-end tests of the `cible` binary: one test binary, a module per feature.
+
+mod integration {
+    mod cli;
+    mod clients;
+    pub mod common;
+    mod crash;
+    mod http;
+}

@@ -1,0 +1,91 @@
+//! Compatibility with clients nobody here wrote: the official Segment Python and Node libraries
+//! send every kind of call, and each message is stored exactly once. `tests/clients/install.sh`
+//! installs them (pip and npm registries).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::common::*;
+
+fn clients_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new("bash")
+        .arg(root.join("tests/clients/install.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "installing the Segment clients failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+fn run_client(command: &mut Command) -> Vec<String> {
+    let output = command.output().expect("client runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    serde_json::from_slice(&output.stdout).expect("the client prints the ids it sent")
+}
+
+#[test]
+fn official_python_and_node_libraries_deliver_every_call_exactly_once() {
+    let clients = clients_dir();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients");
+    let dir = tempfile::tempdir().unwrap();
+    let write = create_key(dir.path(), "--write");
+    let server = Server::start_unpinned(dir.path());
+
+    let python_ids = run_client(
+        Command::new("python3")
+            .arg(root.join("python_client.py"))
+            .args([&server.base, &write, "py"])
+            .env("PYTHONPATH", clients.join("py")),
+    );
+    let node_ids = run_client(
+        Command::new("node")
+            .arg(root.join("node_client.js"))
+            .args([&server.base, &write, "node"])
+            .env("NODE_PATH", clients.join("node/node_modules")),
+    );
+    server.stop();
+
+    let events = export_events(dir.path());
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for event in &events {
+        *counts
+            .entry(event["messageId"].as_str().unwrap())
+            .or_default() += 1;
+    }
+    for id in python_ids.iter().chain(&node_ids) {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "{id}");
+    }
+    assert_eq!(
+        events.len(),
+        python_ids.len() + node_ids.len(),
+        "nothing else arrived"
+    );
+    for prefix in ["py", "node"] {
+        let page = events
+            .iter()
+            .find(|e| e["messageId"] == format!("{prefix}-page"))
+            .unwrap();
+        assert_eq!(page["event"], "Page Viewed");
+        assert_eq!(page["type"], "page");
+        // The anonymous page view, the identify and the tracks are one profile.
+        let profile_of = |id: &str| {
+            events
+                .iter()
+                .find(|e| e["messageId"] == format!("{prefix}-{id}"))
+                .unwrap()["profile"]
+                .clone()
+        };
+        assert_eq!(profile_of("page"), profile_of("track-3"));
+        assert_eq!(profile_of("alias"), profile_of("identify"));
+    }
+}

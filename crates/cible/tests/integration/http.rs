@@ -1,0 +1,288 @@
+//! The tracking and admin HTTP APIs.
+
+use std::io::Write;
+
+use serde_json::{Value, json};
+
+use super::common::*;
+
+fn started() -> (tempfile::TempDir, Server, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let write = create_key(dir.path(), "--write");
+    let admin = create_key(dir.path(), "--admin");
+    let server = Server::start(dir.path(), &[]);
+    (dir, server, write, admin)
+}
+
+#[test]
+fn every_segment_endpoint_lands_in_the_profile() {
+    let (_dir, server, write, admin) = started();
+    let calls = [
+        (
+            "page",
+            json!({"anonymousId": "d1", "messageId": "m-page", "name": "Pricing",
+            "properties": {"url": "https://Shop.io/pricing?utm_source=ads"}, "timestamp": "2026-04-30T10:00:00Z"}),
+        ),
+        (
+            "identify",
+            json!({"userId": "u1", "anonymousId": "d1", "messageId": "m-identify",
+            "traits": {"email": "Ann@Example.com", "plan": "pro"}, "timestamp": "2026-04-30T10:01:00Z"}),
+        ),
+        (
+            "track",
+            json!({"userId": "u1", "event": "Order Completed", "messageId": "m-track",
+            "properties": {"revenue": 42}, "timestamp": "2026-04-30T10:02:00Z"}),
+        ),
+        (
+            "screen",
+            json!({"userId": "u1", "name": "Home", "messageId": "m-screen"}),
+        ),
+        (
+            "group",
+            json!({"userId": "u1", "groupId": "acme", "messageId": "m-group"}),
+        ),
+        (
+            "alias",
+            json!({"userId": "u1", "previousId": "old-id", "messageId": "m-alias"}),
+        ),
+    ];
+    for (kind, body) in calls {
+        let answer = post(&server.url(&format!("/v1/{kind}")), &write, &body);
+        assert_eq!(answer.status, 200, "{kind}: {:?}", answer.body);
+        assert_eq!(answer.body["accepted"], 1, "{kind}: {:?}", answer.body);
+    }
+    let batch = json!({"batch": [
+        {"type": "track", "userId": "u1", "event": "Email Opened", "messageId": "m-b1"},
+        {"type": "track", "userId": "u1", "event": "Email Opened", "messageId": "m-track"},
+    ]});
+    let answer = post(&server.url("/v1/batch"), &write, &batch);
+    assert_eq!(
+        (
+            answer.body["accepted"].clone(),
+            answer.body["duplicates"].clone()
+        ),
+        (json!(1), json!(1))
+    );
+
+    // The same person under every identifier, page calls named "Page Viewed".
+    for id in ["u1", "d1", "ann@example.com", "old-id"] {
+        let profile = get(&server.url(&format!("/api/profiles/{id}")), &admin);
+        assert_eq!(profile.status, 200, "{id}: {:?}", profile.body);
+        assert_eq!(profile.body["event_count"], 7, "{id}");
+    }
+    let profile = get(&server.url("/api/profiles/u1?type=page"), &admin).body;
+    let page = &profile["timeline"]["events"][0];
+    assert_eq!(page["event"], "Page Viewed");
+    assert_eq!(page["properties"]["url"], "https://shop.io/pricing");
+    assert_eq!(page["context"]["campaign"]["source"], "ads");
+    let profile = get(&server.url("/api/profiles/u1?limit=2"), &admin).body;
+    assert_eq!(profile["traits"]["plan"]["value"], "pro");
+    assert_eq!(profile["traits"]["email"]["value"], "ann@example.com");
+    assert_eq!(profile["timeline"]["events"].as_array().unwrap().len(), 2);
+    assert_eq!(profile["timeline"]["total"], 7);
+    assert_eq!(
+        profile["identifiers"]["anonymous_ids"],
+        json!(["d1", "old-id"])
+    );
+}
+
+#[test]
+fn gzip_bodies_are_accepted() {
+    let (_dir, server, write, admin) = started();
+    let body = json!({"batch": [{"type": "track", "userId": "gz", "event": "Email Opened", "messageId": "gz1"}]});
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body.to_string().as_bytes()).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let headers = [
+        ("Authorization", basic(&write)),
+        ("Content-Encoding", "gzip".into()),
+    ];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let answer = try_post(&server.url("/v1/batch"), &headers, &compressed).unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        get(&server.url("/api/profiles/gz"), &admin).body["event_count"],
+        1
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let (_dir, server, write, admin) = started();
+    let track = json!({"userId": "u", "event": "E"});
+    let no_key = try_post(&server.url("/v1/track"), &[], track.to_string().as_bytes()).unwrap();
+    assert_eq!(no_key.status, 401);
+    assert!(
+        no_key.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Basic")
+    );
+    assert_eq!(
+        post(&server.url("/v1/track"), "cible_w_wrong", &track).status,
+        401
+    );
+    assert_eq!(
+        get(&server.url("/api/quality"), &write).status,
+        403,
+        "a write key is not an admin key"
+    );
+
+    let invalid = try_post(
+        &server.url("/v1/batch"),
+        &[("Authorization", &basic(&write))],
+        b"{\"batch\": [",
+    )
+    .unwrap();
+    assert_eq!(invalid.status, 400);
+    assert_eq!(invalid.body["error"]["code"], "invalid_json");
+    assert!(
+        invalid.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1 column")
+    );
+    let answer = post(&server.url("/v1/batch"), &write, &json!({"events": []}));
+    assert_eq!(
+        (answer.status, answer.body["error"]["field"].clone()),
+        (400, json!("batch"))
+    );
+
+    let big = "x".repeat(33 * 1024);
+    let answer = post(
+        &server.url("/v1/track"),
+        &write,
+        &json!({"userId": "u", "event": "E", "properties": {"b": big}}),
+    );
+    assert_eq!(answer.status, 413);
+    let in_batch = json!({"batch": [{"type": "track", "userId": "u", "event": "E", "properties": {"b": big}}]});
+    let answer = post(&server.url("/v1/batch"), &write, &in_batch);
+    assert_eq!(answer.status, 413);
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("batch[0]")
+    );
+    let messages: Vec<Value> = (0..40)
+        .map(|i| {
+            json!({"type": "track", "userId": "u", "event": "E",
+        "messageId": format!("big{i}"), "properties": {"b": "y".repeat(14_000)}})
+        })
+        .collect();
+    assert_eq!(
+        post(
+            &server.url("/v1/batch"),
+            &write,
+            &json!({"batch": messages})
+        )
+        .status,
+        413
+    );
+
+    // Semantically bad messages are accepted into quarantine, and the answer says why.
+    let answer = post(
+        &server.url("/v1/batch"),
+        &write,
+        &json!({"batch": [
+            {"type": "track", "userId": "u", "event": "Fine", "messageId": "ok1"},
+            {"type": "track", "userId": "u", "messageId": "no-event"},
+            {"type": "track", "event": "Orphan", "messageId": "no-identity"},
+            {"type": "track", "userId": "u", "event": "Later", "timestamp": "2030-01-01T00:00:00Z"},
+        ]}),
+    );
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body["accepted"], 1);
+    let notes: Vec<(u64, String, String)> = answer.body["quarantined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["index"].as_u64().unwrap(),
+                q["reason"].as_str().unwrap().into(),
+                q["field"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            (1, "missing_event".into(), "event".into()),
+            (2, "missing_identity".into(), "userId".into()),
+            (3, "future_timestamp".into(), "timestamp".into())
+        ]
+    );
+    let quality = get(&server.url("/api/quality"), &admin).body;
+    assert_eq!(quality["accepted"], 1);
+    assert_eq!(quality["in_quarantine"]["missing_event"], 1);
+    assert_eq!(quality["by_source"]["http"]["quarantined"], 3);
+    let kept = get(
+        &server.url("/api/quality/quarantine?reason=missing_identity"),
+        &admin,
+    )
+    .body;
+    assert_eq!(
+        serde_json::from_str::<Value>(kept[0]["raw"].as_str().unwrap()).unwrap()["messageId"],
+        "no-identity"
+    );
+    assert_eq!(get(&server.url("/api/profiles/nobody"), &admin).status, 404);
+    assert_eq!(
+        get(&server.url("/api/quality/quarantine?reason=bogus"), &admin).status,
+        400
+    );
+}
+
+#[test]
+fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = create_key(dir.path(), "--write");
+    let server = Server::start(dir.path(), &["--queue", "1"]);
+    let url = server.url("/v1/batch");
+    let barrier = std::sync::Barrier::new(16);
+    let answers: Vec<(Answer, Vec<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|t| {
+                let (url, write, barrier) = (&url, &write, &barrier);
+                scope.spawn(move || {
+                    let ids: Vec<String> = (0..1500).map(|i| format!("o{t}-{i}")).collect();
+                    let batch: Vec<Value> = ids
+                        .iter()
+                        .map(|id| {
+                            json!({"type": "track", "userId": format!("u{t}"),
+                        "event": "Email Opened", "messageId": id})
+                        })
+                        .collect();
+                    barrier.wait();
+                    (post(url, write, &json!({"batch": batch})), ids)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused = answers.iter().filter(|(a, _)| a.status == 503).count();
+    assert!(
+        refused > 0,
+        "16 simultaneous batches against a queue of 1 must see refusals"
+    );
+    for (answer, _) in &answers {
+        assert!(
+            answer.status == 200
+                || (answer.status == 503 && answer.retry_after.as_deref() == Some("1")),
+            "{answer:?}"
+        );
+    }
+    server.stop();
+    let stored: std::collections::HashSet<String> = export_events(dir.path())
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
+    for (answer, ids) in &answers {
+        let present = ids.iter().filter(|id| stored.contains(*id)).count();
+        let expected = if answer.status == 200 { ids.len() } else { 0 };
+        assert_eq!(
+            present, expected,
+            "a batch is stored whole iff it was acknowledged"
+        );
+    }
+}
