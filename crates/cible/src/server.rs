@@ -325,18 +325,18 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
             ),
         )
     };
-    let raw = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large(&format!("more than {limit}")))?;
+    let raw = read_bounded(body, limit)
+        .await?
+        .ok_or_else(|| too_large(&format!("more than {limit}")))?;
     let gzip = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
     if !gzip {
-        return Ok(raw.to_vec());
+        return Ok(raw);
     }
     let mut decoded = Vec::new();
-    let mut decoder = flate2::read::GzDecoder::new(raw.as_ref()).take(limit as u64 + 1);
+    let mut decoder = flate2::read::GzDecoder::new(raw.as_slice()).take(limit as u64 + 1);
     decoder.read_to_end(&mut decoded).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -348,6 +348,36 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
         return Err(too_large(&format!("more than {limit} once decompressed")));
     }
     Ok(decoded)
+}
+
+/// Most bytes read and thrown away after a body passes its limit, so that the client, still
+/// sending, reads the 413 instead of a reset connection.
+const DRAIN_LIMIT: usize = 8 << 20;
+
+/// The body if it fits in `limit` bytes, `None` if it does not (the rest is drained).
+async fn read_bounded(mut body: Body, limit: usize) -> Result<Option<Vec<u8>>, ApiError> {
+    use http_body_util::BodyExt;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("reading the body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    Ok((seen <= limit).then_some(bytes))
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
