@@ -168,35 +168,47 @@ pub fn parse_message_text(text: &str, ctx: &ParseContext) -> Result<Message, Rej
     }
 }
 
-/// Validates and normalizes one message. `raw_text`, when given, is what is kept on rejection;
-/// otherwise the value is re-serialized.
+/// Validates and normalizes one message. `raw_text`, when given, is what is kept on rejection
+/// and what the 32 KB limit applies to; otherwise the value is re-serialized on rejection only,
+/// and the caller is responsible for having bounded its size.
 pub fn parse_message(
-    value: Value,
+    mut value: Value,
     raw_text: Option<&str>,
     ctx: &ParseContext,
 ) -> Result<Message, Rejection> {
-    let raw = || raw_text.map_or_else(|| value.to_string(), str::to_string);
-    let size = raw_text.map_or_else(|| value.to_string().len(), str::len);
-    if size > MAX_MESSAGE_BYTES {
-        let detail = format!("message is {size} bytes, the limit is {MAX_MESSAGE_BYTES}");
-        return Err(reject(Reason::MessageTooLarge, None, detail, raw()));
+    if let Some(text) = raw_text
+        && text.len() > MAX_MESSAGE_BYTES
+    {
+        let detail = format!(
+            "message is {} bytes, the limit is {MAX_MESSAGE_BYTES}",
+            text.len()
+        );
+        return Err(reject(
+            Reason::MessageTooLarge,
+            None,
+            detail,
+            text.to_string(),
+        ));
     }
-    let Value::Object(object) = &value else {
+    let raw = |value: &Value| raw_text.map_or_else(|| value.to_string(), str::to_string);
+    let Value::Object(object) = &mut value else {
         let detail = format!(
             "a message must be a JSON object, found {}",
             json_kind(&value)
         );
-        return Err(reject(Reason::NotAnObject, None, detail, raw()));
+        return Err(reject(Reason::NotAnObject, None, detail, raw(&value)));
     };
     match build(object, ctx) {
         Ok(message) => Ok(message),
-        Err((reason, field, detail)) => Err(reject(reason, Some(field), detail, raw())),
+        Err((reason, field, detail)) => Err(reject(reason, Some(field), detail, raw(&value))),
     }
 }
 
 type Problem = (Reason, &'static str, String);
 
-fn build(object: &Map<String, Value>, ctx: &ParseContext) -> Result<Message, Problem> {
+/// Checks everything first, reading the object; only once nothing can fail does it move the
+/// maps out, so a rejected message is kept exactly as received.
+fn build(object: &mut Map<String, Value>, ctx: &ParseContext) -> Result<Message, Problem> {
     let kind = match object.get("type") {
         Some(Value::String(text)) => MessageType::parse(text).ok_or_else(|| {
             let detail = format!(
@@ -216,14 +228,15 @@ fn build(object: &Map<String, Value>, ctx: &ParseContext) -> Result<Message, Pro
         let detail = "a message needs a userId or an anonymousId".to_string();
         return Err((Reason::MissingIdentity, "userId", detail));
     }
-    let mut properties = object_field(object, "properties")?;
-    let mut traits = object_field(object, "traits")?;
-    let mut context = object_field(object, "context")?;
+    for field in ["properties", "traits", "context"] {
+        check_object_field(object, field)?;
+    }
     let timestamp = timestamp(object, ctx)?;
 
     let mut event = None;
     let mut previous_id = None;
     let mut group_id = None;
+    let mut page_fields = Vec::new();
     match kind {
         MessageType::Track => {
             let name = name_field(object, "event")?.ok_or((
@@ -234,21 +247,16 @@ fn build(object: &Map<String, Value>, ctx: &ParseContext) -> Result<Message, Pro
             event = Some(name);
         }
         MessageType::Page | MessageType::Screen => {
-            event = Some(
-                if kind == MessageType::Page {
-                    "Page Viewed"
-                } else {
-                    "Screen Viewed"
-                }
-                .into(),
-            );
+            let name = if kind == MessageType::Page {
+                "Page Viewed"
+            } else {
+                "Screen Viewed"
+            };
+            event = Some(name.into());
             for field in ["name", "category"] {
                 if let Some(text) = name_field(object, field)? {
-                    properties.entry(field).or_insert(Value::String(text));
+                    page_fields.push((field, text));
                 }
-            }
-            if kind == MessageType::Page {
-                normalize_page(&mut properties, &mut context);
             }
         }
         MessageType::Alias => {
@@ -271,6 +279,21 @@ fn build(object: &Map<String, Value>, ctx: &ParseContext) -> Result<Message, Pro
         }
         MessageType::Identify => {}
     }
+    let message_id = match identifier(object, "messageId")? {
+        Some(id) => id,
+        None => content_id(object),
+    };
+
+    // Nothing can fail from here on: take the maps and normalize them.
+    let mut properties = take_object(object, "properties");
+    let mut traits = take_object(object, "traits");
+    let mut context = take_object(object, "context");
+    for (field, text) in page_fields {
+        properties.entry(field).or_insert(Value::String(text));
+    }
+    if kind == MessageType::Page {
+        normalize_page(&mut properties, &mut context);
+    }
     if let Some(Value::String(url)) = properties.get("url")
         && kind == MessageType::Track
         && let Some(canonical) = canonicalize_url(url)
@@ -289,10 +312,6 @@ fn build(object: &Map<String, Value>, ctx: &ParseContext) -> Result<Message, Pro
         email = take_email(context_traits);
     }
 
-    let message_id = match identifier(object, "messageId")? {
-        Some(id) => id,
-        None => content_id(object),
-    };
     Ok(Message {
         kind,
         message_id,
@@ -411,17 +430,21 @@ fn name_field(object: &Map<String, Value>, field: &'static str) -> Result<Option
     }
 }
 
-fn object_field(
-    object: &Map<String, Value>,
-    field: &'static str,
-) -> Result<Map<String, Value>, Problem> {
+fn check_object_field(object: &Map<String, Value>, field: &'static str) -> Result<(), Problem> {
     match object.get(field) {
-        None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
+        None | Some(Value::Null | Value::Object(_)) => Ok(()),
         Some(other) => {
             let detail = format!("{field} must be an object, found {}", json_kind(other));
             Err((Reason::InvalidField, field, detail))
         }
+    }
+}
+
+/// Moves an object field out (after [`check_object_field`] passed).
+fn take_object(object: &mut Map<String, Value>, field: &str) -> Map<String, Value> {
+    match object.remove(field) {
+        Some(Value::Object(map)) => map,
+        _ => Map::new(),
     }
 }
 
@@ -603,7 +626,8 @@ mod tests {
     #[test]
     fn oversized_and_non_object_messages_are_rejected_whole() {
         let big = "x".repeat(MAX_MESSAGE_BYTES);
-        let rejection = parse(json!({"type": "track", "userId": "u", "event": big})).unwrap_err();
+        let text = json!({"type": "track", "userId": "u", "event": big}).to_string();
+        let rejection = parse_message_text(&text, &ParseContext::at(NOW)).unwrap_err();
         assert_eq!(rejection.reason, Reason::MessageTooLarge);
         assert!(
             rejection.raw.len() > MAX_MESSAGE_BYTES,

@@ -1,12 +1,18 @@
 //! The `cible` binary: command-line parsing and dispatch. The only crate that knows the terminal
 //! and HTTP; everything it does with data it asks of `cible-core`.
 
+mod bench;
 mod commands;
 mod server;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
+
+/// mimalloc: ingestion allocates many small JSON maps; glibc malloc spent a quarter of import
+/// time in malloc/free (measured with perf, see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 
 /// cible: behavioral segmentation engine for hyper-targeted email campaigns.
@@ -94,6 +100,8 @@ enum Command {
     /// Export data.
     #[command(subcommand)]
     Export(commands::ExportCommand),
+    /// Measure import, HTTP ingestion, hot-store memory and restart; prints a Markdown table.
+    Bench(bench::BenchArgs),
 }
 
 /// Restores the default SIGPIPE action so `cible ... | head` ends quietly like other Unix tools
@@ -127,6 +135,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(command) => commands::profile(&cli.global, command),
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),
+        Command::Bench(args) => bench::run(&cli.global, args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,7 +21,9 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use cible_core::engine::BatchOutcome;
 use cible_core::keys::KeyKind;
-use cible_core::message::{MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, ParseContext, parse_message};
+use cible_core::message::{
+    MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, ParseContext, parse_message, parse_message_text,
+};
 use cible_core::quality::Reason;
 use cible_core::view::{TimelineQuery, profile_view};
 use cible_core::{Durability, Engine, EngineError, Incoming, MessageType};
@@ -90,15 +92,23 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(engine, args.listen, args.queue, pinned_now))
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        println!("cible listening on http://{}", listener.local_addr()?);
+        serve(engine, listener, args.queue, pinned_now, shutdown_signal()).await
+    })
 }
 
-/// Serves until SIGINT/SIGTERM; then drains the writer so every accepted request is answered.
-async fn serve(
+/// Serves until `shutdown` completes; then drains the writer so every accepted request is
+/// answered.
+pub async fn serve(
     engine: Arc<Engine>,
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     queue: usize,
     pinned_now: Option<i64>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (jobs, receiver) = mpsc::channel(queue.max(1));
     let writer_engine = Arc::clone(&engine);
@@ -110,12 +120,8 @@ async fn serve(
         jobs,
         pinned_now,
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    println!("cible listening on http://{}", listener.local_addr()?);
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await?;
     writer
         .join()
@@ -255,6 +261,14 @@ impl From<EngineError> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// The `Authorization` header value Segment clients send for a write key.
+pub fn basic_auth(key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
+}
 
 /// The key a request presents: HTTP Basic user name (Segment's way) or a Bearer token.
 fn presented_key(headers: &HeaderMap) -> Option<String> {
@@ -427,22 +441,41 @@ async fn single(
     submit(&state, vec![parse_message(message, None, &ctx).into()]).await
 }
 
+/// `/v1/batch`: messages are kept as raw slices of the body, so each is parsed once, measured
+/// exactly, and quarantined as sent.
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a serde_json::value::RawValue>>,
+    #[serde(default)]
+    context: Option<serde_json::Map<String, Value>>,
+    #[serde(default, rename = "writeKey")]
+    write_key: Option<String>,
+}
+
 async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let key = presented_key(&headers);
     let bytes = read_body(&headers, body, MAX_BATCH_BYTES).await?;
-    let mut document = parse_json(&bytes)?;
-    let body_key = document
-        .get("writeKey")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    check_write_key(&state, key.as_deref().or(body_key.as_deref()))?;
-    let shared_context = document.get("context").and_then(Value::as_object).cloned();
-    let Some(Value::Array(messages)) = document.get_mut("batch").map(Value::take) else {
+    let document: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
+        let message = format!(
+            "invalid batch at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        );
+        match e.classify() {
+            serde_json::error::Category::Data => {
+                error(StatusCode::BAD_REQUEST, "invalid_request", message).field("batch")
+            }
+            _ => error(StatusCode::BAD_REQUEST, "invalid_json", message),
+        }
+    })?;
+    check_write_key(&state, key.as_deref().or(document.write_key.as_deref()))?;
+    let Some(messages) = document.batch else {
         let message = "the body must be {\"batch\": [messages]}";
         return Err(error(StatusCode::BAD_REQUEST, "invalid_request", message).field("batch"));
     };
     for (index, message) in messages.iter().enumerate() {
-        let size = serde_json::to_vec(message).map(|v| v.len()).unwrap_or(0);
+        let size = message.get().len();
         if size > MAX_MESSAGE_BYTES {
             let message = format!(
                 "batch[{index}] is {size} bytes, the limit for one message is {MAX_MESSAGE_BYTES}"
@@ -455,17 +488,22 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     let ctx = ParseContext::at(state.now());
     let items = messages
         .into_iter()
-        .map(|mut message| {
-            // Segment merges a batch-level context into each message's own.
-            if let (Some(shared), Some(object)) = (&shared_context, message.as_object_mut()) {
-                let context = object.entry("context").or_insert_with(|| json!({}));
-                if let Some(context) = context.as_object_mut() {
-                    for (k, v) in shared {
-                        context.entry(k.clone()).or_insert_with(|| v.clone());
+        .map(|raw| match &document.context {
+            None => parse_message_text(raw.get(), &ctx).into(),
+            Some(shared) => {
+                // Segment merges a batch-level context into each message's own.
+                let mut message: Value =
+                    serde_json::from_str(raw.get()).expect("a raw value is valid JSON");
+                if let Some(object) = message.as_object_mut() {
+                    let context = object.entry("context").or_insert_with(|| json!({}));
+                    if let Some(context) = context.as_object_mut() {
+                        for (k, v) in shared {
+                            context.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
                     }
                 }
+                parse_message(message, Some(raw.get()), &ctx).into()
             }
-            parse_message(message, None, &ctx).into()
         })
         .collect();
     submit(&state, items).await

@@ -1,0 +1,280 @@
+//! `cible bench`: measures what issue targets name, each beside a baseline measured in the same
+//! run on the same data, and prints a Markdown table (the one kept in `docs/benchmarks.md`).
+//!
+//! | measure | baseline |
+//! |---|---|
+//! | bulk import of JSON Lines | parsing the same lines into JSON values on the same cores |
+//! | HTTP batch ingestion, durable acks | in-process ingestion of the same batches, one fsync each |
+//! | hot-store bytes per event | the JSON Lines bytes per event |
+//! | restart (open + rebuild) | reading and parsing the JSON Lines file |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use cible_core::generate::GenerateOptions;
+use cible_core::keys::KeyKind;
+use cible_core::message::{ParseContext, parse_message_text};
+use cible_core::{Durability, Engine, Incoming};
+use clap::Args;
+use rayon::prelude::*;
+
+use crate::Global;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// People in the generated data (about 120 messages each over 90 days).
+    #[arg(long, default_value_t = 20_000)]
+    profiles: u64,
+    /// Days of generated history.
+    #[arg(long, default_value_t = 90)]
+    days: u32,
+    /// Messages sent through HTTP (taken from the generated data).
+    #[arg(long, default_value_t = 500_000)]
+    http_messages: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Where to put the temporary stores (a fresh directory inside it).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+}
+
+struct Row {
+    measure: &'static str,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: &'static str,
+}
+
+pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
+    let now = global.now_ms()?;
+    let work = tempfile::Builder::new()
+        .prefix("cible-bench-")
+        .tempdir_in(&args.dir)?;
+    let file = work.path().join("events.jsonl");
+    let options = GenerateOptions {
+        profiles: args.profiles,
+        days: args.days,
+        seed: 1,
+        end_ms: now.div_euclid(cible_core::time::DAY_MS) * cible_core::time::DAY_MS,
+    };
+    eprintln!(
+        "generating {} profiles over {} days ...",
+        args.profiles, args.days
+    );
+    let generated = crate::commands::write_generated(&options, &file)?;
+    let text = std::fs::read_to_string(&file)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let n = lines.len();
+    let mut rows = Vec::new();
+
+    // Bulk import vs. parsing alone.
+    eprintln!("parsing {n} messages (baseline) ...");
+    let started = Instant::now();
+    let parsed = lines
+        .par_iter()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .count();
+    let parse_rate = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(parsed == n, "generated data must be valid JSON");
+    eprintln!("importing ...");
+    let store = work.path().join("import");
+    let (import_rate, events, hot_bytes) = {
+        let engine = Engine::open(&store)?;
+        let summary = cible_core::import::import_files(
+            &engine,
+            std::slice::from_ref(&file),
+            now,
+            &Arc::default(),
+        )?;
+        let hot = engine.hot();
+        (
+            summary.messages_per_second,
+            hot.n_events(),
+            hot.heap_bytes(),
+        )
+    };
+    rows.push(Row {
+        measure: "bulk import, JSON Lines (messages/s)",
+        value: format!("{import_rate:.0}"),
+        baseline: format!("{parse_rate:.0} (JSON parse only)"),
+        ratio: format!("{:.2}", import_rate / parse_rate),
+        target: ">= 1,000,000",
+    });
+    let json_bytes_per_event = generated.bytes as f64 / n as f64;
+    let hot_per_event = hot_bytes as f64 / events as f64;
+    rows.push(Row {
+        measure: "hot store (bytes/event)",
+        value: format!("{hot_per_event:.1}"),
+        baseline: format!("{json_bytes_per_event:.0} (JSON Lines)"),
+        ratio: format!("{:.3}", hot_per_event / json_bytes_per_event),
+        target: "<= 20",
+    });
+
+    // Restart: open and rebuild vs. reading and parsing the source file.
+    eprintln!("restarting ...");
+    let started = Instant::now();
+    let reopened = Engine::open(&store)?;
+    let restart = started.elapsed().as_secs_f64();
+    let restored = reopened.load_stats().events;
+    drop(reopened);
+    anyhow::ensure!(
+        restored == events,
+        "restart restored {restored} of {events} events"
+    );
+    let started = Instant::now();
+    let reread = std::fs::read_to_string(&file)?;
+    let reparsed = reread
+        .par_lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .count();
+    let reread_s = started.elapsed().as_secs_f64();
+    anyhow::ensure!(reparsed == n);
+    rows.push(Row {
+        measure: "restart with all events (s)",
+        value: format!("{restart:.2} ({events} events)"),
+        baseline: format!("{reread_s:.2} (read + parse JSONL)"),
+        ratio: format!("{:.2}", restart / reread_s),
+        target: "10M events; 100M <= 15 s",
+    });
+
+    // HTTP ingestion with durable acks vs. the same batches in-process.
+    let take = args.http_messages.min(n);
+    let batches = batches_of(&lines[..take], 400 * 1024);
+    eprintln!(
+        "in-process ingestion of {take} messages in {} batches (baseline) ...",
+        batches.len()
+    );
+    let in_process_rate = {
+        let engine = Engine::open(&work.path().join("in-process"))?;
+        let ctx = ParseContext::at(now);
+        let started = Instant::now();
+        for batch in &batches {
+            let items: Vec<Incoming> = batch
+                .par_iter()
+                .map(|l| parse_message_text(l, &ctx).into())
+                .collect();
+            engine.ingest(items, "bench", Durability::Sync, now)?;
+        }
+        take as f64 / started.elapsed().as_secs_f64()
+    };
+    eprintln!("HTTP ingestion with {} clients ...", args.clients);
+    let http_rate = http_ingest(&work.path().join("http"), &batches, take, args.clients, now)?;
+    rows.push(Row {
+        measure: "HTTP /v1/batch, durable acks (messages/s)",
+        value: format!("{http_rate:.0}"),
+        baseline: format!("{in_process_rate:.0} (in-process, fsync per batch)"),
+        ratio: format!("{:.2}", http_rate / in_process_rate),
+        target: ">= 200,000",
+    });
+
+    println!(
+        "cible bench: {n} messages, {} profiles, {} days, {} cores\n",
+        args.profiles,
+        args.days,
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    println!("| measure | cible | baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.measure, row.value, row.baseline, row.ratio, row.target
+        );
+    }
+    Ok(())
+}
+
+/// Segment batches of JSON lines under `limit` bytes each.
+fn batches_of(lines: &[&str], limit: usize) -> Vec<Vec<String>> {
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for line in lines {
+        if size + line.len() + 1 > limit && !current.is_empty() {
+            batches.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += line.len() + 1;
+        current.push((*line).to_string());
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+fn http_ingest(
+    dir: &std::path::Path,
+    batches: &[Vec<String>],
+    n: usize,
+    clients: usize,
+    now: i64,
+) -> anyhow::Result<f64> {
+    let engine = Arc::new(Engine::open(dir)?);
+    let key = engine.create_key(KeyKind::Write, "bench", now)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(crate::server::serve(
+        Arc::clone(&engine),
+        listener,
+        64,
+        Some(now),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let bodies: Vec<String> = batches
+        .iter()
+        .map(|batch| format!("{{\"batch\":[{}]}}", batch.join(",")))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let auth = crate::server::basic_auth(&key);
+    let url = format!("http://{address}/v1/batch");
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    let agent = ureq::AgentBuilder::new().build();
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(body) = bodies.get(index) else {
+                            return Ok(());
+                        };
+                        loop {
+                            match agent
+                                .post(&url)
+                                .set("Authorization", &auth)
+                                .send_string(body)
+                            {
+                                Ok(_) => break,
+                                Err(ureq::Error::Status(503, _)) => {
+                                    std::thread::sleep(std::time::Duration::from_millis(5))
+                                }
+                                Err(error) => return Err(error).context("posting a batch"),
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("client panicked"))??;
+        }
+        Ok(())
+    })?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    runtime.block_on(server)??;
+    anyhow::ensure!(engine.load_stats().events > 0);
+    Ok(rate)
+}
