@@ -61,9 +61,70 @@ pub enum Durability {
 /// A message offered to [`Engine::ingest`].
 #[derive(Debug, Clone)]
 pub struct Incoming {
-    pub parsed: std::result::Result<Message, Rejection>,
+    pub parsed: std::result::Result<Prepared, Rejection>,
     /// Set when the message is replayed from quarantine: the record to drop once it is accepted.
     pub replay_of: Option<Replay>,
+}
+
+impl Incoming {
+    /// Wraps a parsed message, preparing it for the writer now: call this on parsing threads,
+    /// so that serialization and freeing the parsed JSON happen there, not on the one writer.
+    pub fn new(parsed: std::result::Result<Message, Rejection>, replay_of: Option<Replay>) -> Self {
+        Self {
+            parsed: parsed.map(Prepared::from_message),
+            replay_of,
+        }
+    }
+}
+
+/// What the writer needs of an accepted message, and its serialized form.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    kind: MessageType,
+    message_id: String,
+    timestamp: i64,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    previous_id: Option<String>,
+    email: Option<String>,
+    /// The behavioural event name.
+    event: Option<String>,
+    /// Identify traits (empty for other types).
+    traits: serde_json::Map<String, Value>,
+    key: Option<String>,
+    value: Option<f64>,
+    long_time_on_page: bool,
+    /// The message serialized for the store, without anomaly flags.
+    body: Vec<u8>,
+}
+
+impl Prepared {
+    fn from_message(mut message: Message) -> Self {
+        let body = to_json(&message);
+        let traits = if message.kind == MessageType::Identify {
+            std::mem::take(&mut message.traits)
+        } else {
+            serde_json::Map::new()
+        };
+        Self {
+            kind: message.kind,
+            event: message.behavioral_name().map(str::to_string),
+            key: message.key_property().map(str::to_string),
+            value: message.numeric_value(),
+            long_time_on_page: message.kind.is_behavioral()
+                && message
+                    .duration_s()
+                    .is_some_and(|d| d > quality::LONG_TIME_ON_PAGE_S),
+            timestamp: message.timestamp,
+            message_id: message.message_id,
+            user_id: message.user_id,
+            anonymous_id: message.anonymous_id,
+            previous_id: message.previous_id,
+            email: message.email,
+            traits,
+            body,
+        }
+    }
 }
 
 /// A quarantine record being replayed.
@@ -84,10 +145,7 @@ pub fn quarantine_key(raw: &str) -> [u8; 16] {
 
 impl From<std::result::Result<Message, Rejection>> for Incoming {
     fn from(parsed: std::result::Result<Message, Rejection>) -> Self {
-        Self {
-            parsed,
-            replay_of: None,
-        }
+        Self::new(parsed, None)
     }
 }
 
@@ -403,6 +461,15 @@ impl Engine {
         Ok(())
     }
 
+    /// After a bulk load or before a clean stop: tables written (fast next start) and the hot
+    /// store's spare capacity released.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _writer = self.state.lock();
+        self.store.checkpoint()?;
+        self.hot.write().shrink_to_fit();
+        Ok(())
+    }
+
     fn check_poisoned(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(EngineError::Poisoned("an earlier commit failed".into()));
@@ -480,12 +547,13 @@ impl Engine {
         for chunk in records.chunks(10_000) {
             let items = chunk
                 .iter()
-                .map(|record| Incoming {
-                    parsed: parse_message_text(&record.raw, &ParseContext::at(now)),
-                    replay_of: Some(Replay {
+                .map(|record| {
+                    let parsed = parse_message_text(&record.raw, &ParseContext::at(now));
+                    let replay = Replay {
                         id: record.id,
                         key: quarantine_key(&record.raw),
-                    }),
+                    };
+                    Incoming::new(parsed, Some(replay))
                 })
                 .collect();
             let outcome = self.ingest(items, "replay", Durability::Sync, now)?;
@@ -841,6 +909,15 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 
+/// Adds `"flags": N` to a serialized message (serialized before its flags were known).
+fn with_flags(mut body: Vec<u8>, flags: u8) -> Vec<u8> {
+    if flags != 0 && body.last() == Some(&b'}') {
+        body.pop();
+        body.extend_from_slice(format!(",\"flags\":{flags}}}").as_bytes());
+    }
+    body
+}
+
 fn read_profile(store: &Store, profile: u32) -> Result<Option<ProfileRecord>> {
     match store.profiles.get(profile_key(profile))? {
         Some(bytes) => Ok(Some(
@@ -926,12 +1003,12 @@ impl<'a> Tx<'a> {
             self.drop_replayed(item.replay_of);
             return Ok(());
         }
-        let name = match message.behavioral_name() {
+        let name = match &message.event {
             Some(name) => match self.name_id(name) {
                 Some(id) => id,
                 None => {
                     let detail = "the store already holds 65535 distinct event names".to_string();
-                    let raw = serde_json::to_string(&message).expect("messages serialize");
+                    let raw = String::from_utf8_lossy(&message.body).into_owned();
                     let rejection = Rejection {
                         reason: Reason::TooManyEventNames,
                         field: Some("event".into()),
@@ -1053,7 +1130,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Plans and carries out identity resolution; returns the message's profile.
-    fn resolve(&mut self, message: &Message) -> Result<u32> {
+    fn resolve(&mut self, message: &Prepared) -> Result<u32> {
         let plan = match (message.kind, &message.previous_id, &message.user_id) {
             (MessageType::Alias, Some(previous), Some(user)) => {
                 identity::plan_alias(self.state, previous, user)
@@ -1154,18 +1231,15 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    fn accept(&mut self, profile: u32, name: u16, message: Message) -> Result<()> {
-        let mut message = message;
+    fn accept(&mut self, profile: u32, name: u16, message: Prepared) -> Result<()> {
         let ts_s = message
             .timestamp
             .div_euclid(1000)
             .clamp(0, i64::from(u32::MAX)) as u32;
+        let mut flag_bits = 0;
         if message.kind.is_behavioral() {
-            if message
-                .duration_s()
-                .is_some_and(|d| d > quality::LONG_TIME_ON_PAGE_S)
-            {
-                message.flags |= flags::LONG_TIME_ON_PAGE;
+            if message.long_time_on_page {
+                flag_bits |= flags::LONG_TIME_ON_PAGE;
             }
             let window_start = ts_s.saturating_sub(quality::BURST_WINDOW_S);
             let times = self.batch_times.entry(profile).or_default();
@@ -1179,27 +1253,24 @@ impl<'a> Tx<'a> {
             }
             let stored = self.hot.count_between(profile, window_start, ts_s);
             if stored + in_batch >= quality::BURST_EVENTS {
-                message.flags |= flags::BURST;
+                flag_bits |= flags::BURST;
             }
         }
-        let key = match message.key_property() {
+        let key = match &message.key {
             Some(text) => self.key_id(text),
             None => NO_KEY,
         };
         let record = HotRecord {
             name,
-            flags: message.flags,
+            flags: flag_bits,
             kind: message.kind.code(),
             key,
-            value: message.numeric_value().map_or(f32::NAN, |v| v as f32),
+            value: message.value.map_or(f32::NAN, |v| v as f32),
             message_hash: message_hash(&message.message_id),
         };
         let seq = self.state.counters.next_seq;
         self.state.counters.next_seq += 1;
-        self.state
-            .counters
-            .quality
-            .accepted(self.source, message.flags);
+        self.state.counters.quality.accepted(self.source, flag_bits);
         self.state.seen.insert(record.message_hash);
         self.batch_ids.insert(message.message_id.clone());
         self.outcome.accepted += 1;
@@ -1208,7 +1279,7 @@ impl<'a> Tx<'a> {
             ts: message.timestamp,
             seq,
             record,
-            body: to_json(&message),
+            body: with_flags(message.body, flag_bits),
             message_id: message.message_id,
         });
         Ok(())

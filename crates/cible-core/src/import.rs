@@ -124,7 +124,7 @@ pub fn import_files(
         let file = import_file(engine, path, format, now, progress, &mut summary)?;
         summary.files.push(file);
     }
-    engine.sync()?;
+    engine.checkpoint()?;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.messages_per_second = summary.messages as f64 / summary.seconds.max(1e-9);
     Ok(summary)
@@ -190,21 +190,27 @@ fn import_file(
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<Vec<Incoming>, ImportError>>(2);
     let owned_path = path.to_path_buf();
     let reader_name = name.clone();
-    let producer = std::thread::spawn(move || {
-        let ctx = ParseContext::at(now);
-        let send = |chunk: RawChunk| {
-            sender
-                .send(Ok(parse_chunk(chunk, &reader_name, &ctx)))
-                .is_ok()
-        };
-        let result = match format {
-            Format::Jsonl => read_jsonl(reader, &owned_path, send),
-            Format::Csv => read_csv(reader, &owned_path, send),
-        };
-        if let Err(error) = result {
-            let _ = sender.send(Err(error));
-        }
-    });
+    let producer = std::thread::Builder::new()
+        .name("cible-reader".into())
+        .spawn(move || {
+            let ctx = ParseContext::at(now);
+            let send = |chunk: RawChunk| {
+                sender
+                    .send(Ok(parse_chunk(chunk, &reader_name, &ctx)))
+                    .is_ok()
+            };
+            let result = match format {
+                Format::Jsonl => read_jsonl(reader, &owned_path, send),
+                Format::Csv => read_csv(reader, &owned_path, send),
+            };
+            if let Err(error) = result {
+                let _ = sender.send(Err(error));
+            }
+        })
+        .map_err(|source| ImportError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let mut file = FileSummary {
         path: path.display().to_string(),
         ..Default::default()

@@ -94,6 +94,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Every keyspace.
+    pub fn keyspaces(&self) -> [&Keyspace; 11] {
+        [
+            &self.events,
+            &self.hot,
+            &self.msgids,
+            &self.idents,
+            &self.profiles,
+            &self.merges,
+            &self.quarantine,
+            &self.qkeys,
+            &self.dict,
+            &self.keys,
+            &self.meta,
+        ]
+    }
+
+    /// Writes every memtable out to tables, so that the next start does not replay the journal.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        for keyspace in self.keyspaces() {
+            keyspace.rotate_memtable_and_wait()?;
+        }
+        self.db.persist(fjall::PersistMode::SyncAll)?;
+        Ok(())
+    }
+}
+
 /// Length of an event key.
 pub const EVENT_KEY_LEN: usize = 20;
 

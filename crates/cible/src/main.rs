@@ -126,6 +126,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Named threads make profiles readable (the writer is the main thread during imports).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("cible-cpu-{i}"))
+        .build_global();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => server::run(&cli.global, args),

@@ -115,6 +115,7 @@ pub async fn serve(
     let writer = std::thread::Builder::new()
         .name("cible-writer".into())
         .spawn(move || writer_loop(&writer_engine, receiver, pinned_now))?;
+    let state_engine = Arc::clone(&engine);
     let state = AppState {
         engine,
         jobs,
@@ -126,6 +127,9 @@ pub async fn serve(
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    if let Err(error) = state_engine.checkpoint() {
+        tracing::warn!(error = %error, "checkpoint at shutdown failed; the next start replays the journal");
+    }
     Ok(())
 }
 
