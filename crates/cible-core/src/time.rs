@@ -38,6 +38,10 @@ pub fn parse_timestamp_str(text: &str) -> Result<i64, String> {
     if let Ok(parsed) = DateTime::parse_from_rfc3339(text) {
         return Ok(parsed.with_timezone(&Utc).timestamp_millis());
     }
+    // Parquet readers and SQL engines print "2026-05-01 12:00:00.000 +00:00".
+    if let Ok(parsed) = DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f %:z") {
+        return Ok(parsed.with_timezone(&Utc).timestamp_millis());
+    }
     for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
         if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
             return Ok(Utc.from_utc_datetime(&naive).timestamp_millis());
@@ -100,6 +104,10 @@ mod tests {
         );
         check(json!("2026-05-01 12:00:00"), "2026-05-01T12:00:00.000Z");
         check(json!("2026-05-01"), "2026-05-01T00:00:00.000Z");
+        check(
+            json!("2026-05-01 14:00:00.000 +02:00"),
+            "2026-05-01T12:00:00.000Z",
+        );
         check(json!(1_777_636_800), "2026-05-01T12:00:00.000Z");
         check(json!(1_777_636_800_000_i64), "2026-05-01T12:00:00.000Z");
     }
