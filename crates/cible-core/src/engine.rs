@@ -274,6 +274,8 @@ struct Counters {
 struct ProfileMeta {
     merged_into: Option<u32>,
     has_user: bool,
+    /// Holds identifiers (not merged away, not removed).
+    alive: bool,
 }
 
 /// A text dictionary with dense ids.
@@ -384,6 +386,7 @@ impl Engine {
             );
             if let Some(meta) = state.profiles.get_mut(profile as usize) {
                 meta.has_user |= ident.starts_with("u:");
+                meta.alive = true;
             }
             state.idents.insert(ident, profile);
         }
@@ -612,20 +615,23 @@ impl Engine {
         })
     }
 
-    /// Finds a profile by ordinal, userId, anonymousId or e-mail (in that order), following
-    /// merges to the live profile.
+    /// Finds a live profile by userId, anonymousId, e-mail or, last, profile number (so a
+    /// numeric userId wins over a profile number), following merges to the survivor.
     pub fn find_profile(&self, id: &str) -> Option<u32> {
         let state = self.state.lock();
-        if let Ok(ordinal) = id.parse::<u32>()
-            && ordinal < state.counters.next_profile
-        {
-            return Some(state.find(ordinal));
-        }
         let email = crate::normalize::normalize_email(id);
-        [identity::user_ident(id), identity::anonymous_ident(id)]
+        let by_identifier = [identity::user_ident(id), identity::anonymous_ident(id)]
             .into_iter()
             .chain(email.map(|e| identity::email_ident(&e)))
-            .find_map(|ident| state.idents.get(&ident).copied())
+            .find_map(|ident| state.idents.get(&ident).copied());
+        by_identifier.or_else(|| {
+            let ordinal = id
+                .parse::<u32>()
+                .ok()
+                .filter(|o| *o < state.counters.next_profile)?;
+            let live = state.find(ordinal);
+            state.profiles[live as usize].alive.then_some(live)
+        })
     }
 
     /// A profile's record.
@@ -791,6 +797,7 @@ impl Engine {
         state.profiles[merge.from as usize] = ProfileMeta {
             merged_into: None,
             has_user: restored.identifiers.iter().any(|i| i.starts_with("u:")),
+            alive: true,
         };
         state.profiles[survivor as usize].has_user = survivor_record
             .identifiers
@@ -828,6 +835,72 @@ impl Engine {
         })
     }
 
+    /// Removes everything held on a live profile: its events (with their message ids, so the
+    /// same messages could be accepted again), identifiers, traits, the records of profiles merged
+    /// into it and the merge records naming it. Erasure builds on this.
+    pub fn remove_profile(&self, profile: u32) -> Result<RemovalOutcome> {
+        self.check_poisoned()?;
+        let mut state = self.state.lock();
+        if !state
+            .profiles
+            .get(profile as usize)
+            .is_some_and(|m| m.alive)
+        {
+            return Err(EngineError::NotFound(format!("profile {profile}")));
+        }
+        let record = read_profile(&self.store, profile)?.unwrap_or_default();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut removed_hashes = Vec::new();
+        for entry in self.store.events.prefix(profile_key(profile)) {
+            let (key, value) = entry.into_inner()?;
+            let message: Message =
+                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            batch.remove(&self.store.msgids, message.message_id.as_bytes());
+            removed_hashes.push(message_hash(&message.message_id));
+            batch.remove(&self.store.hot, key.clone());
+            batch.remove(&self.store.events, key);
+        }
+        for ident in &record.identifiers {
+            batch.remove(&self.store.idents, ident.as_bytes());
+        }
+        batch.remove(&self.store.profiles, profile_key(profile));
+        let mut merged_profiles = Vec::new();
+        for merge in self.all_merges()? {
+            if state.find(merge.into) == profile || merge.from == profile {
+                batch.remove(&self.store.merges, merge.id.to_be_bytes());
+                if merge.unmerged_at.is_none() && merge.from != profile {
+                    batch.remove(&self.store.profiles, profile_key(merge.from));
+                    merged_profiles.push(merge.from);
+                }
+            }
+        }
+        batch
+            .commit()
+            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        for ident in &record.identifiers {
+            state.idents.remove(ident);
+        }
+        for hash in &removed_hashes {
+            state.seen.remove(hash);
+        }
+        state.profiles[profile as usize] = ProfileMeta::default();
+        for merged in &merged_profiles {
+            // Merged-away ordinals now lead nowhere.
+            state.profiles[*merged as usize] = ProfileMeta::default();
+        }
+        self.hot.write().replace(profile, Vec::new());
+        Ok(RemovalOutcome {
+            profile,
+            events_removed: removed_hashes.len() as u64,
+            identifiers_removed: record.identifiers,
+            merged_profiles_removed: merged_profiles,
+        })
+    }
+
     /// Creates an API key and returns it in clear text (the only time it is shown).
     pub fn create_key(&self, kind: KeyKind, name: &str, now: i64) -> Result<String> {
         let key = new_key(kind);
@@ -858,6 +931,15 @@ impl Engine {
         keys.sort_by_key(|k| k.created_at);
         keys
     }
+}
+
+/// The result of [`Engine::remove_profile`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RemovalOutcome {
+    pub profile: u32,
+    pub events_removed: u64,
+    pub identifiers_removed: Vec<String>,
+    pub merged_profiles_removed: Vec<u32>,
 }
 
 /// The result of [`Engine::unmerge`].
@@ -891,11 +973,7 @@ pub struct QualityReport {
 }
 
 fn live_profiles(state: &State) -> usize {
-    state
-        .profiles
-        .iter()
-        .filter(|m| m.merged_into.is_none())
-        .count()
+    state.profiles.iter().filter(|m| m.alive).count()
 }
 
 fn corrupt(keyspace: &'static str, detail: impl std::fmt::Display) -> EngineError {
@@ -1177,7 +1255,10 @@ impl<'a> Tx<'a> {
     fn create_profile(&mut self) -> u32 {
         let profile = self.state.counters.next_profile;
         self.state.counters.next_profile += 1;
-        self.state.profiles.push(ProfileMeta::default());
+        self.state.profiles.push(ProfileMeta {
+            alive: true,
+            ..ProfileMeta::default()
+        });
         self.dirty.insert(
             profile,
             ProfileRecord {
@@ -1200,6 +1281,7 @@ impl<'a> Tx<'a> {
         }
         let from_has_user = self.state.profiles[from as usize].has_user;
         self.state.profiles[from as usize].merged_into = Some(into);
+        self.state.profiles[from as usize].alive = false;
         self.state.profiles[into as usize].has_user |= from_has_user;
         let restored_id = absorbed.id;
         let created_at = absorbed.created_at;

@@ -133,6 +133,11 @@ impl QualityCounters {
     }
 
     fn source(&mut self, source: &str) -> &mut SourceCounters {
-        self.by_source.entry(source.to_string()).or_default()
+        // Looked up first: this runs several times per message, `entry` would allocate each time.
+        if !self.by_source.contains_key(source) {
+            self.by_source
+                .insert(source.to_string(), SourceCounters::default());
+        }
+        self.by_source.get_mut(source).expect("just inserted")
     }
 }

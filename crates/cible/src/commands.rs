@@ -247,6 +247,14 @@ pub enum ProfileCommand {
         /// Profile number, userId, anonymousId or e-mail.
         id: Option<String>,
     },
+    /// Remove everything held on a profile: events, identifiers, traits, merges.
+    Delete {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// Confirm: the removal cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Undo a merge: the absorbed profile comes back with its identifiers and events.
     Unmerge {
         /// The merge id (see `cible profile merges` or `profile show`).
@@ -371,6 +379,21 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                     merge.identifiers.join(", ")
                 );
             }
+        }
+        ProfileCommand::Delete { id, yes } => {
+            let profile = engine
+                .find_profile(&id)
+                .with_context(|| format!("no profile {id:?}"))?;
+            if !yes {
+                bail!("removing profile {profile} cannot be undone; run again with --yes");
+            }
+            let outcome = engine.remove_profile(profile)?;
+            println!(
+                "profile {} removed: {} event(s), identifiers {}",
+                outcome.profile,
+                outcome.events_removed,
+                outcome.identifiers_removed.join(", ")
+            );
         }
         ProfileCommand::Unmerge { merge } => {
             let outcome = engine.unmerge(merge, global.now_ms()?)?;

@@ -187,7 +187,10 @@ fn router(state: AppState) -> Router {
         .route("/api/quality", get(api_quality))
         .route("/api/quality/quarantine", get(api_quarantine))
         .route("/api/quality/replay", post(api_replay))
-        .route("/api/profiles/{id}", get(api_profile))
+        .route(
+            "/api/profiles/{id}",
+            get(api_profile).delete(api_delete_profile),
+        )
         .route("/api/merges", get(api_merges))
         .route("/api/merges/{id}/unmerge", post(api_unmerge))
         .route("/api/keys", post(api_create_key).get(api_list_keys))
@@ -645,6 +648,22 @@ async fn api_profile(
     };
     let engine = Arc::clone(&state.engine);
     blocking(move || profile_view(&engine, &id, query)).await
+}
+
+async fn api_delete_profile(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    blocking(move || {
+        let profile = engine
+            .find_profile(&id)
+            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        engine.remove_profile(profile)
+    })
+    .await
 }
 
 async fn api_merges(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {

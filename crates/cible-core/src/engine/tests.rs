@@ -356,3 +356,62 @@ fn restart_rebuilds_the_same_hot_store() {
         assert_eq!(canonical(a), canonical(b), "profile {profile}");
     }
 }
+
+#[test]
+fn removing_a_profile_removes_everything_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    ingest(&engine, &[track("a1", None, Some("d1"), "Page Viewed", 50)]);
+    ingest(
+        &engine,
+        &[identify(
+            "i1",
+            "u1",
+            Some("d1"),
+            json!({"email": "x@y.com"}),
+            30,
+        )],
+    );
+    ingest(
+        &engine,
+        &[track("t1", Some("u1"), None, "Order Completed", 20)],
+    );
+    ingest(
+        &engine,
+        &[track("k1", Some("keep"), None, "Order Completed", 20)],
+    );
+    let profile = engine.find_profile("u1").unwrap();
+    let outcome = engine.remove_profile(profile).unwrap();
+    assert_eq!(outcome.events_removed, 3);
+    for id in ["u1", "d1", "x@y.com", &profile.to_string()] {
+        assert_eq!(engine.find_profile(id), None, "{id}");
+    }
+    assert!(engine.hot().events(profile).is_empty());
+    assert_eq!(engine.load_stats().profiles, 1);
+    assert!(engine.remove_profile(profile).is_err());
+    drop(engine);
+    let engine = Engine::open(dir.path()).unwrap();
+    assert_eq!(engine.find_profile("u1"), None);
+    assert_eq!(engine.load_stats().events, 1);
+    assert_eq!(events_of(&engine, "keep"), ["k1"]);
+    let mut exported = 0;
+    engine
+        .for_each_event(|_| {
+            exported += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        exported, 1,
+        "nothing of the removed profile is left in the store"
+    );
+    // Its messages are forgotten too: sent again, they are new.
+    assert_eq!(
+        ingest(
+            &engine,
+            &[track("t1", Some("u1"), None, "Order Completed", 20)]
+        )
+        .accepted,
+        1
+    );
+}

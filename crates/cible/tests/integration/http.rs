@@ -84,6 +84,22 @@ fn every_segment_endpoint_lands_in_the_profile() {
         profile["identifiers"]["anonymous_ids"],
         json!(["d1", "old-id"])
     );
+
+    // Removing the profile removes it under every identifier.
+    let removed = ureq::delete(&server.url("/api/profiles/ann@example.com"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    assert_eq!(removed["events_removed"], 7);
+    for id in ["u1", "d1", "old-id"] {
+        assert_eq!(
+            get(&server.url(&format!("/api/profiles/{id}")), &admin).status,
+            404
+        );
+    }
+    assert_eq!(get(&server.url("/api/quality"), &admin).body["events"], 0);
 }
 
 #[test]
