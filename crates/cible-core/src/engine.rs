@@ -24,7 +24,9 @@ use crate::identity::{self, Graph, Plan, Target};
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, ParseContext, Rejection, parse_message_text};
 use crate::quality::{self, QualityCounters, Reason, flags};
+use crate::seen::SeenSet;
 use crate::store::{HotRecord, Store, StoreError, decode_event_key, event_key, profile_key};
+use rayon::prelude::*;
 
 /// Errors of the engine. User mistakes (`NotFound`, `Invalid`) are separated from failures of the
 /// machine (`Store`, `Poisoned`).
@@ -301,7 +303,7 @@ struct State {
     idents: FxHashMap<String, u32>,
     profiles: Vec<ProfileMeta>,
     /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
-    seen: FxHashSet<u64>,
+    seen: SeenSet,
     names: Dict,
     keys: Dict,
 }
@@ -371,7 +373,7 @@ impl Engine {
             profiles: vec![ProfileMeta::default(); counters.next_profile as usize],
             counters,
             idents: FxHashMap::default(),
-            seen: FxHashSet::default(),
+            seen: SeenSet::default(),
             names: Dict::default(),
             keys: Dict::default(),
         };
@@ -411,17 +413,8 @@ impl Engine {
                 _ => state.keys.insert_loaded(text, id),
             }
         }
-        let mut hot = HotStore::default();
-        state.seen.reserve(store.hot.approximate_len());
-        for entry in store.hot.iter() {
-            let (key, value) = entry.into_inner()?;
-            let (profile, ts, _) =
-                decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
-            let record = HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
-            state.seen.insert(record.message_hash);
-            hot.push_sorted(profile, record.to_hot(ts));
-        }
-        hot.shrink_to_fit();
+        let (hot, hashes) = load_hot(&store, state.counters.next_profile)?;
+        state.seen = SeenSet::from_hashes(hashes);
         let mut api_keys = FxHashMap::default();
         for entry in store.keys.iter() {
             let (key, value) = entry.into_inner()?;
@@ -884,9 +877,7 @@ impl Engine {
         for ident in &record.identifiers {
             state.idents.remove(ident);
         }
-        for hash in &removed_hashes {
-            state.seen.remove(hash);
-        }
+        state.seen.remove_all(&removed_hashes);
         state.profiles[profile as usize] = ProfileMeta::default();
         for merged in &merged_profiles {
             // Merged-away ordinals now lead nowhere.
@@ -970,6 +961,55 @@ pub struct QualityReport {
     pub in_quarantine: BTreeMap<Reason, u64>,
     #[serde(flatten)]
     pub counters: QualityCounters,
+}
+
+/// Rebuilds the hot store and collects the messageId hashes from the `hot` keyspace, scanning
+/// ranges of profiles in parallel (timelines of different profiles are disjoint).
+fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
+    let n_parts = (rayon::current_num_threads() * 4).max(1) as u32;
+    let step = n_profiles.div_ceil(n_parts).max(1);
+    let parts: Vec<(u32, u32)> = (0..n_parts)
+        .map(|i| {
+            (
+                i.saturating_mul(step),
+                (i + 1).saturating_mul(step).min(n_profiles),
+            )
+        })
+        .filter(|(start, end)| start < end)
+        .collect();
+    let scanned: Vec<Result<(Vec<(u32, Vec<crate::hot::HotEvent>)>, Vec<u64>)>> = parts
+        .into_par_iter()
+        .map(|(start, end)| {
+            let mut timelines: Vec<(u32, Vec<crate::hot::HotEvent>)> = Vec::new();
+            let mut hashes = Vec::new();
+            for entry in store.hot.range(profile_key(start)..profile_key(end)) {
+                let (key, value) = entry.into_inner()?;
+                let (profile, ts, _) =
+                    decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
+                let record =
+                    HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
+                hashes.push(record.message_hash);
+                match timelines.last_mut() {
+                    Some((current, events)) if *current == profile => {
+                        events.push(record.to_hot(ts))
+                    }
+                    _ => timelines.push((profile, vec![record.to_hot(ts)])),
+                }
+            }
+            Ok((timelines, hashes))
+        })
+        .collect();
+    let mut hot = HotStore::default();
+    let mut all_hashes = Vec::new();
+    for part in scanned {
+        let (timelines, hashes) = part?;
+        for (profile, events) in timelines {
+            hot.replace(profile, events);
+        }
+        all_hashes.extend(hashes);
+    }
+    hot.shrink_to_fit();
+    Ok((hot, all_hashes))
 }
 
 fn live_profiles(state: &State) -> usize {
@@ -1159,7 +1199,7 @@ impl<'a> Tx<'a> {
         if self.batch_ids.contains(message_id) {
             return Ok(true);
         }
-        let seen = self.state.seen.contains(&message_hash(message_id))
+        let seen = self.state.seen.contains(message_hash(message_id))
             && self.store.msgids.contains_key(message_id.as_bytes())?;
         Ok(seen)
     }

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod message;
 pub mod normalize;
 pub mod quality;
+pub mod seen;
 pub mod store;
 pub mod time;
 pub mod view;
