@@ -963,6 +963,9 @@ pub struct QualityReport {
     pub counters: QualityCounters,
 }
 
+/// Timelines of a range of profiles and the messageId hashes seen while scanning it.
+type ScannedRange = (Vec<(u32, Vec<crate::hot::HotEvent>)>, Vec<u64>);
+
 /// Rebuilds the hot store and collects the messageId hashes from the `hot` keyspace, scanning
 /// ranges of profiles in parallel (timelines of different profiles are disjoint).
 fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
@@ -977,7 +980,7 @@ fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
         })
         .filter(|(start, end)| start < end)
         .collect();
-    let scanned: Vec<Result<(Vec<(u32, Vec<crate::hot::HotEvent>)>, Vec<u64>)>> = parts
+    let scanned: Vec<Result<ScannedRange>> = parts
         .into_par_iter()
         .map(|(start, end)| {
             let mut timelines: Vec<(u32, Vec<crate::hot::HotEvent>)> = Vec::new();
