@@ -1171,16 +1171,16 @@ impl<'a> Tx<'a> {
             // Still rejected: the original record stays where it is.
             return Ok(());
         }
-        let key = quarantine_key(&rejection.raw);
-        if !self.batch_quarantine.insert(key) || self.store.qkeys.contains_key(key)? {
-            // Already in quarantine: the sender is told again, the store keeps one copy.
-            self.state.counters.quality.duplicate(self.source);
-            return Ok(());
-        }
+        // Counted every time it is received (received = accepted + duplicates + quarantined),
+        // stored once: the same raw bad message already waiting in quarantine is not kept twice.
         self.state
             .counters
             .quality
             .quarantined(self.source, rejection.reason);
+        let key = quarantine_key(&rejection.raw);
+        if !self.batch_quarantine.insert(key) || self.store.qkeys.contains_key(key)? {
+            return Ok(());
+        }
         let id = self.state.counters.next_quarantine;
         self.state.counters.next_quarantine += 1;
         let record = QuarantineRecord {

@@ -325,6 +325,21 @@ fn restart_rebuilds_the_same_hot_store() {
             again.accepted, 0,
             "importing the same file twice adds nothing"
         );
+        let report = engine.quality().unwrap();
+        let c = &report.counters;
+        let quarantined: u64 = c.quarantined_by_reason.values().sum();
+        assert_eq!(
+            c.received,
+            c.accepted + c.duplicates + quarantined,
+            "every message is counted once"
+        );
+        assert_eq!(
+            quarantined,
+            2 * summary.quarantined,
+            "bad lines are reported at each import"
+        );
+        let waiting: u64 = report.in_quarantine.values().sum();
+        assert_eq!(waiting, summary.quarantined, "... and kept once");
         let hot = engine.hot();
         let snapshot: Vec<Vec<HotEvent>> = (0..hot.n_slots() as u32)
             .map(|p| hot.events(p).to_vec())
