@@ -48,7 +48,8 @@ pub struct ServeArgs {
     /// Days of demo history.
     #[arg(long, default_value_t = 60)]
     pub demo_days: u32,
-    /// Requests that may wait for the writer before the API answers 503.
+    /// Requests that may wait for the writer before the API answers 503; four times as many may
+    /// be in flight (read and parsed) at once, which bounds memory.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
 }
@@ -64,6 +65,23 @@ struct AppState {
     engine: Arc<Engine>,
     jobs: mpsc::Sender<Job>,
     pinned_now: Option<i64>,
+    /// Tracking requests being read, parsed or waiting for the writer. Bounding them bounds
+    /// memory: each holds at most one 500 KB body and its messages.
+    inflight: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// A place for one more tracking request, or 503 when all are taken.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.inflight).try_acquire_owned().map_err(|_| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry after the delay",
+            )
+            .retry_after("1")
+        })
+    }
 }
 
 impl AppState {
@@ -120,6 +138,7 @@ pub async fn serve(
         engine,
         jobs,
         pinned_now,
+        inflight: Arc::new(tokio::sync::Semaphore::new(queue.max(1) * 4)),
     };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
@@ -418,6 +437,7 @@ async fn single(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    let _permit = state.admit()?;
     let kind = MessageType::parse(&kind).ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
@@ -461,6 +481,7 @@ struct BatchBody<'a> {
 }
 
 async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let _permit = state.admit()?;
     let key = presented_key(&headers);
     let bytes = read_body(&headers, body, MAX_BATCH_BYTES).await?;
     let document: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {
