@@ -1,0 +1,179 @@
+//! Language tests: the issue's rules with their exact trees, the printer round trip, the JSON
+//! form, and error messages as the user sees them.
+
+use serde_json::json;
+
+use super::*;
+use crate::check::{Catalog, check, dependency_order};
+
+/// Parses, prints, parses again: the same tree.
+fn round_trip(source: &str) -> Expr {
+    let expr = parse(source).unwrap_or_else(|d| panic!("{}", d.render(source)));
+    let printed = expr.to_string();
+    let again =
+        parse(&printed).unwrap_or_else(|d| panic!("reprint {printed:?}: {}", d.render(&printed)));
+    assert_eq!(
+        strip_spans(&expr),
+        strip_spans(&again),
+        "printed as {printed}"
+    );
+    let json = serde_json::to_value(&expr).unwrap();
+    assert_eq!(
+        strip_spans(&from_json(&json).unwrap()),
+        strip_spans(&expr),
+        "JSON form {json}"
+    );
+    expr
+}
+
+/// Spans differ between a text and its reprint; compare trees through their JSON form.
+fn strip_spans(expr: &Expr) -> serde_json::Value {
+    serde_json::to_value(expr).unwrap()
+}
+
+fn error(source: &str) -> String {
+    match parse(source) {
+        Ok(expr) => panic!("{source:?} parsed as {expr}"),
+        Err(diagnostic) => diagnostic.render(source),
+    }
+}
+
+#[test]
+fn the_issue_rules_parse_to_these_trees() {
+    let expr = round_trip(
+        r#"count("Email Opened", 7d) >= 3 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
+    );
+    assert_eq!(
+        strip_spans(&expr),
+        json!({"op": "and", "args": [
+            {"op": "compare", "left": {"fn": "count", "event": {"name": "Email Opened"}, "window": "7d"}, "cmp": ">=", "right": 3.0},
+            {"op": "did", "event": {"name": "Product Viewed", "where": [{"property": "product_id", "cmp": "=", "value": "P123"}]}, "window": "30d"},
+            {"op": "not", "arg": {"op": "did", "event": {"name": "Order Completed"}, "window": "30d"}}
+        ]})
+    );
+    let expr = round_trip(r#"sum("Order Completed".revenue, 365d) > 500"#);
+    assert_eq!(
+        strip_spans(&expr),
+        json!({"op": "compare", "left": {"fn": "sum", "event": {"name": "Order Completed"}, "property": "revenue", "window": "365d"}, "cmp": ">", "right": 500.0})
+    );
+    round_trip(r#"did("Product Added", 3d) and not did("Order Completed", 3d)"#);
+    let expr = round_trip(r#"days_since("Order Completed") > 60"#);
+    assert_eq!(expr.to_string(), r#"days_since("Order Completed") > 60"#);
+    let expr = round_trip(
+        r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
+    );
+    assert_eq!(
+        strip_spans(&expr)["args"][1],
+        json!({"op": "compare", "left": {"fn": "attribute", "name": "trait.plan"}, "cmp": "=", "right": "pro"})
+    );
+}
+
+#[test]
+fn every_construct_round_trips() {
+    for source in [
+        r#""Product Added" then not "Order Completed" within 24h"#,
+        r#""Email Link Clicked" where campaign_id = "spring" then "Order Completed" within 2d"#,
+        r#"avg("Order Completed".revenue where currency in ("EUR", "USD"), 90d) >= 40.5"#,
+        r#"min("Page Viewed".duration_s) < 5 and max("Order Completed".revenue, 30d) >= 100"#,
+        r#"days_since_first("Order Completed") <= 30 and days_since_first_seen() > 7 and days_since_last_seen() < 2"#,
+        r#"trait.country in ("FR", "BE") and not (trait.plan = "free" or trait.vip = true)"#,
+        r#"in_segment("vip") and trait.email contains "@example.com""#,
+        r#"count("Page Viewed" where path != "/" and duration_s > 10) >= 3 -- engaged readers"#,
+        r#"trait.address.city starts_with "Par""#,
+    ] {
+        round_trip(source);
+    }
+}
+
+#[test]
+fn precedence_is_not_then_and_then_or() {
+    let expr = parse(r#"not did("A") and did("B") or did("C")"#).unwrap();
+    assert_eq!(expr.to_string(), r#"not did("A") and did("B") or did("C")"#);
+    let Expr::Or { args } = &expr else {
+        panic!("or at the top: {expr:?}")
+    };
+    assert!(matches!(&args[0], Expr::And { args } if matches!(args[0], Expr::Not { .. })));
+    let grouped = parse(r#"not (did("A") or did("B"))"#).unwrap();
+    assert_eq!(grouped.to_string(), r#"not (did("A") or did("B"))"#);
+}
+
+#[test]
+fn errors_point_at_the_text_with_a_caret_and_a_suggestion() {
+    assert_eq!(
+        error(r#"cout("Email Opened", 7d) >= 3"#),
+        "error[E004]: unknown function `cout`\n --> line 1, column 1\n  |\n1 | cout(\"Email Opened\", 7d) >= 3\n  | ^^^^\n  = help: did you mean `count`?"
+    );
+    assert_eq!(
+        error("did(\"A\", 7d)\n  and count(\"B\", 7days) >= 1"),
+        "error[E006]: `7days` is not a window; use a unit of m, h, d or w (e.g. 7d)\n --> line 2, column 18\n  |\n2 |   and count(\"B\", 7days) >= 1\n  |                  ^^^^^"
+    );
+    assert!(error(r#"count("A", 7d)"#).contains("is a value: compare it"));
+    assert!(error(r#"count("A", 7d) >= "many""#).contains("E008"));
+    assert!(error(r#"did("A", 7d) did("B")"#).contains("join conditions with `and` or `or`"));
+    assert!(error(r#""A" and did("B")"#).contains("an event name alone is not a condition"));
+    assert!(error(r#"did("A"#).contains("E002"));
+    assert!(error(r#"score.engagement > 80"#).contains("unknown attribute namespace"));
+    assert!(error(r#"traits.plan = "pro""#).contains("did you mean `trait`?"));
+    assert!(error(r#"trait.country in ()"#).contains("E012"));
+    assert!(error(r#""A" then "B""#).contains("within"));
+}
+
+#[test]
+fn nesting_has_a_limit() {
+    let deep = format!("{}did(\"A\"){}", "(".repeat(100), ")".repeat(100));
+    assert!(error(&deep).contains("E007"));
+    let nots = format!("{}did(\"A\")", "not ".repeat(100));
+    assert!(error(&nots).contains("E007"));
+}
+
+#[test]
+fn unknown_events_warn_with_the_closest_name_and_unknown_segments_fail() {
+    let source = r#"did("Email Opend", 7d) and in_segment("vips")"#;
+    let expr = parse(source).unwrap();
+    let events = vec!["Email Opened".to_string(), "Order Completed".to_string()];
+    let segments = vec!["vip".to_string()];
+    let found = check(
+        &expr,
+        &Catalog {
+            event_names: &events,
+            segments: &segments,
+        },
+        source,
+    );
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[0].severity, Severity::Warning);
+    assert_eq!(
+        found[0].render(source),
+        "warning[W101]: no event named \"Email Opend\" has been received yet\n --> line 1, column 5\n  |\n1 | did(\"Email Opend\", 7d) and in_segment(\"vips\")\n  |     ^^^^^^^^^^^^^\n  = help: did you mean \"Email Opened\"?"
+    );
+    assert_eq!(found[1].severity, Severity::Error);
+    assert_eq!(found[1].suggestion.as_deref(), Some("\"vip\""));
+}
+
+#[test]
+fn cycles_are_named_and_order_puts_dependencies_first() {
+    let deps = |pairs: &[(&str, &[&str])]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    };
+    let order = dependency_order(&deps(&[("a", &["b"]), ("b", &["c"]), ("c", &[])])).unwrap();
+    assert_eq!(order, ["c", "b", "a"]);
+    let cycle =
+        dependency_order(&deps(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"])])).unwrap_err();
+    assert_eq!(cycle, ["a", "b", "c", "a"]);
+}
+
+#[test]
+fn json_errors_name_the_problem() {
+    let error =
+        from_json(&json!({"op": "did", "event": {"name": "A"}, "window": "7 days"})).unwrap_err();
+    assert!(error.message.contains("not a window"), "{}", error.message);
+    let error = from_json(&json!({"op": "maybe"})).unwrap_err();
+    assert!(
+        error.message.contains("unknown variant"),
+        "{}",
+        error.message
+    );
+}
