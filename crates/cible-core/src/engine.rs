@@ -93,8 +93,10 @@ pub struct Prepared {
     event: Option<String>,
     /// Identify traits (empty for other types).
     traits: serde_json::Map<String, Value>,
-    key: Option<String>,
-    value: Option<f64>,
+    /// Index in `KEY_PROPERTIES` and text of the key property.
+    key: Option<(u8, String)>,
+    /// Index in `VALUE_PROPERTIES` and value of the numeric property.
+    value: Option<(u8, f64)>,
     long_time_on_page: bool,
     /// The message serialized for the store, without anomaly flags.
     body: Vec<u8>,
@@ -111,7 +113,9 @@ impl Prepared {
         Self {
             kind: message.kind,
             event: message.behavioral_name().map(str::to_string),
-            key: message.key_property().map(str::to_string),
+            key: message
+                .key_property()
+                .map(|(index, text)| (index, text.to_string())),
             value: message.numeric_value(),
             long_time_on_page: message.kind.is_behavioral()
                 && message
@@ -1381,16 +1385,20 @@ impl<'a> Tx<'a> {
                 flag_bits |= flags::BURST;
             }
         }
-        let key = match &message.key {
-            Some(text) => self.key_id(text),
-            None => NO_KEY,
+        let (key_index, key) = match &message.key {
+            Some((index, text)) => (*index, self.key_id(text)),
+            None => (crate::hot::NO_PROPERTY, NO_KEY),
+        };
+        let (value_index, value) = match message.value {
+            Some((index, value)) => (index, value as f32),
+            None => (crate::hot::NO_PROPERTY, f32::NAN),
         };
         let record = HotRecord {
             name,
-            flags: flag_bits,
-            kind: message.kind.code(),
+            flags: crate::hot::pack_flags(flag_bits, value_index),
+            kind: crate::hot::pack_kind(message.kind.code(), key_index),
             key,
-            value: message.value.map_or(f32::NAN, |v| v as f32),
+            value,
             message_hash: message_hash(&message.message_id),
         };
         let seq = self.state.counters.next_seq;

@@ -9,16 +9,31 @@ pub const NO_KEY: u32 = u32::MAX;
 /// Sentinel name id for identify, alias and group messages, which have no event name.
 pub const NO_NAME: u16 = u16::MAX;
 
+/// "No such property" in the 3-bit property indexes packed into [`HotEvent`].
+pub const NO_PROPERTY: u8 = 7;
+
+/// Packs a message type code (3 bits) and the key property's index in
+/// [`crate::message::KEY_PROPERTIES`] (3 bits, [`NO_PROPERTY`] if none).
+pub fn pack_kind(type_code: u8, key_index: u8) -> u8 {
+    (type_code & 7) | ((key_index & 7) << 3)
+}
+
+/// Packs anomaly flags (low 5 bits) and the value property's index in
+/// [`crate::message::VALUE_PROPERTIES`] (high 3 bits, [`NO_PROPERTY`] if none).
+pub fn pack_flags(anomalies: u8, value_index: u8) -> u8 {
+    (anomalies & 0x1f) | ((value_index & 7) << 5)
+}
+
 /// One event, 16 bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HotEvent {
-    /// Seconds since the Unix epoch, UTC.
+    /// Seconds since the Unix epoch, UTC. Evaluation works at one-second resolution.
     pub ts: u32,
     /// Event-name dictionary id, or [`NO_NAME`].
     pub name: u16,
-    /// Anomaly flags, see [`crate::quality::flags`].
+    /// Anomaly flags and the value property's index, see [`pack_flags`].
     pub flags: u8,
-    /// [`crate::message::MessageType`] code.
+    /// Message type and the key property's index, see [`pack_kind`].
     pub kind: u8,
     /// Dictionary id of the event's key property (product, path, campaign), or [`NO_KEY`].
     pub key: u32,
@@ -27,6 +42,30 @@ pub struct HotEvent {
 }
 
 const _: () = assert!(std::mem::size_of::<HotEvent>() == 16);
+
+impl HotEvent {
+    /// The [`crate::message::MessageType`] code.
+    pub fn message_type(&self) -> u8 {
+        self.kind & 7
+    }
+
+    /// Anomaly flags, see [`crate::quality::flags`].
+    pub fn anomalies(&self) -> u8 {
+        self.flags & 0x1f
+    }
+
+    /// Index in [`crate::message::KEY_PROPERTIES`] of the property [`HotEvent::key`] holds.
+    pub fn key_property(&self) -> Option<usize> {
+        let index = self.kind >> 3;
+        (index != NO_PROPERTY).then_some(usize::from(index))
+    }
+
+    /// Index in [`crate::message::VALUE_PROPERTIES`] of the property [`HotEvent::value`] holds.
+    pub fn value_property(&self) -> Option<usize> {
+        let index = self.flags >> 5;
+        (index != NO_PROPERTY).then_some(usize::from(index))
+    }
+}
 
 /// Per-profile event timelines indexed by profile ordinal.
 #[derive(Debug, Default)]

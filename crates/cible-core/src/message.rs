@@ -467,18 +467,29 @@ impl Message {
         }
     }
 
-    /// The property the hot store keeps a dictionary id of: the thing the event is about.
-    pub fn key_property(&self) -> Option<&str> {
-        KEY_PROPERTIES
-            .iter()
-            .find_map(|name| self.properties.get(*name).and_then(Value::as_str))
+    /// The property the hot store keeps a dictionary id of (the thing the event is about), as
+    /// its index in [`KEY_PROPERTIES`] and its text. Only text values qualify.
+    pub fn key_property(&self) -> Option<(u8, &str)> {
+        KEY_PROPERTIES.iter().enumerate().find_map(|(index, name)| {
+            self.properties
+                .get(*name)
+                .and_then(Value::as_str)
+                .map(|text| (index as u8, text))
+        })
     }
 
-    /// The number the hot store keeps: revenue, total, value, price or time on page.
-    pub fn numeric_value(&self) -> Option<f64> {
+    /// The number the hot store keeps (revenue, total, value, price or time on page), as its
+    /// index in [`VALUE_PROPERTIES`] and its value.
+    pub fn numeric_value(&self) -> Option<(u8, f64)> {
         VALUE_PROPERTIES
             .iter()
-            .find_map(|name| self.properties.get(*name).and_then(number_of))
+            .enumerate()
+            .find_map(|(index, name)| {
+                self.properties
+                    .get(*name)
+                    .and_then(number_of)
+                    .map(|n| (index as u8, n))
+            })
     }
 
     /// Time on page in seconds, when the event carries it.
@@ -499,7 +510,8 @@ pub const KEY_PROPERTIES: [&str; 6] = [
 /// In order of preference, the properties whose number the hot store keeps.
 pub const VALUE_PROPERTIES: [&str; 5] = ["revenue", "total", "value", "price", "duration_s"];
 
-fn number_of(value: &Value) -> Option<f64> {
+/// A property as a number: JSON numbers, and text that reads as one.
+pub fn number_of(value: &Value) -> Option<f64> {
     match value {
         Value::Number(number) => number.as_f64(),
         Value::String(text) => text.trim().parse().ok(),
@@ -532,7 +544,7 @@ mod tests {
         .unwrap();
         assert_eq!(message.user_id.as_deref(), Some("42"));
         assert_eq!(message.timestamp, NOW - 4 * 3_600_000);
-        assert_eq!(message.numeric_value(), Some(19.5));
+        assert_eq!(message.numeric_value(), Some((0, 19.5)));
     }
 
     #[test]

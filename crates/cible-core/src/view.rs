@@ -107,10 +107,16 @@ pub fn profile_view(
         let events = hot.events(profile);
         let mut flag_counts = BTreeMap::new();
         for (bit, name) in flags::ALL {
-            flag_counts.insert(name, events.iter().filter(|e| e.flags & bit != 0).count());
+            flag_counts.insert(
+                name,
+                events.iter().filter(|e| e.anomalies() & bit != 0).count(),
+            );
         }
         let total = match query.kind {
-            Some(kind) => events.iter().filter(|e| e.kind == kind.code()).count(),
+            Some(kind) => events
+                .iter()
+                .filter(|e| e.message_type() == kind.code())
+                .count(),
             None => events.len(),
         };
         let seconds = |ts: u32| format_ms(i64::from(ts) * 1000);

@@ -291,7 +291,7 @@ fn anomalies_are_flagged_and_kept() {
             .hot()
             .events(bot)
             .iter()
-            .filter(|e| e.flags & flags::BURST != 0)
+            .filter(|e| e.anomalies() & flags::BURST != 0)
             .count()
             >= 10
     );
