@@ -350,9 +350,9 @@ const KEY_PREFIX: u8 = b'k';
 
 /// The engine. Cheap to share behind an `Arc`.
 pub struct Engine {
-    store: Store,
+    pub(crate) store: Store,
     state: Mutex<State>,
-    hot: RwLock<HotStore>,
+    pub(crate) hot: RwLock<HotStore>,
     api_keys: RwLock<FxHashMap<String, KeyRecord>>,
     poisoned: AtomicBool,
 }
@@ -453,6 +453,23 @@ impl Engine {
     /// The event name of a dictionary id.
     pub fn event_name(&self, id: u16) -> Option<String> {
         self.state.lock().names.texts.get(usize::from(id)).cloned()
+    }
+
+    /// Reads the event-name and key-property dictionaries (text to id, and id to text).
+    pub fn with_dictionaries<T>(
+        &self,
+        read: impl FnOnce(&FxHashMap<String, u32>, &[String]) -> T,
+    ) -> T {
+        let state = self.state.lock();
+        read(&state.names.ids, &state.keys.texts)
+    }
+
+    /// Ordinals of every live profile, ascending.
+    pub fn live_profiles(&self) -> Vec<u32> {
+        let state = self.state.lock();
+        (0..state.profiles.len() as u32)
+            .filter(|p| state.profiles[*p as usize].alive)
+            .collect()
     }
 
     /// Syncs everything written so far to disk.

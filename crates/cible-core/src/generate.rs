@@ -5,8 +5,8 @@
 //! that decides on which days the person is active; weekday and hour-of-day seasonality;
 //! anonymous browsing first, identified later for most people; a favourite product category;
 //! sessions that view pages and products, add to cart and sometimes order, more often after an
-//! e-mail click or a cart add; newsletters sent to identified people, opened and clicked
-//! according to their activity. A small share of messages are exact duplicates (same messageId),
+//! e-mail click or a cart add; three e-mails a week (newsletter, promotion, weekend deals) sent
+//! to identified people, opened and clicked according to their activity. A small share of messages are exact duplicates (same messageId),
 //! and a few are anomalies (time on page over 4 h, bot bursts, far-future timestamps, messages
 //! missing their event name).
 //!
@@ -242,10 +242,19 @@ fn generate_profile(options: &GenerateOptions, profile: u64, out: &mut Vec<u8>) 
             );
             generator.anonymous_id = first_device;
         }
-        // Newsletter every Tuesday to identified people, whatever their activity.
+        // E-mails to identified people, whatever their activity: the newsletter on Tuesdays,
+        // promotions on Thursdays and weekend deals on Saturdays.
         let mut clicked_campaign = None;
-        if weekday == 1 && generator.user_id.is_some() {
-            let campaign = format!("newsletter-{}", (first_day + day) / 7);
+        let campaign_kind = match weekday {
+            1 => Some("newsletter"),
+            3 => Some("promo"),
+            5 => Some("weekend"),
+            _ => None,
+        };
+        if let Some(kind) = campaign_kind
+            && generator.user_id.is_some()
+        {
+            let campaign = format!("{kind}-{}", (first_day + day) / 7);
             let ts = day_start + 9 * 3_600_000 + generator.rng.random_range(0..3_600_000);
             let props =
                 json!({"campaign_id": campaign, "email_id": format!("{campaign}-{profile}")});

@@ -14,6 +14,7 @@ pub mod message;
 pub mod normalize;
 pub mod quality;
 pub mod seen;
+pub mod segment;
 pub mod store;
 pub mod time;
 pub mod view;

@@ -14,6 +14,9 @@
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
 //! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |
 //! | `meta`       | name                                  | counters, JSON                      |
+//! | `segments`   | segment name                          | [`crate::segment::SegmentRecord`]   |
+//! | `members`    | segment name                          | roaring bitmap of profile ordinals  |
+//! | `segment_log`| name · 0 · time i64 · seq u32         | [`crate::segment::Change`]          |
 //!
 //! **Every change of a batch (events, identities, profiles, counters) is one atomic fjall batch;
 //! acknowledged means committed with `PersistMode::SyncAll`.**
@@ -59,6 +62,9 @@ pub struct Store {
     pub dict: Keyspace,
     pub keys: Keyspace,
     pub meta: Keyspace,
+    pub segments: Keyspace,
+    pub members: Keyspace,
+    pub segment_log: Keyspace,
 }
 
 impl Store {
@@ -89,6 +95,9 @@ impl Store {
             dict: open("dict")?,
             keys: open("keys")?,
             meta: open("meta")?,
+            segments: open("segments")?,
+            members: open("members")?,
+            segment_log: open("segment_log")?,
             db,
         })
     }
@@ -96,7 +105,7 @@ impl Store {
 
 impl Store {
     /// Every keyspace.
-    pub fn keyspaces(&self) -> [&Keyspace; 11] {
+    pub fn keyspaces(&self) -> [&Keyspace; 14] {
         [
             &self.events,
             &self.hot,
@@ -109,6 +118,9 @@ impl Store {
             &self.dict,
             &self.keys,
             &self.meta,
+            &self.segments,
+            &self.members,
+            &self.segment_log,
         ]
     }
 

@@ -1,0 +1,374 @@
+//! Evaluation of a plan for one profile: the verdict, and the next instant at which the verdict
+//! could change with no new event (a window letting an event go, a `days_since` crossing its
+//! threshold, a sequence's delay elapsing, a future-dated event arriving in the window).
+//!
+//! Time has one-second resolution: an event at `ts` is in window `W` at `now` when
+//! `now - W < ts <= now`. The same code evaluates hot rows and full messages; a hot row that
+//! cannot tell whether it holds a property answers "unknown" and the caller re-evaluates the
+//! profile on its full messages.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+
+use super::plan::{Aggregate, Filter, Node, Plan, PropCondition, PropRef, PropTest, ValueNode};
+use crate::engine::TraitValue;
+use crate::hot::{HotEvent, NO_KEY};
+
+/// The hot rows cannot answer: evaluate on full messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedMessages;
+
+type Eval<T> = Result<T, NeedMessages>;
+
+/// A profile's events, oldest first.
+pub trait Events {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn ts(&self, index: usize) -> u32;
+    fn name(&self, index: usize) -> u16;
+    /// Whether event `index` passes a property condition (a missing property fails).
+    fn condition(&self, index: usize, condition: &PropCondition) -> Eval<bool>;
+    /// A numeric property of event `index`, `None` when missing or not a number.
+    fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>>;
+}
+
+/// Hot rows: the key and value properties they hold, "unknown" for others.
+pub struct HotEvents<'a>(pub &'a [HotEvent]);
+
+impl Events for HotEvents<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn ts(&self, index: usize) -> u32 {
+        self.0[index].ts
+    }
+    fn name(&self, index: usize) -> u16 {
+        self.0[index].name
+    }
+
+    fn condition(&self, index: usize, condition: &PropCondition) -> Eval<bool> {
+        let event = &self.0[index];
+        if let (Some(wanted), Some(passing)) =
+            (condition.property.key_index, &condition.test.passing_keys)
+        {
+            // Key properties are kept in priority order: a lower index present hides ours.
+            return match event.key_property() {
+                Some(held) if held == wanted => {
+                    Ok(event.key != NO_KEY && passing.contains(&event.key))
+                }
+                Some(held) if held < wanted => Err(NeedMessages),
+                _ => Ok(false),
+            };
+        }
+        match self.number(index, &condition.property)? {
+            Some(number) => Ok(condition.test.passes_number(number)),
+            None => Ok(false),
+        }
+    }
+
+    fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>> {
+        let event = &self.0[index];
+        let Some(wanted) = property.value_index else {
+            return Err(NeedMessages);
+        };
+        match event.value_property() {
+            Some(held) if held == wanted => {
+                Ok((!event.value.is_nan()).then_some(f64::from(event.value)))
+            }
+            Some(held) if held < wanted => Err(NeedMessages),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// One event with all its properties.
+#[derive(Debug, Clone)]
+pub struct FullEvent {
+    pub ts: u32,
+    pub name: u16,
+    pub properties: serde_json::Map<String, Json>,
+}
+
+/// Full messages read from the durable store.
+pub struct MessageEvents(pub Vec<FullEvent>);
+
+fn lookup<'a>(properties: &'a serde_json::Map<String, Json>, path: &[String]) -> Option<&'a Json> {
+    let (first, rest) = path.split_first()?;
+    let mut value = properties.get(first)?;
+    for part in rest {
+        value = value.get(part)?;
+    }
+    (!value.is_null()).then_some(value)
+}
+
+impl Events for MessageEvents {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn ts(&self, index: usize) -> u32 {
+        self.0[index].ts
+    }
+    fn name(&self, index: usize) -> u16 {
+        self.0[index].name
+    }
+    fn condition(&self, index: usize, condition: &PropCondition) -> Eval<bool> {
+        Ok(lookup(&self.0[index].properties, &condition.property.path)
+            .is_some_and(|value| condition.test.passes(value) == Some(true)))
+    }
+    fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>> {
+        Ok(lookup(&self.0[index].properties, &property.path).and_then(crate::message::number_of))
+    }
+}
+
+/// What evaluation reads besides events.
+pub struct Context<'a> {
+    /// Seconds since the epoch.
+    pub now: u32,
+    pub traits: &'a BTreeMap<String, TraitValue>,
+    pub in_segment: &'a dyn Fn(&str) -> bool,
+}
+
+/// The result for one profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub member: bool,
+    /// The earliest instant after `now` at which the verdict may change by itself.
+    pub next_change: Option<u32>,
+}
+
+pub fn evaluate(plan: &Plan, events: &impl Events, ctx: &Context<'_>) -> Eval<Verdict> {
+    let mut evaluator = Evaluator {
+        events,
+        ctx,
+        next: None,
+    };
+    let member = evaluator.node(&plan.root)?;
+    Ok(Verdict {
+        member,
+        next_change: evaluator.next,
+    })
+}
+
+struct Evaluator<'a, E> {
+    events: &'a E,
+    ctx: &'a Context<'a>,
+    next: Option<u32>,
+}
+
+const DAY: f64 = 86_400.0;
+
+impl<E: Events> Evaluator<'_, E> {
+    /// Notes an instant at which the verdict may change, if it is in the future.
+    fn candidate(&mut self, at: u64) {
+        if at > u64::from(self.ctx.now) && at <= u64::from(u32::MAX) {
+            let at = at as u32;
+            self.next = Some(self.next.map_or(at, |n| n.min(at)));
+        }
+    }
+
+    fn matches(&self, index: usize, filter: &Filter) -> Eval<bool> {
+        if Some(self.events.name(index)) != filter.name {
+            return Ok(false);
+        }
+        for condition in &filter.conditions {
+            if !self.events.condition(index, condition)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Indexes of matching events in the window, and notes when the window changes.
+    fn in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<Vec<usize>> {
+        if filter.name.is_none() {
+            return Ok(Vec::new());
+        }
+        let now = self.ctx.now;
+        let mut found = Vec::new();
+        for index in 0..self.events.len() {
+            let ts = self.events.ts(index);
+            if ts > now {
+                // A future-dated event enters the window when its time comes.
+                if self.matches(index, filter)? {
+                    self.candidate(u64::from(ts));
+                    break;
+                }
+                continue;
+            }
+            if window.is_some_and(|w| u64::from(ts) + u64::from(w) <= u64::from(now)) {
+                continue;
+            }
+            if self.matches(index, filter)? {
+                if let Some(w) = window {
+                    self.candidate(u64::from(ts) + u64::from(w));
+                }
+                found.push(index);
+            }
+        }
+        Ok(found)
+    }
+
+    fn node(&mut self, node: &Node) -> Eval<bool> {
+        Ok(match node {
+            Node::And(args) => {
+                let mut all = true;
+                for arg in args {
+                    // Every branch is evaluated so that every branch's next change is known.
+                    all &= self.node(arg)?;
+                }
+                all
+            }
+            Node::Or(args) => {
+                let mut any = false;
+                for arg in args {
+                    any |= self.node(arg)?;
+                }
+                any
+            }
+            Node::Not(arg) => !self.node(arg)?,
+            Node::Did { filter, window } => !self.in_window(filter, *window)?.is_empty(),
+            Node::Compare { value, test } => self.compare(value, test)?,
+            Node::Sequence {
+                first,
+                then,
+                negated,
+                within,
+            } => self.sequence(first, then, *negated, *within)?,
+            Node::InSegment(name) => (self.ctx.in_segment)(name),
+        })
+    }
+
+    fn compare(&mut self, value: &ValueNode, test: &PropTest) -> Eval<bool> {
+        let now = self.ctx.now;
+        let number = match value {
+            ValueNode::Count { filter, window } => {
+                Some(self.in_window(filter, *window)?.len() as f64)
+            }
+            ValueNode::Aggregate {
+                kind,
+                filter,
+                property,
+                window,
+            } => {
+                let mut values = Vec::new();
+                let matching = self.in_window(filter, *window)?;
+                for index in matching {
+                    match self.events.number(index, property)? {
+                        Some(v) => values.push(v),
+                        None if *kind == Aggregate::Sum => values.push(0.0),
+                        None => {}
+                    }
+                }
+                match kind {
+                    Aggregate::Sum => Some(values.iter().sum()),
+                    Aggregate::Avg => (!values.is_empty())
+                        .then(|| values.iter().sum::<f64>() / values.len() as f64),
+                    Aggregate::Min => values.iter().copied().reduce(f64::min),
+                    Aggregate::Max => values.iter().copied().reduce(f64::max),
+                }
+            }
+            ValueNode::DaysSince { filter, first } => {
+                let matching = self.in_window(filter, None)?;
+                let chosen = if *first {
+                    matching.first()
+                } else {
+                    matching.last()
+                };
+                chosen.map(|index| self.days_since(self.events.ts(*index), test))
+            }
+            ValueNode::DaysSinceSeen { first } => {
+                let seen: Vec<u32> = (0..self.events.len())
+                    .map(|i| self.events.ts(i))
+                    .filter(|ts| *ts <= now)
+                    .collect();
+                if let Some(future) = (0..self.events.len())
+                    .map(|i| self.events.ts(i))
+                    .find(|ts| *ts > now)
+                {
+                    self.candidate(u64::from(future));
+                }
+                let chosen = if *first { seen.first() } else { seen.last() };
+                chosen.map(|ts| self.days_since(*ts, test))
+            }
+            ValueNode::Trait(path) => {
+                let Some((first, rest)) = path.split_first() else {
+                    return Ok(false);
+                };
+                let mut value = match self.ctx.traits.get(first) {
+                    Some(t) => &t.value,
+                    None => return Ok(false),
+                };
+                for part in rest {
+                    match value.get(part) {
+                        Some(v) => value = v,
+                        None => return Ok(false),
+                    }
+                }
+                return Ok(!value.is_null() && test.passes(value) == Some(true));
+            }
+        };
+        Ok(number.is_some_and(|n| test.passes_number(n)))
+    }
+
+    /// Days since `ts`, noting when it crosses the threshold the test compares it with.
+    fn days_since(&mut self, ts: u32, test: &PropTest) -> f64 {
+        use super::plan::TestKind;
+        let thresholds: Vec<f64> = match &test.kind {
+            TestKind::Compare(_, cible_lang::ast::Literal::Number(n)) => vec![*n],
+            TestKind::In(values) => values
+                .iter()
+                .filter_map(|v| {
+                    if let cible_lang::ast::Literal::Number(n) = v {
+                        Some(*n)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            TestKind::Compare(..) => Vec::new(),
+        };
+        for threshold in thresholds {
+            let crossing = f64::from(ts) + threshold * DAY;
+            if crossing >= 0.0 {
+                self.candidate(crossing.floor() as u64);
+                self.candidate(crossing.floor() as u64 + 1);
+            }
+        }
+        f64::from(self.ctx.now - ts) / DAY
+    }
+
+    /// The last `first` event (at or before now), and whether a `then` event followed it
+    /// within the delay.
+    fn sequence(
+        &mut self,
+        first: &Filter,
+        then: &Filter,
+        negated: bool,
+        within: u32,
+    ) -> Eval<bool> {
+        let now = self.ctx.now;
+        let firsts = self.in_window(first, None)?;
+        let Some(&last_first) = firsts.last() else {
+            return Ok(false);
+        };
+        let start = self.events.ts(last_first);
+        let deadline = u64::from(start) + u64::from(within);
+        let thens = self.in_window(then, None)?;
+        let followed = thens.iter().any(|&i| {
+            let ts = u64::from(self.events.ts(i));
+            ts > u64::from(start) && ts <= deadline
+        });
+        if negated {
+            if followed {
+                return Ok(false);
+            }
+            self.candidate(deadline);
+            Ok(u64::from(now) >= deadline)
+        } else {
+            Ok(followed)
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! Segments: rules stored with their membership (a roaring bitmap of profile ordinals) and a log
+//! of every enter and exit with its time. Creating or editing a segment backfills it over every
+//! profile in parallel; a segment built on others is evaluated after them and reads their stored
+//! membership; cycles are refused with the cycle named.
+
+pub mod eval;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use cible_lang::Expr;
+use rayon::prelude::*;
+use roaring::RoaringBitmap;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EngineError, TraitValue};
+use crate::message::Message;
+use crate::store::{decode_event_key, profile_key};
+use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
+use plan::{Dictionaries, Plan, ValueNode};
+
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// A stored segment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub name: String,
+    /// The rule as canonical text.
+    pub rule: String,
+    /// The rule's syntax tree (its JSON form).
+    pub ast: Expr,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub size: u64,
+    pub last_backfill: Option<BackfillReport>,
+}
+
+/// What a backfill did, shown wherever the segment is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackfillReport {
+    pub at: i64,
+    pub duration_ms: u64,
+    pub profiles: u64,
+    pub members: u64,
+    pub entered: u64,
+    pub exited: u64,
+    /// Profiles evaluated on their full messages (a property the hot rows do not hold).
+    pub via_messages: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One enter or exit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    pub at: i64,
+    pub profile: u32,
+    pub entered: bool,
+    /// Size of the segment right after this change.
+    pub size: u64,
+}
+
+/// The result of a preview: nothing is saved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preview {
+    pub count: u64,
+    pub sample: Vec<u32>,
+    pub profiles: u64,
+    pub duration_ms: u64,
+}
+
+/// A snapshot of the dictionaries for planning.
+pub struct DictSnapshot {
+    pub names: FxHashMap<String, u16>,
+    pub keys: Vec<String>,
+}
+
+impl Dictionaries for DictSnapshot {
+    fn name_id(&self, name: &str) -> Option<u16> {
+        self.names.get(name).copied()
+    }
+    fn keys(&self) -> &[String] {
+        &self.keys
+    }
+}
+
+/// Everything one evaluation pass over the profiles reads.
+struct RuleRun<'a> {
+    plan: &'a Plan,
+    hot: &'a crate::hot::HotStore,
+    dictionaries: &'a DictSnapshot,
+    /// Seconds since the epoch.
+    now: u32,
+    needs_traits: bool,
+    dependencies: &'a FxHashMap<String, RoaringBitmap>,
+}
+
+/// Segment names: lower-case letters, digits, `_` and `-`, up to 64.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn log_key(segment: &str, at: i64, seq: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(segment.len() + 13);
+    key.extend_from_slice(segment.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn uses_traits(node: &plan::Node) -> bool {
+    match node {
+        plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_traits),
+        plan::Node::Not(arg) => uses_traits(arg),
+        plan::Node::Compare {
+            value: ValueNode::Trait(_),
+            ..
+        } => true,
+        _ => false,
+    }
+}
+
+impl Engine {
+    /// Every stored segment, by name.
+    pub fn segments(&self) -> Result<Vec<SegmentRecord>> {
+        let mut segments = Vec::new();
+        for entry in self.store.segments.iter() {
+            let (_, value) = entry.into_inner()?;
+            segments.push(
+                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?,
+            );
+        }
+        Ok(segments)
+    }
+
+    pub fn segment(&self, name: &str) -> Result<SegmentRecord> {
+        match self.store.segments.get(name.as_bytes())? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| EngineError::Invalid(e.to_string()))
+            }
+            None => Err(EngineError::NotFound(format!("segment {name:?}"))),
+        }
+    }
+
+    /// The stored membership of a segment.
+    pub fn members(&self, name: &str) -> Result<RoaringBitmap> {
+        match self.store.members.get(name.as_bytes())? {
+            Some(bytes) => RoaringBitmap::deserialize_from(bytes.as_ref())
+                .map_err(|e| EngineError::Invalid(e.to_string())),
+            None => Ok(RoaringBitmap::new()),
+        }
+    }
+
+    /// Every enter and exit of a segment, oldest first.
+    pub fn segment_changes(&self, name: &str) -> Result<Vec<Change>> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        let mut changes = Vec::new();
+        for entry in self.store.segment_log.prefix(prefix) {
+            let (_, value) = entry.into_inner()?;
+            changes.push(
+                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?,
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Event names received so far (for the language's checks).
+    pub fn event_names(&self) -> Vec<String> {
+        self.dictionaries().names.into_keys().collect()
+    }
+
+    /// Checks a rule against the store: unknown events (warnings), unknown segments and cycles
+    /// (errors). `name` is the segment being created or edited, if any.
+    pub fn check_rule(
+        &self,
+        expr: &Expr,
+        source: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<cible_lang::Diagnostic>> {
+        let segments: Vec<String> = self.segments()?.into_iter().map(|s| s.name).collect();
+        let events = self.event_names();
+        let mut catalog_segments = segments.clone();
+        if let Some(name) = name {
+            catalog_segments.push(name.to_string());
+        }
+        let catalog = cible_lang::check::Catalog {
+            event_names: &events,
+            segments: &catalog_segments,
+        };
+        let mut diagnostics = cible_lang::check::check(expr, &catalog, source);
+        if let Some(name) = name {
+            let mut dependencies: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for segment in self.segments()? {
+                let refs = cible_lang::check::segment_references(&segment.ast)
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect();
+                dependencies.insert(segment.name, refs);
+            }
+            let refs = cible_lang::check::segment_references(expr)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            dependencies.insert(name.to_string(), refs);
+            if let Err(cycle) = cible_lang::check::dependency_order(&dependencies) {
+                diagnostics.push(cible_lang::Diagnostic::error(
+                    cible_lang::Code::SegmentCycle,
+                    Default::default(),
+                    format!(
+                        "segments would depend on each other in a cycle: {}",
+                        cycle.join(" -> ")
+                    ),
+                ));
+            }
+        }
+        Ok(diagnostics)
+    }
+
+    fn reject_errors(&self, expr: &Expr, source: &str, name: Option<&str>) -> Result<()> {
+        let errors: Vec<String> = self
+            .check_rule(expr, source, name)?
+            .into_iter()
+            .filter(|d| d.severity == cible_lang::Severity::Error)
+            .map(|d| {
+                if source.is_empty() {
+                    d.message
+                } else {
+                    d.render(source)
+                }
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::Invalid(errors.join("\n")))
+        }
+    }
+
+    /// Creates a segment and backfills it.
+    pub fn create_segment(
+        &self,
+        name: &str,
+        expr: Expr,
+        source: &str,
+        now: i64,
+    ) -> Result<SegmentRecord> {
+        if !valid_name(name) {
+            return Err(EngineError::Invalid(format!(
+                "segment name {name:?}: use 1 to 64 lower-case letters, digits, `_` or `-`"
+            )));
+        }
+        if self.store.segments.contains_key(name.as_bytes())? {
+            return Err(EngineError::Invalid(format!(
+                "a segment named {name:?} already exists; edit it instead"
+            )));
+        }
+        self.reject_errors(&expr, source, Some(name))?;
+        let record = SegmentRecord {
+            name: name.to_string(),
+            rule: expr.to_string(),
+            ast: expr,
+            created_at: now,
+            updated_at: now,
+            size: 0,
+            last_backfill: None,
+        };
+        self.store
+            .segments
+            .insert(name.as_bytes(), to_json(&record))?;
+        self.backfill(name, now, &AtomicU64::new(0))
+    }
+
+    /// Replaces a segment's rule and backfills it; members who no longer match exit.
+    pub fn edit_segment(
+        &self,
+        name: &str,
+        expr: Expr,
+        source: &str,
+        now: i64,
+    ) -> Result<SegmentRecord> {
+        let mut record = self.segment(name)?;
+        self.reject_errors(&expr, source, Some(name))?;
+        record.rule = expr.to_string();
+        record.ast = expr;
+        record.updated_at = now;
+        self.store
+            .segments
+            .insert(name.as_bytes(), to_json(&record))?;
+        self.backfill(name, now, &AtomicU64::new(0))
+    }
+
+    /// Deletes a segment, its membership and its log; refused while other segments use it.
+    pub fn delete_segment(&self, name: &str) -> Result<()> {
+        self.segment(name)?;
+        let users: Vec<String> = self
+            .segments()?
+            .into_iter()
+            .filter(|s| {
+                cible_lang::check::segment_references(&s.ast)
+                    .iter()
+                    .any(|(n, _)| n == name)
+            })
+            .map(|s| s.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "segment {name:?} is used by {}",
+                users.join(", ")
+            )));
+        }
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        batch.remove(&self.store.segments, name.as_bytes());
+        batch.remove(&self.store.members, name.as_bytes());
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        for entry in self.store.segment_log.prefix(prefix) {
+            batch.remove(&self.store.segment_log, entry.key()?);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// A snapshot of the event-name and key dictionaries.
+    pub fn dictionaries(&self) -> DictSnapshot {
+        self.with_dictionaries(|names, keys| DictSnapshot {
+            names: names
+                .iter()
+                .filter(|(_, id)| **id < u32::from(u16::MAX))
+                .map(|(n, id)| (n.clone(), *id as u16))
+                .collect(),
+            keys: keys.to_vec(),
+        })
+    }
+
+    /// Evaluates a rule over every live profile at `now` (seconds resolution); returns the
+    /// members and how many profiles needed their full messages.
+    pub fn evaluate_rule(
+        &self,
+        expr: &Expr,
+        now: i64,
+        progress: &AtomicU64,
+    ) -> Result<(RoaringBitmap, u64, u64)> {
+        let dictionaries = self.dictionaries();
+        let plan = plan::plan(expr, &dictionaries);
+        let mut dependencies = FxHashMap::default();
+        for segment in &plan.segments {
+            dependencies.insert(segment.clone(), self.members(segment)?);
+        }
+        let profiles = self.live_profiles();
+        let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
+        let needs_traits = uses_traits(&plan.root);
+        let hot = self.hot.read();
+        let run = RuleRun {
+            plan: &plan,
+            hot: &hot,
+            dictionaries: &dictionaries,
+            now: now_s,
+            needs_traits,
+            dependencies: &dependencies,
+        };
+        let results: Vec<Result<(u32, bool, bool)>> = profiles
+            .par_chunks(4096)
+            .flat_map_iter(|chunk| {
+                let result: Vec<Result<(u32, bool, bool)>> = chunk
+                    .iter()
+                    .map(|&profile| {
+                        self.evaluate_profile(&run, profile)
+                            .map(|(member, via)| (profile, member, via))
+                    })
+                    .collect();
+                progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                result
+            })
+            .collect();
+        let mut members = RoaringBitmap::new();
+        let mut via_messages = 0;
+        for result in results {
+            let (profile, member, via) = result?;
+            if member {
+                members.insert(profile);
+            }
+            via_messages += u64::from(via);
+        }
+        Ok((members, profiles.len() as u64, via_messages))
+    }
+
+    fn evaluate_profile(&self, run: &RuleRun<'_>, profile: u32) -> Result<(bool, bool)> {
+        let traits: BTreeMap<String, TraitValue> = if run.needs_traits {
+            self.profile_record(profile)
+                .map(|r| r.traits)
+                .unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        let in_segment = |name: &str| {
+            run.dependencies
+                .get(name)
+                .is_some_and(|m| m.contains(profile))
+        };
+        let ctx = Context {
+            now: run.now,
+            traits: &traits,
+            in_segment: &in_segment,
+        };
+        if !run.plan.needs_messages
+            && let Ok(verdict) = evaluate(run.plan, &HotEvents(run.hot.events(profile)), &ctx)
+        {
+            return Ok((verdict.member, false));
+        }
+        let events = self.full_events(profile, run.dictionaries)?;
+        let verdict = evaluate(run.plan, &MessageEvents(events), &ctx)
+            .expect("full messages answer every condition");
+        Ok((verdict.member, true))
+    }
+
+    /// A profile's behavioural events with all their properties, oldest first.
+    pub fn full_events(&self, profile: u32, dictionaries: &DictSnapshot) -> Result<Vec<FullEvent>> {
+        let names = &dictionaries.names;
+        let mut events = Vec::new();
+        for entry in self.store.events.prefix(profile_key(profile)) {
+            let (key, value) = entry.into_inner()?;
+            let message: Message =
+                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?;
+            let (_, ts_ms, _) = decode_event_key(&key)
+                .ok_or_else(|| EngineError::Invalid("bad event key".into()))?;
+            let name = message
+                .behavioral_name()
+                .and_then(|n| names.get(n).copied())
+                .unwrap_or(crate::hot::NO_NAME);
+            let ts = ts_ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
+            events.push(FullEvent {
+                ts,
+                name,
+                properties: message.properties,
+            });
+        }
+        events.sort_by_key(|e| e.ts);
+        Ok(events)
+    }
+
+    /// Count and a sample of a rule's members now; nothing is saved.
+    pub fn preview(&self, expr: &Expr, now: i64, sample: usize) -> Result<Preview> {
+        let started = Instant::now();
+        let (members, profiles, _) = self.evaluate_rule(expr, now, &AtomicU64::new(0))?;
+        Ok(Preview {
+            count: members.len(),
+            sample: members.iter().take(sample).collect(),
+            profiles,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Recomputes a segment over every profile, logs who entered and exited, stores the result.
+    /// A failure is recorded on the segment, so it never silently goes stale.
+    pub fn backfill(&self, name: &str, now: i64, progress: &AtomicU64) -> Result<SegmentRecord> {
+        let mut record = self.segment(name)?;
+        let started = Instant::now();
+        let outcome = self.evaluate_rule(&record.ast, now, progress);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (members, profiles, via_messages) = match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                record.last_backfill = Some(BackfillReport {
+                    at: now,
+                    duration_ms,
+                    profiles: 0,
+                    members: record.size,
+                    entered: 0,
+                    exited: 0,
+                    via_messages: 0,
+                    error: Some(error.to_string()),
+                });
+                self.store
+                    .segments
+                    .insert(name.as_bytes(), to_json(&record))?;
+                return Err(error);
+            }
+        };
+        let previous = self.members(name)?;
+        let entered = &members - &previous;
+        let exited = &previous - &members;
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut size = previous.len();
+        let mut seq = 0u32;
+        for profile in &exited {
+            size -= 1;
+            let change = Change {
+                at: now,
+                profile,
+                entered: false,
+                size,
+            };
+            batch.insert(
+                &self.store.segment_log,
+                log_key(name, now, seq),
+                to_json(&change),
+            );
+            seq += 1;
+        }
+        for profile in &entered {
+            size += 1;
+            let change = Change {
+                at: now,
+                profile,
+                entered: true,
+                size,
+            };
+            batch.insert(
+                &self.store.segment_log,
+                log_key(name, now, seq),
+                to_json(&change),
+            );
+            seq += 1;
+        }
+        let mut bytes = Vec::with_capacity(members.serialized_size());
+        members
+            .serialize_into(&mut bytes)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        batch.insert(&self.store.members, name.as_bytes(), bytes);
+        record.size = members.len();
+        record.last_backfill = Some(BackfillReport {
+            at: now,
+            duration_ms,
+            profiles,
+            members: members.len(),
+            entered: entered.len(),
+            exited: exited.len(),
+            via_messages,
+            error: None,
+        });
+        batch.insert(&self.store.segments, name.as_bytes(), to_json(&record));
+        batch.commit()?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests;
