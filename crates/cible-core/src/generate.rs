@@ -107,10 +107,18 @@ struct ProfileGen<'a> {
     user_id: Option<String>,
     message_counter: u64,
     profile: u64,
+    end_ms: i64,
 }
 
 impl ProfileGen<'_> {
-    fn emit(&mut self, mut message: Value, ts: i64) {
+    /// Emits a message dated at or before the end of the history (later ones are dropped).
+    fn emit(&mut self, message: Value, ts: i64) {
+        if ts <= self.end_ms {
+            self.emit_any(message, ts);
+        }
+    }
+
+    fn emit_any(&mut self, mut message: Value, ts: i64) {
         let message_id = format!(
             "g{:x}-{:x}-{:x}",
             self.profile,
@@ -207,6 +215,7 @@ fn generate_profile(options: &GenerateOptions, profile: u64, out: &mut Vec<u8>) 
         user_id: None,
         message_counter: 0,
         profile,
+        end_ms: options.end_ms,
     };
     let bot = generator.rng.random_bool(0.0005);
     let mut cart: Vec<(usize, usize)> = Vec::new();
@@ -316,7 +325,7 @@ fn generate_profile(options: &GenerateOptions, profile: u64, out: &mut Vec<u8>) 
         }
         if generator.rng.random_bool(0.0005) {
             let far = day_start + 400 * DAY_MS;
-            generator.emit(json!({"type": "track", "event": "Product Viewed"}), far);
+            generator.emit_any(json!({"type": "track", "event": "Product Viewed"}), far);
         }
         if generator.rng.random_bool(0.0005) {
             generator.emit(

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod segments;
 mod server;
 
 use std::path::PathBuf;
@@ -100,6 +101,9 @@ enum Command {
     /// Export data.
     #[command(subcommand)]
     Export(commands::ExportCommand),
+    /// Define segments with rules and look at their members.
+    #[command(subcommand)]
+    Segment(segments::SegmentCommand),
     /// Measure import, HTTP ingestion, hot-store memory and restart; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
@@ -140,6 +144,7 @@ fn main() -> std::process::ExitCode {
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),
         Command::Bench(args) => bench::run(&cli.global, args),
+        Command::Segment(command) => segments::run(&cli.global, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

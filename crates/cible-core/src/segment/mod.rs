@@ -216,14 +216,20 @@ impl Engine {
                 .collect();
             dependencies.insert(name.to_string(), refs);
             if let Err(cycle) = cible_lang::check::dependency_order(&dependencies) {
-                diagnostics.push(cible_lang::Diagnostic::error(
-                    cible_lang::Code::SegmentCycle,
-                    Default::default(),
-                    format!(
-                        "segments would depend on each other in a cycle: {}",
-                        cycle.join(" -> ")
-                    ),
-                ));
+                // Point at the reference that closes the cycle.
+                let span = cible_lang::check::segment_references(expr)
+                    .into_iter()
+                    .find(|(n, _)| cycle.get(1) == Some(n))
+                    .map(|(_, span)| span)
+                    .unwrap_or_default();
+                let message = format!(
+                    "segments would depend on each other in a cycle: {}",
+                    cycle.join(" -> ")
+                );
+                diagnostics.push(
+                    cible_lang::Diagnostic::error(cible_lang::Code::SegmentCycle, span, message)
+                        .locate(source),
+                );
             }
         }
         Ok(diagnostics)

@@ -1,0 +1,298 @@
+//! `cible segment ...`: create, edit, list, show, delete, preview, members, history.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, bail};
+use cible_core::Engine;
+use cible_core::time::format_ms;
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::Global;
+
+#[derive(Debug, Subcommand)]
+pub enum SegmentCommand {
+    /// Create a segment from a rule and compute its members.
+    Create {
+        name: String,
+        #[command(flatten)]
+        rule: RuleArgs,
+    },
+    /// Replace a segment's rule and recompute its members.
+    Edit {
+        name: String,
+        #[command(flatten)]
+        rule: RuleArgs,
+    },
+    /// Every segment with its size and last computation.
+    List,
+    /// One segment: rule, size, last computation (JSON with --json).
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a segment (refused while another segment uses it).
+    Delete { name: String },
+    /// Count and a sample of a rule's members now; nothing is saved.
+    Preview {
+        #[command(flatten)]
+        rule: RuleArgs,
+        /// How many members to show.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
+    },
+    /// One row per member: profile, primary id, e-mail, entered_at.
+    Members {
+        name: String,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: MembersFormat,
+    },
+    /// Enters and exits over time, with the size after each computation.
+    History { name: String },
+    /// Recompute a segment's members now (after an import, or with a later --now).
+    Refresh { name: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MembersFormat {
+    Csv,
+    Jsonl,
+}
+
+/// Where the rule comes from: text, a file, or its JSON form.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RuleArgs {
+    /// The rule, e.g. 'did("Order Completed", 30d)'.
+    #[arg(long)]
+    rule: Option<String>,
+    /// A file holding the rule text.
+    #[arg(long)]
+    rule_file: Option<PathBuf>,
+    /// The rule's JSON form (the syntax tree), as accepted by the API.
+    #[arg(long)]
+    rule_json: Option<String>,
+}
+
+impl RuleArgs {
+    /// Parses the rule; prints warnings (unknown events) on stderr.
+    fn parse(
+        &self,
+        engine: &Engine,
+        name: Option<&str>,
+    ) -> anyhow::Result<(cible_lang::Expr, String)> {
+        let (expr, source) = if let Some(json) = &self.rule_json {
+            let value: serde_json::Value =
+                serde_json::from_str(json).context("--rule-json is not JSON")?;
+            (
+                cible_lang::from_json(&value).map_err(|d| anyhow::anyhow!(d.message))?,
+                String::new(),
+            )
+        } else {
+            let source = match (&self.rule, &self.rule_file) {
+                (Some(rule), _) => rule.clone(),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, None) => bail!("give the rule with --rule, --rule-file or --rule-json"),
+            };
+            let expr =
+                cible_lang::parse(&source).map_err(|d| anyhow::anyhow!("{}", d.render(&source)))?;
+            (expr, source)
+        };
+        for diagnostic in engine.check_rule(&expr, &source, name)? {
+            if diagnostic.severity == cible_lang::Severity::Warning {
+                let shown = if source.is_empty() {
+                    diagnostic.message.clone()
+                } else {
+                    diagnostic.render(&source)
+                };
+                eprintln!("{shown}");
+            }
+        }
+        Ok((expr, source))
+    }
+}
+
+fn print_record(record: &cible_core::segment::SegmentRecord) {
+    println!("segment {}: {} members", record.name, record.size);
+    println!("  rule     {}", record.rule);
+    if let Some(report) = &record.last_backfill {
+        match &report.error {
+            Some(error) => println!(
+                "  last computation FAILED at {}: {error}",
+                format_ms(report.at)
+            ),
+            None => println!(
+                "  computed {} over {} profiles in {} ms: {} entered, {} exited{}",
+                format_ms(report.at),
+                report.profiles,
+                report.duration_ms,
+                report.entered,
+                report.exited,
+                if report.via_messages > 0 {
+                    format!(
+                        " ({} profiles read from full messages)",
+                        report.via_messages
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    }
+}
+
+pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
+    let engine = global.open_existing()?;
+    let now = global.now_ms()?;
+    match command {
+        SegmentCommand::Create { name, rule } => {
+            let (expr, source) = rule.parse(&engine, Some(&name))?;
+            print_record(&engine.create_segment(&name, expr, &source, now)?);
+        }
+        SegmentCommand::Edit { name, rule } => {
+            let (expr, source) = rule.parse(&engine, Some(&name))?;
+            print_record(&engine.edit_segment(&name, expr, &source, now)?);
+        }
+        SegmentCommand::Refresh { name } => {
+            print_record(&engine.backfill(&name, now, &AtomicU64::new(0))?);
+        }
+        SegmentCommand::List => {
+            for record in engine.segments()? {
+                let computed = record
+                    .last_backfill
+                    .as_ref()
+                    .map_or("never".to_string(), |r| match &r.error {
+                        Some(_) => format!("FAILED {}", format_ms(r.at)),
+                        None => format_ms(r.at),
+                    });
+                println!(
+                    "{:<24} {:>9}  {}  {}",
+                    record.name, record.size, computed, record.rule
+                );
+            }
+        }
+        SegmentCommand::Show { name, json } => {
+            let record = engine.segment(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+            } else {
+                print_record(&record);
+            }
+        }
+        SegmentCommand::Delete { name } => {
+            engine.delete_segment(&name)?;
+            println!("segment {name} deleted");
+        }
+        SegmentCommand::Preview { rule, sample } => {
+            let (expr, _) = rule.parse(&engine, None)?;
+            let preview = engine.preview(&expr, now, sample)?;
+            println!(
+                "{} of {} profiles match ({} ms); nothing saved",
+                preview.count, preview.profiles, preview.duration_ms
+            );
+            for profile in preview.sample {
+                let (primary, email) = identity_of(&engine, profile);
+                println!("  {profile}  {primary}  {email}");
+            }
+        }
+        SegmentCommand::Members { name, format } => {
+            engine.segment(&name)?;
+            let members = engine.members(&name)?;
+            let mut entered_at: HashMap<u32, i64> = HashMap::new();
+            for change in engine.segment_changes(&name)? {
+                if change.entered {
+                    entered_at.insert(change.profile, change.at);
+                }
+            }
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            if matches!(format, MembersFormat::Csv) {
+                writeln!(out, "profile,primary_id,email,entered_at")?;
+            }
+            for profile in &members {
+                let (primary, email) = identity_of(&engine, profile);
+                let entered = entered_at
+                    .get(&profile)
+                    .map(|at| format_ms(*at))
+                    .unwrap_or_default();
+                match format {
+                    MembersFormat::Csv => writeln!(
+                        out,
+                        "{profile},{},{},{entered}",
+                        csv_field(&primary),
+                        csv_field(&email)
+                    )?,
+                    MembersFormat::Jsonl => writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"profile": profile, "primary_id": primary, "email": email, "entered_at": entered})
+                    )?,
+                }
+            }
+            out.flush()?;
+        }
+        SegmentCommand::History { name } => {
+            engine.segment(&name)?;
+            let mut last: Option<(i64, u64, u64, u64)> = None;
+            let print = |(at, size, entered, exited): (i64, u64, u64, u64)| {
+                println!("{}  size {size:>8}  +{entered} -{exited}", format_ms(at));
+            };
+            for change in engine.segment_changes(&name)? {
+                match &mut last {
+                    Some((at, size, entered, exited)) if *at == change.at => {
+                        *size = change.size;
+                        if change.entered {
+                            *entered += 1
+                        } else {
+                            *exited += 1
+                        }
+                    }
+                    _ => {
+                        if let Some(done) = last.take() {
+                            print(done);
+                        }
+                        last = Some((
+                            change.at,
+                            change.size,
+                            u64::from(change.entered),
+                            u64::from(!change.entered),
+                        ));
+                    }
+                }
+            }
+            if let Some(done) = last {
+                print(done);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A profile's primary id (first userId, else first anonymousId) and first e-mail.
+pub fn identity_of(engine: &Engine, profile: u32) -> (String, String) {
+    let Ok(record) = engine.profile_record(profile) else {
+        return (String::new(), String::new());
+    };
+    let find = |prefix: &str| {
+        record
+            .identifiers
+            .iter()
+            .find_map(|i| i.strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    (
+        find("u:").or_else(|| find("a:")).unwrap_or_default(),
+        find("e:").unwrap_or_default(),
+    )
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
