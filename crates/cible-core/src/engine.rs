@@ -355,6 +355,11 @@ pub struct Engine {
     pub(crate) hot: RwLock<HotStore>,
     api_keys: RwLock<FxHashMap<String, KeyRecord>>,
     poisoned: AtomicBool,
+    /// The live segment drivers, when started (`cible serve`).
+    pub(crate) live: Mutex<Option<crate::segment::live::LiveState>>,
+    /// Orders segment log entries written at the same instant; starts at the wall clock in
+    /// nanoseconds so that entries of different runs never collide.
+    log_seq: std::sync::atomic::AtomicU64,
 }
 
 /// Sizes of what was loaded at start.
@@ -432,6 +437,12 @@ impl Engine {
             hot: RwLock::new(hot),
             api_keys: RwLock::new(api_keys),
             poisoned: AtomicBool::new(false),
+            live: Mutex::new(None),
+            log_seq: std::sync::atomic::AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            ),
         })
     }
 
@@ -464,12 +475,26 @@ impl Engine {
         read(&state.names.ids, &state.keys.texts)
     }
 
+    /// Whether a profile ordinal is live (not merged away, not removed).
+    pub fn is_alive(&self, profile: u32) -> bool {
+        self.state
+            .lock()
+            .profiles
+            .get(profile as usize)
+            .is_some_and(|m| m.alive)
+    }
+
     /// Ordinals of every live profile, ascending.
     pub fn live_profiles(&self) -> Vec<u32> {
         let state = self.state.lock();
         (0..state.profiles.len() as u32)
             .filter(|p| state.profiles[*p as usize].alive)
             .collect()
+    }
+
+    /// A fresh sequence number for a segment log key.
+    pub(crate) fn next_log_seq(&self) -> u64 {
+        self.log_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Syncs everything written so far to disk.
@@ -533,6 +558,7 @@ impl Engine {
                 batch,
                 pending,
                 hot_merges,
+                created,
                 ..
             } = tx.finish()?;
             let batch = batch.durability(Some(match durability {
@@ -540,19 +566,37 @@ impl Engine {
                 Durability::Buffered => fjall::PersistMode::Buffer,
             }));
             batch.commit()?;
-            Ok((outcomes, pending, hot_merges))
+            Ok((outcomes, pending, hot_merges, created))
         })();
-        let (outcomes, pending, hot_merges) = prepared.inspect_err(|_| {
+        let (outcomes, pending, hot_merges, created) = prepared.inspect_err(|_| {
             self.poisoned.store(true, Ordering::Release);
         })?;
         drop(hot);
+        let mut touched = crate::segment::live::Touched::default();
+        touched.all.extend(created.iter().map(|p| state.find(*p)));
         let mut hot = self.hot.write();
         for (from, into) in hot_merges {
             hot.merge(from, into);
+            touched.gone.insert(from);
+            touched.all.insert(state.find(into));
         }
         for event in pending {
-            hot.insert(state.find(event.profile), event.record.to_hot(event.ts));
+            let profile = state.find(event.profile);
+            hot.insert(profile, event.record.to_hot(event.ts));
+            if event.record.name != NO_NAME {
+                touched
+                    .events
+                    .entry(profile)
+                    .or_default()
+                    .insert(event.record.name);
+            } else {
+                // Identify (traits), alias and group calls: no event name, but they are seen.
+                touched.traits.insert(profile);
+            }
         }
+        drop(hot);
+        drop(state);
+        self.live_after_batch(&touched, now)?;
         Ok(outcomes)
     }
 
@@ -840,6 +884,11 @@ impl Engine {
             survivor,
             survivor_events.into_iter().map(|(_, h)| h).collect(),
         );
+        drop(hot);
+        drop(state);
+        let mut touched = crate::segment::live::Touched::default();
+        touched.all.extend([merge.from, survivor]);
+        self.live_after_batch(&touched, now)?;
         Ok(UnmergeOutcome {
             merge: merge_id,
             restored_profile: merge.from,
@@ -905,6 +954,11 @@ impl Engine {
             state.profiles[*merged as usize] = ProfileMeta::default();
         }
         self.hot.write().replace(profile, Vec::new());
+        drop(state);
+        let mut touched = crate::segment::live::Touched::default();
+        touched.gone.insert(profile);
+        touched.gone.extend(merged_profiles.iter().copied());
+        self.live_after_batch(&touched, crate::time::wall_clock_ms())?;
         Ok(RemovalOutcome {
             profile,
             events_removed: removed_hashes.len() as u64,
@@ -1102,6 +1156,9 @@ struct Tx<'a> {
     /// Recent event times per profile within this batch, for burst detection.
     batch_times: FxHashMap<u32, Vec<u32>>,
     hot_merges: Vec<(u32, u32)>,
+    /// Profiles created by this batch: every segment must evaluate them once (a rule such as
+    /// `not did(...)` holds for people with no events of its names).
+    created: Vec<u32>,
     outcome: BatchOutcome,
 }
 
@@ -1126,6 +1183,7 @@ impl<'a> Tx<'a> {
             batch_quarantine: FxHashSet::default(),
             batch_times: FxHashMap::default(),
             hot_merges: Vec::new(),
+            created: Vec::new(),
             outcome: BatchOutcome::default(),
         }
     }
@@ -1332,6 +1390,7 @@ impl<'a> Tx<'a> {
             },
         );
         self.outcome.profiles_created += 1;
+        self.created.push(profile);
         profile
     }
 

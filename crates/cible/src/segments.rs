@@ -184,7 +184,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
             }
         }
         SegmentCommand::Delete { name } => {
-            engine.delete_segment(&name)?;
+            engine.delete_segment(&name, now)?;
             println!("segment {name} deleted");
         }
         SegmentCommand::Preview { rule, sample } => {

@@ -4,6 +4,7 @@
 //! membership; cycles are refused with the cycle named.
 
 pub mod eval;
+pub mod live;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -88,7 +89,7 @@ impl Dictionaries for DictSnapshot {
 }
 
 /// Everything one evaluation pass over the profiles reads.
-struct RuleRun<'a> {
+pub(crate) struct RuleRun<'a> {
     plan: &'a Plan,
     hot: &'a crate::hot::HotStore,
     dictionaries: &'a DictSnapshot,
@@ -111,8 +112,8 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 
-fn log_key(segment: &str, at: i64, seq: u32) -> Vec<u8> {
-    let mut key = Vec::with_capacity(segment.len() + 13);
+fn log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(segment.len() + 17);
     key.extend_from_slice(segment.as_bytes());
     key.push(0);
     key.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
@@ -120,7 +121,7 @@ fn log_key(segment: &str, at: i64, seq: u32) -> Vec<u8> {
     key
 }
 
-fn uses_traits(node: &plan::Node) -> bool {
+pub(crate) fn uses_traits(node: &plan::Node) -> bool {
     match node {
         plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_traits),
         plan::Node::Not(arg) => uses_traits(arg),
@@ -309,7 +310,7 @@ impl Engine {
     }
 
     /// Deletes a segment, its membership and its log; refused while other segments use it.
-    pub fn delete_segment(&self, name: &str) -> Result<()> {
+    pub fn delete_segment(&self, name: &str, now: i64) -> Result<()> {
         self.segment(name)?;
         let users: Vec<String> = self
             .segments()?
@@ -340,7 +341,7 @@ impl Engine {
             batch.remove(&self.store.segment_log, entry.key()?);
         }
         batch.commit()?;
-        Ok(())
+        self.reload_live_segments(now)
     }
 
     /// A snapshot of the event-name and key dictionaries.
@@ -388,7 +389,7 @@ impl Engine {
                     .iter()
                     .map(|&profile| {
                         self.evaluate_profile(&run, profile)
-                            .map(|(member, via)| (profile, member, via))
+                            .map(|(verdict, via)| (profile, verdict.member, via))
                     })
                     .collect();
                 progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -407,7 +408,11 @@ impl Engine {
         Ok((members, profiles.len() as u64, via_messages))
     }
 
-    fn evaluate_profile(&self, run: &RuleRun<'_>, profile: u32) -> Result<(bool, bool)> {
+    pub(crate) fn evaluate_profile(
+        &self,
+        run: &RuleRun<'_>,
+        profile: u32,
+    ) -> Result<(eval::Verdict, bool)> {
         let traits: BTreeMap<String, TraitValue> = if run.needs_traits {
             self.profile_record(profile)
                 .map(|r| r.traits)
@@ -428,12 +433,12 @@ impl Engine {
         if !run.plan.needs_messages
             && let Ok(verdict) = evaluate(run.plan, &HotEvents(run.hot.events(profile)), &ctx)
         {
-            return Ok((verdict.member, false));
+            return Ok((verdict, false));
         }
         let events = self.full_events(profile, run.dictionaries)?;
         let verdict = evaluate(run.plan, &MessageEvents(events), &ctx)
             .expect("full messages answer every condition");
-        Ok((verdict.member, true))
+        Ok((verdict, true))
     }
 
     /// A profile's behavioural events with all their properties, oldest first.
@@ -508,7 +513,6 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         let mut size = previous.len();
-        let mut seq = 0u32;
         for profile in &exited {
             size -= 1;
             let change = Change {
@@ -519,10 +523,9 @@ impl Engine {
             };
             batch.insert(
                 &self.store.segment_log,
-                log_key(name, now, seq),
+                log_key(name, now, self.next_log_seq()),
                 to_json(&change),
             );
-            seq += 1;
         }
         for profile in &entered {
             size += 1;
@@ -534,10 +537,9 @@ impl Engine {
             };
             batch.insert(
                 &self.store.segment_log,
-                log_key(name, now, seq),
+                log_key(name, now, self.next_log_seq()),
                 to_json(&change),
             );
-            seq += 1;
         }
         let mut bytes = Vec::with_capacity(members.serialized_size());
         members

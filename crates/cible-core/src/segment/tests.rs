@@ -282,12 +282,188 @@ fn segments_store_members_log_changes_and_refuse_cycles() {
     );
     assert!(
         engine
-            .delete_segment("buyers")
+            .delete_segment("buyers", later)
             .unwrap_err()
             .to_string()
             .contains("used by pro-buyers")
     );
-    engine.delete_segment("pro-buyers").unwrap();
-    engine.delete_segment("buyers").unwrap();
+    engine.delete_segment("pro-buyers", later).unwrap();
+    engine.delete_segment("buyers", later).unwrap();
     assert!(engine.segments().unwrap().is_empty());
+}
+
+/// A random rule over events A, B, C with product_id and revenue properties.
+fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
+    use rand::Rng;
+    let event = |rng: &mut rand_chacha::ChaCha8Rng| ["A", "B", "C"][rng.random_range(0..3)];
+    let window = |rng: &mut rand_chacha::ChaCha8Rng| {
+        format!(
+            "{}{}",
+            rng.random_range(1..6),
+            ["d", "h"][rng.random_range(0..2)]
+        )
+    };
+    let filter = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let name = event(rng);
+        match rng.random_range(0..3) {
+            0 => format!(
+                "{name:?} where product_id = \"P{}\"",
+                rng.random_range(1..4)
+            ),
+            1 => format!("{name:?} where revenue > {}", rng.random_range(0..50)),
+            _ => format!("{name:?}"),
+        }
+    };
+    if depth > 0 && rng.random_bool(0.4) {
+        let left = random_rule(rng, depth - 1);
+        let right = random_rule(rng, depth - 1);
+        return match rng.random_range(0..3) {
+            0 => format!("({left}) and ({right})"),
+            1 => format!("({left}) or ({right})"),
+            _ => format!("not ({left})"),
+        };
+    }
+    match rng.random_range(0..7) {
+        6 => format!("trait.plan = {:?}", ["pro", "free"][rng.random_range(0..2)]),
+        0 => format!("did({}, {})", filter(rng), window(rng)),
+        1 => format!(
+            "count({}, {}) >= {}",
+            filter(rng),
+            window(rng),
+            rng.random_range(1..4)
+        ),
+        2 => format!(
+            "sum({:?}.revenue, {}) > {}",
+            event(rng),
+            window(rng),
+            rng.random_range(10..120)
+        ),
+        3 => format!("days_since({}) > {}", filter(rng), rng.random_range(1..5)),
+        4 => format!(
+            "{} then {}{} within {}",
+            filter(rng),
+            if rng.random_bool(0.5) { "not " } else { "" },
+            filter(rng),
+            window(rng)
+        ),
+        _ => format!("days_since_last_seen() < {}", rng.random_range(1..4)),
+    }
+}
+
+#[test]
+fn incremental_timed_and_batch_evaluation_agree() {
+    use rand::{Rng, SeedableRng};
+    const HOUR_MS: i64 = 3_600_000;
+    // 120 seeds pass in a release build (`cargo test --release -p cible-core incremental`);
+    // CI runs fewer in debug.
+    for seed in 0..24u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let start = NOW_MS;
+        // Seed one event of each name so that rules compile against known names, then segments.
+        let seed_batch: Vec<crate::Incoming> = ["A", "B", "C"]
+            .iter()
+            .map(|name| {
+                let message = serde_json::json!({"type": "track", "userId": "seed", "event": name,
+                    "messageId": format!("seed-{name}"), "timestamp": crate::time::format_ms(start)});
+                crate::message::parse_message(message, None, &crate::ParseContext::at(start)).into()
+            })
+            .collect();
+        engine
+            .ingest(seed_batch, "test", crate::Durability::Buffered, start)
+            .unwrap();
+        let rules: Vec<String> = (0..6).map(|_| random_rule(&mut rng, 2)).collect();
+        for (i, rule) in rules.iter().enumerate() {
+            engine
+                .create_segment(
+                    &format!("s{i}"),
+                    cible_lang::parse(rule).unwrap(),
+                    rule,
+                    start,
+                )
+                .unwrap();
+        }
+        engine.start_live_segments(start).unwrap();
+
+        // Stream batches over 10 days; events arrive late, out of order, across 25 people.
+        let mut now = start;
+        let mut message = 0;
+        for _ in 0..40 {
+            now += rng.random_range(1..12) * HOUR_MS;
+            engine.tick_segments(now).unwrap();
+            let batch: Vec<crate::Incoming> = (0..rng.random_range(1..15))
+                .map(|_| {
+                    message += 1;
+                    let ts = now - rng.random_range(0..48) * HOUR_MS - rng.random_range(0..3_600_000);
+                    let name = ["A", "B", "C"][rng.random_range(0..3)];
+                    let person = rng.random_range(0..25);
+                    let plan = ["pro", "free"][rng.random_range(0..2)];
+                    let timestamp = crate::time::format_ms(ts.max(start));
+                    // Some people browse anonymously first and are identified later (merges).
+                    let value = match rng.random_range(0..10) {
+                        0 => serde_json::json!({"type": "identify", "userId": format!("u{person}"),
+                            "anonymousId": format!("d{person}"), "messageId": format!("m{message}"), "timestamp": timestamp,
+                            "traits": {"plan": plan}}),
+                        1 | 2 => serde_json::json!({"type": "track", "anonymousId": format!("d{person}"),
+                            "event": name, "messageId": format!("m{message}"), "timestamp": timestamp,
+                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60)}}),
+                        _ => serde_json::json!({"type": "track", "userId": format!("u{person}"),
+                            "event": name, "messageId": format!("m{message}"), "timestamp": timestamp,
+                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60)}}),
+                    };
+                    crate::message::parse_message(value, None, &crate::ParseContext::at(now)).into()
+                })
+                .collect();
+            engine
+                .ingest(batch, "test", crate::Durability::Buffered, now)
+                .unwrap();
+            for (i, rule) in rules.iter().enumerate() {
+                let live = engine.live_members(&format!("s{i}")).unwrap();
+                let (batch_members, _, _) = engine
+                    .evaluate_rule(&cible_lang::parse(rule).unwrap(), now, &AtomicU64::new(0))
+                    .unwrap();
+                if live != batch_members {
+                    for p in (&live ^ &batch_members).iter() {
+                        eprintln!(
+                            "profile {p}: alive={:?} events={:?} record={:?}",
+                            engine.live_profiles().contains(&p),
+                            engine.hot().events(p),
+                            engine.profile_record(p).ok()
+                        );
+                    }
+                }
+                assert_eq!(
+                    live, batch_members,
+                    "seed {seed}, after a batch at {now}: {rule}"
+                );
+            }
+        }
+        // Then time alone: windows expire, delays elapse, thresholds are crossed.
+        for _ in 0..30 {
+            now += rng.random_range(1..20) * HOUR_MS;
+            engine.tick_segments(now).unwrap();
+            for (i, rule) in rules.iter().enumerate() {
+                let live = engine.live_members(&format!("s{i}")).unwrap();
+                let (batch_members, _, _) = engine
+                    .evaluate_rule(&cible_lang::parse(rule).unwrap(), now, &AtomicU64::new(0))
+                    .unwrap();
+                assert_eq!(
+                    live, batch_members,
+                    "seed {seed}, time alone at {now}: {rule}"
+                );
+            }
+        }
+        // The stored membership is the live one, and its log ends at the live size.
+        for i in 0..rules.len() {
+            let name = format!("s{i}");
+            assert_eq!(
+                engine.members(&name).unwrap(),
+                engine.live_members(&name).unwrap()
+            );
+            if let Some(last) = engine.segment_changes(&name).unwrap().last() {
+                assert_eq!(last.size, engine.members(&name).unwrap().len(), "{name}");
+            }
+        }
+    }
 }
