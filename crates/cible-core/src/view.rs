@@ -196,3 +196,100 @@ pub fn event_json(event: StoredEvent) -> Value {
     }
     value
 }
+
+/// A profile's primary id (first userId, else first anonymousId) and first e-mail, for member
+/// lists.
+pub fn contact(engine: &Engine, profile: u32) -> (String, String) {
+    let Ok(record) = engine.profile_record(profile) else {
+        return (String::new(), String::new());
+    };
+    let find = |prefix: &str| {
+        record
+            .identifiers
+            .iter()
+            .find_map(|i| i.strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    (
+        find("u:").or_else(|| find("a:")).unwrap_or_default(),
+        find("e:").unwrap_or_default(),
+    )
+}
+
+/// A segment member as listed by the CLI and the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub profile: u32,
+    pub primary_id: String,
+    pub email: String,
+    /// When the profile last entered the segment.
+    pub entered_at: Option<String>,
+}
+
+/// A page of a segment's members, in profile order, with when each entered.
+pub fn members_page(
+    engine: &Engine,
+    name: &str,
+    offset: usize,
+    limit: usize,
+) -> Result<(u64, Vec<Member>), EngineError> {
+    engine.segment(name)?;
+    let members = engine.members(name)?;
+    let mut entered_at = std::collections::HashMap::new();
+    for change in engine.segment_changes(name)? {
+        if change.entered {
+            entered_at.insert(change.profile, change.at);
+        }
+    }
+    let page = members
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|profile| {
+            let (primary_id, email) = contact(engine, profile);
+            Member {
+                profile,
+                primary_id,
+                email,
+                entered_at: entered_at.get(&profile).map(|at| format_ms(*at)),
+            }
+        })
+        .collect();
+    Ok((members.len(), page))
+}
+
+/// The size of a segment after each computation: (time, size, entered, exited).
+#[derive(Debug, Clone, Serialize)]
+pub struct SizePoint {
+    pub at: String,
+    pub size: u64,
+    pub entered: u64,
+    pub exited: u64,
+}
+
+pub fn size_history(engine: &Engine, name: &str) -> Result<Vec<SizePoint>, EngineError> {
+    engine.segment(name)?;
+    let mut points: Vec<(i64, SizePoint)> = Vec::new();
+    for change in engine.segment_changes(name)? {
+        match points.last_mut() {
+            Some((at, point)) if *at == change.at => {
+                point.size = change.size;
+                if change.entered {
+                    point.entered += 1
+                } else {
+                    point.exited += 1
+                }
+            }
+            _ => points.push((
+                change.at,
+                SizePoint {
+                    at: format_ms(change.at),
+                    size: change.size,
+                    entered: u64::from(change.entered),
+                    exited: u64::from(!change.entered),
+                },
+            )),
+        }
+    }
+    Ok(points.into_iter().map(|(_, p)| p).collect())
+}

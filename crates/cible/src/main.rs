@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod segment_api;
 mod segments;
 mod server;
 

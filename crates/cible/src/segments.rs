@@ -1,6 +1,5 @@
 //! `cible segment ...`: create, edit, list, show, delete, preview, members, history.
 
-use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -195,98 +194,41 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
                 preview.count, preview.profiles, preview.duration_ms
             );
             for profile in preview.sample {
-                let (primary, email) = identity_of(&engine, profile);
+                let (primary, email) = cible_core::view::contact(&engine, profile);
                 println!("  {profile}  {primary}  {email}");
             }
         }
         SegmentCommand::Members { name, format } => {
-            engine.segment(&name)?;
-            let members = engine.members(&name)?;
-            let mut entered_at: HashMap<u32, i64> = HashMap::new();
-            for change in engine.segment_changes(&name)? {
-                if change.entered {
-                    entered_at.insert(change.profile, change.at);
-                }
-            }
+            let (_, members) = cible_core::view::members_page(&engine, &name, 0, usize::MAX)?;
             let mut out = BufWriter::new(std::io::stdout().lock());
             if matches!(format, MembersFormat::Csv) {
                 writeln!(out, "profile,primary_id,email,entered_at")?;
             }
-            for profile in &members {
-                let (primary, email) = identity_of(&engine, profile);
-                let entered = entered_at
-                    .get(&profile)
-                    .map(|at| format_ms(*at))
-                    .unwrap_or_default();
+            for member in members {
                 match format {
                     MembersFormat::Csv => writeln!(
                         out,
-                        "{profile},{},{},{entered}",
-                        csv_field(&primary),
-                        csv_field(&email)
+                        "{},{},{},{}",
+                        member.profile,
+                        csv_field(&member.primary_id),
+                        csv_field(&member.email),
+                        member.entered_at.unwrap_or_default()
                     )?,
-                    MembersFormat::Jsonl => writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({"profile": profile, "primary_id": primary, "email": email, "entered_at": entered})
-                    )?,
+                    MembersFormat::Jsonl => writeln!(out, "{}", serde_json::to_string(&member)?)?,
                 }
             }
             out.flush()?;
         }
         SegmentCommand::History { name } => {
-            engine.segment(&name)?;
-            let mut last: Option<(i64, u64, u64, u64)> = None;
-            let print = |(at, size, entered, exited): (i64, u64, u64, u64)| {
-                println!("{}  size {size:>8}  +{entered} -{exited}", format_ms(at));
-            };
-            for change in engine.segment_changes(&name)? {
-                match &mut last {
-                    Some((at, size, entered, exited)) if *at == change.at => {
-                        *size = change.size;
-                        if change.entered {
-                            *entered += 1
-                        } else {
-                            *exited += 1
-                        }
-                    }
-                    _ => {
-                        if let Some(done) = last.take() {
-                            print(done);
-                        }
-                        last = Some((
-                            change.at,
-                            change.size,
-                            u64::from(change.entered),
-                            u64::from(!change.entered),
-                        ));
-                    }
-                }
-            }
-            if let Some(done) = last {
-                print(done);
+            for point in cible_core::view::size_history(&engine, &name)? {
+                println!(
+                    "{}  size {:>8}  +{} -{}",
+                    point.at, point.size, point.entered, point.exited
+                );
             }
         }
     }
     Ok(())
-}
-
-/// A profile's primary id (first userId, else first anonymousId) and first e-mail.
-pub fn identity_of(engine: &Engine, profile: u32) -> (String, String) {
-    let Ok(record) = engine.profile_record(profile) else {
-        return (String::new(), String::new());
-    };
-    let find = |prefix: &str| {
-        record
-            .identifiers
-            .iter()
-            .find_map(|i| i.strip_prefix(prefix))
-            .map(str::to_string)
-    };
-    (
-        find("u:").or_else(|| find("a:")).unwrap_or_default(),
-        find("e:").unwrap_or_default(),
-    )
 }
 
 fn csv_field(text: &str) -> String {

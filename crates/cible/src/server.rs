@@ -61,8 +61,8 @@ struct Job {
 }
 
 #[derive(Clone)]
-struct AppState {
-    engine: Arc<Engine>,
+pub(crate) struct AppState {
+    pub(crate) engine: Arc<Engine>,
     jobs: mpsc::Sender<Job>,
     pinned_now: Option<i64>,
     /// Tracking requests being read, parsed or waiting for the writer. Bounding them bounds
@@ -85,7 +85,7 @@ impl AppState {
 }
 
 impl AppState {
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         self.pinned_now
             .unwrap_or_else(cible_core::time::wall_clock_ms)
     }
@@ -128,6 +128,15 @@ pub async fn serve(
     pinned_now: Option<i64>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
+    engine.start_live_segments(now)?;
+    let stop_timers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timers = {
+        let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_timers));
+        std::thread::Builder::new()
+            .name("cible-timers".into())
+            .spawn(move || timer_loop(&engine, &stop, pinned_now))?
+    };
     let (jobs, receiver) = mpsc::channel(queue.max(1));
     let writer_engine = Arc::clone(&engine);
     let writer = std::thread::Builder::new()
@@ -146,6 +155,10 @@ pub async fn serve(
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    stop_timers.store(true, std::sync::atomic::Ordering::Relaxed);
+    timers
+        .join()
+        .map_err(|_| anyhow::anyhow!("the timer thread panicked"))?;
     if let Err(error) = state_engine.checkpoint() {
         tracing::warn!(error = %error, "checkpoint at shutdown failed; the next start replays the journal");
     }
@@ -160,6 +173,18 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+/// The time driver of live segments: re-evaluates memberships whose verdict may have changed
+/// with time (windows expiring, delays elapsing), at least once a second.
+fn timer_loop(engine: &Engine, stop: &std::sync::atomic::AtomicBool, pinned_now: Option<i64>) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
+        if let Err(error) = engine.tick_segments(now) {
+            tracing::error!(error = %error, "segment timers failed");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// Most messages the writer puts in one group commit.
@@ -213,6 +238,25 @@ fn router(state: AppState) -> Router {
         .route("/api/merges", get(api_merges))
         .route("/api/merges/{id}/unmerge", post(api_unmerge))
         .route("/api/keys", post(api_create_key).get(api_list_keys))
+        .route(
+            "/api/segments",
+            get(crate::segment_api::list).post(crate::segment_api::create),
+        )
+        .route("/api/segments/preview", post(crate::segment_api::preview))
+        .route(
+            "/api/segments/{name}",
+            get(crate::segment_api::show)
+                .put(crate::segment_api::edit)
+                .delete(crate::segment_api::delete),
+        )
+        .route(
+            "/api/segments/{name}/members",
+            get(crate::segment_api::members),
+        )
+        .route(
+            "/api/segments/{name}/history",
+            get(crate::segment_api::history),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(state)
 }
@@ -220,26 +264,33 @@ fn router(state: AppState) -> Router {
 /// The one JSON error shape: `{"error": {"code", "message", "field"?}}`, with its HTTP status.
 /// Codes are part of the API: never reuse one for another meaning.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
     field: Option<&'static str>,
     retry_after: Option<&'static str>,
+    /// Structured detail (e.g. the located diagnostics of a rule).
+    pub(crate) details: Option<Value>,
 }
 
-fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+pub(crate) fn error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+) -> ApiError {
     ApiError {
         status,
         code,
         message: message.into(),
         field: None,
         retry_after: None,
+        details: None,
     }
 }
 
 impl ApiError {
-    fn field(mut self, field: &'static str) -> Self {
+    pub(crate) fn field(mut self, field: &'static str) -> Self {
         self.field = Some(field);
         self
     }
@@ -255,6 +306,9 @@ impl IntoResponse for ApiError {
         let mut body = json!({"error": {"code": self.code, "message": self.message}});
         if let Some(field) = self.field {
             body["error"]["field"] = json!(field);
+        }
+        if let Some(details) = self.details {
+            body["error"]["details"] = details;
         }
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
@@ -286,7 +340,7 @@ impl From<EngineError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// The `Authorization` header value Segment clients send for a write key.
 pub fn basic_auth(key: &str) -> String {
@@ -330,7 +384,7 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
     }
 }
 
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match presented_key(headers)
         .as_deref()
         .map(|key| state.engine.key_kind(key))
@@ -355,7 +409,11 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Reads a body of at most `limit` bytes, gunzipping it when `Content-Encoding: gzip`.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = |size: &str| {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -572,7 +630,7 @@ async fn submit(state: &AppState, items: Vec<Incoming>) -> ApiResult {
 }
 
 /// Runs store reads off the async workers and answers JSON.
-async fn blocking<T: serde::Serialize + Send + 'static>(
+pub(crate) async fn blocking<T: serde::Serialize + Send + 'static>(
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> ApiResult {
     match tokio::task::spawn_blocking(work).await {

@@ -6,4 +6,5 @@ mod integration {
     pub mod common;
     mod crash;
     mod http;
+    mod segments;
 }

@@ -287,7 +287,9 @@ impl Engine {
         self.store
             .segments
             .insert(name.as_bytes(), to_json(&record))?;
-        self.backfill(name, now, &AtomicU64::new(0))
+        let record = self.backfill(name, now, &AtomicU64::new(0))?;
+        self.reload_live_segments(now)?;
+        Ok(record)
     }
 
     /// Replaces a segment's rule and backfills it; members who no longer match exit.
@@ -306,7 +308,9 @@ impl Engine {
         self.store
             .segments
             .insert(name.as_bytes(), to_json(&record))?;
-        self.backfill(name, now, &AtomicU64::new(0))
+        let record = self.backfill(name, now, &AtomicU64::new(0))?;
+        self.reload_live_segments(now)?;
+        Ok(record)
     }
 
     /// Deletes a segment, its membership and its log; refused while other segments use it.

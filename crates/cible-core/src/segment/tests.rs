@@ -467,3 +467,27 @@ fn incremental_timed_and_batch_evaluation_agree() {
         }
     }
 }
+
+#[test]
+fn a_segment_on_an_event_not_yet_seen_fills_when_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let rule = r#"count("Email Opened", 7d) >= 2"#;
+    // The drivers run first (a server), then the segment is created (through the API).
+    engine.start_live_segments(NOW_MS).unwrap();
+    engine
+        .create_segment("openers", cible_lang::parse(rule).unwrap(), rule, NOW_MS)
+        .unwrap();
+    let items = (1..=2)
+        .map(|day| {
+            let ts = crate::time::format_ms(NOW_MS - day * 86_400_000);
+            let message = serde_json::json!({"type": "track", "userId": "ann", "event": "Email Opened", "timestamp": ts});
+            crate::message::parse_message(message, None, &crate::ParseContext::at(NOW_MS)).into()
+        })
+        .collect();
+    engine
+        .ingest(items, "test", crate::Durability::Buffered, NOW_MS)
+        .unwrap();
+    assert_eq!(engine.live_members("openers").unwrap().len(), 1);
+    assert_eq!(engine.members("openers").unwrap().len(), 1);
+}
