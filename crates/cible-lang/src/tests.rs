@@ -177,3 +177,30 @@ fn json_errors_name_the_problem() {
         error.message
     );
 }
+
+#[test]
+fn every_example_in_the_documentation_parses() {
+    let doc = include_str!("../../../docs/segment-language.md");
+    let mut examples = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut current, line.trim()) {
+            (None, "```cible") => current = Some(String::new()),
+            (Some(_), "```") => examples.push(current.take().expect("open block")),
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(examples.len() >= 20, "found {} examples", examples.len());
+    for example in examples {
+        round_trip(&example);
+    }
+    // The JSON form shown in the documentation is accepted too.
+    let json_start = doc.find("```json\n").expect("a JSON example") + "```json\n".len();
+    let json_end = json_start + doc[json_start..].find("```").expect("closed");
+    let value: serde_json::Value = serde_json::from_str(&doc[json_start..json_end]).unwrap();
+    from_json(&value).unwrap();
+}
