@@ -93,10 +93,10 @@ pub struct Prepared {
     event: Option<String>,
     /// Identify traits (empty for other types).
     traits: serde_json::Map<String, Value>,
-    /// Index in `KEY_PROPERTIES` and text of the key property.
-    key: Option<(u8, String)>,
-    /// Index in `VALUE_PROPERTIES` and value of the numeric property.
-    value: Option<(u8, f64)>,
+    /// Index in `KEY_PROPERTIES` of the key property, and its text when it is text.
+    key: Option<(u8, Option<String>)>,
+    /// Index in `VALUE_PROPERTIES` of the numeric property, and its number when it reads as one.
+    value: Option<(u8, Option<f64>)>,
     long_time_on_page: bool,
     /// The message serialized for the store, without anomaly flags.
     body: Vec<u8>,
@@ -115,7 +115,7 @@ impl Prepared {
             event: message.behavioral_name().map(str::to_string),
             key: message
                 .key_property()
-                .map(|(index, text)| (index, text.to_string())),
+                .map(|(index, text)| (index, text.map(str::to_string))),
             value: message.numeric_value(),
             long_time_on_page: message.kind.is_behavioral()
                 && message
@@ -1462,11 +1462,12 @@ impl<'a> Tx<'a> {
             }
         }
         let (key_index, key) = match &message.key {
-            Some((index, text)) => (*index, self.key_id(text)),
+            Some((index, Some(text))) => (*index, self.key_id(text)),
+            Some((index, None)) => (*index, NO_KEY),
             None => (crate::hot::NO_PROPERTY, NO_KEY),
         };
         let (value_index, value) = match message.value {
-            Some((index, value)) => (index, value as f32),
+            Some((index, number)) => (index, number.map_or(f32::NAN, |v| v as f32)),
             None => (crate::hot::NO_PROPERTY, f32::NAN),
         };
         let record = HotRecord {

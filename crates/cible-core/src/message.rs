@@ -467,28 +467,27 @@ impl Message {
         }
     }
 
-    /// The property the hot store keeps a dictionary id of (the thing the event is about), as
-    /// its index in [`KEY_PROPERTIES`] and its text. Only text values qualify.
-    pub fn key_property(&self) -> Option<(u8, &str)> {
+    /// The property the hot store keeps a dictionary id of (the thing the event is about): the
+    /// first of [`KEY_PROPERTIES`] present (not null), as its index and its text (`None` when
+    /// the value is not text: evaluation then reads the full message).
+    pub fn key_property(&self) -> Option<(u8, Option<&str>)> {
         KEY_PROPERTIES.iter().enumerate().find_map(|(index, name)| {
-            self.properties
-                .get(*name)
-                .and_then(Value::as_str)
-                .map(|text| (index as u8, text))
+            match self.properties.get(*name) {
+                None | Some(Value::Null) => None,
+                Some(value) => Some((index as u8, value.as_str())),
+            }
         })
     }
 
-    /// The number the hot store keeps (revenue, total, value, price or time on page), as its
-    /// index in [`VALUE_PROPERTIES`] and its value.
-    pub fn numeric_value(&self) -> Option<(u8, f64)> {
+    /// The number the hot store keeps: the first of [`VALUE_PROPERTIES`] present (not null), as
+    /// its index and its number (`None` when it does not read as one).
+    pub fn numeric_value(&self) -> Option<(u8, Option<f64>)> {
         VALUE_PROPERTIES
             .iter()
             .enumerate()
-            .find_map(|(index, name)| {
-                self.properties
-                    .get(*name)
-                    .and_then(number_of)
-                    .map(|n| (index as u8, n))
+            .find_map(|(index, name)| match self.properties.get(*name) {
+                None | Some(Value::Null) => None,
+                Some(value) => Some((index as u8, number_of(value))),
             })
     }
 
@@ -544,7 +543,7 @@ mod tests {
         .unwrap();
         assert_eq!(message.user_id.as_deref(), Some("42"));
         assert_eq!(message.timestamp, NOW - 4 * 3_600_000);
-        assert_eq!(message.numeric_value(), Some((0, 19.5)));
+        assert_eq!(message.numeric_value(), Some((0, Some(19.5))));
     }
 
     #[test]

@@ -56,16 +56,24 @@ impl Events for HotEvents<'_> {
         {
             // Key properties are kept in priority order: a lower index present hides ours.
             return match event.key_property() {
-                Some(held) if held == wanted => {
-                    Ok(event.key != NO_KEY && passing.contains(&event.key))
-                }
+                // Held but not text: only the full message can tell.
+                Some(held) if held == wanted && event.key == NO_KEY => Err(NeedMessages),
+                Some(held) if held == wanted => Ok(passing.contains(&event.key)),
                 Some(held) if held < wanted => Err(NeedMessages),
                 _ => Ok(false),
             };
         }
-        match self.number(index, &condition.property)? {
-            Some(number) => Ok(condition.test.passes_number(number)),
-            None => Ok(false),
+        let Some(wanted) = condition.property.value_index else {
+            return Err(NeedMessages);
+        };
+        match event.value_property() {
+            // Present but not a number: `!=` and text comparisons need the full message.
+            Some(held) if held == wanted && event.value.is_nan() => Err(NeedMessages),
+            Some(held) if held == wanted => {
+                Ok(condition.test.passes_number(f64::from(event.value)))
+            }
+            Some(held) if held < wanted => Err(NeedMessages),
+            _ => Ok(false),
         }
     }
 

@@ -491,3 +491,51 @@ fn a_segment_on_an_event_not_yet_seen_fills_when_it_arrives() {
     assert_eq!(engine.live_members("openers").unwrap().len(), 1);
     assert_eq!(engine.members("openers").unwrap().len(), 1);
 }
+
+#[test]
+fn hot_rows_defer_to_full_messages_when_a_property_is_not_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let messages = [
+        serde_json::json!({"type": "track", "userId": "num", "event": "Product Viewed", "properties": {"product_id": 123}}),
+        serde_json::json!({"type": "track", "userId": "text", "event": "Order Completed", "properties": {"revenue": "n/a"}}),
+        serde_json::json!({"type": "track", "userId": "both", "event": "Product Viewed",
+            "properties": {"product_id": "P1", "category": "shoes"}}),
+    ];
+    let items = messages
+        .iter()
+        .map(|m| {
+            crate::message::parse_message(m.clone(), None, &crate::ParseContext::at(NOW_MS)).into()
+        })
+        .collect();
+    engine
+        .ingest(items, "test", crate::Durability::Buffered, NOW_MS)
+        .unwrap();
+    let members = |rule: &str| -> Vec<u32> {
+        let (members, _, _) = engine
+            .evaluate_rule(
+                &cible_lang::parse(rule).unwrap(),
+                NOW_MS,
+                &AtomicU64::new(0),
+            )
+            .unwrap();
+        members.iter().collect()
+    };
+    let id = |user: &str| engine.find_profile(user).unwrap();
+    assert_eq!(
+        members(r#"did("Product Viewed" where product_id = 123)"#),
+        [id("num")]
+    );
+    assert_eq!(
+        members(r#"did("Order Completed" where revenue != 5)"#),
+        [id("text")]
+    );
+    assert_eq!(
+        members(r#"did("Product Viewed" where category = "shoes")"#),
+        [id("both")]
+    );
+    assert_eq!(
+        members(r#"did("Product Viewed" where product_id = "P1")"#),
+        [id("both")]
+    );
+}
