@@ -38,6 +38,7 @@ pub mod check;
 pub mod diagnostics;
 pub mod lexer;
 pub mod parser;
+pub mod sql;
 
 pub use ast::Expr;
 pub use diagnostics::{Code, Diagnostic, Severity};

@@ -534,49 +534,67 @@ pub enum ExportCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Every live profile as JSON Lines: number, identifiers, current traits.
+    Profiles {
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     let engine = global.open_existing()?;
-    let ExportCommand::Events { out } = command;
-    let sink: Box<dyn Write> = match &out {
+    let (ExportCommand::Events { out } | ExportCommand::Profiles { out }) = &command;
+    let sink: Box<dyn Write> = match out {
         Some(path) => Box::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         ),
         None => Box::new(std::io::stdout().lock()),
     };
     let mut writer = BufWriter::with_capacity(1 << 20, sink);
-    let mut io_error = None;
-    engine
-        .for_each_event(|event| {
-            let line = cible_core::view::event_json(event);
-            if let Err(error) = serde_json::to_writer(&mut writer, &line)
-                .map_err(std::io::Error::from)
-                .and_then(|()| writer.write_all(b"\n"))
-            {
-                io_error = Some(error);
-                return Err(cible_core::EngineError::Invalid("output closed".into()));
-            }
-            Ok(())
-        })
-        .or_else(|error| {
-            if io_error.is_some() {
-                Ok(())
-            } else {
-                Err(error)
-            }
-        })?;
-    if let Some(error) = io_error
-        && error.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        return Err(error.into());
+    let result = match command {
+        ExportCommand::Events { .. } => export_events(&engine, &mut writer),
+        ExportCommand::Profiles { .. } => export_profiles(&engine, &mut writer),
+    };
+    match result.and_then(|()| writer.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    writer.flush().or_else(|e| {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            Ok(())
-        } else {
-            Err(e)
+}
+
+fn export_events(engine: &cible_core::Engine, writer: &mut impl Write) -> std::io::Result<()> {
+    let mut io_error = None;
+    let outcome = engine.for_each_event(|event| {
+        let line = cible_core::view::event_json(event);
+        if let Err(error) = serde_json::to_writer(&mut *writer, &line)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writer.write_all(b"\n"))
+        {
+            io_error = Some(error);
+            return Err(cible_core::EngineError::Invalid("output closed".into()));
         }
-    })?;
+        Ok(())
+    });
+    match (io_error, outcome) {
+        (Some(error), _) => Err(error),
+        (None, Err(error)) => Err(std::io::Error::other(error.to_string())),
+        (None, Ok(())) => Ok(()),
+    }
+}
+
+fn export_profiles(engine: &cible_core::Engine, writer: &mut impl Write) -> std::io::Result<()> {
+    for profile in engine.live_profiles() {
+        let record = engine
+            .profile_record(profile)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let traits: serde_json::Map<String, serde_json::Value> = record
+            .traits
+            .into_iter()
+            .map(|(name, t)| (name, t.value))
+            .collect();
+        let line = serde_json::json!({"profile": profile, "identifiers": record.identifiers, "traits": traits});
+        serde_json::to_writer(&mut *writer, &line)?;
+        writer.write_all(b"\n")?;
+    }
     Ok(())
 }

@@ -53,6 +53,12 @@ pub enum SegmentCommand {
     History { name: String },
     /// Recompute a segment's members now (after an import, or with a later --now).
     Refresh { name: String },
+    /// Print the SQL selecting the rule's members at --now over the documented table layout
+    /// (see docs/segment-language.md, "SQL").
+    Sql {
+        #[command(flatten)]
+        rule: RuleArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -155,6 +161,10 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
         SegmentCommand::Edit { name, rule } => {
             let (expr, source) = rule.parse(&engine, Some(&name))?;
             print_record(&engine.edit_segment(&name, expr, &source, now)?);
+        }
+        SegmentCommand::Sql { rule } => {
+            let (expr, _) = rule.parse(&engine, None)?;
+            println!("{}", cible_lang::sql::to_sql(&expr, now.div_euclid(1000)));
         }
         SegmentCommand::Refresh { name } => {
             print_record(&engine.backfill(&name, now, &AtomicU64::new(0))?);

@@ -539,3 +539,95 @@ fn hot_rows_defer_to_full_messages_when_a_property_is_not_what_they_hold() {
         [id("both")]
     );
 }
+
+/// Rules compared between cible and SQLite running the compiled SQL.
+const SQL_RULES: [&str; 16] = [
+    r#"count("Email Opened", 7d) >= 3 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
+    r#"count("Email Opened", 7d) >= 1 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
+    r#"sum("Order Completed".revenue, 365d) > 500"#,
+    r#"did("Product Added", 3d) and not did("Order Completed", 3d)"#,
+    r#"days_since("Order Completed") > 60"#,
+    r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
+    r#"count("Product Viewed" where category = "shoes", 30d) >= 2"#,
+    r#"avg("Order Completed".revenue, 90d) >= 150 and max("Product Viewed".price, 30d) < 100"#,
+    r#""Product Added" then not "Order Completed" within 24h"#,
+    r#""Email Link Clicked" then "Order Completed" within 2d"#,
+    r#"days_since_last_seen() > 20 and days_since_first_seen() > 40"#,
+    r#"trait.country in ("FR", "BE") and not (trait.plan = "free")"#,
+    r#"did("Product Viewed" where category in ("bags", "watches") and price >= 100, 14d)"#,
+    r#"min("Page Viewed".duration_s, 7d) < 10 and count("Page Viewed", 7d) >= 5"#,
+    r#"not did("Email Opened", 14d) and days_since_first("Order Completed") <= 30"#,
+    r#"did("Page Viewed" where path != "/", 2d) or count("Email Opened" where campaign_id starts_with "promo", 30d) >= 2"#,
+];
+
+#[test]
+fn compiled_sql_on_sqlite_selects_the_same_members() {
+    let (dir, engine) = loaded();
+    // Export the documented layout's inputs as cible export would.
+    let events = dir.path().join("export.jsonl");
+    let profiles = dir.path().join("profiles.jsonl");
+    let mut out = String::new();
+    engine
+        .for_each_event(|event| {
+            out.push_str(&crate::view::event_json(event).to_string());
+            out.push('\n');
+            Ok(())
+        })
+        .unwrap();
+    std::fs::write(&events, out).unwrap();
+    let mut out = String::new();
+    for profile in engine.live_profiles() {
+        let traits: serde_json::Map<String, Value> = engine
+            .profile_record(profile)
+            .unwrap()
+            .traits
+            .into_iter()
+            .map(|(k, t)| (k, t.value))
+            .collect();
+        out.push_str(&serde_json::json!({"profile": profile, "traits": traits}).to_string());
+        out.push('\n');
+    }
+    std::fs::write(&profiles, out).unwrap();
+
+    let mut queries = BTreeMap::new();
+    let mut expected = BTreeMap::new();
+    for (i, rule) in SQL_RULES.iter().enumerate() {
+        let expr = cible_lang::parse(rule).unwrap();
+        queries.insert(format!("r{i}"), cible_lang::sql::to_sql(&expr, NOW));
+        let (members, _, _) = engine
+            .evaluate_rule(&expr, NOW_MS, &AtomicU64::new(0))
+            .unwrap();
+        expected.insert(
+            format!("r{i}"),
+            members.iter().map(u64::from).collect::<Vec<u64>>(),
+        );
+    }
+    let queries_file = dir.path().join("queries.json");
+    std::fs::write(&queries_file, serde_json::to_string(&queries).unwrap()).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/sql/sqlite_members.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&events)
+        .arg(&profiles)
+        .arg(&queries_file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: BTreeMap<String, Vec<u64>> = serde_json::from_slice(&output.stdout).unwrap();
+    let mut non_empty = 0;
+    for (i, rule) in SQL_RULES.iter().enumerate() {
+        let name = format!("r{i}");
+        assert_eq!(got[&name], expected[&name], "{rule}\n{}", queries[&name]);
+        non_empty += usize::from(!expected[&name].is_empty());
+    }
+    assert!(
+        non_empty >= 13,
+        "the battery should select people: {non_empty} of {} rules did",
+        SQL_RULES.len()
+    );
+}

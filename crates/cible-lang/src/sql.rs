@@ -1,0 +1,296 @@
+//! Compilation of a rule to SQL (SQLite dialect, with its JSON functions) over the documented
+//! table layout, so results can be checked against, or run on, an external SQL engine:
+//!
+//! ```sql
+//! CREATE TABLE events (profile INTEGER, ts INTEGER,   -- seconds since the epoch, UTC
+//!                      event TEXT,                   -- NULL for identify, alias, group
+//!                      properties TEXT);             -- JSON object
+//! CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT);   -- JSON object
+//! CREATE TABLE segment_members (segment TEXT, profile INTEGER);
+//! ```
+//!
+//! The query selects `profile` from `profiles`. It has the meaning the engine gives the rule:
+//! windows `now - W < ts <= now`, a missing property fails every condition, a comparison with
+//! no value is false (never NULL, so `not` behaves), `sum` counts missing values as 0.
+
+use std::fmt::Write;
+
+use crate::ast::{Cmp, Condition, EventFilter, Expr, Literal, Measure, Test, Value, Window};
+
+/// The SQL selecting a rule's members at `now` (seconds since the epoch).
+pub fn to_sql(expr: &Expr, now: i64) -> String {
+    let compiler = Compiler { now };
+    format!(
+        "SELECT p.profile FROM profiles p WHERE {}",
+        compiler.expr(expr)
+    )
+}
+
+struct Compiler {
+    now: i64,
+}
+
+fn text(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A JSON path for a dotted property, each part quoted.
+fn path(property: &str) -> String {
+    let parts: Vec<String> = property
+        .split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\\\"")))
+        .collect();
+    text(&format!("$.{}", parts.join(".")))
+}
+
+fn number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n:?}")
+    }
+}
+
+/// SQL for the JSON value at `path` in `column`: its type, its value, and its value as a number
+/// (JSON numbers, and text that reads as a number).
+struct Json {
+    kind: String,
+    value: String,
+    number: String,
+}
+
+fn json(column: &str, property: &str) -> Json {
+    let path = path(property);
+    let kind = format!("json_type({column}, {path})");
+    let value = format!("json_extract({column}, {path})");
+    let number = format!(
+        "(CASE {kind} WHEN 'integer' THEN {value} WHEN 'real' THEN {value} \
+         WHEN 'text' THEN (CASE WHEN trim({value}) <> '' AND trim({value}) NOT GLOB '*[^0-9.eE+-]*' \
+         THEN CAST(trim({value}) AS REAL) END) END)"
+    );
+    Json {
+        kind,
+        value,
+        number,
+    }
+}
+
+fn equals(j: &Json, literal: &Literal) -> String {
+    match literal {
+        Literal::Str(s) => format!("({} = 'text' AND {} = {})", j.kind, j.value, text(s)),
+        Literal::Number(n) => format!("COALESCE({} = {}, 0)", j.number, number(*n)),
+        Literal::Bool(b) => format!("({} = '{b}')", j.kind),
+    }
+}
+
+/// A condition on a JSON value (an event property or a trait).
+fn test_json(j: &Json, test: &Test) -> String {
+    match test {
+        Test::In { values } => format!(
+            "({})",
+            values
+                .iter()
+                .map(|v| equals(j, v))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        ),
+        Test::Compare { cmp, value } => match cmp {
+            Cmp::Eq => equals(j, value),
+            Cmp::Ne => format!(
+                "({kind} IS NOT NULL AND {kind} <> 'null' AND NOT {})",
+                equals(j, value),
+                kind = j.kind
+            ),
+            Cmp::Contains | Cmp::StartsWith => {
+                let Literal::Str(needle) = value else {
+                    return "0".into();
+                };
+                let needle = text(needle);
+                let found = if *cmp == Cmp::Contains {
+                    format!("instr({}, {needle}) > 0", j.value)
+                } else {
+                    format!("substr({}, 1, length({needle})) = {needle}", j.value)
+                };
+                format!("({} = 'text' AND {found})", j.kind)
+            }
+            Cmp::Lt | Cmp::Le | Cmp::Gt | Cmp::Ge => {
+                let op = cmp.symbol();
+                match value {
+                    Literal::Number(n) => format!("COALESCE({} {op} {}, 0)", j.number, number(*n)),
+                    Literal::Str(s) => {
+                        format!("({} = 'text' AND {} {op} {})", j.kind, j.value, text(s))
+                    }
+                    Literal::Bool(_) => "0".into(),
+                }
+            }
+        },
+    }
+}
+
+impl Compiler {
+    fn window(&self, window: Option<Window>) -> String {
+        match window {
+            Some(w) => format!("e.ts > {} AND e.ts <= {}", self.now - w.ms / 1000, self.now),
+            None => format!("e.ts <= {}", self.now),
+        }
+    }
+
+    fn filter(&self, filter: &EventFilter) -> String {
+        let mut sql = format!("e.profile = p.profile AND e.event = {}", text(&filter.name));
+        for Condition { property, test } in &filter.conditions {
+            let _ = write!(
+                sql,
+                " AND {}",
+                test_json(&json("e.properties", property), test)
+            );
+        }
+        sql
+    }
+
+    fn events(&self, select: &str, filter: &EventFilter, window: Option<Window>) -> String {
+        format!(
+            "(SELECT {select} FROM events e WHERE {} AND {})",
+            self.filter(filter),
+            self.window(window)
+        )
+    }
+
+    fn measure(&self, function: &str, measure: &Measure, zero_for_missing: bool) -> String {
+        let n = json("e.properties", &measure.property).number;
+        let value = if zero_for_missing {
+            format!("COALESCE(SUM(COALESCE({n}, 0)), 0)")
+        } else {
+            format!("{function}({n})")
+        };
+        self.events(&value, &measure.event, measure.window)
+    }
+
+    /// A value as a number expression (NULL when it has none), or the JSON of a trait.
+    fn value(&self, value: &Value) -> Result<String, Json> {
+        let now = self.now;
+        Ok(match value {
+            Value::Count { event, window } => self.events("COUNT(*)", event, *window),
+            Value::Sum(m) => self.measure("SUM", m, true),
+            Value::Avg(m) => self.measure("AVG", m, false),
+            Value::Min(m) => self.measure("MIN", m, false),
+            Value::Max(m) => self.measure("MAX", m, false),
+            Value::DaysSince { event } => format!(
+                "(({now} - {}) / 86400.0)",
+                self.events("MAX(e.ts)", event, None)
+            ),
+            Value::DaysSinceFirst { event } => format!(
+                "(({now} - {}) / 86400.0)",
+                self.events("MIN(e.ts)", event, None)
+            ),
+            Value::DaysSinceFirstSeen | Value::DaysSinceLastSeen => {
+                let function = if matches!(value, Value::DaysSinceFirstSeen) {
+                    "MIN"
+                } else {
+                    "MAX"
+                };
+                format!(
+                    "(({now} - (SELECT {function}(e.ts) FROM events e WHERE e.profile = p.profile AND e.ts <= {now})) / 86400.0)"
+                )
+            }
+            Value::Attribute { name } => {
+                let property = name.split_once('.').map_or(name.as_str(), |(_, rest)| rest);
+                return Err(json("p.traits", property));
+            }
+        })
+    }
+
+    fn expr(&self, expr: &Expr) -> String {
+        match expr {
+            Expr::And { args } | Expr::Or { args } => {
+                let joiner = if matches!(expr, Expr::And { .. }) {
+                    " AND "
+                } else {
+                    " OR "
+                };
+                format!(
+                    "({})",
+                    args.iter()
+                        .map(|a| self.expr(a))
+                        .collect::<Vec<_>>()
+                        .join(joiner)
+                )
+            }
+            Expr::Not { arg } => format!("(NOT {})", self.expr(arg)),
+            Expr::Did { event, window } => format!("EXISTS {}", self.events("1", event, *window)),
+            Expr::Compare { left, cmp, right } => match self.value(left) {
+                Ok(sql) => {
+                    let Literal::Number(n) = right else {
+                        return "0".into();
+                    };
+                    let op = if *cmp == Cmp::Ne { "<>" } else { cmp.symbol() };
+                    format!("COALESCE({sql} {op} {}, 0)", number(*n))
+                }
+                Err(json) => test_json(
+                    &json,
+                    &Test::Compare {
+                        cmp: *cmp,
+                        value: right.clone(),
+                    },
+                ),
+            },
+            Expr::In { left, values } => match self.value(left) {
+                Ok(sql) => {
+                    let list: Vec<String> = values
+                        .iter()
+                        .filter_map(|v| {
+                            if let Literal::Number(n) = v {
+                                Some(number(*n))
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    format!("COALESCE({sql} IN ({}), 0)", list.join(", "))
+                }
+                Err(json) => test_json(
+                    &json,
+                    &Test::In {
+                        values: values.clone(),
+                    },
+                ),
+            },
+            Expr::Sequence {
+                first,
+                then,
+                negated,
+                within,
+            } => {
+                let now = self.now;
+                let last = self.events("MAX(e.ts)", first, None);
+                let within = within.ms / 1000;
+                let followed = format!(
+                    "EXISTS (SELECT 1 FROM events e WHERE {} AND e.ts > {last} AND e.ts <= {last} + {within} AND e.ts <= {now})",
+                    self.filter(then)
+                );
+                if *negated {
+                    format!(
+                        "({last} IS NOT NULL AND NOT {followed} AND {now} >= {last} + {within})"
+                    )
+                } else {
+                    followed
+                }
+            }
+            Expr::InSegment { segment, .. } => format!(
+                "EXISTS (SELECT 1 FROM segment_members s WHERE s.segment = {} AND s.profile = p.profile)",
+                text(segment)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_and_escapes() {
+        let sql = to_sql(&crate::parse(r#"did("O'Brien", 1d)"#).unwrap(), 1_000_000);
+        assert!(sql.contains("e.event = 'O''Brien'"), "{sql}");
+        assert!(sql.contains("e.ts > 913600 AND e.ts <= 1000000"), "{sql}");
+    }
+}
