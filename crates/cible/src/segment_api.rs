@@ -289,3 +289,20 @@ pub async fn history(
     let engine = Arc::clone(&state.engine);
     blocking(move || cible_core::view::size_history(&engine, &name)).await
 }
+
+pub async fn explain(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, profile)): Path<(String, String)>,
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || {
+        let ordinal = engine
+            .find_profile(&profile)
+            .ok_or_else(|| cible_core::EngineError::NotFound(format!("profile {profile:?}")))?;
+        engine.explain(&name, ordinal, now)
+    })
+    .await
+}

@@ -51,6 +51,14 @@ pub enum SegmentCommand {
     },
     /// Enters and exits over time, with the size after each computation.
     History { name: String },
+    /// Why a profile is in or out: each condition with the value it saw.
+    Explain {
+        name: String,
+        /// Profile number, userId, anonymousId or e-mail.
+        profile: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recompute a segment's members now (after an import, or with a later --now).
     Refresh { name: String },
     /// Print the SQL selecting the rule's members at --now over the documented table layout
@@ -228,6 +236,41 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
                 }
             }
             out.flush()?;
+        }
+        SegmentCommand::Explain {
+            name,
+            profile,
+            json,
+        } => {
+            let ordinal = engine
+                .find_profile(&profile)
+                .with_context(|| format!("no profile {profile:?}"))?;
+            let why = engine.explain(&name, ordinal, now)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&why)?);
+                return Ok(());
+            }
+            println!(
+                "profile {} is {} segment {} (the rule {} now)",
+                why.profile,
+                if why.member { "in" } else { "not in" },
+                why.segment,
+                if why.matches_now {
+                    "matches"
+                } else {
+                    "does not match"
+                }
+            );
+            for condition in &why.conditions {
+                let mark = if condition.result { "yes" } else { "no " };
+                println!(
+                    "  {mark}  {}   saw {}",
+                    condition.condition, condition.value
+                );
+            }
+            if let Some(next) = &why.next_change {
+                println!("  may change by itself at {next}");
+            }
         }
         SegmentCommand::History { name } => {
             for point in cible_core::view::size_history(&engine, &name)? {

@@ -257,6 +257,10 @@ fn router(state: AppState) -> Router {
             "/api/segments/{name}/history",
             get(crate::segment_api::history),
         )
+        .route(
+            "/api/segments/{name}/explain/{profile}",
+            get(crate::segment_api::explain),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(state)
 }

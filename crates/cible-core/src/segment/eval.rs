@@ -147,6 +147,33 @@ pub struct Verdict {
     pub next_change: Option<u32>,
 }
 
+/// One condition of a rule, with the value it saw, for "why is this profile in?".
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explained {
+    pub condition: String,
+    /// The count, sum, days, trait value... the condition compared (null when there was none).
+    pub value: Json,
+    pub result: bool,
+}
+
+/// Every leaf condition of the rule, evaluated for one profile. `expr` is the rule the plan was
+/// made from (for the text of each condition).
+pub fn explain(
+    plan: &Plan,
+    expr: &cible_lang::Expr,
+    events: &impl Events,
+    ctx: &Context<'_>,
+) -> Eval<Vec<Explained>> {
+    let mut evaluator = Evaluator {
+        events,
+        ctx,
+        next: None,
+    };
+    let mut out = Vec::new();
+    evaluator.explain(&plan.root, expr, &mut out)?;
+    Ok(out)
+}
+
 pub fn evaluate(plan: &Plan, events: &impl Events, ctx: &Context<'_>) -> Eval<Verdict> {
     let mut evaluator = Evaluator {
         events,
@@ -219,6 +246,48 @@ impl<E: Events> Evaluator<'_, E> {
         Ok(found)
     }
 
+    fn explain(
+        &mut self,
+        node: &Node,
+        expr: &cible_lang::Expr,
+        out: &mut Vec<Explained>,
+    ) -> Eval<()> {
+        use cible_lang::Expr;
+        match (node, expr) {
+            (Node::And(nodes), Expr::And { args }) | (Node::Or(nodes), Expr::Or { args }) => {
+                for (node, arg) in nodes.iter().zip(args) {
+                    self.explain(node, arg, out)?;
+                }
+            }
+            (Node::Not(inner), Expr::Not { arg }) => {
+                let start = out.len();
+                self.explain(inner, arg, out)?;
+                for explained in &mut out[start..] {
+                    explained.condition = format!("not {}", explained.condition);
+                    explained.result = !explained.result;
+                }
+            }
+            (leaf, expr) => {
+                let result = self.node(leaf)?;
+                let value = match leaf {
+                    Node::Did { filter, window } => {
+                        Json::from(self.in_window(filter, *window)?.len())
+                    }
+                    Node::Compare { value, test } => {
+                        self.value_of(value, test)?.unwrap_or(Json::Null)
+                    }
+                    _ => Json::Bool(result),
+                };
+                out.push(Explained {
+                    condition: expr.to_string(),
+                    value,
+                    result,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn node(&mut self, node: &Node) -> Eval<bool> {
         Ok(match node {
             Node::And(args) => {
@@ -250,6 +319,15 @@ impl<E: Events> Evaluator<'_, E> {
     }
 
     fn compare(&mut self, value: &ValueNode, test: &PropTest) -> Eval<bool> {
+        Ok(match self.value_of(value, test)? {
+            Some(Json::Number(n)) => n.as_f64().is_some_and(|n| test.passes_number(n)),
+            Some(json) => test.passes(&json) == Some(true),
+            None => false,
+        })
+    }
+
+    /// The value a comparison reads: a number computed from events, or a trait's JSON.
+    fn value_of(&mut self, value: &ValueNode, test: &PropTest) -> Eval<Option<Json>> {
         let now = self.ctx.now;
         let number = match value {
             ValueNode::Count { filter, window } => {
@@ -303,22 +381,24 @@ impl<E: Events> Evaluator<'_, E> {
             }
             ValueNode::Trait(path) => {
                 let Some((first, rest)) = path.split_first() else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 let mut value = match self.ctx.traits.get(first) {
                     Some(t) => &t.value,
-                    None => return Ok(false),
+                    None => return Ok(None),
                 };
                 for part in rest {
                     match value.get(part) {
                         Some(v) => value = v,
-                        None => return Ok(false),
+                        None => return Ok(None),
                     }
                 }
-                return Ok(!value.is_null() && test.passes(value) == Some(true));
+                return Ok((!value.is_null()).then(|| value.clone()));
             }
         };
-        Ok(number.is_some_and(|n| test.passes_number(n)))
+        Ok(number
+            .and_then(serde_json::Number::from_f64)
+            .map(Json::Number))
     }
 
     /// Days since `ts`, noting when it crosses the threshold the test compares it with.

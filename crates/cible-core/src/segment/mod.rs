@@ -73,6 +73,21 @@ pub struct Preview {
     pub duration_ms: u64,
 }
 
+/// The answer of [`Engine::explain`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub segment: String,
+    pub profile: u32,
+    pub rule: String,
+    /// Stored membership.
+    pub member: bool,
+    /// The rule's verdict at the time asked.
+    pub matches_now: bool,
+    /// When the verdict may next change by itself.
+    pub next_change: Option<String>,
+    pub conditions: Vec<eval::Explained>,
+}
+
 /// A snapshot of the dictionaries for planning.
 pub struct DictSnapshot {
     pub names: FxHashMap<String, u16>,
@@ -443,6 +458,58 @@ impl Engine {
         let verdict = evaluate(run.plan, &MessageEvents(events), &ctx)
             .expect("full messages answer every condition");
         Ok((verdict, true))
+    }
+
+    /// "Why is this profile in (or out)?": each condition of the segment's rule with the value it
+    /// saw for the profile at `now`, and the stored membership.
+    pub fn explain(&self, name: &str, profile: u32, now: i64) -> Result<Explanation> {
+        let record = self.segment(name)?;
+        let dictionaries = self.dictionaries();
+        let plan = plan::plan(&record.ast, &dictionaries);
+        let mut dependencies = FxHashMap::default();
+        for segment in &plan.segments {
+            dependencies.insert(segment.clone(), self.members(segment)?);
+        }
+        let traits = self.profile_record(profile)?.traits;
+        let in_segment = |segment: &str| {
+            dependencies
+                .get(segment)
+                .is_some_and(|m: &RoaringBitmap| m.contains(profile))
+        };
+        let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
+        let ctx = Context {
+            now: now_s,
+            traits: &traits,
+            in_segment: &in_segment,
+        };
+        let hot = self.hot.read();
+        let hot_events = HotEvents(hot.events(profile));
+        let (verdict, conditions) = match (
+            evaluate(&plan, &hot_events, &ctx),
+            eval::explain(&plan, &record.ast, &hot_events, &ctx),
+        ) {
+            (Ok(verdict), Ok(conditions)) if !plan.needs_messages => (verdict, conditions),
+            _ => {
+                drop(hot);
+                let events = MessageEvents(self.full_events(profile, &dictionaries)?);
+                let verdict =
+                    evaluate(&plan, &events, &ctx).expect("full messages answer every condition");
+                let conditions = eval::explain(&plan, &record.ast, &events, &ctx)
+                    .expect("full messages answer every condition");
+                (verdict, conditions)
+            }
+        };
+        Ok(Explanation {
+            segment: record.name,
+            profile,
+            rule: record.rule,
+            member: self.members(name)?.contains(profile),
+            matches_now: verdict.member,
+            next_change: verdict
+                .next_change
+                .map(|s| crate::time::format_ms(i64::from(s) * 1000)),
+            conditions,
+        })
     }
 
     /// A profile's behavioural events with all their properties, oldest first.

@@ -89,6 +89,13 @@ fn segments_over_http_stay_exact_as_events_arrive() {
         get(&server.url("/api/segments/openers"), &admin).body["size"],
         1
     );
+    let why = get(
+        &server.url("/api/segments/openers/explain/ann@example.com"),
+        &admin,
+    )
+    .body;
+    assert_eq!(why["member"], true);
+    assert_eq!(why["conditions"][0]["value"], 2.0);
 
     let preview = send(
         &server.url("/api/segments/preview"),
