@@ -38,6 +38,16 @@ pub struct BenchArgs {
     /// Where to put the temporary stores (a fresh directory inside it).
     #[arg(long, default_value = ".")]
     dir: std::path::PathBuf,
+    /// What to measure: collect (import, HTTP, memory, restart) or segments (batch rebuild
+    /// against SQLite, event-to-membership latency).
+    #[arg(long, value_enum, default_value = "collect")]
+    suite: Suite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    Collect,
+    Segments,
 }
 
 struct Row {
@@ -49,6 +59,9 @@ struct Row {
 }
 
 pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
+    if args.suite == Suite::Segments {
+        return segments(global, &args);
+    }
     let now = global.now_ms()?;
     let work = tempfile::Builder::new()
         .prefix("cible-bench-")
@@ -278,3 +291,211 @@ fn http_ingest(
     anyhow::ensure!(engine.load_stats().events > 0);
     Ok(rate)
 }
+
+fn print_table(title: &str, rows: Vec<Row>) {
+    println!("{title}\n");
+    println!("| measure | cible | baseline (same run) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.measure, row.value, row.baseline, row.ratio, row.target
+        );
+    }
+}
+
+/// Batch rebuild of the 20-rule battery against SQLite running the compiled SQL on the same
+/// data, and event-to-membership latency with the live drivers on.
+fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
+    let now = global.now_ms()?;
+    let end_ms = now.div_euclid(cible_core::time::DAY_MS) * cible_core::time::DAY_MS;
+    let work = tempfile::Builder::new()
+        .prefix("cible-bench-")
+        .tempdir_in(&args.dir)?;
+    let file = work.path().join("events.jsonl");
+    let options = GenerateOptions {
+        profiles: args.profiles,
+        days: args.days,
+        seed: 1,
+        end_ms,
+    };
+    eprintln!(
+        "generating {} profiles over {} days ...",
+        args.profiles, args.days
+    );
+    let generated = crate::commands::write_generated(&options, &file)?;
+    let engine = Engine::open(&work.path().join("store"))?;
+    eprintln!("importing ...");
+    cible_core::import::import_files(
+        &engine,
+        std::slice::from_ref(&file),
+        end_ms,
+        &Arc::default(),
+    )?;
+    let events = engine.load_stats().events;
+    let exprs: Vec<cible_lang::Expr> = cible_core::segment::BATTERY
+        .iter()
+        .map(|r| cible_lang::parse(r).map_err(|d| anyhow::anyhow!(d.message)))
+        .collect::<Result<_, _>>()?;
+
+    eprintln!("rebuilding {} segments ...", exprs.len());
+    let started = Instant::now();
+    let results = engine.evaluate_rules(&exprs, end_ms, &std::sync::atomic::AtomicU64::new(0))?;
+    let members: Vec<u64> = results.iter().map(|(m, _)| m.len()).collect();
+    let via_messages: u64 = results.iter().map(|(_, v)| v).sum();
+    let rebuild = started.elapsed().as_secs_f64();
+
+    // Baseline: SQLite on the documented layout, same rules compiled, same data.
+    eprintln!("exporting for SQLite ...");
+    let events_file = work.path().join("export.jsonl");
+    let profiles_file = work.path().join("profiles.jsonl");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&events_file)?);
+        engine.for_each_event(|event| {
+            use std::io::Write;
+            let _ = writeln!(out, "{}", cible_core::view::event_json(event));
+            Ok(())
+        })?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&profiles_file)?);
+        for profile in engine.live_profiles() {
+            use std::io::Write;
+            let traits: serde_json::Map<String, serde_json::Value> = engine
+                .profile_record(profile)?
+                .traits
+                .into_iter()
+                .map(|(k, t)| (k, t.value))
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"profile": profile, "traits": traits})
+            )?;
+        }
+    }
+    let queries: std::collections::BTreeMap<String, String> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            (
+                format!("r{i:02}"),
+                cible_lang::sql::to_sql(e, end_ms.div_euclid(1000)),
+            )
+        })
+        .collect();
+    let queries_file = work.path().join("queries.json");
+    std::fs::write(&queries_file, serde_json::to_string(&queries)?)?;
+    let script = work.path().join("sqlite_bench.py");
+    std::fs::write(&script, SQLITE_BENCH)?;
+    eprintln!("running the SQL on SQLite ...");
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&events_file)
+        .arg(&profiles_file)
+        .arg(&queries_file)
+        .output()
+        .context("running python3 (SQLite baseline)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "SQLite baseline failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sqlite: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let sqlite_s = sqlite["seconds"].as_f64().unwrap_or(f64::NAN);
+    for (i, count) in members.iter().enumerate() {
+        let theirs = sqlite["counts"][format!("r{i:02}")]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        anyhow::ensure!(
+            theirs == *count,
+            "rule {i}: cible {count} members, SQLite {theirs}"
+        );
+    }
+
+    // Latency: live drivers on the 20 segments, batches arriving at 50k events/s.
+    eprintln!("measuring event-to-membership latency ...");
+    for (i, expr) in exprs.iter().enumerate() {
+        engine.create_segment(&format!("bench-{i:02}"), expr.clone(), "", end_ms)?;
+    }
+    engine.start_live_segments(end_ms)?;
+    let text = std::fs::read_to_string(&file)?;
+    let lines: Vec<&str> = text.lines().rev().take(200_000).collect();
+    let ctx = cible_core::ParseContext::at(end_ms);
+    let mut latencies = Vec::new();
+    let batch_size = 500; // 100 batches a second at 50k events/s
+    for (b, batch) in lines.chunks(batch_size).enumerate() {
+        // Fresh message ids: the same behaviour arriving again, as new events.
+        let items: Vec<cible_core::Incoming> = batch
+            .par_iter()
+            .map(|line| {
+                let mut value: serde_json::Value =
+                    serde_json::from_str(line).expect("generated JSON");
+                value["messageId"] = serde_json::Value::from(format!(
+                    "bench-{b}-{}",
+                    value["messageId"].as_str().unwrap_or("")
+                ));
+                cible_core::message::parse_message(value, None, &ctx).into()
+            })
+            .collect();
+        let started = Instant::now();
+        engine.ingest(items, "bench", Durability::Buffered, end_ms)?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let per_batch = latencies.iter().sum::<f64>() / latencies.len() as f64;
+    let sustainable = batch_size as f64 / (per_batch / 1000.0);
+
+    println!(
+        "cible bench --suite segments: {} messages, {events} events, {} profiles, {} days, {} cores\n",
+        generated.messages,
+        engine.load_stats().profiles,
+        args.days,
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    print_table(
+        "",
+        vec![
+            Row {
+                measure: "batch rebuild of 20 segments (s)",
+                value: format!(
+                    "{rebuild:.2} ({via_messages} profile evaluations read full messages)"
+                ),
+                baseline: format!("{sqlite_s:.2} (SQLite, compiled SQL)"),
+                ratio: format!("{:.1}x faster", sqlite_s / rebuild),
+                target: "<= 2 s at 1M profiles / 100M events; >= 5x DuckDB",
+            },
+            Row {
+                measure: "event to membership, batches of 500 (ms)",
+                value: format!("p50 {:.2}, p99 {:.2}", percentile(0.5), percentile(0.99)),
+                baseline: format!("{sustainable:.0} events/s sustainable"),
+                ratio: "-".into(),
+                target: "p99 <= 5 ms at 50k events/s",
+            },
+        ],
+    );
+    Ok(())
+}
+
+/// The SQLite baseline: loads the export into the documented layout, times the queries only.
+const SQLITE_BENCH: &str = r#"
+import json, sqlite3, sys, time
+from datetime import datetime
+events_path, profiles_path, queries_path = sys.argv[1:4]
+db = sqlite3.connect(":memory:")
+db.executescript("CREATE TABLE events (profile INTEGER, ts INTEGER, event TEXT, properties TEXT);"
+                 "CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT);"
+                 "CREATE TABLE segment_members (segment TEXT, profile INTEGER);")
+def seconds(text):
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000) // 1000
+with open(events_path) as f:
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+        ((e["profile"], seconds(e["timestamp"]), e.get("event") if e["type"] in ("track", "page", "screen") else None,
+          json.dumps(e.get("properties", {}))) for e in map(json.loads, f)))
+with open(profiles_path) as f:
+    db.executemany("INSERT INTO profiles VALUES (?, ?)", ((p["profile"], json.dumps(p["traits"])) for p in map(json.loads, f)))
+db.execute("CREATE INDEX events_by_profile ON events (profile, event, ts)")
+queries = json.load(open(queries_path))
+started = time.perf_counter()
+counts = {name: sum(1 for _ in db.execute(sql)) for name, sql in queries.items()}
+print(json.dumps({"seconds": time.perf_counter() - started, "counts": counts}))
+"#;

@@ -164,14 +164,15 @@ impl Engine {
         let Some(state) = guard.as_mut() else {
             return Ok(());
         };
-        let dictionaries = self.dictionaries();
-        if (dictionaries.names.len(), dictionaries.keys.len()) != state.dictionary_sizes {
+        let sizes = self.dictionary_sizes();
+        if sizes != state.dictionary_sizes {
             // New event names or key texts: conditions compiled against the old dictionaries
             // would miss them.
+            let dictionaries = self.dictionaries();
             for segment in &mut state.segments {
                 segment.plan = plan::plan(&segment.record.ast, &dictionaries);
             }
-            state.dictionary_sizes = (dictionaries.names.len(), dictionaries.keys.len());
+            state.dictionary_sizes = sizes;
         }
         let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
         let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
@@ -253,7 +254,7 @@ impl Engine {
         now: i64,
     ) -> Result<()> {
         let now_s = seconds(now);
-        let dictionaries: DictSnapshot = self.dictionaries();
+        let dictionaries: DictSnapshot = self.name_dictionary();
         let mut batch = self
             .store
             .db

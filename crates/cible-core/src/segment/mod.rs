@@ -18,7 +18,6 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, TraitValue};
-use crate::message::Message;
 use crate::store::{decode_event_key, profile_key};
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
 use plan::{Dictionaries, Plan, ValueNode};
@@ -73,6 +72,31 @@ pub struct Preview {
     pub duration_ms: u64,
 }
 
+/// Twenty varied rules over the data `cible generate` writes: the differential test against
+/// SQLite and the segment benchmark both use them.
+pub const BATTERY: [&str; 20] = [
+    r#"count("Email Opened", 7d) >= 3 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
+    r#"count("Email Opened", 7d) >= 1 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
+    r#"sum("Order Completed".revenue, 365d) > 500"#,
+    r#"did("Product Added", 3d) and not did("Order Completed", 3d)"#,
+    r#"days_since("Order Completed") > 60"#,
+    r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
+    r#"count("Product Viewed" where category = "shoes", 30d) >= 2"#,
+    r#"avg("Order Completed".revenue, 90d) >= 150 and max("Product Viewed".price, 30d) < 100"#,
+    r#""Product Added" then not "Order Completed" within 24h"#,
+    r#""Email Link Clicked" then "Order Completed" within 2d"#,
+    r#"days_since_last_seen() > 20 and days_since_first_seen() > 40"#,
+    r#"trait.country in ("FR", "BE") and not (trait.plan = "free")"#,
+    r#"did("Product Viewed" where category in ("bags", "watches") and price >= 100, 14d)"#,
+    r#"min("Page Viewed".duration_s, 7d) < 10 and count("Page Viewed", 7d) >= 5"#,
+    r#"not did("Email Opened", 14d) and days_since_first("Order Completed") <= 30"#,
+    r#"did("Page Viewed" where path != "/", 2d) or count("Email Opened" where campaign_id starts_with "promo", 30d) >= 2"#,
+    r#"count("Order Completed", 365d) >= 3 and days_since("Order Completed") <= 30"#,
+    r#"did("Email Link Clicked", 30d) and not did("Order Completed", 30d)"#,
+    r#"count("Product Viewed" where product_id in ("P012", "P123", "P305"), 90d) >= 1"#,
+    r#"sum("Order Completed".revenue, 30d) >= 200 or (did("Checkout Started", 7d) and not did("Order Completed", 7d))"#,
+];
+
 /// The answer of [`Engine::explain`].
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
@@ -102,6 +126,20 @@ impl Dictionaries for DictSnapshot {
         &self.keys
     }
 }
+
+/// The parts of a stored message that rule evaluation reads.
+#[derive(Deserialize)]
+struct EventPart {
+    #[serde(rename = "type")]
+    kind: crate::message::MessageType,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    properties: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One rule's members within a chunk of profiles, and its full-message evaluations.
+type ChunkResult = (Vec<u32>, u64);
 
 /// Everything one evaluation pass over the profiles reads.
 pub(crate) struct RuleRun<'a> {
@@ -195,7 +233,7 @@ impl Engine {
 
     /// Event names received so far (for the language's checks).
     pub fn event_names(&self) -> Vec<String> {
-        self.dictionaries().names.into_keys().collect()
+        self.name_dictionary().names.into_keys().collect()
     }
 
     /// Checks a rule against the store: unknown events (warnings), unknown segments and cycles
@@ -364,6 +402,23 @@ impl Engine {
     }
 
     /// A snapshot of the event-name and key dictionaries.
+    /// Event names only (what evaluating full messages needs); cheap, unlike the keys.
+    pub fn name_dictionary(&self) -> DictSnapshot {
+        self.with_dictionaries(|names, _| DictSnapshot {
+            names: names
+                .iter()
+                .filter(|(_, id)| **id < u32::from(u16::MAX))
+                .map(|(n, id)| (n.clone(), *id as u16))
+                .collect(),
+            keys: Vec::new(),
+        })
+    }
+
+    /// Sizes of the event-name and key dictionaries (they only grow).
+    pub fn dictionary_sizes(&self) -> (usize, usize) {
+        self.with_dictionaries(|names, keys| (names.len(), keys.len()))
+    }
+
     pub fn dictionaries(&self) -> DictSnapshot {
         self.with_dictionaries(|names, keys| DictSnapshot {
             names: names
@@ -383,48 +438,95 @@ impl Engine {
         now: i64,
         progress: &AtomicU64,
     ) -> Result<(RoaringBitmap, u64, u64)> {
+        let mut results = self.evaluate_rules(std::slice::from_ref(expr), now, progress)?;
+        let (members, via) = results.pop().expect("one rule, one result");
+        Ok((members, self.live_profiles().len() as u64, via))
+    }
+
+    /// Evaluates several rules in one pass over the profiles: each profile's traits and, when
+    /// a rule needs them, its full messages are read once for all rules. Returns each rule's
+    /// members and how many profile evaluations read full messages.
+    pub fn evaluate_rules(
+        &self,
+        exprs: &[Expr],
+        now: i64,
+        progress: &AtomicU64,
+    ) -> Result<Vec<(RoaringBitmap, u64)>> {
         let dictionaries = self.dictionaries();
-        let plan = plan::plan(expr, &dictionaries);
+        let plans: Vec<Plan> = exprs.iter().map(|e| plan::plan(e, &dictionaries)).collect();
         let mut dependencies = FxHashMap::default();
-        for segment in &plan.segments {
-            dependencies.insert(segment.clone(), self.members(segment)?);
+        for plan in &plans {
+            for segment in &plan.segments {
+                if !dependencies.contains_key(segment) {
+                    dependencies.insert(segment.clone(), self.members(segment)?);
+                }
+            }
         }
+        let needs_traits = plans.iter().any(|p| uses_traits(&p.root));
         let profiles = self.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
-        let needs_traits = uses_traits(&plan.root);
         let hot = self.hot.read();
-        let run = RuleRun {
-            plan: &plan,
-            hot: &hot,
-            dictionaries: &dictionaries,
-            now: now_s,
-            needs_traits,
-            dependencies: &dependencies,
-        };
-        let results: Vec<Result<(u32, bool, bool)>> = profiles
-            .par_chunks(4096)
-            .flat_map_iter(|chunk| {
-                let result: Vec<Result<(u32, bool, bool)>> = chunk
-                    .iter()
-                    .map(|&profile| {
-                        self.evaluate_profile(&run, profile)
-                            .map(|(verdict, via)| (profile, verdict.member, via))
-                    })
-                    .collect();
+        // Per chunk: for each rule, the members found and the full-message evaluations.
+        let chunks: Vec<Result<Vec<ChunkResult>>> = profiles
+            .par_chunks(2048)
+            .map(|chunk| {
+                let mut found: Vec<ChunkResult> = vec![(Vec::new(), 0); plans.len()];
+                for &profile in chunk {
+                    let traits: BTreeMap<String, TraitValue> = if needs_traits {
+                        self.profile_record(profile)
+                            .map(|r| r.traits)
+                            .unwrap_or_default()
+                    } else {
+                        BTreeMap::new()
+                    };
+                    let in_segment = |name: &str| {
+                        dependencies
+                            .get(name)
+                            .is_some_and(|m: &RoaringBitmap| m.contains(profile))
+                    };
+                    let ctx = Context {
+                        now: now_s,
+                        traits: &traits,
+                        in_segment: &in_segment,
+                    };
+                    let mut full: Option<MessageEvents> = None;
+                    for (plan, (members, via)) in plans.iter().zip(found.iter_mut()) {
+                        let hot_verdict = if plan.needs_messages {
+                            None
+                        } else {
+                            evaluate(plan, &HotEvents(hot.events(profile)), &ctx).ok()
+                        };
+                        let verdict = match hot_verdict {
+                            Some(verdict) => verdict,
+                            None => {
+                                if full.is_none() {
+                                    full = Some(MessageEvents(
+                                        self.full_events(profile, &dictionaries)?,
+                                    ));
+                                }
+                                *via += 1;
+                                let events = full.as_ref().expect("just loaded");
+                                evaluate(plan, events, &ctx)
+                                    .expect("full messages answer every condition")
+                            }
+                        };
+                        if verdict.member {
+                            members.push(profile);
+                        }
+                    }
+                }
                 progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                result
+                Ok(found)
             })
             .collect();
-        let mut members = RoaringBitmap::new();
-        let mut via_messages = 0;
-        for result in results {
-            let (profile, member, via) = result?;
-            if member {
-                members.insert(profile);
+        let mut results: Vec<(RoaringBitmap, u64)> = vec![(RoaringBitmap::new(), 0); plans.len()];
+        for chunk in chunks {
+            for ((members, via), (found, found_via)) in results.iter_mut().zip(chunk?) {
+                members.extend(found);
+                *via += found_via;
             }
-            via_messages += u64::from(via);
         }
-        Ok((members, profiles.len() as u64, via_messages))
+        Ok(results)
     }
 
     pub(crate) fn evaluate_profile(
@@ -518,13 +620,15 @@ impl Engine {
         let mut events = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            let message: Message =
+            // Only what evaluation reads; the rest of the message is skipped, not built.
+            let message: EventPart =
                 serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?;
             let (_, ts_ms, _) = decode_event_key(&key)
                 .ok_or_else(|| EngineError::Invalid("bad event key".into()))?;
             let name = message
-                .behavioral_name()
-                .and_then(|n| names.get(n).copied())
+                .event
+                .filter(|_| message.kind.is_behavioral())
+                .and_then(|n| names.get(&n).copied())
                 .unwrap_or(crate::hot::NO_NAME);
             let ts = ts_ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
             events.push(FullEvent {

@@ -540,26 +540,6 @@ fn hot_rows_defer_to_full_messages_when_a_property_is_not_what_they_hold() {
     );
 }
 
-/// Rules compared between cible and SQLite running the compiled SQL.
-const SQL_RULES: [&str; 16] = [
-    r#"count("Email Opened", 7d) >= 3 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
-    r#"count("Email Opened", 7d) >= 1 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
-    r#"sum("Order Completed".revenue, 365d) > 500"#,
-    r#"did("Product Added", 3d) and not did("Order Completed", 3d)"#,
-    r#"days_since("Order Completed") > 60"#,
-    r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
-    r#"count("Product Viewed" where category = "shoes", 30d) >= 2"#,
-    r#"avg("Order Completed".revenue, 90d) >= 150 and max("Product Viewed".price, 30d) < 100"#,
-    r#""Product Added" then not "Order Completed" within 24h"#,
-    r#""Email Link Clicked" then "Order Completed" within 2d"#,
-    r#"days_since_last_seen() > 20 and days_since_first_seen() > 40"#,
-    r#"trait.country in ("FR", "BE") and not (trait.plan = "free")"#,
-    r#"did("Product Viewed" where category in ("bags", "watches") and price >= 100, 14d)"#,
-    r#"min("Page Viewed".duration_s, 7d) < 10 and count("Page Viewed", 7d) >= 5"#,
-    r#"not did("Email Opened", 14d) and days_since_first("Order Completed") <= 30"#,
-    r#"did("Page Viewed" where path != "/", 2d) or count("Email Opened" where campaign_id starts_with "promo", 30d) >= 2"#,
-];
-
 #[test]
 fn compiled_sql_on_sqlite_selects_the_same_members() {
     let (dir, engine) = loaded();
@@ -591,7 +571,7 @@ fn compiled_sql_on_sqlite_selects_the_same_members() {
 
     let mut queries = BTreeMap::new();
     let mut expected = BTreeMap::new();
-    for (i, rule) in SQL_RULES.iter().enumerate() {
+    for (i, rule) in super::BATTERY.iter().enumerate() {
         let expr = cible_lang::parse(rule).unwrap();
         queries.insert(format!("r{i}"), cible_lang::sql::to_sql(&expr, NOW));
         let (members, _, _) = engine
@@ -620,7 +600,7 @@ fn compiled_sql_on_sqlite_selects_the_same_members() {
     );
     let got: BTreeMap<String, Vec<u64>> = serde_json::from_slice(&output.stdout).unwrap();
     let mut non_empty = 0;
-    for (i, rule) in SQL_RULES.iter().enumerate() {
+    for (i, rule) in super::BATTERY.iter().enumerate() {
         let name = format!("r{i}");
         assert_eq!(got[&name], expected[&name], "{rule}\n{}", queries[&name]);
         non_empty += usize::from(!expected[&name].is_empty());
@@ -628,6 +608,6 @@ fn compiled_sql_on_sqlite_selects_the_same_members() {
     assert!(
         non_empty >= 13,
         "the battery should select people: {non_empty} of {} rules did",
-        SQL_RULES.len()
+        super::BATTERY.len()
     );
 }
