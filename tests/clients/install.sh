@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Installs the official Segment clients used by the compatibility test into target/clients.
+# Installs what the tests need from PyPI and npm into target/clients: the official Segment
+# clients (compatibility test) and jsonschema (OpenAPI validation).
 # Idempotent: does nothing when they are already there.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out="${CIBLE_CLIENTS_DIR:-$here/../../target/clients}"
 mkdir -p "$out"
-if [ ! -d "$out/py/segment/analytics" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --target "$out/py" -r "$here/requirements.txt"
+# Reinstalled when the requirements change.
+stamp="$out/py/.requirements"
+if ! cmp -s "$here/requirements.txt" "$stamp" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$out/py" -r "$here/requirements.txt"
+  cp "$here/requirements.txt" "$stamp"
 fi
 if [ ! -d "$out/node/node_modules/@segment/analytics-node" ]; then
   mkdir -p "$out/node"

@@ -6,5 +6,6 @@ mod integration {
     pub mod common;
     mod crash;
     mod http;
+    mod openapi;
     mod segments;
 }

@@ -1,0 +1,166 @@
+//! Every endpoint answers as `docs/openapi.json` documents it: each answer recorded here
+//! (successes and errors) is validated against the file with jsonschema.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use super::common::*;
+
+struct Recorder {
+    base: String,
+    exchanges: Vec<Value>,
+}
+
+impl Recorder {
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        auth: Option<String>,
+        body: Option<Value>,
+    ) -> Value {
+        let mut request = ureq::request(method, &format!("{}{path}", self.base));
+        if let Some(auth) = auth {
+            request = request.set("Authorization", &auth);
+        }
+        let result = match body {
+            Some(body) => request.send_string(&body.to_string()),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(ureq::Error::Status(_, response)) => response,
+            Err(other) => panic!("{method} {path}: {other}"),
+        };
+        let status = response.status();
+        let content_type = response.header("content-type").unwrap_or("").to_string();
+        let text = response.into_string().unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        self.exchanges
+            .push(json!({"method": method, "path": path, "status": status,
+            "content_type": content_type, "body": body.clone()}));
+        body
+    }
+}
+
+#[test]
+fn every_answer_matches_the_openapi_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = create_key(dir.path(), "--write");
+    let admin = create_key(dir.path(), "--admin");
+    let server = Server::start(dir.path(), &[]);
+    let mut r = Recorder {
+        base: server.base.clone(),
+        exchanges: Vec::new(),
+    };
+    let w = || Some(basic(&write));
+    let a = || Some(format!("Bearer {admin}"));
+
+    r.call("GET", "/healthz", None, None);
+    r.call("POST", "/v1/batch", w(), Some(json!({"batch": [
+        {"type": "page", "anonymousId": "d1", "properties": {"url": "https://x.io/blog/a"}, "timestamp": "2026-04-30T10:00:00Z"},
+        {"type": "identify", "userId": "u1", "anonymousId": "d1", "traits": {"email": "u1@x.io", "plan": "pro"}},
+        {"type": "track", "userId": "u1", "event": "Order Completed", "properties": {"revenue": 40}},
+        {"type": "track", "userId": "u1"},
+    ]})));
+    r.call(
+        "POST",
+        "/v1/track",
+        w(),
+        Some(json!({"userId": "u2", "anonymousId": "d2", "event": "Email Opened"})),
+    );
+    r.call(
+        "POST",
+        "/v1/identify",
+        w(),
+        Some(json!({"userId": "u2", "traits": {"plan": "free"}})),
+    );
+    r.call(
+        "POST",
+        "/v1/alias",
+        w(),
+        Some(json!({"userId": "u2", "previousId": "old"})),
+    );
+    r.call("POST", "/v1/batch", None, Some(json!({"batch": []})));
+    r.call("POST", "/v1/batch", w(), Some(json!({"events": 1})));
+    r.call("GET", "/api/quality", a(), None);
+    r.call("GET", "/api/quality", w(), None);
+    r.call("GET", "/api/quality/quarantine?limit=5", a(), None);
+    r.call("POST", "/api/quality/replay", a(), None);
+    r.call("GET", "/api/profiles/u1?limit=2", a(), None);
+    r.call("GET", "/api/profiles/nobody", a(), None);
+    r.call("GET", "/api/profiles/u1?type=hover", a(), None);
+    r.call("GET", "/api/merges", a(), None);
+    r.call("POST", "/api/merges/99/unmerge", a(), None);
+    r.call("GET", "/api/keys", a(), None);
+    r.call(
+        "POST",
+        "/api/keys",
+        a(),
+        Some(json!({"kind": "write", "name": "site"})),
+    );
+    r.call(
+        "POST",
+        "/api/segments",
+        a(),
+        Some(json!({"name": "buyers", "rule": "did(\"Order Completed\", 30d)"})),
+    );
+    r.call(
+        "POST",
+        "/api/segments",
+        a(),
+        Some(json!({"name": "bad", "rule": "did(\"Order Completed\", 30days)"})),
+    );
+    r.call("POST", "/api/segments", a(), Some(json!({"name": "readers", "rule_json":
+        {"op": "did", "event": {"name": "Page Viewed", "where": [{"property": "path", "cmp": "starts_with", "value": "/blog/"}]}}})));
+    r.call("GET", "/api/segments", a(), None);
+    r.call("GET", "/api/segments/buyers", a(), None);
+    r.call(
+        "PUT",
+        "/api/segments/buyers",
+        a(),
+        Some(json!({"rule": "did(\"Order Completed\", 7d)"})),
+    );
+    r.call(
+        "POST",
+        "/api/segments/preview",
+        a(),
+        Some(json!({"rule": "trait.plan = \"pro\"", "sample": 3})),
+    );
+    r.call("GET", "/api/segments/buyers/members?limit=10", a(), None);
+    r.call("GET", "/api/segments/buyers/members?format=csv", a(), None);
+    r.call("GET", "/api/segments/buyers/history", a(), None);
+    r.call("GET", "/api/segments/buyers/explain/u1", a(), None);
+    r.call("GET", "/api/segments/nope", a(), None);
+    r.call("DELETE", "/api/segments/readers", a(), None);
+    r.call("DELETE", "/api/profiles/u2", a(), None);
+
+    let exchanges = dir.path().join("exchanges.json");
+    std::fs::write(&exchanges, serde_json::to_string(&r.exchanges).unwrap()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let clients = Command::new("bash")
+        .arg(root.join("tests/clients/install.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        clients.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clients.stderr)
+    );
+    let python_path = PathBuf::from(String::from_utf8(clients.stdout).unwrap().trim()).join("py");
+    let output = Command::new("python3")
+        .arg(root.join("tests/openapi/validate.py"))
+        .arg(root.join("docs/openapi.json"))
+        .arg(&exchanges)
+        .env("PYTHONPATH", python_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
