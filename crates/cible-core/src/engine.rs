@@ -360,6 +360,8 @@ pub struct Engine {
     /// Orders segment log entries written at the same instant; starts at the wall clock in
     /// nanoseconds so that entries of different runs never collide.
     log_seq: std::sync::atomic::AtomicU64,
+    /// Profiles evaluated by the segment backfill under way.
+    pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
 }
 
 /// Sizes of what was loaded at start.
@@ -443,6 +445,7 @@ impl Engine {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos() as u64),
             ),
+            backfill_progress: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

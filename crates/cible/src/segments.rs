@@ -164,11 +164,15 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
     match command {
         SegmentCommand::Create { name, rule } => {
             let (expr, source) = rule.parse(&engine, Some(&name))?;
-            print_record(&engine.create_segment(&name, expr, &source, now)?);
+            print_record(&with_progress(&engine, || {
+                engine.create_segment(&name, expr, &source, now)
+            })?);
         }
         SegmentCommand::Edit { name, rule } => {
             let (expr, source) = rule.parse(&engine, Some(&name))?;
-            print_record(&engine.edit_segment(&name, expr, &source, now)?);
+            print_record(&with_progress(&engine, || {
+                engine.edit_segment(&name, expr, &source, now)
+            })?);
         }
         SegmentCommand::Sql { rule } => {
             let (expr, _) = rule.parse(&engine, None)?;
@@ -282,6 +286,36 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a segment computation, drawing a progress bar over the profiles on a terminal.
+fn with_progress<T: Send>(engine: &Engine, work: impl FnOnce() -> T + Send) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
+    let total = engine.live_profiles().len() as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} computing [{elapsed_precise}] {wide_bar} {pos}/{len} profiles",
+        )
+        .expect("valid template"),
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.set_position(engine.backfill_progress().min(total));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    });
+    bar.finish_and_clear();
+    result
 }
 
 fn csv_field(text: &str) -> String {

@@ -187,6 +187,12 @@ pub(crate) fn uses_traits(node: &plan::Node) -> bool {
 }
 
 impl Engine {
+    /// Profiles evaluated so far by the running (or last) segment creation or edit, for a
+    /// progress bar.
+    pub fn backfill_progress(&self) -> u64 {
+        self.backfill_progress.load(Ordering::Relaxed)
+    }
+
     /// Every stored segment, by name.
     pub fn segments(&self) -> Result<Vec<SegmentRecord>> {
         let mut segments = Vec::new();
@@ -340,7 +346,8 @@ impl Engine {
         self.store
             .segments
             .insert(name.as_bytes(), to_json(&record))?;
-        let record = self.backfill(name, now, &AtomicU64::new(0))?;
+        self.backfill_progress.store(0, Ordering::Relaxed);
+        let record = self.backfill(name, now, &self.backfill_progress)?;
         self.reload_live_segments(now)?;
         Ok(record)
     }
@@ -361,7 +368,8 @@ impl Engine {
         self.store
             .segments
             .insert(name.as_bytes(), to_json(&record))?;
-        let record = self.backfill(name, now, &AtomicU64::new(0))?;
+        self.backfill_progress.store(0, Ordering::Relaxed);
+        let record = self.backfill(name, now, &self.backfill_progress)?;
         self.reload_live_segments(now)?;
         Ok(record)
     }
