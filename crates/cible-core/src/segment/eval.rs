@@ -223,7 +223,12 @@ impl<E: Events> Evaluator<'_, E> {
         }
         let now = self.ctx.now;
         let mut found = Vec::new();
-        for index in 0..self.events.len() {
+        // Events are sorted by time: skip those already out of the window.
+        let start = match window {
+            Some(w) => self.first_after(u64::from(now).saturating_sub(u64::from(w))),
+            None => 0,
+        };
+        for index in start..self.events.len() {
             let ts = self.events.ts(index);
             if ts > now {
                 // A future-dated event enters the window when its time comes.
@@ -244,6 +249,20 @@ impl<E: Events> Evaluator<'_, E> {
             }
         }
         Ok(found)
+    }
+
+    /// The first event with `ts > bound` (binary search over the sorted timeline).
+    fn first_after(&self, bound: u64) -> usize {
+        let (mut low, mut high) = (0, self.events.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            if u64::from(self.events.ts(mid)) <= bound {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
     }
 
     fn explain(
