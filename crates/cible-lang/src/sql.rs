@@ -17,9 +17,23 @@ use std::fmt::Write;
 
 use crate::ast::{Cmp, Condition, EventFilter, Expr, Literal, Measure, Test, Value, Window};
 
-/// The SQL selecting a rule's members at `now` (seconds since the epoch).
+/// The SQL engines the compiler writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite with its JSON1 functions.
+    Sqlite,
+    /// DuckDB with its json extension.
+    DuckDb,
+}
+
+/// The SQL (SQLite dialect) selecting a rule's members at `now` (seconds since the epoch).
 pub fn to_sql(expr: &Expr, now: i64) -> String {
-    let compiler = Compiler { now };
+    to_sql_for(expr, now, Dialect::Sqlite)
+}
+
+/// The SQL selecting a rule's members at `now`, for one dialect.
+pub fn to_sql_for(expr: &Expr, now: i64, dialect: Dialect) -> String {
+    let compiler = Compiler { now, dialect };
     format!(
         "SELECT p.profile FROM profiles p WHERE {}",
         compiler.expr(expr)
@@ -28,6 +42,7 @@ pub fn to_sql(expr: &Expr, now: i64) -> String {
 
 struct Compiler {
     now: i64,
+    dialect: Dialect,
 }
 
 fn text(value: &str) -> String {
@@ -51,35 +66,60 @@ fn number(n: f64) -> String {
     }
 }
 
-/// SQL for the JSON value at `path` in `column`: its type, its value, and its value as a number
-/// (JSON numbers, and text that reads as a number).
+/// SQL for the JSON value at `path` in `column`: tests of its type, its text, and its value as
+/// a number (JSON numbers, and text that reads as a number).
 struct Json {
-    kind: String,
-    value: String,
+    present: String,
+    is_text: String,
+    text: String,
     number: String,
+    is_true: String,
+    is_false: String,
 }
 
-fn json(column: &str, property: &str) -> Json {
+fn json(column: &str, property: &str, dialect: Dialect) -> Json {
     let path = path(property);
-    let kind = format!("json_type({column}, {path})");
-    let value = format!("json_extract({column}, {path})");
-    let number = format!(
-        "(CASE {kind} WHEN 'integer' THEN {value} WHEN 'real' THEN {value} \
-         WHEN 'text' THEN (CASE WHEN trim({value}) <> '' AND trim({value}) NOT GLOB '*[^0-9.eE+-]*' \
-         THEN CAST(trim({value}) AS REAL) END) END)"
-    );
-    Json {
-        kind,
-        value,
-        number,
+    match dialect {
+        Dialect::Sqlite => {
+            let kind = format!("json_type({column}, {path})");
+            let value = format!("json_extract({column}, {path})");
+            Json {
+                present: format!("({kind} IS NOT NULL AND {kind} <> 'null')"),
+                is_text: format!("{kind} = 'text'"),
+                number: format!(
+                    "(CASE {kind} WHEN 'integer' THEN {value} WHEN 'real' THEN {value} \
+                     WHEN 'text' THEN (CASE WHEN trim({value}) <> '' AND trim({value}) NOT GLOB '*[^0-9.eE+-]*' \
+                     THEN CAST(trim({value}) AS REAL) END) END)"
+                ),
+                is_true: format!("{kind} = 'true'"),
+                is_false: format!("{kind} = 'false'"),
+                text: value,
+            }
+        }
+        Dialect::DuckDb => {
+            let kind = format!("json_type({column}, {path})");
+            let value = format!("json_extract_string({column}, {path})");
+            Json {
+                present: format!("({kind} IS NOT NULL AND {kind} <> 'NULL')"),
+                is_text: format!("{kind} = 'VARCHAR'"),
+                number: format!(
+                    "(CASE WHEN {kind} IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT') THEN CAST({value} AS DOUBLE) \
+                     WHEN {kind} = 'VARCHAR' THEN TRY_CAST(trim({value}) AS DOUBLE) END)"
+                ),
+                is_true: format!("({kind} = 'BOOLEAN' AND {value} = 'true')"),
+                is_false: format!("({kind} = 'BOOLEAN' AND {value} = 'false')"),
+                text: value,
+            }
+        }
     }
 }
 
 fn equals(j: &Json, literal: &Literal) -> String {
     match literal {
-        Literal::Str(s) => format!("({} = 'text' AND {} = {})", j.kind, j.value, text(s)),
-        Literal::Number(n) => format!("COALESCE({} = {}, 0)", j.number, number(*n)),
-        Literal::Bool(b) => format!("({} = '{b}')", j.kind),
+        Literal::Str(s) => format!("({} AND {} = {})", j.is_text, j.text, text(s)),
+        Literal::Number(n) => format!("COALESCE({} = {}, false)", j.number, number(*n)),
+        Literal::Bool(true) => format!("({})", j.is_true),
+        Literal::Bool(false) => format!("({})", j.is_false),
     }
 }
 
@@ -96,31 +136,27 @@ fn test_json(j: &Json, test: &Test) -> String {
         ),
         Test::Compare { cmp, value } => match cmp {
             Cmp::Eq => equals(j, value),
-            Cmp::Ne => format!(
-                "({kind} IS NOT NULL AND {kind} <> 'null' AND NOT {})",
-                equals(j, value),
-                kind = j.kind
-            ),
+            Cmp::Ne => format!("({} AND NOT {})", j.present, equals(j, value)),
             Cmp::Contains | Cmp::StartsWith => {
                 let Literal::Str(needle) = value else {
-                    return "0".into();
+                    return "false".into();
                 };
                 let needle = text(needle);
                 let found = if *cmp == Cmp::Contains {
-                    format!("instr({}, {needle}) > 0", j.value)
+                    format!("instr({}, {needle}) > 0", j.text)
                 } else {
-                    format!("substr({}, 1, length({needle})) = {needle}", j.value)
+                    format!("substr({}, 1, length({needle})) = {needle}", j.text)
                 };
-                format!("({} = 'text' AND {found})", j.kind)
+                format!("({} AND {found})", j.is_text)
             }
             Cmp::Lt | Cmp::Le | Cmp::Gt | Cmp::Ge => {
                 let op = cmp.symbol();
                 match value {
-                    Literal::Number(n) => format!("COALESCE({} {op} {}, 0)", j.number, number(*n)),
-                    Literal::Str(s) => {
-                        format!("({} = 'text' AND {} {op} {})", j.kind, j.value, text(s))
+                    Literal::Number(n) => {
+                        format!("COALESCE({} {op} {}, false)", j.number, number(*n))
                     }
-                    Literal::Bool(_) => "0".into(),
+                    Literal::Str(s) => format!("({} AND {} {op} {})", j.is_text, j.text, text(s)),
+                    Literal::Bool(_) => "false".into(),
                 }
             }
         },
@@ -141,7 +177,7 @@ impl Compiler {
             let _ = write!(
                 sql,
                 " AND {}",
-                test_json(&json("e.properties", property), test)
+                test_json(&json("e.properties", property, self.dialect), test)
             );
         }
         sql
@@ -156,7 +192,7 @@ impl Compiler {
     }
 
     fn measure(&self, function: &str, measure: &Measure, zero_for_missing: bool) -> String {
-        let n = json("e.properties", &measure.property).number;
+        let n = json("e.properties", &measure.property, self.dialect).number;
         let value = if zero_for_missing {
             format!("COALESCE(SUM(COALESCE({n}, 0)), 0)")
         } else {
@@ -194,7 +230,7 @@ impl Compiler {
             }
             Value::Attribute { name } => {
                 let property = name.split_once('.').map_or(name.as_str(), |(_, rest)| rest);
-                return Err(json("p.traits", property));
+                return Err(json("p.traits", property, self.dialect));
             }
         })
     }
@@ -220,10 +256,10 @@ impl Compiler {
             Expr::Compare { left, cmp, right } => match self.value(left) {
                 Ok(sql) => {
                     let Literal::Number(n) = right else {
-                        return "0".into();
+                        return "false".into();
                     };
                     let op = if *cmp == Cmp::Ne { "<>" } else { cmp.symbol() };
-                    format!("COALESCE({sql} {op} {}, 0)", number(*n))
+                    format!("COALESCE({sql} {op} {}, false)", number(*n))
                 }
                 Err(json) => test_json(
                     &json,
@@ -245,7 +281,7 @@ impl Compiler {
                             }
                         })
                         .collect();
-                    format!("COALESCE({sql} IN ({}), 0)", list.join(", "))
+                    format!("COALESCE({sql} IN ({}), false)", list.join(", "))
                 }
                 Err(json) => test_json(
                     &json,

@@ -541,7 +541,7 @@ fn hot_rows_defer_to_full_messages_when_a_property_is_not_what_they_hold() {
 }
 
 #[test]
-fn compiled_sql_on_sqlite_selects_the_same_members() {
+fn compiled_sql_on_sqlite_and_duckdb_selects_the_same_members() {
     let (dir, engine) = loaded();
     // Export the documented layout's inputs as cible export would.
     let events = dir.path().join("export.jsonl");
@@ -569,11 +569,9 @@ fn compiled_sql_on_sqlite_selects_the_same_members() {
     }
     std::fs::write(&profiles, out).unwrap();
 
-    let mut queries = BTreeMap::new();
     let mut expected = BTreeMap::new();
     for (i, rule) in super::BATTERY.iter().enumerate() {
         let expr = cible_lang::parse(rule).unwrap();
-        queries.insert(format!("r{i}"), cible_lang::sql::to_sql(&expr, NOW));
         let (members, _, _) = engine
             .evaluate_rule(&expr, NOW_MS, &AtomicU64::new(0))
             .unwrap();
@@ -582,31 +580,63 @@ fn compiled_sql_on_sqlite_selects_the_same_members() {
             members.iter().map(u64::from).collect::<Vec<u64>>(),
         );
     }
-    let queries_file = dir.path().join("queries.json");
-    std::fs::write(&queries_file, serde_json::to_string(&queries).unwrap()).unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/sql/sqlite_members.py");
-    let output = std::process::Command::new("python3")
-        .arg(script)
-        .arg(&events)
-        .arg(&profiles)
-        .arg(&queries_file)
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let install = std::process::Command::new("bash")
+        .arg(root.join("tests/clients/install.sh"))
         .output()
         .unwrap();
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        install.status.success(),
+        "installing duckdb: {}",
+        String::from_utf8_lossy(&install.stderr)
     );
-    let got: BTreeMap<String, Vec<u64>> = serde_json::from_slice(&output.stdout).unwrap();
-    let mut non_empty = 0;
-    for (i, rule) in super::BATTERY.iter().enumerate() {
-        let name = format!("r{i}");
-        assert_eq!(got[&name], expected[&name], "{rule}\n{}", queries[&name]);
-        non_empty += usize::from(!expected[&name].is_empty());
+    let python_path =
+        std::path::PathBuf::from(String::from_utf8(install.stdout).unwrap().trim()).join("py");
+    for (engine_name, dialect) in [
+        ("sqlite", cible_lang::sql::Dialect::Sqlite),
+        ("duckdb", cible_lang::sql::Dialect::DuckDb),
+    ] {
+        let queries: BTreeMap<String, String> = super::BATTERY
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                (
+                    format!("r{i}"),
+                    cible_lang::sql::to_sql_for(&cible_lang::parse(rule).unwrap(), NOW, dialect),
+                )
+            })
+            .collect();
+        let queries_file = dir.path().join(format!("queries-{engine_name}.json"));
+        std::fs::write(&queries_file, serde_json::to_string(&queries).unwrap()).unwrap();
+        let output = std::process::Command::new("python3")
+            .arg(root.join("tests/sql/sql_members.py"))
+            .arg(engine_name)
+            .arg(&events)
+            .arg(&profiles)
+            .arg(&queries_file)
+            .env("PYTHONPATH", &python_path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{engine_name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let got: BTreeMap<String, Vec<u64>> =
+            serde_json::from_value(answer["members"].clone()).unwrap();
+        for (i, rule) in super::BATTERY.iter().enumerate() {
+            let name = format!("r{i}");
+            assert_eq!(
+                got[&name], expected[&name],
+                "{engine_name}: {rule}\n{}",
+                queries[&name]
+            );
+        }
     }
+    let non_empty = expected.values().filter(|m| !m.is_empty()).count();
     assert!(
-        non_empty >= 13,
+        non_empty >= 16,
         "the battery should select people: {non_empty} of {} rules did",
         super::BATTERY.len()
     );
