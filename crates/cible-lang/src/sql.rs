@@ -202,7 +202,7 @@ impl Compiler {
     }
 
     /// A value as a number expression (NULL when it has none), or the JSON of a trait.
-    fn value(&self, value: &Value) -> Result<String, Json> {
+    fn value(&self, value: &Value) -> Result<String, Box<Json>> {
         let now = self.now;
         Ok(match value {
             Value::Count { event, window } => self.events("COUNT(*)", event, *window),
@@ -230,7 +230,7 @@ impl Compiler {
             }
             Value::Attribute { name } => {
                 let property = name.split_once('.').map_or(name.as_str(), |(_, rest)| rest);
-                return Err(json("p.traits", property, self.dialect));
+                return Err(Box::new(json("p.traits", property, self.dialect)));
             }
         })
     }
