@@ -11,7 +11,9 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error, read_body};
+use crate::server::{
+    ApiError, ApiResult, AppState, blocking, check_admin, error, off_thread, read_body,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,7 +127,7 @@ async fn save(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let created = existing.is_none();
-    let outcome = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let outcome = off_thread(move || -> Result<_, ApiError> {
         let warnings = checked(&engine, &expr, &source, Some(&name))?;
         let record = if created {
             engine.create_segment(&name, expr, &source, now)
@@ -135,14 +137,7 @@ async fn save(
         .map_err(ApiError::from)?;
         Ok((record, warnings))
     })
-    .await
-    .map_err(|join| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            join.to_string(),
-        )
-    })??;
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -189,7 +184,7 @@ pub async fn preview(State(state): State<AppState>, headers: HeaderMap, body: Bo
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let sample = request.sample.unwrap_or(10).min(1000);
-    let outcome = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let outcome = off_thread(move || -> Result<_, ApiError> {
         let warnings = checked(&engine, &expr, &source, None)?;
         let preview = engine.preview(&expr, now, sample).map_err(ApiError::from)?;
         let sample: Vec<Value> = preview
@@ -203,8 +198,7 @@ pub async fn preview(State(state): State<AppState>, headers: HeaderMap, body: Bo
         Ok(json!({"count": preview.count, "profiles": preview.profiles, "duration_ms": preview.duration_ms,
             "sample": sample, "warnings": warnings}))
     })
-    .await
-    .map_err(|join| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", join.to_string()))??;
+    .await?;
     Ok(axum::Json(outcome).into_response())
 }
 
@@ -242,18 +236,10 @@ pub async fn members(
     } else {
         query.limit.unwrap_or(100).min(10_000)
     };
-    let (total, page) = tokio::task::spawn_blocking(move || {
-        cible_core::view::members_page(&engine, &name, offset, limit)
+    let (total, page) = off_thread(move || {
+        cible_core::view::members_page(&engine, &name, offset, limit).map_err(ApiError::from)
     })
-    .await
-    .map_err(|join| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            join.to_string(),
-        )
-    })?
-    .map_err(ApiError::from)?;
+    .await?;
     if csv {
         let mut text = String::from("profile,primary_id,email,entered_at\n");
         for member in page {

@@ -633,6 +633,19 @@ async fn submit(state: &AppState, items: Vec<Incoming>) -> ApiResult {
     }
 }
 
+/// Runs blocking work (store access) off the async workers.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|join| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            join.to_string(),
+        )
+    })?
+}
+
 /// Runs store reads off the async workers and answers JSON.
 pub(crate) async fn blocking<T: serde::Serialize + Send + 'static>(
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
@@ -794,16 +807,12 @@ async fn api_create_key(
     })?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let key =
-        tokio::task::spawn_blocking(move || engine.create_key(request.kind, &request.name, now))
-            .await
-            .map_err(|join| {
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    join.to_string(),
-                )
-            })??;
+    let key = off_thread(move || {
+        engine
+            .create_key(request.kind, &request.name, now)
+            .map_err(ApiError::from)
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"key": key, "kind": request.kind})),

@@ -343,11 +343,16 @@ impl Engine {
             size: 0,
             last_backfill: None,
         };
+        self.save_and_backfill(&record, now)
+    }
+
+    /// Stores a segment's rule, computes its members, and hands it to the live drivers.
+    fn save_and_backfill(&self, record: &SegmentRecord, now: i64) -> Result<SegmentRecord> {
         self.store
             .segments
-            .insert(name.as_bytes(), to_json(&record))?;
+            .insert(record.name.as_bytes(), to_json(record))?;
         self.backfill_progress.store(0, Ordering::Relaxed);
-        let record = self.backfill(name, now, &self.backfill_progress)?;
+        let record = self.backfill(&record.name, now, &self.backfill_progress)?;
         self.reload_live_segments(now)?;
         Ok(record)
     }
@@ -365,13 +370,7 @@ impl Engine {
         record.rule = expr.to_string();
         record.ast = expr;
         record.updated_at = now;
-        self.store
-            .segments
-            .insert(name.as_bytes(), to_json(&record))?;
-        self.backfill_progress.store(0, Ordering::Relaxed);
-        let record = self.backfill(name, now, &self.backfill_progress)?;
-        self.reload_live_segments(now)?;
-        Ok(record)
+        self.save_and_backfill(&record, now)
     }
 
     /// Deletes a segment, its membership and its log; refused while other segments use it.
