@@ -825,7 +825,24 @@ async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> Api
     Ok(axum::Json(state.engine.list_keys()).into_response())
 }
 
-/// `serve --demo`: demo data into an empty store, then fresh keys, printed.
+/// Segments the demo starts with.
+const DEMO_SEGMENTS: [(&str, &str); 4] = [
+    (
+        "big-spenders",
+        r#"sum("Order Completed".revenue, 365d) > 500"#,
+    ),
+    (
+        "cart-abandoners",
+        r#""Product Added" then not "Order Completed" within 24h and did("Product Added", 7d)"#,
+    ),
+    ("lapsed-buyers", r#"days_since("Order Completed") > 30"#),
+    (
+        "blog-readers-or-pro",
+        r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
+    ),
+];
+
+/// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed.
 fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> {
     if engine.load_stats().events == 0 {
         let dir = tempfile::tempdir()?;
@@ -847,6 +864,11 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             summary.duplicates,
             summary.seconds
         );
+        for (name, rule) in DEMO_SEGMENTS {
+            let expr = cible_lang::parse(rule).map_err(|d| anyhow::anyhow!(d.message))?;
+            let record = engine.create_segment(name, expr, rule, now)?;
+            println!("demo segment {name}: {} members  ({rule})", record.size);
+        }
     }
     let write = engine.create_key(KeyKind::Write, "demo write key", now)?;
     let admin = engine.create_key(KeyKind::Admin, "demo admin key", now)?;
