@@ -141,7 +141,8 @@ impl Engine {
         }
         let everyone: Vec<u32> = self.live_profiles();
         let all: Vec<usize> = (0..state.segments.len()).collect();
-        self.reevaluate(&mut state, &all, &everyone, &FxHashSet::default(), now)?;
+        let rounds: Vec<(usize, Vec<u32>)> = all.iter().map(|i| (*i, everyone.clone())).collect();
+        self.reevaluate(&mut state, &rounds, &FxHashSet::default(), now)?;
         Ok(state)
     }
 
@@ -201,11 +202,9 @@ impl Engine {
                 profiles.dedup();
             }
         }
-        for (index, profiles) in round {
-            if !profiles.is_empty() {
-                self.reevaluate(state, &[index], &profiles, &touched.gone, now)?;
-            }
-        }
+        // One pass, one store batch for every segment of this round.
+        round.retain(|(_, profiles)| !profiles.is_empty());
+        self.reevaluate(state, &round, &touched.gone, now)?;
         Ok(())
     }
 
@@ -235,7 +234,9 @@ impl Engine {
                 (segment + 1..state.segments.len())
                     .filter(|i| state.segments[*i].plan.segments.contains(&name)),
             );
-            self.reevaluate(state, &indexes, &profiles, &FxHashSet::default(), now)?;
+            let rounds: Vec<(usize, Vec<u32>)> =
+                indexes.iter().map(|i| (*i, profiles.clone())).collect();
+            self.reevaluate(state, &rounds, &FxHashSet::default(), now)?;
         }
         Ok(state
             .timers
@@ -248,8 +249,7 @@ impl Engine {
     fn reevaluate(
         &self,
         state: &mut LiveState,
-        indexes: &[usize],
-        profiles: &[u32],
+        rounds: &[(usize, Vec<u32>)],
         gone: &FxHashSet<u32>,
         now: i64,
     ) -> Result<()> {
@@ -261,7 +261,8 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         let mut dirty = false;
-        for &index in indexes {
+        for (index, profiles) in rounds {
+            let (index, profiles) = (*index, profiles.as_slice());
             let dependencies: FxHashMap<String, RoaringBitmap> = state.segments[index]
                 .plan
                 .segments
@@ -331,14 +332,11 @@ impl Engine {
                     .map_err(|e| EngineError::Invalid(e.to_string()))?;
                 batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
                 segment.record.size = segment.members.len();
-                if let Ok(mut stored) = self.segment(&segment.record.name) {
-                    stored.size = segment.record.size;
-                    batch.insert(
-                        &self.store.segments,
-                        segment.record.name.as_bytes(),
-                        to_json(&stored),
-                    );
-                }
+                batch.insert(
+                    &self.store.segments,
+                    segment.record.name.as_bytes(),
+                    to_json(&segment.record),
+                );
                 dirty = true;
             }
         }
