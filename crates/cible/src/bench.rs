@@ -480,7 +480,11 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                     "{rebuild:.2} ({via_messages} profile evaluations read full messages)"
                 ),
                 baseline: format!("{sql_s:.2} ({engine_name}, compiled SQL, queries only)"),
-                ratio: format!("{:.1}x faster", sql_s / rebuild),
+                ratio: if sql_s >= rebuild {
+                    format!("{:.1}x faster", sql_s / rebuild)
+                } else {
+                    format!("{:.1}x slower", rebuild / sql_s)
+                },
                 target: "<= 2 s at 1M profiles / 100M events; >= 5x DuckDB",
             },
             Row {
