@@ -339,3 +339,43 @@ impl PropTest {
             == Some(true)
     }
 }
+
+impl Plan {
+    /// The top-level event properties the plan reads (for decoding full messages sparingly).
+    pub fn property_roots(&self) -> FxHashSet<String> {
+        fn filter(f: &Filter, out: &mut FxHashSet<String>) {
+            for condition in &f.conditions {
+                out.extend(condition.property.path.first().cloned());
+            }
+        }
+        fn walk(node: &Node, out: &mut FxHashSet<String>) {
+            match node {
+                Node::And(args) | Node::Or(args) => args.iter().for_each(|a| walk(a, out)),
+                Node::Not(arg) => walk(arg, out),
+                Node::Did { filter: f, .. } => filter(f, out),
+                Node::Sequence { first, then, .. } => {
+                    filter(first, out);
+                    filter(then, out);
+                }
+                Node::Compare { value, .. } => match value {
+                    ValueNode::Count { filter: f, .. } | ValueNode::DaysSince { filter: f, .. } => {
+                        filter(f, out)
+                    }
+                    ValueNode::Aggregate {
+                        filter: f,
+                        property,
+                        ..
+                    } => {
+                        filter(f, out);
+                        out.extend(property.path.first().cloned());
+                    }
+                    ValueNode::DaysSinceSeen { .. } | ValueNode::Trait(_) => {}
+                },
+                Node::InSegment(_) => {}
+            }
+        }
+        let mut out = FxHashSet::default();
+        walk(&self.root, &mut out);
+        out
+    }
+}
