@@ -679,19 +679,31 @@ impl Engine {
     /// Finds a live profile by userId, anonymousId, e-mail or, last, profile number (so a
     /// numeric userId wins over a profile number), following merges to the survivor.
     pub fn find_profile(&self, id: &str) -> Option<u32> {
+        self.lookup_profile(id).map(|found| found.profile)
+    }
+
+    /// [`Engine::find_profile`], saying whether `id` was a profile number merged into another.
+    pub fn lookup_profile(&self, id: &str) -> Option<Lookup> {
         let state = self.state.lock();
         let email = crate::normalize::normalize_email(id);
         let by_identifier = [identity::user_ident(id), identity::anonymous_ident(id)]
             .into_iter()
             .chain(email.map(|e| identity::email_ident(&e)))
             .find_map(|ident| state.idents.get(&ident).copied());
-        by_identifier.or_else(|| {
-            let ordinal = id
-                .parse::<u32>()
-                .ok()
-                .filter(|o| *o < state.counters.next_profile)?;
-            let live = state.find(ordinal);
-            state.profiles[live as usize].alive.then_some(live)
+        if let Some(profile) = by_identifier {
+            return Some(Lookup {
+                profile,
+                merged_from: None,
+            });
+        }
+        let ordinal = id
+            .parse::<u32>()
+            .ok()
+            .filter(|o| *o < state.counters.next_profile)?;
+        let live = state.find(ordinal);
+        state.profiles[live as usize].alive.then_some(Lookup {
+            profile: live,
+            merged_from: (live != ordinal).then_some(ordinal),
         })
     }
 
@@ -1000,6 +1012,14 @@ impl Engine {
         keys.sort_by_key(|k| k.created_at);
         keys
     }
+}
+
+/// The result of [`Engine::lookup_profile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    pub profile: u32,
+    /// The profile number asked for, when it was merged into `profile`.
+    pub merged_from: Option<u32>,
 }
 
 /// The result of [`Engine::remove_profile`].

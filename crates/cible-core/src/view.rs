@@ -89,9 +89,10 @@ pub fn profile_view(
     id: &str,
     query: TimelineQuery,
 ) -> Result<ProfileView, EngineError> {
-    let profile = engine
-        .find_profile(id)
+    let found = engine
+        .lookup_profile(id)
         .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+    let profile = found.profile;
     let record = engine.profile_record(profile)?;
     let mut identifiers = Identifiers::default();
     for ident in &record.identifiers {
@@ -131,7 +132,7 @@ pub fn profile_view(
     let events = engine.timeline(profile, query.kind, query.offset, query.limit)?;
     Ok(ProfileView {
         id: profile,
-        requested_merged_profile: id.parse::<u32>().ok().filter(|asked| *asked != profile),
+        requested_merged_profile: found.merged_from,
         identifiers,
         traits: record
             .traits

@@ -430,3 +430,32 @@ fn removing_a_profile_removes_everything_it_held() {
         1
     );
 }
+
+#[test]
+fn a_numeric_user_id_wins_over_a_profile_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    for user in ["a", "b", "c", "1"] {
+        ingest(
+            &engine,
+            &[track(
+                &format!("m-{user}"),
+                Some(user),
+                None,
+                "Email Opened",
+                5,
+            )],
+        );
+    }
+    let by_user = engine.lookup_profile("1").unwrap();
+    assert_eq!(by_user.profile, engine.find_profile("1").unwrap());
+    assert_eq!(
+        engine.profile_record(by_user.profile).unwrap().identifiers,
+        ["u:1"]
+    );
+    assert_eq!(by_user.merged_from, None);
+    // A profile number still works when no identifier has that text.
+    assert_eq!(engine.lookup_profile("2").unwrap().profile, 2);
+    let view = crate::view::profile_view(&engine, "1", Default::default()).unwrap();
+    assert!(view.requested_merged_profile.is_none());
+}
