@@ -230,36 +230,30 @@ pub async fn members(
     };
     let engine = Arc::clone(&state.engine);
     let offset = query.offset.unwrap_or(0);
-    // CSV is the whole list; JSON is paginated.
-    let limit = if csv {
-        usize::MAX
-    } else {
-        query.limit.unwrap_or(100).min(10_000)
-    };
+    if csv {
+        // Streamed: pages of members are formatted off the async workers and sent as they come.
+        let checked = Arc::clone(&engine);
+        let segment = name.clone();
+        off_thread(move || checked.segment(&segment).map(drop).map_err(ApiError::from)).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<String>(4);
+        tokio::task::spawn_blocking(move || stream_members_csv(&engine, &name, &sender));
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver
+                .recv()
+                .await
+                .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), receiver))
+        });
+        return Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    }
+    let limit = query.limit.unwrap_or(100).min(10_000);
     let (total, page) = off_thread(move || {
         cible_core::view::members_page(&engine, &name, offset, limit).map_err(ApiError::from)
     })
     .await?;
-    if csv {
-        let mut text = String::from("profile,primary_id,email,entered_at\n");
-        for member in page {
-            let field = |s: &str| {
-                if s.contains([',', '"', '\n']) {
-                    format!("\"{}\"", s.replace('"', "\"\""))
-                } else {
-                    s.to_string()
-                }
-            };
-            text.push_str(&format!(
-                "{},{},{},{}\n",
-                member.profile,
-                field(&member.primary_id),
-                field(&member.email),
-                member.entered_at.unwrap_or_default()
-            ));
-        }
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
-    }
     Ok(
         axum::Json(json!({"total": total, "offset": offset, "limit": limit, "members": page}))
             .into_response(),
@@ -291,4 +285,49 @@ pub async fn explain(
         engine.explain(&name, ordinal, now)
     })
     .await
+}
+
+/// Writes a segment's members as CSV into `sender`, a page at a time; stops when the client goes.
+fn stream_members_csv(
+    engine: &cible_core::Engine,
+    name: &str,
+    sender: &tokio::sync::mpsc::Sender<String>,
+) {
+    const PAGE: usize = 5_000;
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    if sender
+        .blocking_send("profile,primary_id,email,entered_at\n".into())
+        .is_err()
+    {
+        return;
+    }
+    let (Ok(members), Ok(entered_at)) = (
+        engine.members(name),
+        cible_core::view::entered_times(engine, name),
+    ) else {
+        return;
+    };
+    let profiles: Vec<u32> = members.iter().collect();
+    for page in profiles.chunks(PAGE) {
+        let mut chunk = String::new();
+        for &profile in page {
+            let member = cible_core::view::member(engine, profile, &entered_at);
+            chunk.push_str(&format!(
+                "{},{},{},{}\n",
+                member.profile,
+                field(&member.primary_id),
+                field(&member.email),
+                member.entered_at.unwrap_or_default()
+            ));
+        }
+        if sender.blocking_send(chunk).is_err() {
+            return;
+        }
+    }
 }
