@@ -14,7 +14,7 @@ use std::time::Instant;
 use cible_lang::Expr;
 use rayon::prelude::*;
 use roaring::RoaringBitmap;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, TraitValue};
@@ -127,93 +127,15 @@ impl Dictionaries for DictSnapshot {
     }
 }
 
-/// The parts of a stored message that rule evaluation reads: type, event name, and the wanted
-/// properties (all when `wanted` is `None`); everything else is skipped without being built.
+/// The parts of a stored message that rule evaluation reads.
+#[derive(Deserialize)]
 struct EventPart {
-    kind: Option<crate::message::MessageType>,
+    #[serde(rename = "type")]
+    kind: crate::message::MessageType,
+    #[serde(default)]
     event: Option<String>,
+    #[serde(default)]
     properties: serde_json::Map<String, serde_json::Value>,
-}
-
-struct EventPartSeed<'a> {
-    wanted: Option<&'a FxHashSet<String>>,
-}
-
-struct PropertiesSeed<'a> {
-    wanted: Option<&'a FxHashSet<String>>,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for PropertiesSeed<'_> {
-    type Value = serde_json::Map<String, serde_json::Value>;
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> std::result::Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for PropertiesSeed<'_> {
-    type Value = serde_json::Map<String, serde_json::Value>;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object of properties")
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if self.wanted.is_none_or(|w| w.contains(&key)) {
-                out.insert(key, map.next_value()?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for EventPartSeed<'_> {
-    type Value = EventPart;
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> std::result::Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for EventPartSeed<'_> {
-    type Value = EventPart;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a stored message")
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<Self::Value, A::Error> {
-        let mut part = EventPart {
-            kind: None,
-            event: None,
-            properties: serde_json::Map::new(),
-        };
-        while let Some(key) = map.next_key::<String>()? {
-            match key.as_str() {
-                "type" => part.kind = Some(map.next_value()?),
-                "event" => part.event = map.next_value()?,
-                "properties" => {
-                    part.properties = map.next_value_seed(PropertiesSeed {
-                        wanted: self.wanted,
-                    })?
-                }
-                _ => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(part)
-    }
 }
 
 /// One rule's members within a chunk of profiles, and its full-message evaluations.
@@ -548,7 +470,6 @@ impl Engine {
             }
         }
         let needs_traits = plans.iter().any(|p| uses_traits(&p.root));
-        let wanted: FxHashSet<String> = plans.iter().flat_map(Plan::property_roots).collect();
         let profiles = self.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         let hot = self.hot.read();
@@ -586,11 +507,9 @@ impl Engine {
                             Some(verdict) => verdict,
                             None => {
                                 if full.is_none() {
-                                    full = Some(MessageEvents(self.full_events(
-                                        profile,
-                                        &dictionaries,
-                                        Some(&wanted),
-                                    )?));
+                                    full = Some(MessageEvents(
+                                        self.full_events(profile, &dictionaries)?,
+                                    ));
                                 }
                                 *via += 1;
                                 let events = full.as_ref().expect("just loaded");
@@ -644,7 +563,7 @@ impl Engine {
         {
             return Ok((verdict, false));
         }
-        let events = self.full_events(profile, run.dictionaries, None)?;
+        let events = self.full_events(profile, run.dictionaries)?;
         let verdict = evaluate(run.plan, &MessageEvents(events), &ctx)
             .expect("full messages answer every condition");
         Ok((verdict, true))
@@ -681,7 +600,7 @@ impl Engine {
             (Ok(verdict), Ok(conditions)) if !plan.needs_messages => (verdict, conditions),
             _ => {
                 drop(hot);
-                let events = MessageEvents(self.full_events(profile, &dictionaries, None)?);
+                let events = MessageEvents(self.full_events(profile, &dictionaries)?);
                 let verdict =
                     evaluate(&plan, &events, &ctx).expect("full messages answer every condition");
                 let conditions = eval::explain(&plan, &record.ast, &events, &ctx)
@@ -703,29 +622,19 @@ impl Engine {
     }
 
     /// A profile's behavioural events with all their properties, oldest first.
-    /// `wanted`: the top-level properties to keep (all when `None`).
-    pub fn full_events(
-        &self,
-        profile: u32,
-        dictionaries: &DictSnapshot,
-        wanted: Option<&FxHashSet<String>>,
-    ) -> Result<Vec<FullEvent>> {
+    pub fn full_events(&self, profile: u32, dictionaries: &DictSnapshot) -> Result<Vec<FullEvent>> {
         let names = &dictionaries.names;
         let mut events = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
             // Only what evaluation reads; the rest of the message is skipped, not built.
-            let mut deserializer = serde_json::Deserializer::from_slice(&value);
-            let message = serde::de::DeserializeSeed::deserialize(
-                EventPartSeed { wanted },
-                &mut deserializer,
-            )
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            let message: EventPart =
+                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?;
             let (_, ts_ms, _) = decode_event_key(&key)
                 .ok_or_else(|| EngineError::Invalid("bad event key".into()))?;
             let name = message
                 .event
-                .filter(|_| message.kind.is_some_and(|k| k.is_behavioral()))
+                .filter(|_| message.kind.is_behavioral())
                 .and_then(|n| names.get(&n).copied())
                 .unwrap_or(crate::hot::NO_NAME);
             let ts = ts_ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
