@@ -77,21 +77,7 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
         return segments(global, &args);
     }
     let now = global.now_ms()?;
-    let work = tempfile::Builder::new()
-        .prefix("cible-bench-")
-        .tempdir_in(&args.dir)?;
-    let file = work.path().join("events.jsonl");
-    let options = GenerateOptions {
-        profiles: args.profiles,
-        days: args.days,
-        seed: 1,
-        end_ms: now.div_euclid(cible_core::time::DAY_MS) * cible_core::time::DAY_MS,
-    };
-    eprintln!(
-        "generating {} profiles over {} days ...",
-        args.profiles, args.days
-    );
-    let generated = crate::commands::write_generated(&options, &file)?;
+    let (work, file, generated, _) = generate_data(global, &args)?;
     let text = std::fs::read_to_string(&file)?;
     let lines: Vec<&str> = text.lines().collect();
     let n = lines.len();
@@ -214,6 +200,37 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Generated data in a fresh directory under `--dir`: the directory, the JSON Lines file, what
+/// was written, and the end of the history (midnight UTC of "now").
+fn generate_data(
+    global: &Global,
+    args: &BenchArgs,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    std::path::PathBuf,
+    cible_core::generate::GenerateStats,
+    i64,
+)> {
+    let now = global.now_ms()?;
+    let end_ms = now.div_euclid(cible_core::time::DAY_MS) * cible_core::time::DAY_MS;
+    let work = tempfile::Builder::new()
+        .prefix("cible-bench-")
+        .tempdir_in(&args.dir)?;
+    let file = work.path().join("events.jsonl");
+    let options = GenerateOptions {
+        profiles: args.profiles,
+        days: args.days,
+        seed: 1,
+        end_ms,
+    };
+    eprintln!(
+        "generating {} profiles over {} days ...",
+        args.profiles, args.days
+    );
+    let generated = crate::commands::write_generated(&options, &file)?;
+    Ok((work, file, generated, end_ms))
+}
+
 /// Segment batches of JSON lines under `limit` bytes each.
 fn batches_of(lines: &[&str], limit: usize) -> Vec<Vec<String>> {
     let mut batches = Vec::new();
@@ -321,23 +338,7 @@ fn print_table(title: &str, rows: Vec<Row>) {
 /// Batch rebuild of the 20-rule battery against SQLite running the compiled SQL on the same
 /// data, and event-to-membership latency with the live drivers on.
 fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
-    let now = global.now_ms()?;
-    let end_ms = now.div_euclid(cible_core::time::DAY_MS) * cible_core::time::DAY_MS;
-    let work = tempfile::Builder::new()
-        .prefix("cible-bench-")
-        .tempdir_in(&args.dir)?;
-    let file = work.path().join("events.jsonl");
-    let options = GenerateOptions {
-        profiles: args.profiles,
-        days: args.days,
-        seed: 1,
-        end_ms,
-    };
-    eprintln!(
-        "generating {} profiles over {} days ...",
-        args.profiles, args.days
-    );
-    let generated = crate::commands::write_generated(&options, &file)?;
+    let (work, file, generated, end_ms) = generate_data(global, args)?;
     let engine = Engine::open(&work.path().join("store"))?;
     eprintln!("importing ...");
     cible_core::import::import_files(
