@@ -61,6 +61,8 @@ pub struct LiveState {
     /// In dependency order.
     segments: Vec<LiveSegment>,
     timers: BinaryHeap<Reverse<(u32, u32, usize)>>,
+    /// The one instant each (segment, profile) is due; heap entries that disagree are stale.
+    scheduled: FxHashMap<(usize, u32), u32>,
     dictionary_sizes: (usize, usize),
 }
 
@@ -123,6 +125,7 @@ impl Engine {
         let mut state = LiveState {
             segments: Vec::new(),
             timers: BinaryHeap::new(),
+            scheduled: FxHashMap::default(),
             dictionary_sizes: (dictionaries.names.len(), dictionaries.keys.len()),
         };
         for name in order {
@@ -222,6 +225,10 @@ impl Engine {
                 break;
             }
             state.timers.pop();
+            if state.scheduled.get(&(segment, profile)) != Some(&at) {
+                continue; // stale: re-armed at another time, or no longer needed
+            }
+            state.scheduled.remove(&(segment, profile));
             due.entry(segment).or_default().push(profile);
         }
         for (segment, mut profiles) in due {
@@ -299,8 +306,15 @@ impl Engine {
             let segment = &mut state.segments[index];
             let mut changed = false;
             for (profile, member, next) in verdicts {
-                if let Some(at) = next {
-                    state.timers.push(Reverse((at, profile, index)));
+                match next {
+                    Some(at) if state.scheduled.get(&(index, profile)) != Some(&at) => {
+                        state.scheduled.insert((index, profile), at);
+                        state.timers.push(Reverse((at, profile, index)));
+                    }
+                    Some(_) => {}
+                    None => {
+                        state.scheduled.remove(&(index, profile));
+                    }
                 }
                 let was = segment.members.contains(profile);
                 if member == was {
@@ -339,6 +353,14 @@ impl Engine {
                 );
                 dirty = true;
             }
+        }
+        // Stale entries pile up as verdicts are re-armed; rebuild the heap when they dominate.
+        if state.timers.len() > 2 * state.scheduled.len() + 1024 {
+            state.timers = state
+                .scheduled
+                .iter()
+                .map(|(&(segment, profile), &at)| Reverse((at, profile, segment)))
+                .collect();
         }
         if dirty {
             batch.commit()?;
