@@ -217,6 +217,39 @@ impl<E: Events> Evaluator<'_, E> {
     }
 
     /// Indexes of matching events in the window, and notes when the window changes.
+    /// How many matching events are in the window, without collecting them. The earliest match
+    /// is the first to leave the window, so its exit is the candidate that matters.
+    fn count_in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<usize> {
+        if filter.name.is_none() {
+            return Ok(0);
+        }
+        let now = self.ctx.now;
+        let start = match window {
+            Some(w) => self.first_after(u64::from(now).saturating_sub(u64::from(w))),
+            None => 0,
+        };
+        let mut count = 0;
+        for index in start..self.events.len() {
+            let ts = self.events.ts(index);
+            if ts > now {
+                if self.matches(index, filter)? {
+                    self.candidate(u64::from(ts));
+                    break;
+                }
+                continue;
+            }
+            if self.matches(index, filter)? {
+                if count == 0
+                    && let Some(w) = window
+                {
+                    self.candidate(u64::from(ts) + u64::from(w));
+                }
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     fn in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<Vec<usize>> {
         if filter.name.is_none() {
             return Ok(Vec::new());
@@ -290,7 +323,7 @@ impl<E: Events> Evaluator<'_, E> {
                 let result = self.node(leaf)?;
                 let value = match leaf {
                     Node::Did { filter, window } => {
-                        Json::from(self.in_window(filter, *window)?.len())
+                        Json::from(self.count_in_window(filter, *window)?)
                     }
                     Node::Compare { value, test } => {
                         self.value_of(value, test)?.unwrap_or(Json::Null)
@@ -325,7 +358,7 @@ impl<E: Events> Evaluator<'_, E> {
                 any
             }
             Node::Not(arg) => !self.node(arg)?,
-            Node::Did { filter, window } => !self.in_window(filter, *window)?.is_empty(),
+            Node::Did { filter, window } => self.count_in_window(filter, *window)? > 0,
             Node::Compare { value, test } => self.compare(value, test)?,
             Node::Sequence {
                 first,
@@ -350,7 +383,7 @@ impl<E: Events> Evaluator<'_, E> {
         let now = self.ctx.now;
         let number = match value {
             ValueNode::Count { filter, window } => {
-                Some(self.in_window(filter, *window)?.len() as f64)
+                Some(self.count_in_window(filter, *window)? as f64)
             }
             ValueNode::Aggregate {
                 kind,
