@@ -6,6 +6,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out="${CIBLE_CLIENTS_DIR:-$here/../../target/clients}"
 mkdir -p "$out"
+# Tests running in parallel may all call this: one installs, the others wait.
+exec 9>"$out/.install.lock"
+flock 9
 # Reinstalled when the requirements change.
 stamp="$out/py/.requirements"
 if ! cmp -s "$here/requirements.txt" "$stamp" 2>/dev/null; then
