@@ -464,11 +464,6 @@ impl Engine {
         self.hot.read()
     }
 
-    /// The event name of a dictionary id.
-    pub fn event_name(&self, id: u16) -> Option<String> {
-        self.state.lock().names.texts.get(usize::from(id)).cloned()
-    }
-
     /// Reads the event-name and key-property dictionaries (text to id, and id to text).
     pub fn with_dictionaries<T>(
         &self,
@@ -744,8 +739,7 @@ impl Engine {
         let mut skipped = 0;
         for entry in self.store.events.prefix(profile_key(profile)).rev() {
             let (key, value) = entry.into_inner()?;
-            let message: Message =
-                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            let message: Message = message_of(&value)?;
             if kind.is_some_and(|k| k != message.kind) {
                 continue;
             }
@@ -753,7 +747,7 @@ impl Engine {
                 skipped += 1;
                 continue;
             }
-            let (_, _, seq) = decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+            let (_, _, seq) = key_of("events", &key)?;
             events.push(StoredEvent {
                 profile,
                 seq,
@@ -770,10 +764,8 @@ impl Engine {
     pub fn for_each_event(&self, mut visit: impl FnMut(StoredEvent) -> Result<()>) -> Result<()> {
         for entry in self.store.events.iter() {
             let (key, value) = entry.into_inner()?;
-            let (profile, _, seq) =
-                decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
-            let message: Message =
-                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            let (profile, _, seq) = key_of("events", &key)?;
+            let message: Message = message_of(&value)?;
             visit(StoredEvent {
                 profile,
                 seq,
@@ -817,15 +809,13 @@ impl Engine {
         let mut survivor_events = Vec::new();
         for entry in self.store.events.prefix(profile_key(survivor)) {
             let (key, value) = entry.into_inner()?;
-            let message: Message =
-                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            let message: Message = message_of(&value)?;
             let sent_under = match (&message.user_id, &message.anonymous_id) {
                 (Some(user), _) => identity::user_ident(user),
                 (None, Some(anonymous)) => identity::anonymous_ident(anonymous),
                 (None, None) => String::new(),
             };
-            let (_, ts, seq) =
-                decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+            let (_, ts, seq) = key_of("events", &key)?;
             let hot_value = self
                 .store
                 .hot
@@ -935,8 +925,7 @@ impl Engine {
         let mut removed_hashes = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            let message: Message =
-                serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+            let message: Message = message_of(&value)?;
             batch.remove(&self.store.msgids, message.message_id.as_bytes());
             removed_hashes.push(message_hash(&message.message_id));
             batch.remove(&self.store.hot, key.clone());
@@ -1085,8 +1074,7 @@ fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
             let mut hashes = Vec::new();
             for entry in store.hot.range(profile_key(start)..profile_key(end)) {
                 let (key, value) = entry.into_inner()?;
-                let (profile, ts, _) =
-                    decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
+                let (profile, ts, _) = key_of("hot", &key)?;
                 let record =
                     HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
                 hashes.push(record.message_hash);
@@ -1115,6 +1103,16 @@ fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
 
 fn live_profiles(state: &State) -> usize {
     state.profiles.iter().filter(|m| m.alive).count()
+}
+
+/// The (profile, time, seq) of an `events` or `hot` key.
+pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u64)> {
+    decode_event_key(key).ok_or_else(|| corrupt(keyspace, "bad key"))
+}
+
+/// A stored message.
+fn message_of(value: &[u8]) -> Result<Message> {
+    serde_json::from_slice(value).map_err(|e| corrupt("events", e))
 }
 
 fn corrupt(keyspace: &'static str, detail: impl std::fmt::Display) -> EngineError {
@@ -1529,16 +1527,14 @@ impl<'a> Tx<'a> {
             let survivor = self.state.find(from);
             for entry in self.store.events.prefix(profile_key(from)) {
                 let (key, value) = entry.into_inner()?;
-                let (_, ts, seq) =
-                    decode_event_key(&key).ok_or_else(|| corrupt("events", "bad key"))?;
+                let (_, ts, seq) = key_of("events", &key)?;
                 let new_key = event_key(survivor, ts, seq);
                 self.batch.remove(&self.store.events, key.clone());
                 self.batch.insert(&self.store.events, new_key, value);
             }
             for entry in self.store.hot.prefix(profile_key(from)) {
                 let (key, value) = entry.into_inner()?;
-                let (_, ts, seq) =
-                    decode_event_key(&key).ok_or_else(|| corrupt("hot", "bad key"))?;
+                let (_, ts, seq) = key_of("hot", &key)?;
                 self.batch.remove(&self.store.hot, key.clone());
                 self.batch
                     .insert(&self.store.hot, event_key(survivor, ts, seq), value);

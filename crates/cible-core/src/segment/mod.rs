@@ -18,7 +18,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError, TraitValue};
-use crate::store::{decode_event_key, profile_key};
+use crate::store::profile_key;
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
 use plan::{Dictionaries, Plan, ValueNode};
 
@@ -630,8 +630,7 @@ impl Engine {
             // Only what evaluation reads; the rest of the message is skipped, not built.
             let message: EventPart =
                 serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?;
-            let (_, ts_ms, _) = decode_event_key(&key)
-                .ok_or_else(|| EngineError::Invalid("bad event key".into()))?;
+            let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
             let name = message
                 .event
                 .filter(|_| message.kind.is_behavioral())
