@@ -101,23 +101,10 @@ impl Engine {
     }
 
     fn load_live(&self, now: i64) -> Result<LiveState> {
-        let records: BTreeMap<String, SegmentRecord> = self
-            .segments()?
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
-        let dependencies: BTreeMap<String, Vec<String>> = records
-            .iter()
-            .map(|(name, r)| {
-                (
-                    name.clone(),
-                    cible_lang::check::segment_references(&r.ast)
-                        .into_iter()
-                        .map(|(n, _)| n)
-                        .collect(),
-                )
-            })
-            .collect();
+        let list = self.segments()?;
+        let dependencies = super::dependencies_of(&list);
+        let records: BTreeMap<String, SegmentRecord> =
+            list.into_iter().map(|s| (s.name.clone(), s)).collect();
         let order = cible_lang::check::dependency_order(&dependencies).map_err(|cycle| {
             EngineError::Invalid(format!("segment cycle: {}", cycle.join(" -> ")))
         })?;

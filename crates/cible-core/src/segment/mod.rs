@@ -152,6 +152,22 @@ pub(crate) struct RuleRun<'a> {
     dependencies: &'a FxHashMap<String, RoaringBitmap>,
 }
 
+/// The segments a rule refers to.
+fn references(expr: &Expr) -> Vec<String> {
+    cible_lang::check::segment_references(expr)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Each segment with the segments its rule refers to.
+pub(crate) fn dependencies_of(records: &[SegmentRecord]) -> BTreeMap<String, Vec<String>> {
+    records
+        .iter()
+        .map(|r| (r.name.clone(), references(&r.ast)))
+        .collect()
+}
+
 /// Segment names: lower-case letters, digits, `_` and `-`, up to 64.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -250,9 +266,9 @@ impl Engine {
         source: &str,
         name: Option<&str>,
     ) -> Result<Vec<cible_lang::Diagnostic>> {
-        let segments: Vec<String> = self.segments()?.into_iter().map(|s| s.name).collect();
+        let records = self.segments()?;
         let events = self.event_names();
-        let mut catalog_segments = segments.clone();
+        let mut catalog_segments: Vec<String> = records.iter().map(|s| s.name.clone()).collect();
         if let Some(name) = name {
             catalog_segments.push(name.to_string());
         }
@@ -262,19 +278,8 @@ impl Engine {
         };
         let mut diagnostics = cible_lang::check::check(expr, &catalog, source);
         if let Some(name) = name {
-            let mut dependencies: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for segment in self.segments()? {
-                let refs = cible_lang::check::segment_references(&segment.ast)
-                    .into_iter()
-                    .map(|(n, _)| n)
-                    .collect();
-                dependencies.insert(segment.name, refs);
-            }
-            let refs = cible_lang::check::segment_references(expr)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            dependencies.insert(name.to_string(), refs);
+            let mut dependencies = dependencies_of(&records);
+            dependencies.insert(name.to_string(), references(expr));
             if let Err(cycle) = cible_lang::check::dependency_order(&dependencies) {
                 // Point at the reference that closes the cycle.
                 let span = cible_lang::check::segment_references(expr)
@@ -408,17 +413,9 @@ impl Engine {
         self.reload_live_segments(now)
     }
 
-    /// A snapshot of the event-name and key dictionaries.
     /// Event names only (what evaluating full messages needs); cheap, unlike the keys.
     pub fn name_dictionary(&self) -> DictSnapshot {
-        self.with_dictionaries(|names, _| DictSnapshot {
-            names: names
-                .iter()
-                .filter(|(_, id)| **id < u32::from(u16::MAX))
-                .map(|(n, id)| (n.clone(), *id as u16))
-                .collect(),
-            keys: Vec::new(),
-        })
+        self.snapshot(false)
     }
 
     /// Sizes of the event-name and key dictionaries (they only grow).
@@ -426,14 +423,19 @@ impl Engine {
         self.with_dictionaries(|names, keys| (names.len(), keys.len()))
     }
 
+    /// A snapshot of the event-name and key dictionaries, for planning.
     pub fn dictionaries(&self) -> DictSnapshot {
+        self.snapshot(true)
+    }
+
+    fn snapshot(&self, with_keys: bool) -> DictSnapshot {
         self.with_dictionaries(|names, keys| DictSnapshot {
             names: names
                 .iter()
                 .filter(|(_, id)| **id < u32::from(u16::MAX))
                 .map(|(n, id)| (n.clone(), *id as u16))
                 .collect(),
-            keys: keys.to_vec(),
+            keys: if with_keys { keys.to_vec() } else { Vec::new() },
         })
     }
 
