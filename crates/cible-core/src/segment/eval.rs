@@ -63,17 +63,11 @@ impl Events for HotEvents<'_> {
                 _ => Ok(false),
             };
         }
-        let Some(wanted) = condition.property.value_index else {
-            return Err(NeedMessages);
-        };
-        match event.value_property() {
-            // Present but not a number: `!=` and text comparisons need the full message.
-            Some(held) if held == wanted && event.value.is_nan() => Err(NeedMessages),
-            Some(held) if held == wanted => {
-                Ok(condition.test.passes_number(f64::from(event.value)))
-            }
-            Some(held) if held < wanted => Err(NeedMessages),
-            _ => Ok(false),
+        match self.number(index, &condition.property)? {
+            Some(number) => Ok(condition.test.passes_number(number)),
+            // Held but not a number: `!=` and text comparisons need the full message.
+            None if event.value_property() == condition.property.value_index => Err(NeedMessages),
+            None => Ok(false),
         }
     }
 
