@@ -142,3 +142,181 @@ fn csv_import_uses_the_documented_layout() {
         .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such file"));
 }
+
+#[test]
+fn segment_commands_keys_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("events.jsonl");
+    run_ok(
+        cible(&data)
+            .args([
+                "generate",
+                "--profiles",
+                "300",
+                "--days",
+                "40",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&file),
+    );
+    run_ok(cible(&data).arg("import").arg(&file));
+
+    let rule = r#"did("Order Completed", 30d)"#;
+    let created = run_ok(cible(&data).args(["segment", "create", "buyers", "--rule", rule]));
+    assert!(
+        created.contains("segment buyers:") && created.contains("entered"),
+        "{created}"
+    );
+    let rule_file = dir.path().join("rule.txt");
+    std::fs::write(
+        &rule_file,
+        "in_segment(\"buyers\") -- built on buyers\n  and trait.plan = \"pro\"",
+    )
+    .unwrap();
+    run_ok(
+        cible(&data)
+            .args(["segment", "create", "pro-buyers", "--rule-file"])
+            .arg(&rule_file),
+    );
+    let listed = run_ok(cible(&data).args(["segment", "list"]));
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let shown: Value = serde_json::from_str(&run_ok(
+        cible(&data).args(["segment", "show", "buyers", "--json"]),
+    ))
+    .unwrap();
+    let size = shown["size"].as_u64().unwrap();
+    assert!(size > 0);
+
+    let members: Vec<Value> =
+        run_ok(cible(&data).args(["segment", "members", "buyers", "--format", "jsonl"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(members.len() as u64, size);
+    let csv = run_ok(cible(&data).args(["segment", "members", "buyers"]));
+    assert_eq!(
+        csv.lines().next(),
+        Some("profile,primary_id,email,entered_at")
+    );
+    assert_eq!(csv.lines().count() as u64, size + 1);
+
+    let primary = members[0]["primary_id"].as_str().unwrap().to_string();
+    let why = run_ok(cible(&data).args(["segment", "explain", "buyers", &primary]));
+    assert!(
+        why.contains("is in segment buyers") && why.contains("saw"),
+        "{why}"
+    );
+
+    // A week later, some buyers have left: refresh logs exits, history shows both computations.
+    let later = ["--now", "2026-05-08T12:00:00Z"];
+    let refreshed = run_ok(
+        cible(&data)
+            .args(later)
+            .args(["segment", "refresh", "buyers"]),
+    );
+    assert!(refreshed.contains("exited"), "{refreshed}");
+    let history = run_ok(cible(&data).args(["segment", "history", "buyers"]));
+    assert_eq!(history.lines().count(), 2, "{history}");
+
+    let sql = run_ok(cible(&data).args(["segment", "sql", "--rule", rule]));
+    assert!(
+        sql.starts_with("SELECT p.profile FROM profiles p WHERE EXISTS"),
+        "{sql}"
+    );
+    let preview = run_ok(cible(&data).args([
+        "segment",
+        "preview",
+        "--rule-json",
+        r#"{"op": "did", "event": {"name": "Order Completed"}, "window": "30d"}"#,
+    ]));
+    assert!(preview.contains(&format!("{size} of ")), "{preview}");
+
+    let edit = cible(&data)
+        .args([
+            "segment",
+            "edit",
+            "buyers",
+            "--rule",
+            r#"in_segment("pro-buyers")"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&edit.stderr).contains("buyers -> pro-buyers -> buyers"));
+    let delete = cible(&data)
+        .args(["segment", "delete", "buyers"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&delete.stderr).contains("used by pro-buyers"));
+    run_ok(cible(&data).args(["segment", "delete", "pro-buyers"]));
+    run_ok(cible(&data).args(["segment", "delete", "buyers"]));
+    assert_eq!(run_ok(cible(&data).args(["segment", "list"])), "");
+
+    // Keys are listed without the key; profiles export with their traits.
+    let key = create_key(&data, "--write");
+    let keys = run_ok(cible(&data).args(["key", "list"]));
+    assert!(keys.contains(&key[..12]) && !keys.contains(&key), "{keys}");
+    let profiles: Vec<Value> = run_ok(cible(&data).args(["export", "profiles"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(profiles.iter().any(|p| p["traits"]["plan"].is_string()));
+    let quarantined = run_ok(cible(&data).args(["quality", "list", "--limit", "2"]));
+    assert!(quarantined.lines().count() >= 2, "{quarantined}");
+
+    // Deleting a profile removes it everywhere.
+    let removed = cible(&data)
+        .args(["profile", "delete", &primary])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&removed.stderr).contains("--yes"));
+    run_ok(cible(&data).args(["profile", "delete", &primary, "--yes"]));
+    assert!(
+        !cible(&data)
+            .args(["profile", "show", &primary])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn serve_demo_loads_data_segments_and_prints_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cible(dir.path())
+        .args([
+            "serve",
+            "--demo",
+            "--demo-profiles",
+            "300",
+            "--demo-days",
+            "30",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("cible listening on");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("demo data: "), "{text}");
+    assert_eq!(text.matches("demo segment ").count(), 4, "{text}");
+    assert!(
+        text.contains("write key: cible_w_") && text.contains("admin key: cible_a_"),
+        "{text}"
+    );
+}
