@@ -16,7 +16,8 @@
 //! | `meta`       | name                                  | counters, JSON                      |
 //! | `segments`   | segment name                          | [`crate::segment::SegmentRecord`]   |
 //! | `members`    | segment name                          | roaring bitmap of profile ordinals  |
-//! | `segment_log`| name · 0 · time i64 · seq u32         | [`crate::segment::Change`]          |
+//! | `segment_log`| name · 0 · time i64 · seq u64         | [`crate::segment::Change`]          |
+//! | `entries`    | name · 0 · profile u32                | when the member entered, i64        |
 //!
 //! **Every change of a batch (events, identities, profiles, counters) is one atomic fjall batch;
 //! acknowledged means committed with `PersistMode::SyncAll`.**
@@ -65,6 +66,7 @@ pub struct Store {
     pub segments: Keyspace,
     pub members: Keyspace,
     pub segment_log: Keyspace,
+    pub entries: Keyspace,
 }
 
 impl Store {
@@ -98,6 +100,7 @@ impl Store {
             segments: open("segments")?,
             members: open("members")?,
             segment_log: open("segment_log")?,
+            entries: open("entries")?,
             db,
         })
     }
@@ -105,7 +108,7 @@ impl Store {
 
 impl Store {
     /// Every keyspace.
-    pub fn keyspaces(&self) -> [&Keyspace; 14] {
+    pub fn keyspaces(&self) -> [&Keyspace; 15] {
         [
             &self.events,
             &self.hot,
@@ -121,6 +124,7 @@ impl Store {
             &self.segments,
             &self.members,
             &self.segment_log,
+            &self.entries,
         ]
     }
 

@@ -227,33 +227,16 @@ pub struct Member {
     pub entered_at: Option<String>,
 }
 
-/// When each member of a segment last entered it.
-pub fn entered_times(
-    engine: &Engine,
-    name: &str,
-) -> Result<std::collections::HashMap<u32, i64>, EngineError> {
-    let mut entered_at = std::collections::HashMap::new();
-    for change in engine.segment_changes(name)? {
-        if change.entered {
-            entered_at.insert(change.profile, change.at);
-        }
-    }
-    Ok(entered_at)
-}
-
 /// One member's row.
-pub fn member(
-    engine: &Engine,
-    profile: u32,
-    entered_at: &std::collections::HashMap<u32, i64>,
-) -> Member {
+pub fn member(engine: &Engine, name: &str, profile: u32) -> Result<Member, EngineError> {
     let (primary_id, email) = contact(engine, profile);
-    Member {
+    let entered_at = engine.entered_at(name, profile)?.map(format_ms);
+    Ok(Member {
         profile,
         primary_id,
         email,
-        entered_at: entered_at.get(&profile).map(|at| format_ms(*at)),
-    }
+        entered_at,
+    })
 }
 
 /// A page of a segment's members, in profile order, with when each entered.
@@ -265,13 +248,12 @@ pub fn members_page(
 ) -> Result<(u64, Vec<Member>), EngineError> {
     engine.segment(name)?;
     let members = engine.members(name)?;
-    let entered_at = entered_times(engine, name)?;
     let page = members
         .iter()
         .skip(offset)
         .take(limit)
-        .map(|profile| member(engine, profile, &entered_at))
-        .collect();
+        .map(|profile| member(engine, name, profile))
+        .collect::<Result<_, _>>()?;
     Ok((members.len(), page))
 }
 

@@ -307,17 +307,16 @@ fn stream_members_csv(
     {
         return;
     }
-    let (Ok(members), Ok(entered_at)) = (
-        engine.members(name),
-        cible_core::view::entered_times(engine, name),
-    ) else {
+    let Ok(members) = engine.members(name) else {
         return;
     };
     let profiles: Vec<u32> = members.iter().collect();
     for page in profiles.chunks(PAGE) {
         let mut chunk = String::new();
         for &profile in page {
-            let member = cible_core::view::member(engine, profile, &entered_at);
+            let Ok(member) = cible_core::view::member(engine, name, profile) else {
+                return;
+            };
             chunk.push_str(&format!(
                 "{},{},{},{}\n",
                 member.profile,

@@ -19,7 +19,7 @@ use roaring::RoaringBitmap;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::plan::{self, Plan};
-use super::{Change, DictSnapshot, RuleRun, SegmentRecord, log_key, to_json, uses_traits};
+use super::{Change, DictSnapshot, RuleRun, SegmentRecord, to_json, uses_traits};
 use crate::engine::{Engine, EngineError};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -318,11 +318,7 @@ impl Engine {
                     entered: member,
                     size: segment.members.len(),
                 };
-                batch.insert(
-                    &self.store.segment_log,
-                    log_key(&segment.record.name, now, self.next_log_seq()),
-                    to_json(&change),
-                );
+                self.log_change(&mut batch, &segment.record.name, change);
                 changed = true;
             }
             if changed {

@@ -181,6 +181,14 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 
+fn entry_key(segment: &str, profile: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(segment.len() + 5);
+    key.extend_from_slice(segment.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&profile.to_be_bytes());
+    key
+}
+
 fn log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(segment.len() + 17);
     key.extend_from_slice(segment.as_bytes());
@@ -228,6 +236,36 @@ impl Engine {
             }
             None => Err(EngineError::NotFound(format!("segment {name:?}"))),
         }
+    }
+
+    /// Records an enter or exit in a batch: the log entry, and the member's entry time (kept
+    /// per member so that listing members never replays the log).
+    pub(crate) fn log_change(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        segment: &str,
+        change: Change,
+    ) {
+        let entry = entry_key(segment, change.profile);
+        if change.entered {
+            batch.insert(&self.store.entries, entry, change.at.to_be_bytes());
+        } else {
+            batch.remove(&self.store.entries, entry);
+        }
+        batch.insert(
+            &self.store.segment_log,
+            log_key(segment, change.at, self.next_log_seq()),
+            to_json(&change),
+        );
+    }
+
+    /// When a member last entered a segment (`None` for non-members).
+    pub fn entered_at(&self, segment: &str, profile: u32) -> Result<Option<i64>> {
+        Ok(self
+            .store
+            .entries
+            .get(entry_key(segment, profile))?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
     /// The stored membership of a segment.
@@ -406,8 +444,11 @@ impl Engine {
         batch.remove(&self.store.members, name.as_bytes());
         let mut prefix = name.as_bytes().to_vec();
         prefix.push(0);
-        for entry in self.store.segment_log.prefix(prefix) {
+        for entry in self.store.segment_log.prefix(&prefix) {
             batch.remove(&self.store.segment_log, entry.key()?);
+        }
+        for entry in self.store.entries.prefix(&prefix) {
+            batch.remove(&self.store.entries, entry.key()?);
         }
         batch.commit()?;
         self.reload_live_segments(now)
@@ -698,30 +739,28 @@ impl Engine {
         let mut size = previous.len();
         for profile in &exited {
             size -= 1;
-            let change = Change {
-                at: now,
-                profile,
-                entered: false,
-                size,
-            };
-            batch.insert(
-                &self.store.segment_log,
-                log_key(name, now, self.next_log_seq()),
-                to_json(&change),
+            self.log_change(
+                &mut batch,
+                name,
+                Change {
+                    at: now,
+                    profile,
+                    entered: false,
+                    size,
+                },
             );
         }
         for profile in &entered {
             size += 1;
-            let change = Change {
-                at: now,
-                profile,
-                entered: true,
-                size,
-            };
-            batch.insert(
-                &self.store.segment_log,
-                log_key(name, now, self.next_log_seq()),
-                to_json(&change),
+            self.log_change(
+                &mut batch,
+                name,
+                Change {
+                    at: now,
+                    profile,
+                    entered: true,
+                    size,
+                },
             );
         }
         let mut bytes = Vec::with_capacity(members.serialized_size());

@@ -271,6 +271,19 @@ fn segments_store_members_log_changes_and_refuse_cycles() {
         .count() as u64;
     assert_eq!(exits, edited.last_backfill.unwrap().exited);
     assert_eq!(changes.last().unwrap().size, edited.size);
+    // Members keep the time they entered; those who left have none.
+    let exited = changes
+        .iter()
+        .find(|c| !c.entered && c.at == later)
+        .expect("someone left")
+        .profile;
+    assert_eq!(engine.entered_at("buyers", exited).unwrap(), None);
+    let stayed = engine
+        .members("buyers")
+        .unwrap()
+        .min()
+        .expect("someone stayed");
+    assert_eq!(engine.entered_at("buyers", stayed).unwrap(), Some(NOW_MS));
 
     let cycle = r#"in_segment("pro-buyers")"#;
     let error = engine
