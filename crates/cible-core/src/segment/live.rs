@@ -255,6 +255,20 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         let mut dirty = false;
+        // Traits are read once per profile for every segment of this pass that needs them.
+        let mut traits: FxHashMap<u32, BTreeMap<String, crate::engine::TraitValue>> =
+            FxHashMap::default();
+        for (index, profiles) in rounds {
+            if state.segments[*index].uses_traits {
+                for &profile in profiles {
+                    traits.entry(profile).or_insert_with(|| {
+                        self.profile_record(profile)
+                            .map(|r| r.traits)
+                            .unwrap_or_default()
+                    });
+                }
+            }
+        }
         for (index, profiles) in rounds {
             let (index, profiles) = (*index, profiles.as_slice());
             let dependencies: FxHashMap<String, RoaringBitmap> = state.segments[index]
@@ -276,7 +290,7 @@ impl Engine {
                 hot: &hot,
                 dictionaries: &dictionaries,
                 now: now_s,
-                needs_traits: segment.uses_traits,
+                traits: &traits,
                 dependencies: &dependencies,
             };
             let mut verdicts = Vec::with_capacity(profiles.len());

@@ -148,7 +148,9 @@ pub(crate) struct RuleRun<'a> {
     dictionaries: &'a DictSnapshot,
     /// Seconds since the epoch.
     now: u32,
-    needs_traits: bool,
+    /// Traits of the profiles being evaluated, read once for all segments of a pass (empty
+    /// when no segment reads traits).
+    traits: &'a FxHashMap<u32, BTreeMap<String, TraitValue>>,
     dependencies: &'a FxHashMap<String, RoaringBitmap>,
 }
 
@@ -584,13 +586,8 @@ impl Engine {
         run: &RuleRun<'_>,
         profile: u32,
     ) -> Result<(eval::Verdict, bool)> {
-        let traits: BTreeMap<String, TraitValue> = if run.needs_traits {
-            self.profile_record(profile)
-                .map(|r| r.traits)
-                .unwrap_or_default()
-        } else {
-            BTreeMap::new()
-        };
+        let no_traits = BTreeMap::new();
+        let traits = run.traits.get(&profile).unwrap_or(&no_traits);
         let in_segment = |name: &str| {
             run.dependencies
                 .get(name)
@@ -598,7 +595,7 @@ impl Engine {
         };
         let ctx = Context {
             now: run.now,
-            traits: &traits,
+            traits,
             in_segment: &in_segment,
         };
         if !run.plan.needs_messages
