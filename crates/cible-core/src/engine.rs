@@ -22,7 +22,9 @@ use serde_json::Value;
 use crate::hot::{HotStore, NO_KEY, NO_NAME};
 use crate::identity::{self, Graph, Plan, Target};
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
-use crate::message::{Message, MessageType, ParseContext, Rejection, parse_message_text};
+use crate::message::{
+    Message, MessageType, ParseContext, Rejection, is_column_property, parse_message_text,
+};
 use crate::quality::{self, QualityCounters, Reason, flags};
 use crate::seen::SeenSet;
 use crate::store::{HotRecord, Store, StoreError, decode_event_key, event_key, profile_key};
@@ -93,8 +95,9 @@ pub struct Prepared {
     event: Option<String>,
     /// Identify traits (empty for other types).
     traits: serde_json::Map<String, Value>,
-    /// Index in `KEY_PROPERTIES` of the key property, and its text when it is text.
-    key: Option<(u8, Option<String>)>,
+    /// Indexes in `KEY_PROPERTIES` of the key properties present, in that order, and their
+    /// text when it is text. The first is the hot row's key.
+    keys: Vec<(u8, Option<String>)>,
     /// Index in `VALUE_PROPERTIES` of the numeric property, and its number when it reads as one.
     value: Option<(u8, Option<f64>)>,
     long_time_on_page: bool,
@@ -113,9 +116,10 @@ impl Prepared {
         Self {
             kind: message.kind,
             event: message.behavioral_name().map(str::to_string),
-            key: message
-                .key_property()
-                .map(|(index, text)| (index, text.map(str::to_string))),
+            keys: message
+                .key_properties()
+                .map(|(index, text)| (index, text.map(str::to_string)))
+                .collect(),
             value: message.numeric_value(),
             long_time_on_page: message.kind.is_behavioral()
                 && message
@@ -345,6 +349,11 @@ pub fn message_hash(message_id: &str) -> u64 {
 }
 
 const COUNTERS_KEY: &str = "counters";
+/// Present when every `hot` row lists its other key properties (stores created since property
+/// columns exist); older stores evaluate hidden key properties on full messages.
+const HOT_OTHER_KEYS_KEY: &str = "hot_other_keys";
+/// The key properties (indexes in `KEY_PROPERTIES`) that have a property column, JSON.
+const COLUMNS_KEY: &str = "columns";
 const NAME_PREFIX: u8 = b'n';
 const KEY_PREFIX: u8 = b'k';
 
@@ -362,6 +371,8 @@ pub struct Engine {
     log_seq: std::sync::atomic::AtomicU64,
     /// Profiles evaluated by the segment backfill under way.
     pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
+    /// Whether the `hot` rows list their other key properties (property columns can be built).
+    columns_supported: bool,
 }
 
 /// Sizes of what was loaded at start.
@@ -424,7 +435,21 @@ impl Engine {
                 _ => state.keys.insert_loaded(text, id),
             }
         }
-        let (hot, hashes) = load_hot(&store, state.counters.next_profile)?;
+        let columns_supported = if store.meta.contains_key(HOT_OTHER_KEYS_KEY)? {
+            true
+        } else if state.counters.next_seq == 0 {
+            store.meta.insert(HOT_OTHER_KEYS_KEY, b"1")?;
+            true
+        } else {
+            false
+        };
+        let columns: Vec<u8> = match store.meta.get(COLUMNS_KEY)? {
+            Some(bytes) if columns_supported => {
+                serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?
+            }
+            _ => Vec::new(),
+        };
+        let (hot, hashes) = load_hot(&store, state.counters.next_profile, &columns)?;
         state.seen = SeenSet::from_hashes(hashes);
         let mut api_keys = FxHashMap::default();
         for entry in store.keys.iter() {
@@ -446,7 +471,60 @@ impl Engine {
                     .map_or(0, |d| d.as_nanos() as u64),
             ),
             backfill_progress: std::sync::atomic::AtomicU64::new(0),
+            columns_supported,
         })
+    }
+
+    /// Builds the property columns these rules' filters need: a condition on a key property
+    /// that another key hides in some hot rows (`category` behind `product_id`) would otherwise
+    /// read full messages. Built once from the `hot` rows, then kept up to date on ingest and
+    /// rebuilt at start.
+    pub fn ensure_columns<'a>(
+        &self,
+        exprs: impl IntoIterator<Item = &'a cible_lang::Expr>,
+    ) -> Result<()> {
+        if !self.columns_supported {
+            return Ok(());
+        }
+        let wanted = |hot: &HotStore| -> Vec<u8> {
+            let kept = hot.columns();
+            let mut wanted: Vec<u8> = Vec::new();
+            for expr in exprs {
+                for filter in cible_lang::check::event_filters(expr) {
+                    for condition in &filter.conditions {
+                        let Some(index) = crate::message::KEY_PROPERTIES
+                            .iter()
+                            .position(|p| *p == condition.property)
+                        else {
+                            continue;
+                        };
+                        let index = index as u8;
+                        if crate::message::is_column_property(usize::from(index))
+                            && hot.is_hidden_somewhere(usize::from(index))
+                            && !kept.contains(&index)
+                            && !wanted.contains(&index)
+                        {
+                            wanted.push(index);
+                        }
+                    }
+                }
+            }
+            wanted
+        };
+        let wanted = wanted(&self.hot.read());
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // The writer lock: no batch commits while the hot store is rebuilt from its rows.
+        let state = self.state.lock();
+        let mut columns = self.hot.read().columns();
+        columns.extend(wanted);
+        columns.sort_unstable();
+        columns.dedup();
+        let (hot, _) = load_hot(&self.store, state.counters.next_profile, &columns)?;
+        self.store.meta.insert(COLUMNS_KEY, to_json(&columns))?;
+        *self.hot.write() = hot;
+        Ok(())
     }
 
     /// Counts of what is loaded.
@@ -580,7 +658,7 @@ impl Engine {
         }
         for event in pending {
             let profile = state.find(event.profile);
-            hot.insert(profile, event.record.to_hot(event.ts));
+            hot.insert(profile, event.record.to_hot(event.ts), &event.record.others);
             if event.record.name != NO_NAME {
                 touched
                     .events
@@ -829,9 +907,9 @@ impl Engine {
                 let new_key = event_key(merge.from, ts, seq);
                 batch.insert(&self.store.events, new_key, value);
                 batch.insert(&self.store.hot, new_key, record.encode());
-                back.push((message, record.to_hot(ts)));
+                back.push((message, (record.to_hot(ts), record.others)));
             } else {
-                survivor_events.push((message, record.to_hot(ts)));
+                survivor_events.push((message, (record.to_hot(ts), record.others)));
             }
         }
 
@@ -1051,11 +1129,15 @@ pub struct QualityReport {
 }
 
 /// Timelines of a range of profiles and the messageId hashes seen while scanning it.
-type ScannedRange = (Vec<(u32, Vec<crate::hot::HotEvent>)>, Vec<u64>);
+type ScannedRange = (
+    Vec<(u32, Vec<(crate::hot::HotEvent, crate::hot::OtherKeys)>)>,
+    Vec<u64>,
+);
 
-/// Rebuilds the hot store and collects the messageId hashes from the `hot` keyspace, scanning
-/// ranges of profiles in parallel (timelines of different profiles are disjoint).
-fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
+/// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
+/// hashes from the `hot` keyspace, scanning ranges of profiles in parallel (timelines of
+/// different profiles are disjoint).
+fn load_hot(store: &Store, n_profiles: u32, columns: &[u8]) -> Result<(HotStore, Vec<u64>)> {
     let n_parts = (rayon::current_num_threads() * 4).max(1) as u32;
     let step = n_profiles.div_ceil(n_parts).max(1);
     let parts: Vec<(u32, u32)> = (0..n_parts)
@@ -1070,25 +1152,23 @@ fn load_hot(store: &Store, n_profiles: u32) -> Result<(HotStore, Vec<u64>)> {
     let scanned: Vec<Result<ScannedRange>> = parts
         .into_par_iter()
         .map(|(start, end)| {
-            let mut timelines: Vec<(u32, Vec<crate::hot::HotEvent>)> = Vec::new();
-            let mut hashes = Vec::new();
+            let (mut timelines, mut hashes): ScannedRange = (Vec::new(), Vec::new());
             for entry in store.hot.range(profile_key(start)..profile_key(end)) {
                 let (key, value) = entry.into_inner()?;
                 let (profile, ts, _) = key_of("hot", &key)?;
                 let record =
                     HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
                 hashes.push(record.message_hash);
+                let row = (record.to_hot(ts), record.others);
                 match timelines.last_mut() {
-                    Some((current, events)) if *current == profile => {
-                        events.push(record.to_hot(ts))
-                    }
-                    _ => timelines.push((profile, vec![record.to_hot(ts)])),
+                    Some((current, events)) if *current == profile => events.push(row),
+                    _ => timelines.push((profile, vec![row])),
                 }
             }
             Ok((timelines, hashes))
         })
         .collect();
-    let mut hot = HotStore::default();
+    let mut hot = HotStore::with_columns(columns);
     let mut all_hashes = Vec::new();
     for part in scanned {
         let (timelines, hashes) = part?;
@@ -1482,11 +1562,30 @@ impl<'a> Tx<'a> {
                 flag_bits |= flags::BURST;
             }
         }
-        let (key_index, key) = match &message.key {
-            Some((index, Some(text))) => (*index, self.key_id(text)),
-            Some((index, None)) => (*index, NO_KEY),
-            None => (crate::hot::NO_PROPERTY, NO_KEY),
-        };
+        let mut keys = message
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (index, text))| {
+                // The first is the hot row's key; others only when a column may want them.
+                if i > 0 && !is_column_property(usize::from(*index)) {
+                    return None;
+                }
+                let id = text.as_deref().map_or(NO_KEY, |text| self.key_id(text));
+                Some((*index, id))
+            });
+        let (key_index, key) = keys.next().unwrap_or((crate::hot::NO_PROPERTY, NO_KEY));
+        let mut others = crate::hot::OtherKeys::default();
+        for (index, id) in keys {
+            others.push(
+                index,
+                if id == NO_KEY {
+                    crate::hot::NOT_TEXT
+                } else {
+                    id
+                },
+            );
+        }
         let (value_index, value) = match message.value {
             Some((index, number)) => (index, number.map_or(f32::NAN, |v| v as f32)),
             None => (crate::hot::NO_PROPERTY, f32::NAN),
@@ -1498,6 +1597,7 @@ impl<'a> Tx<'a> {
             key,
             value,
             message_hash: message_hash(&message.message_id),
+            others,
         };
         let seq = self.state.counters.next_seq;
         self.state.counters.next_seq += 1;

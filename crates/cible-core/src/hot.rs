@@ -67,14 +67,147 @@ impl HotEvent {
     }
 }
 
-/// Per-profile event timelines indexed by profile ordinal.
+/// In a property column: the event does not have the property.
+pub const ABSENT: u32 = u32::MAX;
+/// In a property column: the event has the property, but not as text (only the full message can
+/// answer a test on it).
+pub const NOT_TEXT: u32 = u32::MAX - 1;
+
+/// Key properties an event has besides the one [`HotEvent::key`] holds (those later in
+/// [`crate::message::KEY_PROPERTIES`]'s order), as (index, dictionary id or [`NOT_TEXT`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OtherKeys {
+    len: u8,
+    items: [(u8, u32); 5],
+}
+
+impl OtherKeys {
+    pub fn push(&mut self, index: u8, id: u32) {
+        if usize::from(self.len) < self.items.len() {
+            self.items[usize::from(self.len)] = (index, id);
+            self.len += 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u8, u32)> + '_ {
+        self.items[..usize::from(self.len)].iter().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The value a property column holds for an event: the id of key property `property`, whether
+/// the hot row holds it or it is one of the event's other keys.
+fn column_value(event: &HotEvent, others: &OtherKeys, property: u8) -> u32 {
+    if event.key_property() == Some(usize::from(property)) {
+        return if event.key == NO_KEY {
+            NOT_TEXT
+        } else {
+            event.key
+        };
+    }
+    others
+        .iter()
+        .find(|(index, _)| *index == property)
+        .map_or(ABSENT, |(_, id)| id)
+}
+
+/// A property column: for one key property that segments filter on but that another key
+/// property can hide in the hot row (`category` behind `product_id`), its dictionary id for every
+/// event. Per profile, either empty (no event of the profile has it) or aligned with the
+/// profile's timeline, one value per event.
+#[derive(Debug)]
+struct Column {
+    property: u8,
+    profiles: Vec<Vec<u32>>,
+}
+
+impl Column {
+    fn values_mut(&mut self, profile: u32) -> &mut Vec<u32> {
+        let index = profile as usize;
+        if index >= self.profiles.len() {
+            self.profiles.resize_with(index + 1, Vec::new);
+        }
+        &mut self.profiles[index]
+    }
+}
+
+/// A profile's events with the property columns, for evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline<'a> {
+    pub events: &'a [HotEvent],
+    hot: &'a HotStore,
+    profile: u32,
+}
+
+impl Timeline<'_> {
+    /// The column value of key property `property` for event `index`: `None` when no column is
+    /// kept for that property.
+    pub fn column(&self, index: usize, property: usize) -> Option<u32> {
+        let column = self
+            .hot
+            .columns
+            .iter()
+            .find(|c| usize::from(c.property) == property)?;
+        Some(
+            column
+                .profiles
+                .get(self.profile as usize)
+                .and_then(|values| values.get(index))
+                .copied()
+                .unwrap_or(ABSENT),
+        )
+    }
+}
+
+/// Per-profile event timelines indexed by profile ordinal, and the property columns.
 #[derive(Debug, Default)]
 pub struct HotStore {
     timelines: Vec<Vec<HotEvent>>,
     n_events: usize,
+    columns: Vec<Column>,
+    /// Per key property, how many events have it hidden behind another key (whether a column
+    /// for it would help).
+    hidden: [u64; 8],
 }
 
 impl HotStore {
+    /// A store that keeps columns for these key properties (indexes in
+    /// [`crate::message::KEY_PROPERTIES`]).
+    pub fn with_columns(properties: &[u8]) -> Self {
+        Self {
+            columns: properties
+                .iter()
+                .map(|property| Column {
+                    property: *property,
+                    profiles: Vec::new(),
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The key properties with a column.
+    pub fn columns(&self) -> Vec<u8> {
+        self.columns.iter().map(|c| c.property).collect()
+    }
+
+    /// Whether some event has key property `property` hidden behind another key.
+    pub fn is_hidden_somewhere(&self, property: usize) -> bool {
+        self.hidden.get(property).is_some_and(|n| *n > 0)
+    }
+
+    /// A profile's events and columns.
+    pub fn timeline(&self, profile: u32) -> Timeline<'_> {
+        Timeline {
+            events: self.events(profile),
+            hot: self,
+            profile,
+        }
+    }
+
     /// The events of a profile, oldest first.
     pub fn events(&self, profile: u32) -> &[HotEvent] {
         self.timelines
@@ -100,36 +233,93 @@ impl HotStore {
         &mut self.timelines[index]
     }
 
-    /// Adds an event, keeping the timeline sorted by time (late events are inserted in place).
-    pub fn insert(&mut self, profile: u32, event: HotEvent) {
+    /// Adds an event with its other keys, keeping the timeline sorted by time (late events are
+    /// inserted in place, after those of the same second).
+    pub fn insert(&mut self, profile: u32, event: HotEvent, others: &OtherKeys) {
+        for (index, _) in others.iter() {
+            self.hidden[usize::from(index & 7)] += 1;
+        }
         let timeline = self.slot(profile);
-        match timeline.last() {
-            Some(last) if last.ts > event.ts => {
-                let at = timeline.partition_point(|e| e.ts <= event.ts);
-                timeline.insert(at, event);
+        let at = match timeline.last() {
+            Some(last) if last.ts > event.ts => timeline.partition_point(|e| e.ts <= event.ts),
+            _ => timeline.len(),
+        };
+        timeline.insert(at, event);
+        let len = timeline.len();
+        for column in &mut self.columns {
+            let value = column_value(&event, others, column.property);
+            let values = column.values_mut(profile);
+            if values.is_empty() && value == ABSENT {
+                continue;
             }
-            _ => timeline.push(event),
+            values.resize(len - 1, ABSENT);
+            values.insert(at, value);
         }
         self.n_events += 1;
     }
 
-    /// Appends during a rebuild, where events arrive in key order (profile, time).
-    pub fn push_sorted(&mut self, profile: u32, event: HotEvent) {
-        self.slot(profile).push(event);
-        self.n_events += 1;
-    }
-
-    /// Moves every event of `from` into `into`.
+    /// Moves every event of `from` into `into`, keeping time order (for events of the same
+    /// second, those of `into` first) and the columns aligned.
     pub fn merge(&mut self, from: u32, into: u32) {
         let moved = std::mem::take(self.slot(from));
-        let target = self.slot(into);
-        target.extend(moved);
-        target.sort_by_key(|e| e.ts);
+        let kept = std::mem::take(self.slot(into));
+        let mut order: Vec<usize> = (0..kept.len() + moved.len()).collect();
+        let ts = |i: usize| {
+            if i < kept.len() {
+                kept[i].ts
+            } else {
+                moved[i - kept.len()].ts
+            }
+        };
+        order.sort_by_key(|i| ts(*i));
+        for column in &mut self.columns {
+            let theirs = std::mem::take(column.values_mut(from));
+            let ours = std::mem::take(column.values_mut(into));
+            if theirs.is_empty() && ours.is_empty() {
+                continue;
+            }
+            let value = |i: usize| {
+                if i < kept.len() {
+                    ours.get(i).copied().unwrap_or(ABSENT)
+                } else {
+                    theirs.get(i - kept.len()).copied().unwrap_or(ABSENT)
+                }
+            };
+            *column.values_mut(into) = order.iter().map(|i| value(*i)).collect();
+        }
+        *self.slot(into) = order
+            .iter()
+            .map(|i| {
+                if *i < kept.len() {
+                    kept[*i]
+                } else {
+                    moved[*i - kept.len()]
+                }
+            })
+            .collect();
     }
 
-    /// Replaces a profile's timeline (after an unmerge or an erasure).
-    pub fn replace(&mut self, profile: u32, mut events: Vec<HotEvent>) {
-        events.sort_by_key(|e| e.ts);
+    /// Replaces a profile's timeline (at load, after an unmerge or an erasure); events with
+    /// the same second keep their order.
+    pub fn replace(&mut self, profile: u32, mut events: Vec<(HotEvent, OtherKeys)>) {
+        events.sort_by_key(|(e, _)| e.ts);
+        for (_, others) in &events {
+            for (index, _) in others.iter() {
+                self.hidden[usize::from(index & 7)] += 1;
+            }
+        }
+        for column in &mut self.columns {
+            let values: Vec<u32> = events
+                .iter()
+                .map(|(event, others)| column_value(event, others, column.property))
+                .collect();
+            *column.values_mut(profile) = if values.iter().all(|v| *v == ABSENT) {
+                Vec::new()
+            } else {
+                values
+            };
+        }
+        let events: Vec<HotEvent> = events.into_iter().map(|(e, _)| e).collect();
         let previous = std::mem::replace(self.slot(profile), events);
         self.n_events = self.n_events - previous.len() + self.events(profile).len();
     }
@@ -148,6 +338,22 @@ impl HotStore {
             timeline.shrink_to_fit();
         }
         self.timelines.shrink_to_fit();
+        for column in &mut self.columns {
+            for values in &mut column.profiles {
+                values.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Heap bytes held by the property columns.
+    pub fn column_bytes(&self) -> usize {
+        self.columns
+            .iter()
+            .map(|c| {
+                c.profiles.capacity() * size_of::<Vec<u32>>()
+                    + c.profiles.iter().map(|v| v.capacity() * 4).sum::<usize>()
+            })
+            .sum()
     }
 
     /// Heap bytes held: event storage (by capacity) plus one vector header per profile slot.
@@ -170,33 +376,100 @@ mod tests {
             ts,
             name: 1,
             flags: 0,
-            kind: 0,
+            kind: pack_kind(0, NO_PROPERTY),
             key: NO_KEY,
             value: f32::NAN,
         }
+    }
+
+    /// An event whose key is product `product` (index 0) with category `category` (index 4)
+    /// hidden behind it.
+    fn product(ts: u32, product: u32, category: Option<u32>) -> (HotEvent, OtherKeys) {
+        let mut others = OtherKeys::default();
+        if let Some(category) = category {
+            others.push(4, category);
+        }
+        let event = HotEvent {
+            kind: pack_kind(0, 0),
+            key: product,
+            ..at(ts)
+        };
+        (event, others)
+    }
+
+    fn categories(hot: &HotStore, profile: u32) -> Vec<(u32, u32)> {
+        let timeline = hot.timeline(profile);
+        (0..timeline.events.len())
+            .map(|i| (timeline.events[i].ts, timeline.column(i, 4).unwrap()))
+            .collect()
     }
 
     #[test]
     fn late_events_are_inserted_in_time_order() {
         let mut hot = HotStore::default();
         for ts in [10, 30, 20, 5, 30] {
-            hot.insert(3, at(ts));
+            hot.insert(3, at(ts), &OtherKeys::default());
         }
         let times: Vec<u32> = hot.events(3).iter().map(|e| e.ts).collect();
         assert_eq!(times, [5, 10, 20, 30, 30]);
         assert_eq!(hot.count_between(3, 10, 30), 4);
         assert!(hot.events(0).is_empty() && hot.events(99).is_empty());
+        assert_eq!(hot.timeline(3).column(0, 4), None, "no column kept");
     }
 
     #[test]
     fn merge_and_replace_keep_counts() {
         let mut hot = HotStore::default();
-        hot.insert(1, at(5));
-        hot.insert(2, at(1));
+        hot.insert(1, at(5), &OtherKeys::default());
+        hot.insert(2, at(1), &OtherKeys::default());
         hot.merge(2, 1);
         assert_eq!(hot.events(1).len(), 2);
         assert_eq!(hot.events(1)[0].ts, 1);
-        hot.replace(1, vec![at(9)]);
+        hot.replace(1, vec![(at(9), OtherKeys::default())]);
         assert_eq!(hot.n_events(), 1);
+    }
+
+    #[test]
+    fn columns_stay_aligned_through_inserts_merges_and_replaces() {
+        let mut hot = HotStore::with_columns(&[4]);
+        // A profile without the property keeps no column values at all.
+        hot.insert(1, at(10), &OtherKeys::default());
+        assert!(hot.columns[0].profiles[1].is_empty());
+        let (event, others) = product(20, 7, Some(70));
+        hot.insert(1, event, &others);
+        let (event, others) = product(15, 8, Some(80));
+        hot.insert(1, event, &others);
+        hot.insert(1, at(15), &OtherKeys::default());
+        assert_eq!(
+            categories(&hot, 1),
+            [(10, ABSENT), (15, 80), (15, ABSENT), (20, 70)]
+        );
+        // Profile 2 has its category in the key itself (no product id).
+        let category_key = HotEvent {
+            kind: pack_kind(0, 4),
+            key: 90,
+            ..at(15)
+        };
+        hot.insert(2, category_key, &OtherKeys::default());
+        let (event, others) = product(5, 9, None);
+        hot.insert(2, event, &others);
+        hot.merge(2, 1);
+        assert_eq!(
+            categories(&hot, 1),
+            [
+                (5, ABSENT),
+                (10, ABSENT),
+                (15, 80),
+                (15, ABSENT),
+                (15, 90),
+                (20, 70)
+            ]
+        );
+        assert!(hot.events(2).is_empty());
+        assert!(hot.is_hidden_somewhere(4) && !hot.is_hidden_somewhere(1));
+        hot.replace(1, vec![product(30, 1, Some(31)), product(3, 1, None)]);
+        assert_eq!(categories(&hot, 1), [(3, ABSENT), (30, 31)]);
+        hot.replace(1, vec![product(3, 1, None)]);
+        assert_eq!(categories(&hot, 1), [(3, ABSENT)]);
     }
 }

@@ -471,12 +471,19 @@ impl Message {
     /// first of [`KEY_PROPERTIES`] present (not null), as its index and its text (`None` when
     /// the value is not text: evaluation then reads the full message).
     pub fn key_property(&self) -> Option<(u8, Option<&str>)> {
-        KEY_PROPERTIES.iter().enumerate().find_map(|(index, name)| {
-            match self.properties.get(*name) {
+        self.key_properties().next()
+    }
+
+    /// Every one of [`KEY_PROPERTIES`] present (not null), in that order: the first is
+    /// [`Message::key_property`], the others feed property columns.
+    pub fn key_properties(&self) -> impl Iterator<Item = (u8, Option<&str>)> {
+        KEY_PROPERTIES
+            .iter()
+            .enumerate()
+            .filter_map(|(index, name)| match self.properties.get(*name) {
                 None | Some(Value::Null) => None,
                 Some(value) => Some((index as u8, value.as_str())),
-            }
-        })
+            })
     }
 
     /// The number the hot store keeps: the first of [`VALUE_PROPERTIES`] present (not null), as
@@ -506,6 +513,19 @@ pub const KEY_PROPERTIES: [&str; 6] = [
     "category",
     "name",
 ];
+/// The key properties of bounded cardinality (pages, campaigns, categories, names) that a hot
+/// row also records when another key hides them, so that property columns can be built
+/// (`category` behind `product_id`). `email_id`, unique per send, is left out: filters on it,
+/// when it is hidden, read full messages.
+pub const COLUMN_PROPERTIES: [&str; 4] = ["path", "campaign_id", "category", "name"];
+
+/// Whether key property `index` (in [`KEY_PROPERTIES`]) is one of [`COLUMN_PROPERTIES`].
+pub fn is_column_property(index: usize) -> bool {
+    KEY_PROPERTIES
+        .get(index)
+        .is_some_and(|name| COLUMN_PROPERTIES.contains(name))
+}
+
 /// In order of preference, the properties whose number the hot store keeps.
 pub const VALUE_PROPERTIES: [&str; 5] = ["revenue", "total", "value", "price", "duration_s"];
 

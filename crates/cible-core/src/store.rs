@@ -4,7 +4,7 @@
 //! | keyspace     | key                                   | value                               |
 //! |--------------|---------------------------------------|-------------------------------------|
 //! | `events`     | profile u32 · time i64 · seq u64 (BE) | the normalized message, JSON        |
-//! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes              |
+//! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes + 5 per other key |
 //! | `msgids`     | messageId                             | empty (dedup across restarts)       |
 //! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
 //! | `profiles`   | profile u32                           | [`crate::engine::ProfileRecord`]    |
@@ -26,7 +26,7 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use crate::hot::HotEvent;
+use crate::hot::{HotEvent, OtherKeys};
 
 /// Errors from the storage engine, with the data directory named.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,9 @@ pub fn decode_event_key(key: &[u8]) -> Option<(u32, i64, u64)> {
     Some((profile, ts, seq))
 }
 
-/// What the `hot` keyspace holds per event: the hot-store fields and the message-id hash.
+/// What the `hot` keyspace holds per event: the hot-store fields, the message-id hash, and
+/// the other key properties the event has (index u8 and dictionary id u32 each), from which
+/// property columns are built.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HotRecord {
     pub name: u16,
@@ -170,25 +172,35 @@ pub struct HotRecord {
     pub key: u32,
     pub value: f32,
     pub message_hash: u64,
+    pub others: OtherKeys,
 }
 
 impl HotRecord {
+    /// Length without other keys.
     pub const LEN: usize = 20;
 
-    pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
-        out[..2].copy_from_slice(&self.name.to_le_bytes());
-        out[2] = self.flags;
-        out[3] = self.kind;
-        out[4..8].copy_from_slice(&self.key.to_le_bytes());
-        out[8..12].copy_from_slice(&self.value.to_le_bytes());
-        out[12..].copy_from_slice(&self.message_hash.to_le_bytes());
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + 10);
+        out.extend_from_slice(&self.name.to_le_bytes());
+        out.push(self.flags);
+        out.push(self.kind);
+        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&self.value.to_le_bytes());
+        out.extend_from_slice(&self.message_hash.to_le_bytes());
+        for (index, id) in self.others.iter() {
+            out.push(index);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != Self::LEN {
+        if bytes.len() < Self::LEN || !(bytes.len() - Self::LEN).is_multiple_of(5) {
             return None;
+        }
+        let mut others = OtherKeys::default();
+        for other in bytes[Self::LEN..].chunks_exact(5) {
+            others.push(other[0], u32::from_le_bytes(other[1..].try_into().ok()?));
         }
         Some(Self {
             name: u16::from_le_bytes(bytes[..2].try_into().ok()?),
@@ -196,7 +208,8 @@ impl HotRecord {
             kind: bytes[3],
             key: u32::from_le_bytes(bytes[4..8].try_into().ok()?),
             value: f32::from_le_bytes(bytes[8..12].try_into().ok()?),
-            message_hash: u64::from_le_bytes(bytes[12..].try_into().ok()?),
+            message_hash: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+            others,
         })
     }
 
@@ -243,7 +256,15 @@ mod tests {
             key: 99,
             value: 1.5,
             message_hash: 42,
+            others: OtherKeys::default(),
         };
         assert_eq!(HotRecord::decode(&record.encode()), Some(record));
+        let mut others = OtherKeys::default();
+        others.push(4, 12);
+        others.push(5, crate::hot::NOT_TEXT);
+        let record = HotRecord { others, ..record };
+        assert_eq!(record.encode().len(), 30);
+        assert_eq!(HotRecord::decode(&record.encode()), Some(record));
+        assert_eq!(HotRecord::decode(&record.encode()[..29]), None);
     }
 }

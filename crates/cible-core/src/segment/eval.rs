@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use super::plan::{Aggregate, Filter, Node, Plan, PropCondition, PropRef, PropTest, ValueNode};
 use crate::engine::TraitValue;
-use crate::hot::{HotEvent, NO_KEY};
+use crate::hot::{ABSENT, NO_KEY, NOT_TEXT, Timeline};
 
 /// The hot rows cannot answer: evaluate on full messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +35,23 @@ pub trait Events {
     fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>>;
 }
 
-/// Hot rows: the key and value properties they hold, "unknown" for others.
-pub struct HotEvents<'a>(pub &'a [HotEvent]);
+/// Hot rows: the key and value properties they hold and the property columns, "unknown" for
+/// others.
+pub struct HotEvents<'a>(pub Timeline<'a>);
 
 impl Events for HotEvents<'_> {
     fn len(&self) -> usize {
-        self.0.len()
+        self.0.events.len()
     }
     fn ts(&self, index: usize) -> u32 {
-        self.0[index].ts
+        self.0.events[index].ts
     }
     fn name(&self, index: usize) -> u16 {
-        self.0[index].name
+        self.0.events[index].name
     }
 
     fn condition(&self, index: usize, condition: &PropCondition) -> Eval<bool> {
-        let event = &self.0[index];
+        let event = &self.0.events[index];
         if let (Some(wanted), Some(passing)) =
             (condition.property.key_index, &condition.test.passing_keys)
         {
@@ -59,7 +60,12 @@ impl Events for HotEvents<'_> {
                 // Held but not text: only the full message can tell.
                 Some(held) if held == wanted && event.key == NO_KEY => Err(NeedMessages),
                 Some(held) if held == wanted => Ok(passing.contains(&event.key)),
-                Some(held) if held < wanted => Err(NeedMessages),
+                // Hidden behind another key: the property column, when one is kept.
+                Some(held) if held < wanted => match self.0.column(index, wanted) {
+                    Some(ABSENT) => Ok(false),
+                    Some(NOT_TEXT) | None => Err(NeedMessages),
+                    Some(id) => Ok(passing.contains(&id)),
+                },
                 _ => Ok(false),
             };
         }
@@ -72,7 +78,7 @@ impl Events for HotEvents<'_> {
     }
 
     fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>> {
-        let event = &self.0[index];
+        let event = &self.0.events[index];
         let Some(wanted) = property.value_index else {
             return Err(NeedMessages);
         };

@@ -108,6 +108,7 @@ impl Engine {
         let order = cible_lang::check::dependency_order(&dependencies).map_err(|cycle| {
             EngineError::Invalid(format!("segment cycle: {}", cycle.join(" -> ")))
         })?;
+        self.ensure_columns(records.values().map(|r| &r.ast))?;
         let dictionaries = self.dictionaries();
         let mut state = LiveState {
             segments: Vec::new(),

@@ -504,6 +504,7 @@ impl Engine {
         now: i64,
         progress: &AtomicU64,
     ) -> Result<Vec<(RoaringBitmap, u64)>> {
+        self.ensure_columns(exprs)?;
         let dictionaries = self.dictionaries();
         let plans: Vec<Plan> = exprs.iter().map(|e| plan::plan(e, &dictionaries)).collect();
         let mut dependencies = FxHashMap::default();
@@ -546,7 +547,7 @@ impl Engine {
                         let hot_verdict = if plan.needs_messages {
                             None
                         } else {
-                            evaluate(plan, &HotEvents(hot.events(profile)), &ctx).ok()
+                            evaluate(plan, &HotEvents(hot.timeline(profile)), &ctx).ok()
                         };
                         let verdict = match hot_verdict {
                             Some(verdict) => verdict,
@@ -599,7 +600,7 @@ impl Engine {
             in_segment: &in_segment,
         };
         if !run.plan.needs_messages
-            && let Ok(verdict) = evaluate(run.plan, &HotEvents(run.hot.events(profile)), &ctx)
+            && let Ok(verdict) = evaluate(run.plan, &HotEvents(run.hot.timeline(profile)), &ctx)
         {
             return Ok((verdict, false));
         }
@@ -632,7 +633,7 @@ impl Engine {
             in_segment: &in_segment,
         };
         let hot = self.hot.read();
-        let hot_events = HotEvents(hot.events(profile));
+        let hot_events = HotEvents(hot.timeline(profile));
         let (verdict, conditions) = match (
             evaluate(&plan, &hot_events, &ctx),
             eval::explain(&plan, &record.ast, &hot_events, &ctx),

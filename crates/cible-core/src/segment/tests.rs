@@ -305,7 +305,8 @@ fn segments_store_members_log_changes_and_refuse_cycles() {
     assert!(engine.segments().unwrap().is_empty());
 }
 
-/// A random rule over events A, B, C with product_id and revenue properties.
+/// A random rule over events A, B, C with product_id, category (hidden behind product_id in the
+/// hot rows: a property column) and revenue properties.
 fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
     use rand::Rng;
     let event = |rng: &mut rand_chacha::ChaCha8Rng| ["A", "B", "C"][rng.random_range(0..3)];
@@ -318,10 +319,14 @@ fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
     };
     let filter = |rng: &mut rand_chacha::ChaCha8Rng| {
         let name = event(rng);
-        match rng.random_range(0..3) {
+        match rng.random_range(0..4) {
             0 => format!(
                 "{name:?} where product_id = \"P{}\"",
                 rng.random_range(1..4)
+            ),
+            3 => format!(
+                "{name:?} where category {}",
+                ["= \"shoes\"", "!= \"bags\"", "in (\"bags\", \"hats\")"][rng.random_range(0..3)]
             ),
             1 => format!("{name:?} where revenue > {}", rng.random_range(0..50)),
             _ => format!("{name:?}"),
@@ -361,6 +366,26 @@ fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
         ),
         _ => format!("days_since_last_seen() < {}", rng.random_range(1..4)),
     }
+}
+
+/// Members of `rule` evaluated on every profile's full messages (no hot rows, no columns).
+fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
+    let dictionaries = engine.dictionaries();
+    let plan = plan::plan(&cible_lang::parse(rule).unwrap(), &dictionaries);
+    let mut members = RoaringBitmap::new();
+    for profile in engine.live_profiles() {
+        let traits = engine.profile_record(profile).unwrap().traits;
+        let ctx = Context {
+            now: (now / 1000) as u32,
+            traits: &traits,
+            in_segment: &|_| false,
+        };
+        let events = MessageEvents(engine.full_events(profile, &dictionaries).unwrap());
+        if evaluate(&plan, &events, &ctx).unwrap().member {
+            members.insert(profile);
+        }
+    }
+    members
 }
 
 #[test]
@@ -412,6 +437,7 @@ fn incremental_timed_and_batch_evaluation_agree() {
                     let name = ["A", "B", "C"][rng.random_range(0..3)];
                     let person = rng.random_range(0..25);
                     let plan = ["pro", "free"][rng.random_range(0..2)];
+                    let category = [Some("shoes"), Some("bags"), None][rng.random_range(0..3)];
                     let timestamp = crate::time::format_ms(ts.max(start));
                     // Some people browse anonymously first and are identified later (merges).
                     let value = match rng.random_range(0..10) {
@@ -420,10 +446,12 @@ fn incremental_timed_and_batch_evaluation_agree() {
                             "traits": {"plan": plan}}),
                         1 | 2 => serde_json::json!({"type": "track", "anonymousId": format!("d{person}"),
                             "event": name, "messageId": format!("m{message}"), "timestamp": timestamp,
-                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60)}}),
+                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60),
+                                "category": category}}),
                         _ => serde_json::json!({"type": "track", "userId": format!("u{person}"),
                             "event": name, "messageId": format!("m{message}"), "timestamp": timestamp,
-                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60)}}),
+                            "properties": {"product_id": format!("P{}", rng.random_range(1..4)), "revenue": rng.random_range(0..60),
+                                "category": category}}),
                     };
                     crate::message::parse_message(value, None, &crate::ParseContext::at(now)).into()
                 })
@@ -466,6 +494,19 @@ fn incremental_timed_and_batch_evaluation_agree() {
                     "seed {seed}, time alone at {now}: {rule}"
                 );
             }
+        }
+        // Property columns, kept up to date through merges and late events, answer as the
+        // full messages do.
+        for rule in &rules {
+            let (batch_members, _, via_messages) = engine
+                .evaluate_rule(&cible_lang::parse(rule).unwrap(), now, &AtomicU64::new(0))
+                .unwrap();
+            assert_eq!(via_messages, 0, "{rule}");
+            assert_eq!(
+                batch_members,
+                members_on_messages(&engine, rule, now),
+                "seed {seed}, on full messages: {rule}"
+            );
         }
         // The stored membership is the live one, and its log ends at the live size.
         for i in 0..rules.len() {
