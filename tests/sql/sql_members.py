@@ -1,10 +1,13 @@
 """Runs compiled segment SQL on SQLite or DuckDB over data exported by cible.
 
-Usage: sql_members.py sqlite|duckdb EVENTS.jsonl PROFILES.jsonl QUERIES.json
+Usage: sql_members.py sqlite|duckdb EVENTS PROFILES QUERIES.json
+EVENTS and PROFILES are the JSON Lines of `cible export events|profiles`, or CSV files already in
+the table layout (events: profile, ts, event, properties; profiles: profile, traits).
 QUERIES.json is {"name": "SELECT ..."}; prints {"seconds": query time, "members": {"name":
 [profile, ...]}} as JSON. Builds the table layout documented in docs/segment-language.md ("SQL");
 only the queries are timed.
 """
+import csv
 import json
 import sys
 import time
@@ -19,6 +22,12 @@ def seconds(text):
 
 
 def event_rows():
+    if events_path.endswith(".csv"):
+        # Already in the layout: profile, ts (seconds), event (empty for none), properties JSON.
+        with open(events_path, newline="") as f:
+            for profile, ts, event, properties in csv.reader(f):
+                yield (int(profile), int(ts), event or None, properties)
+        return
     with open(events_path) as f:
         for line in f:
             e = json.loads(line)
@@ -26,8 +35,11 @@ def event_rows():
             yield (e["profile"], seconds(e["timestamp"]), event, json.dumps(e.get("properties", {})))
 
 
-with open(profiles_path) as f:
-    profiles = [(p["profile"], json.dumps(p["traits"])) for p in map(json.loads, f)]
+with open(profiles_path, newline="") as f:
+    if profiles_path.endswith(".csv"):
+        profiles = [(int(p), traits) for p, traits in csv.reader(f)]
+    else:
+        profiles = [(p["profile"], json.dumps(p["traits"])) for p in map(json.loads, f)]
 
 if engine == "sqlite":
     import sqlite3
@@ -43,17 +55,19 @@ if engine == "sqlite":
     db.execute("CREATE INDEX events_by_profile ON events (profile, event, ts)")
     run = lambda sql: [row[0] for row in db.execute(sql)]
 else:
-    import csv
     import os
     import tempfile
 
     import duckdb
 
-    # Rows go through CSV files, which DuckDB loads in bulk.
+    # Rows go through CSV files, which DuckDB loads in bulk (given as is when already CSV).
     folder = tempfile.mkdtemp()
     events_csv, profiles_csv = os.path.join(folder, "events.csv"), os.path.join(folder, "profiles.csv")
-    with open(events_csv, "w", newline="") as f:
-        csv.writer(f).writerows(event_rows())
+    if events_path.endswith(".csv"):
+        events_csv = events_path
+    else:
+        with open(events_csv, "w", newline="") as f:
+            csv.writer(f).writerows(event_rows())
     with open(profiles_csv, "w", newline="") as f:
         csv.writer(f).writerows(profiles)
     db = duckdb.connect()

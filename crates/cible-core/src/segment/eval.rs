@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use super::plan::{Aggregate, Filter, Node, Plan, PropCondition, PropRef, PropTest, ValueNode};
 use crate::engine::TraitValue;
-use crate::hot::{ABSENT, NO_KEY, NOT_TEXT, Timeline};
+use crate::hot::{ABSENT, HotEvent, NO_KEY, NOT_TEXT, Timeline};
 
 /// The hot rows cannot answer: evaluate on full messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +33,66 @@ pub trait Events {
     fn condition(&self, index: usize, condition: &PropCondition) -> Eval<bool>;
     /// A numeric property of event `index`, `None` when missing or not a number.
     fn number(&self, index: usize, property: &PropRef) -> Eval<Option<f64>>;
+    /// The indexes of the events named `name`, oldest first, when kept (a filter then visits
+    /// only those).
+    fn of_name(&self, _name: u16) -> Option<&[u32]> {
+        None
+    }
+}
+
+/// Event indexes grouped by name, each group oldest first: built once per profile when several
+/// rules read the same timeline, so that each filter visits only the events of its name.
+#[derive(Debug, Default)]
+pub struct NameIndex {
+    /// `name << 32 | index`, sorted.
+    keys: Vec<u64>,
+    order: Vec<u32>,
+    /// (name, start, end) in `order`.
+    groups: Vec<(u16, u32, u32)>,
+}
+
+impl NameIndex {
+    /// Indexes `events`, reusing the buffers.
+    pub fn rebuild(&mut self, events: &[HotEvent]) {
+        self.keys.clear();
+        self.keys.extend(
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (u64::from(e.name) << 32) | i as u64),
+        );
+        self.keys.sort_unstable();
+        self.order.clear();
+        self.order.extend(self.keys.iter().map(|k| *k as u32));
+        self.groups.clear();
+        for (i, key) in self.keys.iter().enumerate() {
+            let name = (key >> 32) as u16;
+            let i = i as u32;
+            match self.groups.last_mut() {
+                Some(group) if group.0 == name => group.2 = i + 1,
+                _ => self.groups.push((name, i, i + 1)),
+            }
+        }
+    }
+
+    fn of(&self, name: u16) -> &[u32] {
+        self.groups
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or(&[], |(_, start, end)| {
+                &self.order[*start as usize..*end as usize]
+            })
+    }
 }
 
 /// Hot rows: the key and value properties they hold and the property columns, "unknown" for
-/// others.
-pub struct HotEvents<'a>(pub Timeline<'a>);
+/// others; optionally with a [`NameIndex`] of the same timeline.
+pub struct HotEvents<'a>(pub Timeline<'a>, pub Option<&'a NameIndex>);
 
 impl Events for HotEvents<'_> {
+    fn of_name(&self, name: u16) -> Option<&[u32]> {
+        self.1.map(|index| index.of(name))
+    }
     fn len(&self) -> usize {
         self.0.events.len()
     }
@@ -216,71 +269,76 @@ impl<E: Events> Evaluator<'_, E> {
         Ok(true)
     }
 
-    /// Indexes of matching events in the window, and notes when the window changes.
-    /// How many matching events are in the window, without collecting them. The earliest match
-    /// is the first to leave the window, so its exit is the candidate that matters.
-    fn count_in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<usize> {
-        if filter.name.is_none() {
+    /// Visits the events matching `filter` in the window, oldest first, and notes when the
+    /// window changes: the earliest match is the first to leave it, and the first future-dated
+    /// match enters it at its time. Returns how many matched.
+    fn scan(
+        &mut self,
+        filter: &Filter,
+        window: Option<u32>,
+        mut on_match: impl FnMut(&E, usize) -> Eval<()>,
+    ) -> Eval<usize> {
+        let Some(name) = filter.name else {
             return Ok(0);
-        }
-        let now = self.ctx.now;
-        let start = match window {
-            Some(w) => self.first_after(u64::from(now).saturating_sub(u64::from(w))),
-            None => 0,
         };
+        let now = self.ctx.now;
+        let events = self.events;
+        let bound = window.map(|w| u64::from(now).saturating_sub(u64::from(w)));
         let mut count = 0;
-        for index in start..self.events.len() {
-            let ts = self.events.ts(index);
-            if ts > now {
-                if self.matches(index, filter)? {
-                    self.candidate(u64::from(ts));
-                    break;
-                }
-                continue;
+        let mut visit = |this: &mut Self, index: usize| -> Eval<bool> {
+            let ts = events.ts(index);
+            if !this.matches(index, filter)? {
+                return Ok(true);
             }
-            if self.matches(index, filter)? {
-                if count == 0
-                    && let Some(w) = window
-                {
-                    self.candidate(u64::from(ts) + u64::from(w));
+            if ts > now {
+                // A future-dated event enters the window when its time comes.
+                this.candidate(u64::from(ts));
+                return Ok(false);
+            }
+            if count == 0
+                && let Some(w) = window
+            {
+                this.candidate(u64::from(ts) + u64::from(w));
+            }
+            count += 1;
+            on_match(events, index)?;
+            Ok(true)
+        };
+        match events.of_name(name) {
+            Some(indexes) => {
+                let start = bound.map_or(0, |b| {
+                    indexes.partition_point(|i| u64::from(events.ts(*i as usize)) <= b)
+                });
+                for index in &indexes[start..] {
+                    if !visit(self, *index as usize)? {
+                        break;
+                    }
                 }
-                count += 1;
+            }
+            None => {
+                let start = bound.map_or(0, |b| self.first_after(b));
+                for index in start..events.len() {
+                    if !visit(self, index)? {
+                        break;
+                    }
+                }
             }
         }
         Ok(count)
     }
 
+    /// How many events match in the window.
+    fn count_in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<usize> {
+        self.scan(filter, window, |_, _| Ok(()))
+    }
+
+    /// Indexes of the events matching in the window, oldest first.
     fn in_window(&mut self, filter: &Filter, window: Option<u32>) -> Eval<Vec<usize>> {
-        if filter.name.is_none() {
-            return Ok(Vec::new());
-        }
-        let now = self.ctx.now;
         let mut found = Vec::new();
-        // Events are sorted by time: skip those already out of the window.
-        let start = match window {
-            Some(w) => self.first_after(u64::from(now).saturating_sub(u64::from(w))),
-            None => 0,
-        };
-        for index in start..self.events.len() {
-            let ts = self.events.ts(index);
-            if ts > now {
-                // A future-dated event enters the window when its time comes.
-                if self.matches(index, filter)? {
-                    self.candidate(u64::from(ts));
-                    break;
-                }
-                continue;
-            }
-            if window.is_some_and(|w| u64::from(ts) + u64::from(w) <= u64::from(now)) {
-                continue;
-            }
-            if self.matches(index, filter)? {
-                if let Some(w) = window {
-                    self.candidate(u64::from(ts) + u64::from(w));
-                }
-                found.push(index);
-            }
-        }
+        self.scan(filter, window, |_, index| {
+            found.push(index);
+            Ok(())
+        })?;
         Ok(found)
     }
 
@@ -391,21 +449,24 @@ impl<E: Events> Evaluator<'_, E> {
                 property,
                 window,
             } => {
-                let mut values = Vec::new();
-                let matching = self.in_window(filter, *window)?;
-                for index in matching {
-                    match self.events.number(index, property)? {
-                        Some(v) => values.push(v),
-                        None if *kind == Aggregate::Sum => values.push(0.0),
-                        None => {}
+                // (sum, how many numbers, min, max); a missing number counts as 0 in a sum.
+                let mut sum = 0.0;
+                let mut n = 0usize;
+                let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+                self.scan(filter, *window, |events, index| {
+                    if let Some(v) = events.number(index, property)? {
+                        sum += v;
+                        n += 1;
+                        min = min.min(v);
+                        max = max.max(v);
                     }
-                }
+                    Ok(())
+                })?;
                 match kind {
-                    Aggregate::Sum => Some(values.iter().sum()),
-                    Aggregate::Avg => (!values.is_empty())
-                        .then(|| values.iter().sum::<f64>() / values.len() as f64),
-                    Aggregate::Min => values.iter().copied().reduce(f64::min),
-                    Aggregate::Max => values.iter().copied().reduce(f64::max),
+                    Aggregate::Sum => Some(sum),
+                    Aggregate::Avg => (n > 0).then(|| sum / n as f64),
+                    Aggregate::Min => (n > 0).then_some(min),
+                    Aggregate::Max => (n > 0).then_some(max),
                 }
             }
             ValueNode::DaysSince { filter, first } => {
@@ -418,18 +479,17 @@ impl<E: Events> Evaluator<'_, E> {
                 chosen.map(|index| self.days_since(self.events.ts(*index), test))
             }
             ValueNode::DaysSinceSeen { first } => {
-                let seen: Vec<u32> = (0..self.events.len())
-                    .map(|i| self.events.ts(i))
-                    .filter(|ts| *ts <= now)
-                    .collect();
-                if let Some(future) = (0..self.events.len())
-                    .map(|i| self.events.ts(i))
-                    .find(|ts| *ts > now)
-                {
-                    self.candidate(u64::from(future));
+                // Sorted by time: events up to now come first, future-dated ones after.
+                let seen = self.first_after(u64::from(now));
+                if seen < self.events.len() {
+                    self.candidate(u64::from(self.events.ts(seen)));
                 }
-                let chosen = if *first { seen.first() } else { seen.last() };
-                chosen.map(|ts| self.days_since(*ts, test))
+                let chosen = match (seen, *first) {
+                    (0, _) => None,
+                    (_, true) => Some(self.events.ts(0)),
+                    (_, false) => Some(self.events.ts(seen - 1)),
+                };
+                chosen.map(|ts| self.days_since(ts, test))
             }
             ValueNode::Trait(path) => {
                 let Some((first, rest)) = path.split_first() else {

@@ -524,7 +524,15 @@ impl Engine {
             .par_chunks(2048)
             .map(|chunk| {
                 let mut found: Vec<ChunkResult> = vec![(Vec::new(), 0); plans.len()];
+                // With several rules, grouping a timeline by name once pays for itself.
+                let mut by_name = eval::NameIndex::default();
+                let use_index = plans.len() >= 4;
                 for &profile in chunk {
+                    let timeline = hot.timeline(profile);
+                    if use_index {
+                        by_name.rebuild(timeline.events);
+                    }
+                    let hot_events = HotEvents(timeline, use_index.then_some(&by_name));
                     let traits: BTreeMap<String, TraitValue> = if needs_traits {
                         self.profile_record(profile)
                             .map(|r| r.traits)
@@ -547,7 +555,7 @@ impl Engine {
                         let hot_verdict = if plan.needs_messages {
                             None
                         } else {
-                            evaluate(plan, &HotEvents(hot.timeline(profile)), &ctx).ok()
+                            evaluate(plan, &hot_events, &ctx).ok()
                         };
                         let verdict = match hot_verdict {
                             Some(verdict) => verdict,
@@ -600,7 +608,8 @@ impl Engine {
             in_segment: &in_segment,
         };
         if !run.plan.needs_messages
-            && let Ok(verdict) = evaluate(run.plan, &HotEvents(run.hot.timeline(profile)), &ctx)
+            && let Ok(verdict) =
+                evaluate(run.plan, &HotEvents(run.hot.timeline(profile), None), &ctx)
         {
             return Ok((verdict, false));
         }
@@ -633,7 +642,7 @@ impl Engine {
             in_segment: &in_segment,
         };
         let hot = self.hot.read();
-        let hot_events = HotEvents(hot.timeline(profile));
+        let hot_events = HotEvents(hot.timeline(profile), None);
         let (verdict, conditions) = match (
             evaluate(&plan, &hot_events, &ctx),
             eval::explain(&plan, &record.ast, &hot_events, &ctx),
