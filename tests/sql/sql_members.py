@@ -37,9 +37,12 @@ def event_rows():
 
 with open(profiles_path, newline="") as f:
     if profiles_path.endswith(".csv"):
-        profiles = [(int(p), traits) for p, traits in csv.reader(f)]
+        profiles = [(int(p), traits, computed) for p, traits, computed in csv.reader(f)]
     else:
-        profiles = [(p["profile"], json.dumps(p["traits"])) for p in map(json.loads, f)]
+        profiles = [
+            (p["profile"], json.dumps(p["traits"]), json.dumps(p.get("computed", {})))
+            for p in map(json.loads, f)
+        ]
 
 if engine == "sqlite":
     import sqlite3
@@ -47,11 +50,11 @@ if engine == "sqlite":
     db = sqlite3.connect(":memory:")
     db.executescript(
         "CREATE TABLE events (profile INTEGER, ts INTEGER, event TEXT, properties TEXT);"
-        "CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT);"
+        "CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT, computed TEXT);"
         "CREATE TABLE segment_members (segment TEXT, profile INTEGER);"
     )
     db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", event_rows())
-    db.executemany("INSERT INTO profiles VALUES (?, ?)", profiles)
+    db.executemany("INSERT INTO profiles VALUES (?, ?, ?)", profiles)
     db.execute("CREATE INDEX events_by_profile ON events (profile, event, ts)")
     run = lambda sql: [row[0] for row in db.execute(sql)]
 else:
@@ -77,7 +80,7 @@ else:
     )
     db.execute(
         f"CREATE TABLE profiles AS SELECT * FROM read_csv('{profiles_csv}', header=false, "
-        "columns={'profile': 'INTEGER', 'traits': 'VARCHAR'})"
+        "columns={'profile': 'INTEGER', 'traits': 'VARCHAR', 'computed': 'VARCHAR'})"
     )
     db.execute("CREATE TABLE segment_members (segment VARCHAR, profile INTEGER)")
     run = lambda sql: [row[0] for row in db.execute(sql).fetchall()]

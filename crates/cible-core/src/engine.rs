@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
@@ -373,6 +374,10 @@ pub struct Engine {
     pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
     /// Whether the `hot` rows list their other key properties (property columns can be built).
     columns_supported: bool,
+    /// Computed traits: the configuration, and the calibration and product model once known.
+    pub(crate) trait_config: crate::computed::config::TraitConfig,
+    pub(crate) calibration: RwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
+    pub(crate) product_model: RwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
 }
 
 /// Sizes of what was loaded at start.
@@ -386,6 +391,24 @@ pub struct LoadStats {
 impl Engine {
     /// Opens the store in `dir` and rebuilds the in-memory state from it.
     pub fn open(dir: &Path) -> Result<Self> {
+        let trait_config =
+            match std::fs::read_to_string(dir.join(crate::computed::config::FILE_NAME)) {
+                Ok(text) => {
+                    crate::computed::config::TraitConfig::from_toml(&text).map_err(|reason| {
+                        EngineError::Invalid(format!(
+                            "{}: {reason}",
+                            dir.join(crate::computed::config::FILE_NAME).display()
+                        ))
+                    })?
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(error) => {
+                    return Err(EngineError::Invalid(format!(
+                        "{}: {error}",
+                        dir.join(crate::computed::config::FILE_NAME).display()
+                    )));
+                }
+            };
         let store = Store::open(dir)?;
         let counters: Counters = match store.meta.get(COUNTERS_KEY)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?,
@@ -472,6 +495,9 @@ impl Engine {
             ),
             backfill_progress: std::sync::atomic::AtomicU64::new(0),
             columns_supported,
+            trait_config,
+            calibration: RwLock::new(None),
+            product_model: RwLock::new(None),
         })
     }
 
@@ -483,40 +509,47 @@ impl Engine {
         &self,
         exprs: impl IntoIterator<Item = &'a cible_lang::Expr>,
     ) -> Result<()> {
-        if !self.columns_supported {
-            return Ok(());
-        }
-        let wanted = |hot: &HotStore| -> Vec<u8> {
-            let kept = hot.columns();
-            let mut wanted: Vec<u8> = Vec::new();
-            for expr in exprs {
-                for filter in cible_lang::check::event_filters(expr) {
-                    for condition in &filter.conditions {
-                        let Some(index) = crate::message::KEY_PROPERTIES
-                            .iter()
-                            .position(|p| *p == condition.property)
-                        else {
-                            continue;
-                        };
-                        let index = index as u8;
-                        if crate::message::is_column_property(usize::from(index))
-                            && hot.is_hidden_somewhere(usize::from(index))
-                            && !kept.contains(&index)
-                            && !wanted.contains(&index)
-                        {
-                            wanted.push(index);
-                        }
+        let mut wanted: Vec<u8> = Vec::new();
+        for expr in exprs {
+            for filter in cible_lang::check::event_filters(expr) {
+                for condition in &filter.conditions {
+                    if let Some(index) = crate::message::KEY_PROPERTIES
+                        .iter()
+                        .position(|p| *p == condition.property)
+                    {
+                        wanted.push(index as u8);
                     }
                 }
             }
-            wanted
+        }
+        self.ensure_column_indexes(&wanted, false)
+    }
+
+    /// Builds the property columns for these key properties (indexes in `KEY_PROPERTIES`) that
+    /// have none yet: when another key hides them somewhere, or always with `always` (computed
+    /// traits read a column, they cannot fall back to full messages).
+    pub fn ensure_column_indexes(&self, properties: &[u8], always: bool) -> Result<()> {
+        let missing = |hot: &HotStore| -> Vec<u8> {
+            let kept = hot.columns();
+            properties
+                .iter()
+                .copied()
+                .filter(|p| {
+                    is_column_property(usize::from(*p))
+                        && (always || hot.is_hidden_somewhere(usize::from(*p)))
+                        && !kept.contains(p)
+                })
+                .collect()
         };
-        let wanted = wanted(&self.hot.read());
-        if wanted.is_empty() {
+        if !self.columns_supported || missing(&self.hot.read()).is_empty() {
             return Ok(());
         }
         // The writer lock: no batch commits while the hot store is rebuilt from its rows.
         let state = self.state.lock();
+        let wanted = missing(&self.hot.read());
+        if wanted.is_empty() {
+            return Ok(());
+        }
         let mut columns = self.hot.read().columns();
         columns.extend(wanted);
         columns.sort_unstable();

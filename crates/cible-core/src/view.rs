@@ -20,6 +20,8 @@ pub struct ProfileView {
     pub requested_merged_profile: Option<u32>,
     pub identifiers: Identifiers,
     pub traits: BTreeMap<String, TraitView>,
+    /// Scores, RFM, intent, lifecycle, send time, affinity at the time asked.
+    pub computed: crate::computed::ComputedTraits,
     pub created_at: String,
     pub first_seen: Option<String>,
     pub last_seen: Option<String>,
@@ -88,6 +90,7 @@ pub fn profile_view(
     engine: &Engine,
     id: &str,
     query: TimelineQuery,
+    now: i64,
 ) -> Result<ProfileView, EngineError> {
     let found = engine
         .lookup_profile(id)
@@ -130,7 +133,9 @@ pub fn profile_view(
         )
     };
     let events = engine.timeline(profile, query.kind, query.offset, query.limit)?;
+    let computed = engine.computed_traits(profile, now)?;
     Ok(ProfileView {
+        computed,
         id: profile,
         requested_merged_profile: found.merged_from,
         identifiers,

@@ -23,8 +23,32 @@ pub const FUNCTIONS: [&str; 11] = [
     "in_segment",
 ];
 
-/// Attribute namespaces: `trait.x` today; the others are reserved for computed traits.
-pub const NAMESPACES: [&str; 1] = ["trait"];
+/// Attribute namespaces: `trait.x` reads a profile trait; the others are computed traits.
+pub const NAMESPACES: [&str; 6] = ["trait", "score", "rfm", "intent", "send_time", "affinity"];
+
+/// The computed traits a rule can read (computed by cible from each profile's events).
+pub const COMPUTED: [&str; 15] = [
+    "score.engagement",
+    "rfm.segment",
+    "rfm.score",
+    "rfm.r",
+    "rfm.f",
+    "rfm.m",
+    "rfm.frequency",
+    "rfm.monetary",
+    "intent.level",
+    "intent.score",
+    "intent.category",
+    "lifecycle",
+    "send_time.hour",
+    "send_time.weekday",
+    "affinity.category",
+];
+
+/// Whether an attribute is a computed trait rather than a `trait.` profile trait.
+pub fn is_computed(name: &str) -> bool {
+    !name.starts_with("trait.")
+}
 
 pub fn parse(source: &str) -> Result<Expr, Diagnostic> {
     let tokens = tokenize(source).map_err(|d| d.locate(source))?;
@@ -445,12 +469,23 @@ impl Parser {
             }
             self.bump();
             let (path, span) = self.property_path()?;
-            return Ok((
-                Value::Attribute {
-                    name: format!("{name}.{path}"),
-                },
-                start.to(span),
-            ));
+            let full = format!("{name}.{path}");
+            if name != "trait" && !COMPUTED.contains(&full.as_str()) {
+                let known = COMPUTED
+                    .iter()
+                    .filter(|c| c.starts_with(&format!("{name}.")));
+                let suggestion = closest(&full, known.copied()).map(|n| format!("`{n}`"));
+                return Err(Diagnostic::error(
+                    Code::UnknownNamespace,
+                    start.to(span),
+                    format!("unknown computed trait `{full}`"),
+                )
+                .suggest(suggestion));
+            }
+            return Ok((Value::Attribute { name: full }, start.to(span)));
+        }
+        if name == "lifecycle" && *self.peek_kind() != TokenKind::LParen {
+            return Ok((Value::Attribute { name }, start));
         }
         if !FUNCTIONS.contains(&name.as_str()) {
             let suggestion = closest(&name, FUNCTIONS.iter().copied().chain(NAMESPACES))

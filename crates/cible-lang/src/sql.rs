@@ -5,7 +5,8 @@
 //! CREATE TABLE events (profile INTEGER, ts INTEGER,   -- seconds since the epoch, UTC
 //!                      event TEXT,                   -- NULL for identify, alias, group
 //!                      properties TEXT);             -- JSON object
-//! CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT);   -- JSON object
+//! CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT,   -- JSON object
+//!                        computed TEXT);                               -- computed traits, JSON
 //! CREATE TABLE segment_members (segment TEXT, profile INTEGER);
 //! ```
 //!
@@ -229,8 +230,12 @@ impl Compiler {
                 )
             }
             Value::Attribute { name } => {
-                let property = name.split_once('.').map_or(name.as_str(), |(_, rest)| rest);
-                return Err(Box::new(json("p.traits", property, self.dialect)));
+                // Profile traits in `traits`; computed traits, as `cible export profiles` writes
+                // them, in `computed`.
+                return Err(Box::new(match name.strip_prefix("trait.") {
+                    Some(property) => json("p.traits", property, self.dialect),
+                    None => json("p.computed", name, self.dialect),
+                }));
             }
         })
     }

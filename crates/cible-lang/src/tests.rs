@@ -112,10 +112,32 @@ fn errors_point_at_the_text_with_a_caret_and_a_suggestion() {
     assert!(error(r#"did("A", 7d) did("B")"#).contains("join conditions with `and` or `or`"));
     assert!(error(r#""A" and did("B")"#).contains("an event name alone is not a condition"));
     assert!(error(r#"did("A"#).contains("E002"));
-    assert!(error(r#"score.engagement > 80"#).contains("unknown attribute namespace"));
+    assert!(error(r#"scores.engagement > 80"#).contains("did you mean `score`?"));
+    assert_eq!(
+        error(r#"score.engagment > 80"#),
+        "error[E011]: unknown computed trait `score.engagment`\n --> line 1, column 1\n  |\n1 | score.engagment > 80\n  | ^^^^^^^^^^^^^^^\n  = help: did you mean `score.engagement`?"
+    );
     assert!(error(r#"traits.plan = "pro""#).contains("did you mean `trait`?"));
     assert!(error(r#"trait.country in ()"#).contains("E012"));
     assert!(error(r#""A" then "B""#).contains("within"));
+}
+
+#[test]
+fn computed_traits_read_like_attributes() {
+    for rule in [
+        r#"score.engagement >= 80"#,
+        r#"rfm.segment = "champions""#,
+        r#"lifecycle = "at_risk""#,
+        r#"intent.level = "high" and not (lifecycle in ("churned", "dormant"))"#,
+        r#"send_time.hour < 12 or affinity.category = "shoes""#,
+    ] {
+        round_trip(rule);
+    }
+    let expr = parse(r#"lifecycle = "at_risk""#).unwrap();
+    assert_eq!(
+        serde_json::to_value(&expr).unwrap()["left"],
+        json!({"fn": "attribute", "name": "lifecycle"})
+    );
 }
 
 #[test]

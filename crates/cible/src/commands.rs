@@ -255,6 +255,18 @@ pub enum ProfileCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Products to put in an e-mail for this profile: abandoned cart, recently viewed, viewed
+    /// X bought Y, best sellers of its favourite categories.
+    Recommend {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// How many products.
+        #[arg(long, default_value_t = 4)]
+        n: usize,
+        /// Print JSON (the same document as GET /api/profiles/{id}/recommendations).
+        #[arg(long)]
+        json: bool,
+    },
     /// Undo a merge: the absorbed profile comes back with its identifiers and events.
     Unmerge {
         /// The merge id (see `cible profile merges` or `profile show`).
@@ -281,6 +293,7 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                     offset,
                     limit,
                 },
+                global.now_ms()?,
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -316,6 +329,26 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
             for (name, value) in &view.traits {
                 println!("  {name:<20} {}  (since {})", value.value, value.updated_at);
             }
+            let c = &view.computed;
+            println!("computed traits (see `cible traits show`)");
+            println!("  score.engagement     {}", c.score.engagement);
+            if let Some(rfm) = &c.rfm {
+                println!("  rfm                  {} ({})", rfm.segment, rfm.score);
+            }
+            println!(
+                "  intent               {}{}",
+                c.intent.level,
+                c.intent
+                    .category
+                    .as_deref()
+                    .map(|cat| format!(" ({cat})"))
+                    .unwrap_or_default()
+            );
+            println!("  lifecycle            {}", c.lifecycle.unwrap_or("-"));
+            println!(
+                "  send_time            {:02}:00 UTC, weekday {} ({})",
+                c.send_time.hour, c.send_time.weekday, c.send_time.source
+            );
             if !view.merges.is_empty() {
                 println!("merges");
                 for merge in &view.merges {
@@ -394,6 +427,28 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                 outcome.events_removed,
                 outcome.identifiers_removed.join(", ")
             );
+        }
+        ProfileCommand::Recommend { id, n, json } => {
+            let profile = engine
+                .lookup_profile(&id)
+                .ok_or_else(|| anyhow::anyhow!("no profile {id:?}"))?
+                .profile;
+            let items = engine.recommend(profile, n, global.now_ms()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+                return Ok(());
+            }
+            for item in &items {
+                let because = item
+                    .because
+                    .as_deref()
+                    .map(|b| format!(" ({b})"))
+                    .unwrap_or_default();
+                println!("{:<12} {}{because}", item.product_id, item.reason);
+            }
+            if items.is_empty() {
+                println!("no recommendation: no product activity and no best sellers yet");
+            }
         }
         ProfileCommand::Unmerge { merge } => {
             let outcome = engine.unmerge(merge, global.now_ms()?)?;
@@ -534,7 +589,7 @@ pub enum ExportCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Every live profile as JSON Lines: number, identifiers, current traits.
+    /// Every live profile as JSON Lines: number, identifiers, current traits, computed traits.
     Profiles {
         /// Output file; standard output when absent.
         #[arg(long)]
@@ -554,7 +609,7 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     let mut writer = BufWriter::with_capacity(1 << 20, sink);
     let result = match command {
         ExportCommand::Events { .. } => export_events(&engine, &mut writer),
-        ExportCommand::Profiles { .. } => export_profiles(&engine, &mut writer),
+        ExportCommand::Profiles { .. } => export_profiles(&engine, &mut writer, global.now_ms()?),
     };
     match result.and_then(|()| writer.flush()) {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -582,19 +637,31 @@ fn export_events(engine: &cible_core::Engine, writer: &mut impl Write) -> std::i
     }
 }
 
-fn export_profiles(engine: &cible_core::Engine, writer: &mut impl Write) -> std::io::Result<()> {
-    for profile in engine.live_profiles() {
-        let record = engine
-            .profile_record(profile)
+fn export_profiles(
+    engine: &cible_core::Engine,
+    writer: &mut impl Write,
+    now: i64,
+) -> std::io::Result<()> {
+    let profiles = engine.live_profiles();
+    // Computed traits a chunk at a time, in parallel.
+    for chunk in profiles.chunks(4096) {
+        let computed = engine
+            .computed_traits_of(chunk, now)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let traits: serde_json::Map<String, serde_json::Value> = record
-            .traits
-            .into_iter()
-            .map(|(name, t)| (name, t.value))
-            .collect();
-        let line = serde_json::json!({"profile": profile, "identifiers": record.identifiers, "traits": traits});
-        serde_json::to_writer(&mut *writer, &line)?;
-        writer.write_all(b"\n")?;
+        for (profile, computed) in chunk.iter().zip(computed) {
+            let record = engine
+                .profile_record(*profile)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let traits: serde_json::Map<String, serde_json::Value> = record
+                .traits
+                .into_iter()
+                .map(|(name, t)| (name, t.value))
+                .collect();
+            let line = serde_json::json!({"profile": profile, "identifiers": record.identifiers,
+                "traits": traits, "computed": computed});
+            serde_json::to_writer(&mut *writer, &line)?;
+            writer.write_all(b"\n")?;
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod commands;
 mod segment_api;
 mod segments;
 mod server;
+mod traits;
 
 use std::path::PathBuf;
 
@@ -105,6 +106,9 @@ enum Command {
     /// Define segments with rules and look at their members.
     #[command(subcommand)]
     Segment(segments::SegmentCommand),
+    /// Computed traits: configuration, calibration, values of a profile.
+    #[command(subcommand)]
+    Traits(traits::TraitsCommand),
     /// Measure import, HTTP ingestion, hot-store memory and restart; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
@@ -146,6 +150,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(command) => commands::export(&cli.global, command),
         Command::Bench(args) => bench::run(&cli.global, args),
         Command::Segment(command) => segments::run(&cli.global, command),
+        Command::Traits(command) => traits::run(&cli.global, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

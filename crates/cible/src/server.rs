@@ -235,6 +235,13 @@ fn router(state: AppState) -> Router {
             "/api/profiles/{id}",
             get(api_profile).delete(api_delete_profile),
         )
+        .route(
+            "/api/profiles/{id}/recommendations",
+            get(api_recommendations),
+        )
+        .route("/api/profiles/{id}/traits", get(api_computed_traits))
+        .route("/api/traits/config", get(api_trait_config))
+        .route("/api/traits/refresh", post(api_trait_refresh))
         .route("/api/merges", get(api_merges))
         .route("/api/merges/{id}/unmerge", post(api_unmerge))
         .route("/api/keys", post(api_create_key).get(api_list_keys))
@@ -743,7 +750,8 @@ async fn api_profile(
         limit: params.limit.unwrap_or(50).min(1000),
     };
     let engine = Arc::clone(&state.engine);
-    blocking(move || profile_view(&engine, &id, query)).await
+    let now = state.now();
+    blocking(move || profile_view(&engine, &id, query, now)).await
 }
 
 async fn api_delete_profile(
@@ -760,6 +768,68 @@ async fn api_delete_profile(
         engine.remove_profile(profile)
     })
     .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecommendParams {
+    n: Option<usize>,
+}
+
+async fn api_recommendations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(params): Query<RecommendParams>,
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let n = params.n.unwrap_or(4);
+    if !(1..=100).contains(&n) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("n must be between 1 and 100, found {n}"),
+        )
+        .field("n"));
+    }
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || {
+        let profile = engine
+            .find_profile(&id)
+            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        Ok(serde_json::json!({"profile": profile, "items": engine.recommend(profile, n, now)?}))
+    })
+    .await
+}
+
+async fn api_computed_traits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || {
+        let profile = engine
+            .find_profile(&id)
+            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        engine.computed_traits(profile, now)
+    })
+    .await
+}
+
+async fn api_trait_config(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
+    Ok(axum::Json(state.engine.trait_config().clone()).into_response())
+}
+
+async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || engine.refresh_traits(now)).await
 }
 
 async fn api_merges(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {

@@ -456,6 +456,6 @@ fn a_numeric_user_id_wins_over_a_profile_number() {
     assert_eq!(by_user.merged_from, None);
     // A profile number still works when no identifier has that text.
     assert_eq!(engine.lookup_profile("2").unwrap().profile, 2);
-    let view = crate::view::profile_view(&engine, "1", Default::default()).unwrap();
+    let view = crate::view::profile_view(&engine, "1", Default::default(), NOW).unwrap();
     assert!(view.requested_merged_profile.is_none());
 }

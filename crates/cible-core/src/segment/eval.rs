@@ -190,6 +190,8 @@ pub struct Context<'a> {
     pub now: u32,
     pub traits: &'a BTreeMap<String, TraitValue>,
     pub in_segment: &'a dyn Fn(&str) -> bool,
+    /// The profile's computed traits, when a rule reads them.
+    pub computed: Option<&'a crate::computed::Lazy<'a>>,
 }
 
 /// The result for one profile.
@@ -490,6 +492,16 @@ impl<E: Events> Evaluator<'_, E> {
                     (_, false) => Some(self.events.ts(seen - 1)),
                 };
                 chosen.map(|ts| self.days_since(ts, test))
+            }
+            ValueNode::Computed(name) => {
+                let Some(lazy) = self.ctx.computed else {
+                    return Ok(None);
+                };
+                let traits = lazy.get();
+                if let Some(at) = traits.next_change {
+                    self.candidate(u64::from(at));
+                }
+                return Ok(crate::computed::attribute(traits, name));
             }
             ValueNode::Trait(path) => {
                 let Some((first, rest)) = path.split_first() else {

@@ -64,14 +64,20 @@ pub struct LiveState {
     /// The one instant each (segment, profile) is due; heap entries that disagree are stale.
     scheduled: FxHashMap<(usize, u32), u32>,
     dictionary_sizes: (usize, usize),
+    /// The computed-traits plan and calibration, when a segment reads computed traits.
+    computed: Option<(
+        crate::computed::TraitPlan,
+        std::sync::Arc<crate::computed::calibrate::Calibration>,
+    )>,
 }
 
 fn reads_any_event(node: &plan::Node) -> bool {
     match node {
         plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(reads_any_event),
         plan::Node::Not(arg) => reads_any_event(arg),
+        // Computed traits read every kind of event.
         plan::Node::Compare {
-            value: plan::ValueNode::DaysSinceSeen { .. },
+            value: plan::ValueNode::DaysSinceSeen { .. } | plan::ValueNode::Computed(_),
             ..
         } => true,
         _ => false,
@@ -115,6 +121,7 @@ impl Engine {
             timers: BinaryHeap::new(),
             scheduled: FxHashMap::default(),
             dictionary_sizes: (dictionaries.names.len(), dictionaries.keys.len()),
+            computed: None,
         };
         for name in order {
             let Some(record) = records.get(&name).cloned() else {
@@ -130,6 +137,8 @@ impl Engine {
                 members,
             });
         }
+        let plans: Vec<Plan> = state.segments.iter().map(|s| s.plan.clone()).collect();
+        state.computed = self.computed_setup(&plans, &dictionaries, now)?;
         let everyone: Vec<u32> = self.live_profiles();
         let all: Vec<usize> = (0..state.segments.len()).collect();
         let rounds: Vec<(usize, Vec<u32>)> = all.iter().map(|i| (*i, everyone.clone())).collect();
@@ -163,6 +172,9 @@ impl Engine {
             let dictionaries = self.dictionaries();
             for segment in &mut state.segments {
                 segment.plan = plan::plan(&segment.record.ast, &dictionaries);
+            }
+            if let Some((trait_plan, _)) = &mut state.computed {
+                *trait_plan = self.trait_plan(&dictionaries);
             }
             state.dictionary_sizes = sizes;
         }
@@ -293,6 +305,11 @@ impl Engine {
                 now: now_s,
                 traits: &traits,
                 dependencies: &dependencies,
+                computed: state
+                    .computed
+                    .as_ref()
+                    .filter(|_| super::uses_computed(&segment.plan.root))
+                    .map(|(p, c)| (p, &**c)),
             };
             let mut verdicts = Vec::with_capacity(profiles.len());
             for &profile in profiles {

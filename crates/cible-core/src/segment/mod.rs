@@ -17,6 +17,8 @@ use roaring::RoaringBitmap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::computed::calibrate::Calibration;
+use crate::computed::{Lazy, TraitPlan};
 use crate::engine::{Engine, EngineError, TraitValue};
 use crate::store::profile_key;
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
@@ -115,7 +117,7 @@ pub struct Explanation {
 /// A snapshot of the dictionaries for planning.
 pub struct DictSnapshot {
     pub names: FxHashMap<String, u16>,
-    pub keys: Vec<String>,
+    pub keys: std::sync::Arc<Vec<String>>,
 }
 
 impl Dictionaries for DictSnapshot {
@@ -152,6 +154,8 @@ pub(crate) struct RuleRun<'a> {
     /// when no segment reads traits).
     traits: &'a FxHashMap<u32, BTreeMap<String, TraitValue>>,
     dependencies: &'a FxHashMap<String, RoaringBitmap>,
+    /// The computed-traits plan and calibration, when the rule reads computed traits.
+    computed: Option<(&'a TraitPlan, &'a Calibration)>,
 }
 
 /// The segments a rule refers to.
@@ -198,6 +202,19 @@ fn log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
     key.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// Whether a plan reads computed traits.
+pub(crate) fn uses_computed(node: &plan::Node) -> bool {
+    match node {
+        plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_computed),
+        plan::Node::Not(arg) => uses_computed(arg),
+        plan::Node::Compare {
+            value: ValueNode::Computed(_),
+            ..
+        } => true,
+        _ => false,
+    }
 }
 
 pub(crate) fn uses_traits(node: &plan::Node) -> bool {
@@ -478,7 +495,7 @@ impl Engine {
                 .filter(|(_, id)| **id < u32::from(u16::MAX))
                 .map(|(n, id)| (n.clone(), *id as u16))
                 .collect(),
-            keys: if with_keys { keys.to_vec() } else { Vec::new() },
+            keys: std::sync::Arc::new(if with_keys { keys.to_vec() } else { Vec::new() }),
         })
     }
 
@@ -516,6 +533,7 @@ impl Engine {
             }
         }
         let needs_traits = plans.iter().any(|p| uses_traits(&p.root));
+        let computed = self.computed_setup(&plans, &dictionaries, now)?;
         let profiles = self.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         let hot = self.hot.read();
@@ -545,10 +563,14 @@ impl Engine {
                             .get(name)
                             .is_some_and(|m: &RoaringBitmap| m.contains(profile))
                     };
+                    let lazy = computed
+                        .as_ref()
+                        .map(|(plan, calibration)| Lazy::new(timeline, now_s, plan, calibration));
                     let ctx = Context {
                         now: now_s,
                         traits: &traits,
                         in_segment: &in_segment,
+                        computed: lazy.as_ref(),
                     };
                     let mut full: Option<MessageEvents> = None;
                     for (plan, (members, via)) in plans.iter().zip(found.iter_mut()) {
@@ -602,10 +624,14 @@ impl Engine {
                 .get(name)
                 .is_some_and(|m| m.contains(profile))
         };
+        let lazy = run.computed.map(|(plan, calibration)| {
+            Lazy::new(run.hot.timeline(profile), run.now, plan, calibration)
+        });
         let ctx = Context {
             now: run.now,
             traits,
             in_segment: &in_segment,
+            computed: lazy.as_ref(),
         };
         if !run.plan.needs_messages
             && let Ok(verdict) =
@@ -636,12 +662,17 @@ impl Engine {
                 .is_some_and(|m: &RoaringBitmap| m.contains(profile))
         };
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
+        let computed = self.computed_setup(std::slice::from_ref(&plan), &dictionaries, now)?;
+        let hot = self.hot.read();
+        let lazy = computed
+            .as_ref()
+            .map(|(p, c)| Lazy::new(hot.timeline(profile), now_s, p, c));
         let ctx = Context {
             now: now_s,
             traits: &traits,
             in_segment: &in_segment,
+            computed: lazy.as_ref(),
         };
-        let hot = self.hot.read();
         let hot_events = HotEvents(hot.timeline(profile), None);
         let (verdict, conditions) = match (
             evaluate(&plan, &hot_events, &ctx),
@@ -649,7 +680,6 @@ impl Engine {
         ) {
             (Ok(verdict), Ok(conditions)) if !plan.needs_messages => (verdict, conditions),
             _ => {
-                drop(hot);
                 let events = MessageEvents(self.full_events(profile, &dictionaries)?);
                 let verdict =
                     evaluate(&plan, &events, &ctx).expect("full messages answer every condition");

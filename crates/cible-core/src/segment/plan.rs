@@ -59,6 +59,8 @@ pub enum ValueNode {
         first: bool,
     },
     Trait(Vec<String>),
+    /// A computed trait (`score.engagement`, `lifecycle`...), see [`crate::computed`].
+    Computed(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +231,9 @@ impl<D: Dictionaries> Planner<'_, D> {
             },
             Value::DaysSinceFirstSeen => ValueNode::DaysSinceSeen { first: true },
             Value::DaysSinceLastSeen => ValueNode::DaysSinceSeen { first: false },
+            Value::Attribute { name } if cible_lang::parser::is_computed(name) => {
+                ValueNode::Computed(name.clone())
+            }
             Value::Attribute { name } => {
                 let path = name.split('.').skip(1).map(str::to_string).collect();
                 ValueNode::Trait(path)

@@ -341,8 +341,32 @@ fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
             _ => format!("not ({left})"),
         };
     }
-    match rng.random_range(0..7) {
+    match rng.random_range(0..9) {
         6 => format!("trait.plan = {:?}", ["pro", "free"][rng.random_range(0..2)]),
+        // Computed traits, configured by `PROPERTY_TRAITS` over A, B and C.
+        7 => [
+            format!(
+                "lifecycle = {:?}",
+                crate::computed::STAGES[rng.random_range(0..7)]
+            ),
+            format!("score.engagement >= {}", rng.random_range(0..100)),
+            format!(
+                "intent.level = {:?}",
+                ["low", "medium", "high"][rng.random_range(0..3)]
+            ),
+            "intent.category = \"bags\"".to_string(),
+        ][rng.random_range(0..4)]
+        .clone(),
+        8 => [
+            format!("rfm.f >= {}", rng.random_range(1..4)),
+            format!(
+                "rfm.segment != {:?}",
+                ["champions", "lost"][rng.random_range(0..2)]
+            ),
+            "affinity.category = \"shoes\"".to_string(),
+            format!("send_time.hour < {}", rng.random_range(0..24)),
+        ][rng.random_range(0..4)]
+        .clone(),
         0 => format!("did({}, {})", filter(rng), window(rng)),
         1 => format!(
             "count({}, {}) >= {}",
@@ -372,13 +396,22 @@ fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
 fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
     let dictionaries = engine.dictionaries();
     let plan = plan::plan(&cible_lang::parse(rule).unwrap(), &dictionaries);
+    // Computed traits come from the hot rows whatever the events evaluated.
+    let computed = engine
+        .computed_setup(std::slice::from_ref(&plan), &dictionaries, now)
+        .unwrap();
     let mut members = RoaringBitmap::new();
     for profile in engine.live_profiles() {
         let traits = engine.profile_record(profile).unwrap().traits;
+        let hot = engine.hot();
+        let lazy = computed
+            .as_ref()
+            .map(|(p, c)| Lazy::new(hot.timeline(profile), (now / 1000) as u32, p, c));
         let ctx = Context {
             now: (now / 1000) as u32,
             traits: &traits,
             in_segment: &|_| false,
+            computed: lazy.as_ref(),
         };
         let events = MessageEvents(engine.full_events(profile, &dictionaries).unwrap());
         if evaluate(&plan, &events, &ctx).unwrap().member {
@@ -387,6 +420,36 @@ fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
     }
     members
 }
+
+/// Computed traits over the property test's events A, B and C, with short windows so that time
+/// moves them within the test.
+const PROPERTY_TRAITS: &str = r#"
+[engagement]
+half_life_days = 2
+weights = { A = 1.0, B = 2.0, C = 3.0 }
+[rfm]
+order_event = "C"
+window_days = 5
+[intent]
+window_days = 3
+medium = 3.0
+high = 6.0
+signals = [{ event = "A", weight = 1.0 }, { event = "B", weight = 2.5, strength = "strong" }]
+[lifecycle]
+new_days = 1
+active_days = 2
+dormant_days = 4
+churned_days = 7
+reactivated_days = 2
+loyal_orders = 2
+loyal_window_days = 5
+[send_time]
+events = ["A"]
+min_events = 2
+[affinity]
+window_days = 3
+weights = { A = 1.0, B = 2.0 }
+"#;
 
 #[test]
 fn incremental_timed_and_batch_evaluation_agree() {
@@ -397,6 +460,7 @@ fn incremental_timed_and_batch_evaluation_agree() {
     for seed in 0..24u64 {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("traits.toml"), PROPERTY_TRAITS).unwrap();
         let engine = Engine::open(dir.path()).unwrap();
         let start = NOW_MS;
         // Seed one event of each name so that rules compile against known names, then segments.
