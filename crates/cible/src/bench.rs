@@ -25,10 +25,10 @@ use crate::Global;
 pub struct BenchArgs {
     /// People in the generated data (about 120 messages each over 90 days).
     #[arg(long, default_value_t = 20_000)]
-    profiles: u64,
+    pub profiles: u64,
     /// Days of generated history.
     #[arg(long, default_value_t = 90)]
-    days: u32,
+    pub days: u32,
     /// Messages sent through HTTP (taken from the generated data).
     #[arg(long, default_value_t = 500_000)]
     http_messages: usize,
@@ -37,19 +37,20 @@ pub struct BenchArgs {
     clients: usize,
     /// Where to put the temporary stores (a fresh directory inside it).
     #[arg(long, default_value = ".")]
-    dir: std::path::PathBuf,
-    /// What to measure: collect (import, HTTP, memory, restart) or segments (batch rebuild
-    /// against an SQL engine, event-to-membership latency).
+    pub dir: std::path::PathBuf,
+    /// What to measure: collect (import, HTTP, memory, restart), segments (batch rebuild
+    /// against an SQL engine, event-to-membership latency) or traits (recomputing computed
+    /// traits against DuckDB, incremental cost).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
     /// every 2 ms).
     #[arg(long, default_value_t = 100)]
-    latency_batch: usize,
+    pub latency_batch: usize,
     /// The SQL engine the segment rebuild is compared with (Python module: `scripts/bench`
     /// installs DuckDB).
     #[arg(long, value_enum, default_value = "duckdb")]
-    baseline: Baseline,
+    pub baseline: Baseline,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,19 +63,23 @@ pub enum Baseline {
 pub enum Suite {
     Collect,
     Segments,
+    Traits,
 }
 
-struct Row {
-    measure: &'static str,
-    value: String,
-    baseline: String,
-    ratio: String,
-    target: &'static str,
+pub(crate) struct Row {
+    pub measure: &'static str,
+    pub value: String,
+    pub baseline: String,
+    pub ratio: String,
+    pub target: &'static str,
 }
 
 pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     if args.suite == Suite::Segments {
         return segments(global, &args);
+    }
+    if args.suite == Suite::Traits {
+        return crate::bench_traits::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;
@@ -202,7 +207,7 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
 
 /// Generated data in a fresh directory under `--dir`: the directory, the JSON Lines file, what
 /// was written, and the end of the history (midnight UTC of "now").
-fn generate_data(
+pub(crate) fn generate_data(
     global: &Global,
     args: &BenchArgs,
     gzip: bool,
@@ -237,7 +242,7 @@ fn generate_data(
 }
 
 /// The last `n` lines of a JSON Lines file (gzip-compressed when it ends in `.gz`), streamed.
-fn tail_lines(path: &std::path::Path, n: usize) -> anyhow::Result<Vec<String>> {
+pub(crate) fn tail_lines(path: &std::path::Path, n: usize) -> anyhow::Result<Vec<String>> {
     use std::io::BufRead;
     let file = std::fs::File::open(path)?;
     let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
@@ -349,7 +354,7 @@ fn http_ingest(
     Ok(rate)
 }
 
-fn print_table(title: &str, rows: Vec<Row>) {
+pub(crate) fn print_table(title: &str, rows: Vec<Row>) {
     println!("{title}\n");
     println!("| measure | cible | baseline (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
@@ -408,44 +413,7 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
 
     // Baseline: an SQL engine on the documented layout, same rules compiled, same data.
     eprintln!("exporting for the SQL engine ...");
-    // Straight into the SQL layout (CSV), which the script loads without conversion.
-    let events_file = work.path().join("events.csv");
-    let profiles_file = work.path().join("profiles.csv");
-    {
-        let mut out = csv::Writer::from_path(&events_file)?;
-        let mut failed = None;
-        engine.for_each_event(|event| {
-            let message = &event.message;
-            let record = [
-                event.profile.to_string(),
-                message.timestamp.div_euclid(1000).to_string(),
-                message.behavioral_name().unwrap_or("").to_string(),
-                serde_json::Value::Object(message.properties.clone()).to_string(),
-            ];
-            if let Err(error) = out.write_record(&record) {
-                failed.get_or_insert(error);
-            }
-            Ok(())
-        })?;
-        if let Some(error) = failed {
-            return Err(error.into());
-        }
-        out.flush()?;
-        let mut out = csv::Writer::from_path(&profiles_file)?;
-        for profile in engine.live_profiles() {
-            let traits: serde_json::Map<String, serde_json::Value> = engine
-                .profile_record(profile)?
-                .traits
-                .into_iter()
-                .map(|(k, t)| (k, t.value))
-                .collect();
-            out.write_record([
-                profile.to_string(),
-                serde_json::Value::Object(traits).to_string(),
-            ])?;
-        }
-        out.flush()?;
-    }
+    let (events_file, profiles_file) = export_sql_tables(&engine, work.path(), end_ms)?;
     let (engine_name, dialect) = match args.baseline {
         Baseline::Sqlite => ("sqlite", cible_lang::sql::Dialect::Sqlite),
         Baseline::Duckdb => ("duckdb", cible_lang::sql::Dialect::DuckDb),
@@ -460,25 +428,14 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let queries_file = work.path().join("queries.json");
-    std::fs::write(&queries_file, serde_json::to_string(&queries)?)?;
-    let script = work.path().join("sql_members.py");
-    std::fs::write(&script, SQL_BASELINE)?;
     eprintln!("running the SQL on {engine_name} ...");
-    let output = std::process::Command::new("python3")
-        .arg(&script)
-        .arg(engine_name)
-        .arg(&events_file)
-        .arg(&profiles_file)
-        .arg(&queries_file)
-        .output()
-        .context("running python3 (SQL baseline)")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "the {engine_name} baseline failed (run scripts/bench, which installs it): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let answer = run_sql_baseline(
+        work.path(),
+        engine_name,
+        &events_file,
+        &profiles_file,
+        &queries,
+    )?;
     let sql_s = answer["seconds"].as_f64().unwrap_or(f64::NAN);
     for (i, count) in members.iter().enumerate() {
         let theirs = answer["members"][format!("r{i:02}")]
@@ -496,29 +453,8 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         engine.create_segment(&format!("bench-{i:02}"), expr.clone(), "", end_ms)?;
     }
     engine.start_live_segments(end_ms)?;
-    let lines: Vec<&str> = tail.iter().rev().map(String::as_str).collect();
-    let ctx = cible_core::ParseContext::at(end_ms);
-    let mut latencies = Vec::new();
     let batch_size = args.latency_batch;
-    for (b, batch) in lines.chunks(batch_size).enumerate() {
-        // Fresh message ids: the same behaviour arriving again, as new events.
-        let items: Vec<cible_core::Incoming> = batch
-            .par_iter()
-            .map(|line| {
-                let mut value: serde_json::Value =
-                    serde_json::from_str(line).expect("generated JSON");
-                value["messageId"] = serde_json::Value::from(format!(
-                    "bench-{b}-{}",
-                    value["messageId"].as_str().unwrap_or("")
-                ));
-                cible_core::message::parse_message(value, None, &ctx).into()
-            })
-            .collect();
-        let started = Instant::now();
-        engine.ingest(items, "bench", Durability::Buffered, end_ms)?;
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    latencies.sort_by(f64::total_cmp);
+    let latencies = ingest_latencies(&engine, &tail, batch_size, end_ms)?;
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
     let per_batch = latencies.iter().sum::<f64>() / latencies.len() as f64;
     let sustainable = batch_size as f64 / (per_batch / 1000.0);
@@ -567,6 +503,119 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         ],
     );
     Ok(())
+}
+
+/// Ingests `tail` (newest first, with fresh message ids: the same behaviour arriving again)
+/// in batches, one after the other, and returns each batch's time in ms (from the start of
+/// `ingest` until memberships are updated), sorted.
+pub(crate) fn ingest_latencies(
+    engine: &Engine,
+    tail: &[String],
+    batch_size: usize,
+    now: i64,
+) -> anyhow::Result<Vec<f64>> {
+    let lines: Vec<&str> = tail.iter().rev().map(String::as_str).collect();
+    let ctx = cible_core::ParseContext::at(now);
+    let mut latencies = Vec::new();
+    for (b, batch) in lines.chunks(batch_size.max(1)).enumerate() {
+        let items: Vec<cible_core::Incoming> = batch
+            .par_iter()
+            .map(|line| {
+                let mut value: serde_json::Value =
+                    serde_json::from_str(line).expect("generated JSON");
+                value["messageId"] = serde_json::Value::from(format!(
+                    "bench-{b}-{}",
+                    value["messageId"].as_str().unwrap_or("")
+                ));
+                cible_core::message::parse_message(value, None, &ctx).into()
+            })
+            .collect();
+        let started = Instant::now();
+        engine.ingest(items, "bench", Durability::Buffered, now)?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+/// Exports the store in the SQL table layout of docs/segment-language.md, as CSV files the
+/// baseline script loads without conversion: events (profile, ts, event, properties) and
+/// profiles (profile, traits, computed).
+pub(crate) fn export_sql_tables(
+    engine: &Engine,
+    dir: &std::path::Path,
+    now: i64,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let events_file = dir.join("events.csv");
+    let profiles_file = dir.join("profiles.csv");
+    let mut out = csv::Writer::from_path(&events_file)?;
+    let mut failed = None;
+    engine.for_each_event(|event| {
+        let message = &event.message;
+        let record = [
+            event.profile.to_string(),
+            message.timestamp.div_euclid(1000).to_string(),
+            message.behavioral_name().unwrap_or("").to_string(),
+            serde_json::Value::Object(message.properties.clone()).to_string(),
+        ];
+        if let Err(error) = out.write_record(&record) {
+            failed.get_or_insert(error);
+        }
+        Ok(())
+    })?;
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
+    out.flush()?;
+    let mut out = csv::Writer::from_path(&profiles_file)?;
+    let profiles = engine.live_profiles();
+    for chunk in profiles.chunks(4096) {
+        let computed = engine.computed_traits_of(chunk, now)?;
+        for (profile, computed) in chunk.iter().zip(computed) {
+            let traits: serde_json::Map<String, serde_json::Value> = engine
+                .profile_record(*profile)?
+                .traits
+                .into_iter()
+                .map(|(k, t)| (k, t.value))
+                .collect();
+            out.write_record([
+                profile.to_string(),
+                serde_json::Value::Object(traits).to_string(),
+                serde_json::to_string(&computed)?,
+            ])?;
+        }
+    }
+    out.flush()?;
+    Ok((events_file, profiles_file))
+}
+
+/// Runs named queries on the SQL engine with the baseline script; the answer is
+/// `{"seconds": query time, "members": {name: [profile, ...]}}`.
+pub(crate) fn run_sql_baseline(
+    dir: &std::path::Path,
+    engine_name: &str,
+    events_file: &std::path::Path,
+    profiles_file: &std::path::Path,
+    queries: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<serde_json::Value> {
+    let queries_file = dir.join("queries.json");
+    std::fs::write(&queries_file, serde_json::to_string(queries)?)?;
+    let script = dir.join("sql_members.py");
+    std::fs::write(&script, SQL_BASELINE)?;
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(engine_name)
+        .arg(events_file)
+        .arg(profiles_file)
+        .arg(&queries_file)
+        .output()
+        .context("running python3 (SQL baseline)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the {engine_name} baseline failed (run scripts/bench, which installs it): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// The SQL baseline (SQLite or DuckDB): loads the export into the documented layout and times

@@ -183,6 +183,12 @@ fn timer_loop(engine: &Engine, stop: &std::sync::atomic::AtomicBool, pinned_now:
         if let Err(error) = engine.tick_segments(now) {
             tracing::error!(error = %error, "segment timers failed");
         }
+        // Percentiles, quintiles and the product model follow the population once a day.
+        match engine.refresh_traits_if_older(now, cible_core::time::DAY_MS) {
+            Ok(true) => tracing::info!("computed traits recalibrated"),
+            Ok(false) => {}
+            Err(error) => tracing::error!(error = %error, "recalibrating computed traits failed"),
+        }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
@@ -896,7 +902,7 @@ async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> Api
 }
 
 /// Segments the demo starts with.
-const DEMO_SEGMENTS: [(&str, &str); 4] = [
+const DEMO_SEGMENTS: [(&str, &str); 6] = [
     (
         "big-spenders",
         r#"sum("Order Completed".revenue, 365d) > 500"#,
@@ -909,6 +915,14 @@ const DEMO_SEGMENTS: [(&str, &str); 4] = [
     (
         "blog-readers-or-pro",
         r#"count("Page Viewed" where path starts_with "/blog/", 14d) >= 2 or trait.plan = "pro""#,
+    ),
+    (
+        "high-intent-engaged",
+        r#"intent.level = "high" and score.engagement >= 60"#,
+    ),
+    (
+        "champions-at-risk",
+        r#"rfm.segment in ("champions", "loyal") and lifecycle = "at_risk""#,
     ),
 ];
 
@@ -934,6 +948,11 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             summary.duplicates,
             summary.seconds
         );
+        let report = engine.refresh_traits(now)?;
+        for name in &report.created_segments {
+            let size = engine.segment(name)?.size;
+            println!("lifecycle segment {name}: {size} members");
+        }
         for (name, rule) in DEMO_SEGMENTS {
             let expr = cible_lang::parse(rule).map_err(|d| anyhow::anyhow!(d.message))?;
             let record = engine.create_segment(name, expr, rule, now)?;

@@ -185,6 +185,21 @@ impl Engine {
         })
     }
 
+    /// Recalibrates (and rebuilds the product model) when the calibration is older than
+    /// `max_age_ms`; returns whether it did. Nothing happens before a first calibration.
+    pub fn refresh_traits_if_older(&self, now: i64, max_age_ms: i64) -> Result<bool> {
+        let Some(calibration) = self.calibration.read().clone() else {
+            return Ok(false);
+        };
+        if i64::from(calibration.at) * 1000 + max_age_ms > now {
+            return Ok(false);
+        }
+        self.calibrate(now)?;
+        self.build_product_model(now)?;
+        self.reload_live_segments(now)?;
+        Ok(true)
+    }
+
     /// Creates the segments `lifecycle-new`, `lifecycle-engaged`, ... (rule `lifecycle = "..."`)
     /// that are missing: their enter/exit log is the history of stage changes. Returns the
     /// names created.

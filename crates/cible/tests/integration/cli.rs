@@ -314,7 +314,9 @@ fn serve_demo_loads_data_segments_and_prints_keys() {
     let _ = child.wait();
     let text = seen.join("\n");
     assert!(text.contains("demo data: "), "{text}");
-    assert_eq!(text.matches("demo segment ").count(), 4, "{text}");
+    assert_eq!(text.matches("demo segment ").count(), 6, "{text}");
+    assert_eq!(text.matches("lifecycle segment lifecycle-").count(), 7, "{text}");
+    assert!(text.contains("demo segment high-intent-engaged"), "{text}");
     assert!(
         text.contains("write key: cible_w_") && text.contains("admin key: cible_a_"),
         "{text}"

@@ -134,6 +134,13 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", "/api/segments/buyers/history", a(), None);
     r.call("GET", "/api/segments/buyers/explain/u1", a(), None);
     r.call("GET", "/api/segments/nope", a(), None);
+    r.call("GET", "/api/profiles/u1/traits", a(), None);
+    r.call("GET", "/api/profiles/nobody/traits", a(), None);
+    r.call("GET", "/api/traits/config", a(), None);
+    r.call("GET", "/api/traits/config", w(), None);
+    r.call("POST", "/api/traits/refresh", a(), None);
+    r.call("GET", "/api/profiles/u1/recommendations?n=2", a(), None);
+    r.call("GET", "/api/profiles/u1/recommendations?n=0", a(), None);
     r.call("DELETE", "/api/segments/readers", a(), None);
     r.call("DELETE", "/api/profiles/u2", a(), None);
 
