@@ -297,6 +297,18 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_configuration() {
+        let readme = include_str!("../../../../README.md");
+        let start = readme.find("```toml\n").expect("a toml block") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let config = TraitConfig::from_toml(&readme[start..end]).unwrap();
+        assert_eq!(config.engagement.half_life_days, 7.0);
+        assert_eq!(config.lifecycle.active_days, 21);
+        assert_eq!(config.intent.signals.len(), 1);
+        assert_eq!(config.rfm, Rfm::default());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let error = TraitConfig::from_toml("[engagement]\nhalf_life_days = 0\n").unwrap_err();
         assert!(error.contains("engagement.half_life_days"), "{error}");
@@ -304,5 +316,10 @@ mod tests {
         assert!(error.contains("window"), "{error}");
         let error = TraitConfig::from_toml("[lifecycle]\ndormant_days = 10\n").unwrap_err();
         assert!(error.contains("dormant_days"), "{error}");
+        let error = TraitConfig::from_toml("[lifecycle]\ndormant_days = 20\n").unwrap_err();
+        assert_eq!(
+            error,
+            "lifecycle: active_days (30) < dormant_days (20) < churned_days (120) must hold"
+        );
     }
 }

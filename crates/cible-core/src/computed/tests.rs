@@ -375,6 +375,74 @@ fn every_trait_matches_its_reference_on_generated_data() {
 }
 
 #[test]
+fn the_product_model_matches_a_count_over_the_orders() {
+    let (_dir, engine) = loaded();
+    let model = engine.build_product_model(NOW_MS).unwrap();
+    // Independently: buyers per (category, product) and viewers-who-bought pairs.
+    let mut buyers: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut pairs: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let by_profile = events_by_profile(&engine);
+    for events in by_profile.values() {
+        let mut bought: BTreeMap<String, String> = BTreeMap::new();
+        let mut viewed = std::collections::BTreeSet::new();
+        for (_, name, properties, _) in events {
+            if name == "Product Viewed"
+                && let Some(product) = text(properties, "product_id")
+            {
+                viewed.insert(product.to_string());
+            }
+            if name == "Order Completed" {
+                for line in properties["products"].as_array().into_iter().flatten() {
+                    let product = line["product_id"].as_str().unwrap().to_string();
+                    bought.insert(product, line["category"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        for (product, category) in &bought {
+            *buyers
+                .entry((category.clone(), product.clone()))
+                .or_default() += 1;
+            for x in viewed.iter().filter(|x| *x != product) {
+                *pairs.entry((x.clone(), product.clone())).or_default() += 1;
+            }
+        }
+    }
+    let best = |counts: &BTreeMap<(String, String), u64>, group: &str| -> Vec<String> {
+        let mut items: Vec<(u64, &String)> = counts
+            .iter()
+            .filter(|((g, _), _)| g == group)
+            .map(|((_, item), n)| (*n, item))
+            .collect();
+        items.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+        items.into_iter().take(20).map(|(_, i)| i.clone()).collect()
+    };
+    assert!(model.top.len() >= 5, "{:?}", model.top.keys());
+    for (category, top) in &model.top {
+        assert_eq!(top, &best(&buyers, category), "{category}");
+    }
+    for (viewed, also) in model.also_bought.iter().take(50) {
+        assert_eq!(also, &best(&pairs, viewed), "{viewed}");
+    }
+    // Recommendations never offer what the profile bought.
+    for profile in engine.live_profiles().into_iter().take(200) {
+        let items = engine.recommend(profile, 6, NOW_MS).unwrap();
+        let mine = &by_profile[&profile];
+        for item in items {
+            assert!(
+                !mine.iter().any(|(_, name, p, _)| name == "Order Completed"
+                    && p["products"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|l| l["product_id"] == item.product_id.as_str())),
+                "profile {profile} offered {} it bought",
+                item.product_id
+            );
+        }
+    }
+}
+
+#[test]
 fn rfm_grid_names_every_cell() {
     for r in 1..=5 {
         for fm in 1..=5 {

@@ -315,10 +315,82 @@ fn serve_demo_loads_data_segments_and_prints_keys() {
     let text = seen.join("\n");
     assert!(text.contains("demo data: "), "{text}");
     assert_eq!(text.matches("demo segment ").count(), 6, "{text}");
-    assert_eq!(text.matches("lifecycle segment lifecycle-").count(), 7, "{text}");
+    assert_eq!(
+        text.matches("lifecycle segment lifecycle-").count(),
+        7,
+        "{text}"
+    );
     assert!(text.contains("demo segment high-intent-engaged"), "{text}");
     assert!(
         text.contains("write key: cible_w_") && text.contains("admin key: cible_a_"),
         "{text}"
     );
+}
+
+#[test]
+fn computed_traits_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("events.jsonl");
+    run_ok(
+        cible(&data)
+            .args(["generate", "--profiles", "300", "--days", "60", "--out"])
+            .arg(&file),
+    );
+    run_ok(cible(&data).arg("import").arg(&file));
+
+    // A bad configuration stops every command with the field named.
+    std::fs::write(data.join("traits.toml"), "[lifecycle]\ndormant_days = 5\n").unwrap();
+    let output = cible(&data).args(["traits", "config"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("traits.toml: lifecycle: active_days"),
+        "{stderr}"
+    );
+    std::fs::write(
+        data.join("traits.toml"),
+        "[engagement]\nhalf_life_days = 7\n",
+    )
+    .unwrap();
+    let config = run_ok(cible(&data).args(["traits", "config"]));
+    assert!(config.contains("half_life_days = 7.0"), "{config}");
+
+    let refresh: Value =
+        serde_json::from_str(&run_ok(cible(&data).args(["traits", "refresh", "--json"]))).unwrap();
+    assert_eq!(refresh["created_segments"].as_array().unwrap().len(), 7);
+    assert!(refresh["calibration"]["customers"].as_u64().unwrap() > 10);
+    let list = run_ok(cible(&data).args(["segment", "list"]));
+    assert!(list.contains("lifecycle-at-risk"), "{list}");
+
+    let traits: Value =
+        serde_json::from_str(&run_ok(cible(&data).args(["traits", "show", "user-3"]))).unwrap();
+    let engagement = traits["score"]["engagement"].as_u64().unwrap();
+    assert!(engagement <= 100);
+    assert!(traits["lifecycle"].is_string(), "{traits}");
+
+    // Rules read them, and agree with what `traits show` says.
+    let preview = run_ok(cible(&data).args([
+        "segment",
+        "preview",
+        "--rule",
+        &format!("score.engagement = {engagement}"),
+        "--sample",
+        "1000",
+    ]));
+    assert!(preview.contains("user-3 "), "{preview}");
+
+    let items: Value = serde_json::from_str(&run_ok(cible(&data).args([
+        "profile",
+        "recommend",
+        "user-3",
+        "--n",
+        "3",
+        "--json",
+    ])))
+    .unwrap();
+    assert!(items.as_array().unwrap().len() <= 3);
+    let exported = run_ok(cible(&data).args(["export", "profiles"]));
+    let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
+    assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
 }
