@@ -2,12 +2,14 @@
 
 Usage: sql_members.py sqlite|duckdb EVENTS PROFILES QUERIES.json
 EVENTS and PROFILES are the JSON Lines of `cible export events|profiles`, or CSV files already in
-the table layout (events: profile, ts, event, properties; profiles: profile, traits).
+the table layout (events, optionally .csv.gz: profile, ts, event, properties; profiles: profile,
+traits, computed).
 QUERIES.json is {"name": "SELECT ..."}; prints {"seconds": query time, "members": {"name":
 [profile, ...]}} as JSON. Builds the table layout documented in docs/segment-language.md ("SQL");
 only the queries are timed.
 """
 import csv
+import gzip
 import json
 import sys
 import time
@@ -22,9 +24,10 @@ def seconds(text):
 
 
 def event_rows():
-    if events_path.endswith(".csv"):
+    if events_path.endswith((".csv", ".csv.gz")):
         # Already in the layout: profile, ts (seconds), event (empty for none), properties JSON.
-        with open(events_path, newline="") as f:
+        opener = gzip.open if events_path.endswith(".gz") else open
+        with opener(events_path, "rt", newline="") as f:
             for profile, ts, event, properties in csv.reader(f):
                 yield (int(profile), int(ts), event or None, properties)
         return
@@ -66,7 +69,7 @@ else:
     # Rows go through CSV files, which DuckDB loads in bulk (given as is when already CSV).
     folder = tempfile.mkdtemp()
     events_csv, profiles_csv = os.path.join(folder, "events.csv"), os.path.join(folder, "profiles.csv")
-    if events_path.endswith(".csv"):
+    if events_path.endswith((".csv", ".csv.gz")):
         events_csv = events_path
     else:
         with open(events_csv, "w", newline="") as f:
@@ -74,6 +77,7 @@ else:
     with open(profiles_csv, "w", newline="") as f:
         csv.writer(f).writerows(profiles)
     db = duckdb.connect()
+    db.execute(f"SET temp_directory = '{folder}'")  # spill beside the CSV, not in the cwd
     db.execute(
         f"CREATE TABLE events AS SELECT * FROM read_csv('{events_csv}', header=false, "
         "columns={'profile': 'INTEGER', 'ts': 'BIGINT', 'event': 'VARCHAR', 'properties': 'VARCHAR'})"

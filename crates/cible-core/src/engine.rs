@@ -378,6 +378,8 @@ pub struct Engine {
     pub(crate) trait_config: crate::computed::config::TraitConfig,
     pub(crate) calibration: RwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
     pub(crate) product_model: RwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
+    /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
+    pub(crate) trait_columns: RwLock<crate::trait_columns::TraitColumns>,
 }
 
 /// Sizes of what was loaded at start.
@@ -498,7 +500,52 @@ impl Engine {
             trait_config,
             calibration: RwLock::new(None),
             product_model: RwLock::new(None),
+            trait_columns: RwLock::new(Default::default()),
         })
+    }
+
+    /// Keeps in memory the traits with these names, for rule evaluation.
+    pub(crate) fn ensure_trait_columns(&self, names: &[String]) -> Result<()> {
+        let missing = |columns: &crate::trait_columns::TraitColumns| -> Vec<String> {
+            let mut missing: Vec<String> =
+                names.iter().filter(|n| !columns.has(n)).cloned().collect();
+            missing.sort();
+            missing.dedup();
+            missing
+        };
+        if missing(&self.trait_columns.read()).is_empty() {
+            return Ok(());
+        }
+        // The writer lock: no profile record changes while the columns are read.
+        let state = self.state.lock();
+        let missing = missing(&self.trait_columns.read());
+        let n = state.profiles.len();
+        let mut values: Vec<Vec<Option<TraitValue>>> = vec![vec![None; n]; missing.len()];
+        for entry in self.store.profiles.iter() {
+            let (key, value) = entry.into_inner()?;
+            let profile = u32::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|e| corrupt("profiles", e))?,
+            );
+            if !state
+                .profiles
+                .get(profile as usize)
+                .is_some_and(|m| m.alive)
+            {
+                continue;
+            }
+            let record: ProfileRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("profiles", e))?;
+            for (name, column) in missing.iter().zip(values.iter_mut()) {
+                column[profile as usize] = record.traits.get(name).cloned();
+            }
+        }
+        let mut columns = self.trait_columns.write();
+        for (name, column) in missing.into_iter().zip(values) {
+            columns.add(name, column);
+        }
+        Ok(())
     }
 
     /// Builds the property columns these rules' filters need: a condition on a key property
@@ -668,6 +715,7 @@ impl Engine {
                 pending,
                 hot_merges,
                 created,
+                dirty,
                 ..
             } = tx.finish()?;
             let batch = batch.durability(Some(match durability {
@@ -675,12 +723,20 @@ impl Engine {
                 Durability::Buffered => fjall::PersistMode::Buffer,
             }));
             batch.commit()?;
-            Ok((outcomes, pending, hot_merges, created))
+            Ok((outcomes, pending, hot_merges, created, dirty))
         })();
-        let (outcomes, pending, hot_merges, created) = prepared.inspect_err(|_| {
+        let (outcomes, pending, hot_merges, created, dirty) = prepared.inspect_err(|_| {
             self.poisoned.store(true, Ordering::Release);
         })?;
         drop(hot);
+        {
+            let mut columns = self.trait_columns.write();
+            if !columns.is_empty() {
+                for (profile, record) in &dirty {
+                    columns.update(*profile, &record.traits);
+                }
+            }
+        }
         let mut touched = crate::segment::live::Touched::default();
         touched.all.extend(created.iter().map(|p| state.find(*p)));
         let mut hot = self.hot.write();
@@ -993,6 +1049,11 @@ impl Engine {
             self.poisoned.store(true, Ordering::Release);
             return Err(error.into());
         }
+        {
+            let mut columns = self.trait_columns.write();
+            columns.update(survivor, &survivor_record.traits);
+            columns.update(merge.from, &restored.traits);
+        }
         let mut hot = self.hot.write();
         let moved_events = back.len();
         hot.replace(merge.from, back.into_iter().map(|(_, h)| h).collect());
@@ -1069,6 +1130,12 @@ impl Engine {
             state.profiles[*merged as usize] = ProfileMeta::default();
         }
         self.hot.write().replace(profile, Vec::new());
+        {
+            let mut columns = self.trait_columns.write();
+            for gone in std::iter::once(&profile).chain(&merged_profiles) {
+                columns.update(*gone, &BTreeMap::new());
+            }
+        }
         drop(state);
         let mut touched = crate::segment::live::Touched::default();
         touched.gone.insert(profile);

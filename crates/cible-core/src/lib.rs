@@ -18,6 +18,7 @@ pub mod seen;
 pub mod segment;
 pub mod store;
 pub mod time;
+pub mod trait_columns;
 pub mod view;
 
 pub use engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};

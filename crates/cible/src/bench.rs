@@ -539,16 +539,20 @@ pub(crate) fn ingest_latencies(
 }
 
 /// Exports the store in the SQL table layout of docs/segment-language.md, as CSV files the
-/// baseline script loads without conversion: events (profile, ts, event, properties) and
+/// baseline script loads without conversion: events (profile, ts, event, properties; gzip) and
 /// profiles (profile, traits, computed).
 pub(crate) fn export_sql_tables(
     engine: &Engine,
     dir: &std::path::Path,
     now: i64,
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let events_file = dir.join("events.csv");
+    // Compressed: at 100M events the plain CSV would not fit beside the store on small disks.
+    let events_file = dir.join("events.csv.gz");
     let profiles_file = dir.join("profiles.csv");
-    let mut out = csv::Writer::from_path(&events_file)?;
+    let mut out = csv::Writer::from_writer(flate2::write::GzEncoder::new(
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&events_file)?),
+        flate2::Compression::fast(),
+    ));
     let mut failed = None;
     engine.for_each_event(|event| {
         let message = &event.message;
@@ -566,7 +570,12 @@ pub(crate) fn export_sql_tables(
     if let Some(error) = failed {
         return Err(error.into());
     }
-    out.flush()?;
+    out.into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", events_file.display()))?
+        .finish()?
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", events_file.display(), e.error()))?
+        .sync_all()?;
     let mut out = csv::Writer::from_path(&profiles_file)?;
     let profiles = engine.live_profiles();
     for chunk in profiles.chunks(4096) {

@@ -387,6 +387,17 @@ pub fn compute(
     calibration: &Calibration,
 ) -> ComputedTraits {
     let raw = raw(timeline, now, calibration.at, plan);
+    compute_from_raw(timeline, now, plan, calibration, raw)
+}
+
+/// [`compute`] with the profile's raw traits already known (at the calibration's instant).
+pub fn compute_from_raw(
+    timeline: &Timeline<'_>,
+    now: u32,
+    plan: &TraitPlan,
+    calibration: &Calibration,
+    raw: RawTraits,
+) -> ComputedTraits {
     let mut next = Next { now, at: None };
     let events = timeline.events;
     let seen = events.partition_point(|e| e.ts <= now);

@@ -73,6 +73,35 @@ impl Engine {
 
     /// Computes the population calibration at `now` over every live profile and stores it.
     pub fn calibrate(&self, now: i64) -> Result<Arc<Calibration>> {
+        Ok(self.calibrate_with_raws(now)?.0)
+    }
+
+    /// Recomputes everything: the calibration at `now`, then every live profile's traits
+    /// (reusing the calibration pass's per-profile sums). Returns them in `live_profiles` order.
+    pub fn recompute_traits(&self, now: i64) -> Result<(Arc<Calibration>, Vec<ComputedTraits>)> {
+        self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
+        let (calibration, raws) = self.calibrate_with_raws(now)?;
+        let dictionaries = self.dictionaries();
+        let plan = self.trait_plan(&dictionaries);
+        let profiles = self.live_profiles();
+        let hot = self.hot.read();
+        let traits = profiles
+            .par_iter()
+            .zip(raws)
+            .map(|(profile, raw)| {
+                super::compute_from_raw(
+                    &hot.timeline(*profile),
+                    seconds(now),
+                    &plan,
+                    &calibration,
+                    raw,
+                )
+            })
+            .collect();
+        Ok((calibration, traits))
+    }
+
+    fn calibrate_with_raws(&self, now: i64) -> Result<(Arc<Calibration>, Vec<super::RawTraits>)> {
         let at = seconds(now);
         let dictionaries = self.dictionaries();
         let plan = self.trait_plan(&dictionaries);
@@ -116,7 +145,7 @@ impl Engine {
             serde_json::to_vec(&*calibration).expect("calibration serializes"),
         )?;
         *self.calibration.write() = Some(calibration.clone());
-        Ok(calibration)
+        Ok((calibration, raws))
     }
 
     /// The plan and calibration for evaluating `plans`, when one of them reads computed traits

@@ -271,14 +271,22 @@ impl Engine {
         // Traits are read once per profile for every segment of this pass that needs them.
         let mut traits: FxHashMap<u32, BTreeMap<String, crate::engine::TraitValue>> =
             FxHashMap::default();
-        for (index, profiles) in rounds {
-            if state.segments[*index].uses_traits {
-                for &profile in profiles {
-                    traits.entry(profile).or_insert_with(|| {
-                        self.profile_record(profile)
-                            .map(|r| r.traits)
-                            .unwrap_or_default()
-                    });
+        let mut names = Vec::new();
+        for (index, _) in rounds {
+            super::trait_names(&state.segments[*index].plan.root, &mut names);
+        }
+        self.ensure_trait_columns(&names)?;
+        {
+            // Released before anything takes the writer lock (`is_alive` below): the writer
+            // updates these columns while holding it.
+            let columns = self.trait_columns.read();
+            for (index, profiles) in rounds {
+                if state.segments[*index].uses_traits {
+                    for &profile in profiles {
+                        traits
+                            .entry(profile)
+                            .or_insert_with(|| columns.traits_of(profile));
+                    }
                 }
             }
         }

@@ -217,6 +217,21 @@ pub(crate) fn uses_computed(node: &plan::Node) -> bool {
     }
 }
 
+/// The trait names (first part of `trait.a.b`) a plan reads.
+pub(crate) fn trait_names(node: &plan::Node, out: &mut Vec<String>) {
+    match node {
+        plan::Node::And(args) | plan::Node::Or(args) => {
+            args.iter().for_each(|a| trait_names(a, out));
+        }
+        plan::Node::Not(arg) => trait_names(arg, out),
+        plan::Node::Compare {
+            value: ValueNode::Trait(path),
+            ..
+        } => out.extend(path.first().cloned()),
+        _ => {}
+    }
+}
+
 pub(crate) fn uses_traits(node: &plan::Node) -> bool {
     match node {
         plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_traits),
@@ -533,9 +548,15 @@ impl Engine {
             }
         }
         let needs_traits = plans.iter().any(|p| uses_traits(&p.root));
+        let mut names = Vec::new();
+        plans.iter().for_each(|p| trait_names(&p.root, &mut names));
+        self.ensure_trait_columns(&names)?;
         let computed = self.computed_setup(&plans, &dictionaries, now)?;
         let profiles = self.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
+        // Taken after every call that needs the writer lock: the writer updates these while
+        // holding it.
+        let trait_columns = self.trait_columns.read();
         let hot = self.hot.read();
         // Per chunk: for each rule, the members found and the full-message evaluations.
         let chunks: Vec<Result<Vec<ChunkResult>>> = profiles
@@ -552,9 +573,7 @@ impl Engine {
                     }
                     let hot_events = HotEvents(timeline, use_index.then_some(&by_name));
                     let traits: BTreeMap<String, TraitValue> = if needs_traits {
-                        self.profile_record(profile)
-                            .map(|r| r.traits)
-                            .unwrap_or_default()
+                        trait_columns.traits_of(profile)
                     } else {
                         BTreeMap::new()
                     };
