@@ -6,6 +6,7 @@
 
 pub mod computed;
 pub mod engine;
+pub mod features;
 pub mod generate;
 pub mod hot;
 pub mod identity;

@@ -589,6 +589,16 @@ pub enum ExportCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Every live profile's feature vector for models, as Parquet (see the README for the
+    /// columns).
+    Features {
+        /// Output file (.parquet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rescale every column over the population: none, zscore or minmax.
+        #[arg(long, value_enum, default_value = "none")]
+        scale: ScaleArg,
+    },
     /// Every live profile as JSON Lines: number, identifiers, current traits, computed traits.
     Profiles {
         /// Output file; standard output when absent.
@@ -597,9 +607,34 @@ pub enum ExportCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ScaleArg {
+    None,
+    Zscore,
+    Minmax,
+}
+
 pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     let engine = global.open_existing()?;
-    let (ExportCommand::Events { out } | ExportCommand::Profiles { out }) = &command;
+    if let ExportCommand::Features { out, scale } = &command {
+        let mut table = engine.features(global.now_ms()?)?;
+        table.scale(match scale {
+            ScaleArg::None => cible_core::features::Scaling::None,
+            ScaleArg::Zscore => cible_core::features::Scaling::ZScore,
+            ScaleArg::Minmax => cible_core::features::Scaling::MinMax,
+        });
+        table.write_parquet(out)?;
+        eprintln!(
+            "wrote {} profiles x {} features to {}",
+            table.rows.len(),
+            table.names.len(),
+            out.display()
+        );
+        return Ok(());
+    }
+    let (ExportCommand::Events { out } | ExportCommand::Profiles { out }) = &command else {
+        unreachable!("features are written above")
+    };
     let sink: Box<dyn Write> = match out {
         Some(path) => Box::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -610,6 +645,7 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     let result = match command {
         ExportCommand::Events { .. } => export_events(&engine, &mut writer),
         ExportCommand::Profiles { .. } => export_profiles(&engine, &mut writer, global.now_ms()?),
+        ExportCommand::Features { .. } => unreachable!("features are written above"),
     };
     match result.and_then(|()| writer.flush()) {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),

@@ -390,6 +390,13 @@ fn computed_traits_from_the_command_line() {
     ])))
     .unwrap();
     assert!(items.as_array().unwrap().len() <= 3);
+    let features = dir.path().join("features.parquet");
+    run_ok(
+        cible(&data)
+            .args(["export", "features", "--scale", "zscore", "--out"])
+            .arg(&features),
+    );
+    assert!(std::fs::metadata(&features).unwrap().len() > 1000);
     let exported = run_ok(cible(&data).args(["export", "profiles"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");

@@ -1,0 +1,349 @@
+//! Per-profile feature vectors for models: a documented list of numbers per live profile, from the
+//! hot timeline and the computed traits, optional standardization (z-score or min-max over the
+//! population), and a Parquet writer (`cible export features`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::computed::DAY;
+use crate::engine::{Engine, EngineError};
+
+/// The features every profile gets, in column order (then one `category_<name>` column per
+/// category seen, the profile's affinity weight for it).
+pub const FEATURES: [&str; 19] = [
+    "recency_days",
+    "frequency",
+    "monetary",
+    "opens_7d",
+    "opens_30d",
+    "opens_90d",
+    "clicks_7d",
+    "clicks_30d",
+    "clicks_90d",
+    "page_views_7d",
+    "page_views_30d",
+    "page_views_90d",
+    "cart_adds_7d",
+    "cart_adds_30d",
+    "cart_adds_90d",
+    "avg_time_on_page_s",
+    "engagement",
+    "days_since_first_seen",
+    "days_since_last_seen",
+];
+
+/// How columns are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scaling {
+    None,
+    /// (x - mean) / standard deviation (population); 0 for a constant column.
+    ZScore,
+    /// (x - min) / (max - min); 0 for a constant column.
+    MinMax,
+}
+
+/// Features of every live profile, row-major.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeatureTable {
+    pub names: Vec<String>,
+    pub profiles: Vec<u32>,
+    pub rows: Vec<Vec<f64>>,
+}
+
+/// What a column was rescaled with, to apply the same to new data.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnScale {
+    pub name: String,
+    /// Mean and standard deviation, or min and max.
+    pub center: f64,
+    pub spread: f64,
+}
+
+impl FeatureTable {
+    /// The column named `name`.
+    pub fn column(&self, name: &str) -> Option<Vec<f64>> {
+        let index = self.names.iter().position(|n| n == name)?;
+        Some(self.rows.iter().map(|row| row[index]).collect())
+    }
+
+    /// Rescales every column in place; returns what each was scaled with.
+    pub fn scale(&mut self, scaling: Scaling) -> Vec<ColumnScale> {
+        let n = self.rows.len().max(1) as f64;
+        let mut scales = Vec::new();
+        for (index, name) in self.names.iter().enumerate() {
+            let values = self.rows.iter().map(|row| row[index]);
+            let (center, spread) = match scaling {
+                Scaling::None => continue,
+                Scaling::ZScore => {
+                    let mean = values.clone().sum::<f64>() / n;
+                    let variance = values.map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                    (mean, variance.sqrt())
+                }
+                Scaling::MinMax => {
+                    let min = values.clone().fold(f64::INFINITY, f64::min);
+                    let max = values.fold(f64::NEG_INFINITY, f64::max);
+                    (min, max - min)
+                }
+            };
+            for row in &mut self.rows {
+                row[index] = if spread > 0.0 {
+                    (row[index] - center) / spread
+                } else {
+                    0.0
+                };
+            }
+            scales.push(ColumnScale {
+                name: name.clone(),
+                center,
+                spread,
+            });
+        }
+        scales
+    }
+
+    /// Writes the table as Parquet: `profile` (INT32) then one DOUBLE column per feature.
+    pub fn write_parquet(&self, path: &Path) -> Result<(), EngineError> {
+        use parquet::data_type::{DoubleType, Int32Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::types::Type;
+
+        let error = |e: parquet::errors::ParquetError| {
+            EngineError::Invalid(format!("writing {}: {e}", path.display()))
+        };
+        let mut fields = vec![Arc::new(
+            Type::primitive_type_builder("profile", parquet::basic::Type::INT32)
+                .with_repetition(parquet::basic::Repetition::REQUIRED)
+                .build()
+                .map_err(error)?,
+        )];
+        for name in &self.names {
+            fields.push(Arc::new(
+                Type::primitive_type_builder(name, parquet::basic::Type::DOUBLE)
+                    .with_repetition(parquet::basic::Repetition::REQUIRED)
+                    .build()
+                    .map_err(error)?,
+            ));
+        }
+        let schema = Type::group_type_builder("features")
+            .with_fields(fields)
+            .build()
+            .map_err(error)?;
+        let file = std::fs::File::create(path)
+            .map_err(|e| EngineError::Invalid(format!("creating {}: {e}", path.display())))?;
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).map_err(error)?;
+        for (rows, profiles) in self.rows.chunks(100_000).zip(self.profiles.chunks(100_000)) {
+            let mut group = writer.next_row_group().map_err(error)?;
+            let mut column = 0;
+            while let Some(mut out) = group.next_column().map_err(error)? {
+                if column == 0 {
+                    let ids: Vec<i32> = profiles.iter().map(|p| *p as i32).collect();
+                    out.typed::<Int32Type>()
+                        .write_batch(&ids, None, None)
+                        .map_err(error)?;
+                } else {
+                    let values: Vec<f64> = rows.iter().map(|row| row[column - 1]).collect();
+                    out.typed::<DoubleType>()
+                        .write_batch(&values, None, None)
+                        .map_err(error)?;
+                }
+                out.close().map_err(error)?;
+                column += 1;
+            }
+            group.close().map_err(error)?;
+        }
+        writer.close().map_err(error)?;
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// The feature table of every live profile at `now` (ms).
+    pub fn features(&self, now: i64) -> Result<FeatureTable, EngineError> {
+        let profiles = self.live_profiles();
+        let computed = self.computed_traits_of(&profiles, now)?;
+        let dictionaries = self.dictionaries();
+        let id = |name: &str| dictionaries.names.get(name).copied();
+        let (opened, clicked, viewed, added) = (
+            id("Email Opened"),
+            id("Email Link Clicked"),
+            id("Page Viewed"),
+            id("Product Added"),
+        );
+        let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
+        let window = self.trait_config().rfm.window_days;
+        let mut categories: Vec<String> = computed
+            .iter()
+            .flat_map(|c| c.affinity.categories.keys().cloned())
+            .collect();
+        categories.sort();
+        categories.dedup();
+        let hot = self.hot.read();
+        let rows: Vec<Vec<f64>> = profiles
+            .par_iter()
+            .zip(&computed)
+            .map(|(profile, traits)| {
+                let timeline = hot.timeline(*profile);
+                let seen = timeline.events.partition_point(|e| e.ts <= now_s);
+                let events = &timeline.events[..seen];
+                let within = |days: u32, name: Option<u16>| {
+                    let start = now_s.saturating_sub(days * DAY);
+                    events
+                        .iter()
+                        .filter(|e| e.ts > start && Some(e.name) == name)
+                        .count() as f64
+                };
+                let durations: Vec<f64> = events
+                    .iter()
+                    .filter(|e| e.ts > now_s.saturating_sub(90 * DAY) && Some(e.name) == viewed)
+                    .filter_map(|e| {
+                        // duration_s, the fifth of the value properties, when the row holds it.
+                        (e.value_property() == Some(4) && !e.value.is_nan())
+                            .then_some(f64::from(e.value))
+                    })
+                    .collect();
+                let days =
+                    |ts: Option<u32>| ts.map_or(0.0, |ts| f64::from(now_s - ts) / f64::from(DAY));
+                let rfm = traits.rfm.as_ref();
+                let mut row = vec![
+                    rfm.map_or(f64::from(window), |r| r.recency_days),
+                    rfm.map_or(0.0, |r| f64::from(r.frequency)),
+                    rfm.map_or(0.0, |r| r.monetary),
+                ];
+                for name in [opened, clicked, viewed, added] {
+                    for days in [7, 30, 90] {
+                        row.push(within(days, name));
+                    }
+                }
+                row.push(if durations.is_empty() {
+                    0.0
+                } else {
+                    durations.iter().sum::<f64>() / durations.len() as f64
+                });
+                row.push(f64::from(traits.score.engagement));
+                row.push(days(events.first().map(|e| e.ts)));
+                row.push(days(events.last().map(|e| e.ts)));
+                for category in &categories {
+                    row.push(
+                        traits
+                            .affinity
+                            .categories
+                            .get(category)
+                            .copied()
+                            .unwrap_or(0.0),
+                    );
+                }
+                row
+            })
+            .collect();
+        let mut names: Vec<String> = FEATURES.iter().map(|f| f.to_string()).collect();
+        names.extend(categories.iter().map(|c| format!("category_{c}")));
+        Ok(FeatureTable {
+            names,
+            profiles,
+            rows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{GenerateOptions, generate};
+
+    const NOW_MS: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
+
+    #[test]
+    fn features_match_the_messages_scale_and_round_trip_through_parquet() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let options = GenerateOptions {
+            profiles: 400,
+            days: 100,
+            seed: 3,
+            end_ms: NOW_MS,
+        };
+        generate(&options, &mut out).unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, out).unwrap();
+        let engine = Engine::open(&dir.path().join("data")).unwrap();
+        crate::import::import_files(&engine, &[path], NOW_MS, &Arc::default()).unwrap();
+        let table = engine.features(NOW_MS).unwrap();
+        assert_eq!(table.rows.len(), engine.live_profiles().len());
+        assert!(table.names.iter().any(|n| n.starts_with("category_")));
+
+        // Reference: counts and mean time on page from the stored messages.
+        let now = NOW_MS / 1000;
+        let mut expected: std::collections::BTreeMap<u32, (f64, f64, Vec<f64>)> =
+            Default::default();
+        engine
+            .for_each_event(|event| {
+                let ts = event.message.timestamp.div_euclid(1000);
+                let entry = expected.entry(event.profile).or_default();
+                let name = event.message.behavioral_name().unwrap_or("");
+                if name == "Email Opened" && ts > now - 30 * 86_400 && ts <= now {
+                    entry.0 += 1.0;
+                }
+                if name == "Page Viewed" && ts > now - 7 * 86_400 && ts <= now {
+                    entry.1 += 1.0;
+                }
+                if name == "Page Viewed"
+                    && ts > now - 90 * 86_400
+                    && ts <= now
+                    && let Some(d) = event.message.duration_s()
+                {
+                    entry.2.push(d);
+                }
+                Ok(())
+            })
+            .unwrap();
+        let opens = table.column("opens_30d").unwrap();
+        let views = table.column("page_views_7d").unwrap();
+        let time_on_page = table.column("avg_time_on_page_s").unwrap();
+        for (i, profile) in table.profiles.iter().enumerate() {
+            let (o, v, durations) = expected.get(profile).cloned().unwrap_or_default();
+            assert_eq!((opens[i], views[i]), (o, v), "profile {profile}");
+            let mean = if durations.is_empty() {
+                0.0
+            } else {
+                durations.iter().sum::<f64>() / durations.len() as f64
+            };
+            // Hot rows keep durations as f32.
+            assert!(
+                (time_on_page[i] - mean).abs() < 1e-3 * mean.max(1.0),
+                "{profile}"
+            );
+        }
+
+        let mut scaled = table.clone();
+        scaled.scale(Scaling::ZScore);
+        for name in &scaled.names {
+            let column = scaled.column(name).unwrap();
+            let n = column.len() as f64;
+            let mean = column.iter().sum::<f64>() / n;
+            let std = (column.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+            assert!(mean.abs() < 1e-9, "{name} mean {mean}");
+            assert!(std == 0.0 || (std - 1.0).abs() < 1e-9, "{name} std {std}");
+        }
+        let mut unit = table.clone();
+        unit.scale(Scaling::MinMax);
+        assert!(unit.rows.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
+
+        let file = dir.path().join("features.parquet");
+        table.write_parquet(&file).unwrap();
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        use parquet::record::RowAccessor;
+        let reader = SerializedFileReader::new(std::fs::File::open(&file).unwrap()).unwrap();
+        let metadata = reader.metadata().file_metadata();
+        assert_eq!(metadata.num_rows() as usize, table.rows.len());
+        assert_eq!(metadata.schema_descr().num_columns(), table.names.len() + 1);
+        let first = reader.get_row_iter(None).unwrap().next().unwrap().unwrap();
+        assert_eq!(first.get_int(0).unwrap() as u32, table.profiles[0]);
+        assert_eq!(first.get_double(1).unwrap(), table.rows[0][0]);
+    }
+}
