@@ -921,8 +921,8 @@ const DEMO_SEGMENTS: [(&str, &str); 6] = [
         r#"intent.level = "high" and score.engagement >= 60"#,
     ),
     (
-        "champions-at-risk",
-        r#"rfm.segment in ("champions", "loyal") and lifecycle = "at_risk""#,
+        "win-back",
+        r#"rfm.segment in ("at_risk", "cannot_lose", "hibernating") and score.engagement >= 40"#,
     ),
 ];
 
