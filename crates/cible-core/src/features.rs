@@ -254,25 +254,12 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::{GenerateOptions, generate};
 
     const NOW_MS: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
 
     #[test]
     fn features_match_the_messages_scale_and_round_trip_through_parquet() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut out = Vec::new();
-        let options = GenerateOptions {
-            profiles: 400,
-            days: 100,
-            seed: 3,
-            end_ms: NOW_MS,
-        };
-        generate(&options, &mut out).unwrap();
-        let path = dir.path().join("events.jsonl");
-        std::fs::write(&path, out).unwrap();
-        let engine = Engine::open(&dir.path().join("data")).unwrap();
-        crate::import::import_files(&engine, &[path], NOW_MS, &Arc::default()).unwrap();
+        let (dir, engine) = crate::test_support::generated_store(400, 100, 3, NOW_MS);
         let table = engine.features(NOW_MS).unwrap();
         assert_eq!(table.rows.len(), engine.live_profiles().len());
         assert!(table.names.iter().any(|n| n.starts_with("category_")));

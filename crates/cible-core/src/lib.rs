@@ -24,3 +24,37 @@ pub mod view;
 
 pub use engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};
 pub use message::{Message, MessageType, ParseContext, Rejection};
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::Engine;
+    use crate::generate::{GenerateOptions, generate};
+
+    /// A store loaded with generated data ending at `end_ms`.
+    pub fn generated_store(
+        profiles: u64,
+        days: u32,
+        seed: u64,
+        end_ms: i64,
+    ) -> (tempfile::TempDir, Engine) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        generate(
+            &GenerateOptions {
+                profiles,
+                days,
+                seed,
+                end_ms,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, out).unwrap();
+        let engine = Engine::open(&dir.path().join("data")).unwrap();
+        crate::import::import_files(&engine, &[path], end_ms, &Arc::default()).unwrap();
+        (dir, engine)
+    }
+}

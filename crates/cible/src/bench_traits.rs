@@ -10,7 +10,7 @@ use cible_core::Engine;
 use crate::Global;
 use crate::bench::{
     BenchArgs, Row, export_sql_tables, generate_data, ingest_latencies, print_table,
-    run_sql_baseline, tail_lines,
+    run_sql_baseline, speed_ratio, tail_lines,
 };
 
 /// Engagement (weighted decayed sum, percentile) and RFM (recency, frequency, monetary,
@@ -152,11 +152,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                 baseline: format!(
                     "{sql_s:.2} (DuckDB: engagement percentile and RFM quintiles only, queries only)"
                 ),
-                ratio: if sql_s >= recompute {
-                    format!("{:.1}x faster", sql_s / recompute)
-                } else {
-                    format!("{:.1}x slower", recompute / sql_s)
-                },
+                ratio: speed_ratio(recompute, sql_s),
                 target: "<= 3 s at 1M profiles / 100M events",
             },
             Row {

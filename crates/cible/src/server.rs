@@ -768,9 +768,7 @@ async fn api_delete_profile(
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     blocking(move || {
-        let profile = engine
-            .find_profile(&id)
-            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        let profile = profile_of(&engine, &id)?;
         engine.remove_profile(profile)
     })
     .await
@@ -801,9 +799,7 @@ async fn api_recommendations(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     blocking(move || {
-        let profile = engine
-            .find_profile(&id)
-            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        let profile = profile_of(&engine, &id)?;
         Ok(serde_json::json!({"profile": profile, "items": engine.recommend(profile, n, now)?}))
     })
     .await
@@ -818,9 +814,7 @@ async fn api_computed_traits(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     blocking(move || {
-        let profile = engine
-            .find_profile(&id)
-            .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+        let profile = profile_of(&engine, &id)?;
         engine.computed_traits(profile, now)
     })
     .await
@@ -836,6 +830,13 @@ async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) ->
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     blocking(move || engine.refresh_traits(now)).await
+}
+
+/// The profile a path names (number, userId, anonymousId or e-mail), or 404.
+fn profile_of(engine: &Engine, id: &str) -> Result<u32, EngineError> {
+    engine
+        .find_profile(id)
+        .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))
 }
 
 async fn api_merges(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {

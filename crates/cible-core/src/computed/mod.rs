@@ -487,6 +487,17 @@ fn rfm_traits(
     }
 }
 
+/// The category with the highest score; ties go to the first name.
+fn top(categories: &std::collections::BTreeMap<String, f64>) -> Option<(&String, f64)> {
+    categories.iter().fold(
+        None,
+        |best: Option<(&String, f64)>, (name, score)| match best {
+            Some((_, s)) if s >= *score => best,
+            _ => Some((name, *score)),
+        },
+    )
+}
+
 fn intent(
     timeline: &Timeline<'_>,
     now: u32,
@@ -550,13 +561,7 @@ fn intent(
             (name, score)
         })
         .collect();
-    // The top category; ties go to the first name.
-    let top = categories
-        .iter()
-        .fold(None::<(&String, f64)>, |best, (name, score)| match best {
-            Some((_, s)) if s >= *score => best,
-            _ => Some((name, *score)),
-        });
+    let top = top(&categories);
     let score = top.map_or(0.0, |(_, s)| s);
     let level = if score <= 0.0 {
         "none"
@@ -665,13 +670,7 @@ fn affinity(
         .into_iter()
         .map(|(c, w)| (plan.text(c).to_string(), w))
         .collect();
-    let category = categories
-        .iter()
-        .fold(None::<(&String, f64)>, |best, (name, w)| match best {
-            Some((_, b)) if b >= *w => best,
-            _ => Some((name, *w)),
-        })
-        .map(|(name, _)| name.clone());
+    let category = top(&categories).map(|(name, _)| name.clone());
     AffinityTraits {
         category,
         categories,

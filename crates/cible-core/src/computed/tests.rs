@@ -3,13 +3,11 @@
 //! on generated data.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use super::config::TraitConfig;
 use crate::engine::Engine;
-use crate::generate::{GenerateOptions, generate};
 
 const NOW_MS: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
 const NOW: i64 = NOW_MS / 1000;
@@ -19,23 +17,7 @@ const DAY: i64 = 86_400;
 type Event = (i64, String, Map<String, Value>, u8);
 
 fn loaded() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut out = Vec::new();
-    generate(
-        &GenerateOptions {
-            profiles: 1200,
-            days: 150,
-            seed: 5,
-            end_ms: NOW_MS,
-        },
-        &mut out,
-    )
-    .unwrap();
-    let path = dir.path().join("events.jsonl");
-    std::fs::write(&path, out).unwrap();
-    let engine = Engine::open(&dir.path().join("data")).unwrap();
-    crate::import::import_files(&engine, &[path], NOW_MS, &Arc::default()).unwrap();
-    (dir, engine)
+    crate::test_support::generated_store(1200, 150, 5, NOW_MS)
 }
 
 fn events_by_profile(engine: &Engine) -> BTreeMap<u32, Vec<Event>> {

@@ -204,17 +204,19 @@ fn log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
     key
 }
 
-/// Whether a plan reads computed traits.
-pub(crate) fn uses_computed(node: &plan::Node) -> bool {
+/// Whether some comparison of a plan reads a value matching `wanted`.
+fn any_value(node: &plan::Node, wanted: &dyn Fn(&ValueNode) -> bool) -> bool {
     match node {
-        plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_computed),
-        plan::Node::Not(arg) => uses_computed(arg),
-        plan::Node::Compare {
-            value: ValueNode::Computed(_),
-            ..
-        } => true,
+        plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(|a| any_value(a, wanted)),
+        plan::Node::Not(arg) => any_value(arg, wanted),
+        plan::Node::Compare { value, .. } => wanted(value),
         _ => false,
     }
+}
+
+/// Whether a plan reads computed traits.
+pub(crate) fn uses_computed(node: &plan::Node) -> bool {
+    any_value(node, &|v| matches!(v, ValueNode::Computed(_)))
 }
 
 /// The trait names (first part of `trait.a.b`) a plan reads.
@@ -233,15 +235,7 @@ pub(crate) fn trait_names(node: &plan::Node, out: &mut Vec<String>) {
 }
 
 pub(crate) fn uses_traits(node: &plan::Node) -> bool {
-    match node {
-        plan::Node::And(args) | plan::Node::Or(args) => args.iter().any(uses_traits),
-        plan::Node::Not(arg) => uses_traits(arg),
-        plan::Node::Compare {
-            value: ValueNode::Trait(_),
-            ..
-        } => true,
-        _ => false,
-    }
+    any_value(node, &|v| matches!(v, ValueNode::Trait(_)))
 }
 
 impl Engine {

@@ -2,12 +2,10 @@
 //! plain Rust over the full messages, on generated data.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::*;
-use crate::generate::{GenerateOptions, generate};
 
 const NOW_MS: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
 const NOW: i64 = NOW_MS / 1000;
@@ -17,23 +15,7 @@ const DAY: i64 = 86_400;
 type Timeline = Vec<(i64, String, serde_json::Map<String, Value>)>;
 
 fn loaded() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut out = Vec::new();
-    generate(
-        &GenerateOptions {
-            profiles: 1500,
-            days: 120,
-            seed: 11,
-            end_ms: NOW_MS,
-        },
-        &mut out,
-    )
-    .unwrap();
-    let path = dir.path().join("events.jsonl");
-    std::fs::write(&path, out).unwrap();
-    let engine = Engine::open(&dir.path().join("data")).unwrap();
-    crate::import::import_files(&engine, &[path], NOW_MS, &Arc::default()).unwrap();
-    (dir, engine)
+    crate::test_support::generated_store(1500, 120, 11, NOW_MS)
 }
 
 fn timelines(engine: &Engine) -> Reference {
