@@ -13,6 +13,7 @@ pub mod identity;
 pub mod import;
 pub mod keys;
 pub mod message;
+pub mod models;
 pub mod normalize;
 pub mod quality;
 pub mod seen;

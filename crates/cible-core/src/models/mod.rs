@@ -1,0 +1,3 @@
+//! Models over per-profile feature vectors (see [`crate::features`]): clustering today.
+
+pub mod kmeans;
