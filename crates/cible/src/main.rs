@@ -4,6 +4,7 @@
 mod bench;
 mod bench_traits;
 mod commands;
+mod model;
 mod segment_api;
 mod segments;
 mod server;
@@ -110,6 +111,9 @@ enum Command {
     /// Computed traits: configuration, calibration, values of a profile.
     #[command(subcommand)]
     Traits(traits::TraitsCommand),
+    /// Models on profile features: clustering.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Measure import, HTTP ingestion, hot-store memory and restart; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
@@ -152,6 +156,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&cli.global, args),
         Command::Segment(command) => segments::run(&cli.global, command),
         Command::Traits(command) => traits::run(&cli.global, command),
+        Command::Model(command) => model::run(&cli.global, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

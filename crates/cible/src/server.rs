@@ -469,6 +469,21 @@ pub(crate) async fn read_body(
 /// sending, reads the 413 instead of a reset connection.
 const DRAIN_LIMIT: usize = 8 << 20;
 
+/// Admits a tracking request, or refuses it with 503 after reading and discarding its body, so
+/// that a client still sending reads the 503 instead of a reset connection.
+async fn admit_or_drain(
+    state: &AppState,
+    body: Body,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, Body), ApiError> {
+    match state.admit() {
+        Ok(permit) => Ok((permit, body)),
+        Err(refusal) => {
+            let _ = read_bounded(body, 0).await;
+            Err(refusal)
+        }
+    }
+}
+
 /// The body if it fits in `limit` bytes, `None` if it does not (the rest is drained).
 async fn read_bounded(mut body: Body, limit: usize) -> Result<Option<Vec<u8>>, ApiError> {
     use http_body_util::BodyExt;
@@ -512,7 +527,7 @@ async fn single(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let _permit = state.admit()?;
+    let (_permit, body) = admit_or_drain(&state, body).await?;
     let kind = MessageType::parse(&kind).ok_or_else(|| {
         error(
             StatusCode::NOT_FOUND,
@@ -556,7 +571,7 @@ struct BatchBody<'a> {
 }
 
 async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let _permit = state.admit()?;
+    let (_permit, body) = admit_or_drain(&state, body).await?;
     let key = presented_key(&headers);
     let bytes = read_body(&headers, body, MAX_BATCH_BYTES).await?;
     let document: BatchBody = serde_json::from_slice(&bytes).map_err(|e| {

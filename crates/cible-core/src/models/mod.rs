@@ -1,3 +1,180 @@
 //! Models over per-profile feature vectors (see [`crate::features`]): clustering today.
 
 pub mod kmeans;
+
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineError};
+use crate::features::Scaling;
+
+/// One cluster of a segmentation: its size, its centroid in standardized units, and a plain-words
+/// description of what sets it apart.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub id: usize,
+    pub size: usize,
+    pub description: String,
+    /// Feature name and centroid value (z-score), strongest first.
+    pub traits: Vec<(String, f64)>,
+}
+
+/// What `cible model cluster` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Clustering {
+    pub profiles: usize,
+    pub features: Vec<String>,
+    pub k: usize,
+    pub silhouette: f64,
+    /// Inertia and silhouette for each k tried (the elbow curve).
+    pub curve: Vec<kmeans::Candidate>,
+    pub clusters: Vec<Cluster>,
+}
+
+/// Words for a feature far above (first) or below (second) the population's mean.
+fn words(feature: &str) -> (String, String) {
+    let pair = |high: &str, low: &str| (high.to_string(), low.to_string());
+    match feature {
+        "recency_days" => pair("long since the last order", "ordered recently"),
+        "frequency" => pair("frequent buyers", "rare buyers"),
+        "monetary" => pair("high spend", "low spend"),
+        "engagement" => pair("very engaged", "disengaged"),
+        "avg_time_on_page_s" => pair("long page visits", "short page visits"),
+        "days_since_first_seen" => pair("long-standing", "new"),
+        "days_since_last_seen" => pair("inactive lately", "active lately"),
+        f if f.starts_with("opens_") => pair("open e-mails", "ignore e-mails"),
+        f if f.starts_with("clicks_") => pair("click e-mails", "never click"),
+        f if f.starts_with("page_views_") => pair("browse a lot", "rarely browse"),
+        f if f.starts_with("cart_adds_") => pair("fill carts", "rarely add to cart"),
+        f => match f.strip_prefix("category_") {
+            Some(category) => pair(&format!("into {category}"), &format!("not into {category}")),
+            None => pair(&format!("high {f}"), &format!("low {f}")),
+        },
+    }
+}
+
+/// "very engaged, frequent buyers, high spend": the strongest departures from the mean (at least
+/// half a standard deviation), one phrase per kind of feature.
+pub fn describe(features: &[String], centroid: &[f64]) -> (String, Vec<(String, f64)>) {
+    let mut ranked: Vec<(String, f64)> = features
+        .iter()
+        .cloned()
+        .zip(centroid.iter().copied())
+        .collect();
+    ranked.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+    let mut phrases: Vec<String> = Vec::new();
+    for (feature, z) in ranked.iter().filter(|(_, z)| z.abs() >= 0.5) {
+        let (high, low) = words(feature);
+        let phrase = if *z > 0.0 { high } else { low };
+        if !phrases.contains(&phrase) {
+            phrases.push(phrase);
+        }
+        if phrases.len() == 3 {
+            break;
+        }
+    }
+    let description = if phrases.is_empty() {
+        "close to the average".to_string()
+    } else {
+        phrases.join(", ")
+    };
+    (description, ranked.into_iter().take(5).collect())
+}
+
+impl Engine {
+    /// Clusters every live profile's features (log1p, then z-scores) with k-means, k in `ks`
+    /// chosen by silhouette (on `sample` rows at most).
+    pub fn cluster(
+        &self,
+        now: i64,
+        ks: std::ops::RangeInclusive<usize>,
+        restarts: usize,
+        sample: usize,
+        seed: u64,
+    ) -> Result<Clustering, EngineError> {
+        let mut table = self.features(now)?;
+        if table.rows.len() < 3 {
+            return Err(EngineError::Invalid(format!(
+                "clustering needs at least 3 profiles, found {}",
+                table.rows.len()
+            )));
+        }
+        // Activity counts and spend are heavy-tailed: compress them before standardizing, or a
+        // handful of heavy users make the only cluster that stands out.
+        for value in table.rows.iter_mut().flatten() {
+            *value = value.max(0.0).ln_1p();
+        }
+        table.scale(Scaling::ZScore);
+        let (fit, curve) = kmeans::choose_k(&table.rows, ks, restarts, sample, seed);
+        let silhouette = curve
+            .iter()
+            .find(|c| c.k == fit.centroids.len())
+            .map_or(0.0, |c| c.silhouette);
+        let clusters = fit
+            .centroids
+            .iter()
+            .enumerate()
+            .map(|(id, centroid)| {
+                let (description, traits) = describe(&table.names, centroid);
+                Cluster {
+                    id,
+                    size: fit.labels.iter().filter(|l| **l == id).count(),
+                    description,
+                    traits,
+                }
+            })
+            .collect();
+        Ok(Clustering {
+            profiles: table.rows.len(),
+            features: table.names,
+            k: fit.centroids.len(),
+            silhouette,
+            curve,
+            clusters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_name_the_strongest_departures() {
+        let features: Vec<String> = [
+            "engagement",
+            "frequency",
+            "monetary",
+            "opens_7d",
+            "opens_30d",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (text, _) = describe(&features, &[1.8, 1.2, 0.9, -0.7, -0.6]);
+        assert_eq!(text, "very engaged, frequent buyers, high spend");
+        let (text, _) = describe(&features, &[0.1, -0.2, 0.0, 0.3, 0.0]);
+        assert_eq!(text, "close to the average");
+        // Two opens features make one phrase.
+        let (text, _) = describe(&features, &[0.0, 0.0, 0.0, -2.0, -1.5]);
+        assert_eq!(text, "ignore e-mails");
+    }
+
+    #[test]
+    fn profiles_cluster_into_described_groups() {
+        let (_dir, engine) = crate::test_support::generated_store(600, 90, 4, 1_777_593_600_000);
+        let clustering = engine.cluster(1_777_593_600_000, 2..=5, 2, 400, 1).unwrap();
+        assert!((2..=5).contains(&clustering.k));
+        assert_eq!(clustering.curve.len(), 4);
+        assert_eq!(
+            clustering.clusters.iter().map(|c| c.size).sum::<usize>(),
+            clustering.profiles
+        );
+        assert!(clustering.silhouette > 0.0);
+        assert!(
+            clustering
+                .clusters
+                .iter()
+                .all(|c| !c.description.is_empty())
+        );
+    }
+}

@@ -397,6 +397,15 @@ fn computed_traits_from_the_command_line() {
             .arg(&features),
     );
     assert!(std::fs::metadata(&features).unwrap().len() > 1000);
+    let clusters: Value = serde_json::from_str(&run_ok(
+        cible(&data).args(["model", "cluster", "--max-k", "3", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(clusters["curve"].as_array().unwrap().len(), 2);
+    assert!(
+        clusters["clusters"][0]["description"].is_string(),
+        "{clusters}"
+    );
     let exported = run_ok(cible(&data).args(["export", "profiles"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
