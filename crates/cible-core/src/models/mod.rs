@@ -1,5 +1,6 @@
 //! Models over per-profile feature vectors (see [`crate::features`]): clustering today.
 
+pub mod dbscan;
 pub mod kmeans;
 
 use serde::Serialize;
@@ -80,7 +81,98 @@ pub fn describe(features: &[String], centroid: &[f64]) -> (String, Vec<(String, 
     (description, ranked.into_iter().take(5).collect())
 }
 
+/// What `cible model dbscan` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DensityClustering {
+    pub profiles: usize,
+    pub min_points: usize,
+    /// The knee of the k-distance curve (k = min_points) on the sample.
+    pub suggested_eps: f64,
+    pub eps: f64,
+    /// Rows DBSCAN ran on (the others join the nearest core row's cluster within eps).
+    pub sample: usize,
+    pub noise: usize,
+    pub clusters: Vec<Cluster>,
+}
+
 impl Engine {
+    /// Every live profile's features as models use them: log1p (activity counts and spend are
+    /// heavy-tailed: compressed, or a handful of heavy users make the only group that stands
+    /// out), then z-scores.
+    pub fn model_rows(&self, now: i64) -> Result<crate::features::FeatureTable, EngineError> {
+        let mut table = self.features(now)?;
+        if table.rows.len() < 3 {
+            return Err(EngineError::Invalid(format!(
+                "models need at least 3 profiles, found {}",
+                table.rows.len()
+            )));
+        }
+        for value in table.rows.iter_mut().flatten() {
+            *value = value.max(0.0).ln_1p();
+        }
+        table.scale(Scaling::ZScore);
+        Ok(table)
+    }
+
+    /// DBSCAN on the model rows; eps is the k-distance knee unless given.
+    pub fn density_clusters(
+        &self,
+        now: i64,
+        min_points: usize,
+        eps: Option<f64>,
+        sample: usize,
+        seed: u64,
+    ) -> Result<DensityClustering, EngineError> {
+        let table = self.model_rows(now)?;
+        let sampled: Vec<Vec<f64>> = if table.rows.len() <= sample {
+            table.rows.clone()
+        } else {
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            rand::seq::index::sample(&mut rng, table.rows.len(), sample)
+                .into_iter()
+                .map(|i| table.rows[i].clone())
+                .collect()
+        };
+        let suggested_eps = dbscan::knee(&dbscan::k_distances(&sampled, min_points));
+        let eps = eps.unwrap_or(suggested_eps);
+        let labels = dbscan::dbscan_sampled(&table.rows, eps, min_points, sample, seed);
+        let n_clusters = labels.iter().flatten().max().map_or(0, |m| m + 1);
+        let clusters = (0..n_clusters)
+            .map(|id| {
+                let members: Vec<&Vec<f64>> = table
+                    .rows
+                    .iter()
+                    .zip(&labels)
+                    .filter(|(_, l)| **l == Some(id))
+                    .map(|(r, _)| r)
+                    .collect();
+                let mut mean = vec![0.0; table.names.len()];
+                for row in &members {
+                    for (m, v) in mean.iter_mut().zip(row.iter()) {
+                        *m += v / members.len().max(1) as f64;
+                    }
+                }
+                let (description, traits) = describe(&table.names, &mean);
+                Cluster {
+                    id,
+                    size: members.len(),
+                    description,
+                    traits,
+                }
+            })
+            .filter(|c| c.size > 0)
+            .collect();
+        Ok(DensityClustering {
+            profiles: table.rows.len(),
+            min_points,
+            suggested_eps,
+            eps,
+            sample: sampled.len(),
+            noise: labels.iter().filter(|l| l.is_none()).count(),
+            clusters,
+        })
+    }
     /// Clusters every live profile's features (log1p, then z-scores) with k-means, k in `ks`
     /// chosen by silhouette (on `sample` rows at most).
     pub fn cluster(
@@ -91,19 +183,7 @@ impl Engine {
         sample: usize,
         seed: u64,
     ) -> Result<Clustering, EngineError> {
-        let mut table = self.features(now)?;
-        if table.rows.len() < 3 {
-            return Err(EngineError::Invalid(format!(
-                "clustering needs at least 3 profiles, found {}",
-                table.rows.len()
-            )));
-        }
-        // Activity counts and spend are heavy-tailed: compress them before standardizing, or a
-        // handful of heavy users make the only cluster that stands out.
-        for value in table.rows.iter_mut().flatten() {
-            *value = value.max(0.0).ln_1p();
-        }
-        table.scale(Scaling::ZScore);
+        let table = self.model_rows(now)?;
         let (fit, curve) = kmeans::choose_k(&table.rows, ks, restarts, sample, seed);
         let silhouette = curve
             .iter()
@@ -176,5 +256,20 @@ mod tests {
                 .iter()
                 .all(|c| !c.description.is_empty())
         );
+    }
+
+    #[test]
+    fn density_clusters_cover_every_profile_once() {
+        let (_dir, engine) = crate::test_support::generated_store(500, 90, 6, 1_777_593_600_000);
+        let found = engine
+            .density_clusters(1_777_593_600_000, 8, None, 300, 1)
+            .unwrap();
+        assert!(found.suggested_eps > 0.0 && found.eps == found.suggested_eps);
+        assert_eq!(found.sample, 300);
+        assert_eq!(
+            found.clusters.iter().map(|c| c.size).sum::<usize>() + found.noise,
+            found.profiles
+        );
+        assert!(!found.clusters.is_empty());
     }
 }

@@ -406,6 +406,15 @@ fn computed_traits_from_the_command_line() {
         clusters["clusters"][0]["description"].is_string(),
         "{clusters}"
     );
+    let dense: Value = serde_json::from_str(&run_ok(cible(&data).args([
+        "model",
+        "dbscan",
+        "--min-points",
+        "5",
+        "--json",
+    ])))
+    .unwrap();
+    assert!(dense["eps"].as_f64().unwrap() > 0.0, "{dense}");
     let exported = run_ok(cible(&data).args(["export", "profiles"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
