@@ -2,6 +2,7 @@
 
 pub mod dbscan;
 pub mod kmeans;
+pub mod logistic;
 
 use serde::Serialize;
 
