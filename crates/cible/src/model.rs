@@ -44,10 +44,68 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Logistic regression predicting purchase, open or churn in the next N days, trained on a
+    /// time split; prints AUC, log loss, a calibration table and feature importance.
+    Train {
+        /// What to predict.
+        #[arg(long, value_enum)]
+        target: TargetArg,
+        /// Horizon in days: features as of now minus this, labels after.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TargetArg {
+    Purchase,
+    Open,
+    Churn,
 }
 
 pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
     match command {
+        ModelCommand::Train { target, days, json } => {
+            anyhow::ensure!(days >= 1, "--days must be at least 1");
+            use cible_core::models::propensity::Target;
+            let target = match target {
+                TargetArg::Purchase => Target::Purchase,
+                TargetArg::Open => Target::Open,
+                TargetArg::Churn => Target::Churn,
+            };
+            let engine = global.open_existing()?;
+            let report = engine.train_propensity(target, days, global.now_ms()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            println!(
+                "{:?} within {} days; features as of {}; {} profiles to train, {} held out",
+                report.target,
+                report.horizon_days,
+                cible_core::time::format_ms(report.cutoff),
+                report.train,
+                report.test
+            );
+            println!(
+                "AUC {:.3}; log loss {:.4} (base rate {:.3} alone: {:.4})",
+                report.auc, report.log_loss, report.base_rate, report.log_loss_base
+            );
+            println!("\ncalibration (held out)\n  predicted     n       mean    observed");
+            for bin in report.calibration.iter().filter(|b| b.count > 0) {
+                println!(
+                    "  {:.1}-{:.1}  {:>7}  {:.3}   {:.3}",
+                    bin.from, bin.to, bin.count, bin.mean_predicted, bin.observed_rate
+                );
+            }
+            println!("\nstrongest features (standardized weight)");
+            for (name, weight) in report.importance.iter().take(8) {
+                println!("  {name:<24} {weight:+.3}");
+            }
+        }
         ModelCommand::Dbscan {
             min_points,
             eps,

@@ -3,6 +3,7 @@
 pub mod dbscan;
 pub mod kmeans;
 pub mod logistic;
+pub mod propensity;
 
 use serde::Serialize;
 

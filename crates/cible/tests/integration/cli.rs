@@ -415,6 +415,12 @@ fn computed_traits_from_the_command_line() {
     ])))
     .unwrap();
     assert!(dense["eps"].as_f64().unwrap() > 0.0, "{dense}");
+    let trained: Value = serde_json::from_str(&run_ok(cible(&data).args([
+        "model", "train", "--target", "open", "--days", "20", "--json",
+    ])))
+    .unwrap();
+    assert!(trained["auc"].as_f64().unwrap() > 0.5, "{trained}");
+    assert_eq!(trained["calibration"].as_array().unwrap().len(), 10);
     let exported = run_ok(cible(&data).args(["export", "profiles"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
