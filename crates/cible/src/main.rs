@@ -111,10 +111,10 @@ enum Command {
     /// Computed traits: configuration, calibration, values of a profile.
     #[command(subcommand)]
     Traits(traits::TraitsCommand),
-    /// Models on profile features: clustering.
+    /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Measure import, HTTP ingestion, hot-store memory and restart; prints a Markdown table.
+    /// Benchmarks (collect, segments, traits) against same-run baselines; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
 
