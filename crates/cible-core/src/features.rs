@@ -191,22 +191,27 @@ impl Engine {
                 let timeline = hot.timeline(*profile);
                 let seen = timeline.events.partition_point(|e| e.ts <= now_s);
                 let events = &timeline.events[..seen];
-                let within = |days: u32, name: Option<u16>| {
-                    let start = now_s.saturating_sub(days * DAY);
-                    events
-                        .iter()
-                        .filter(|e| e.ts > start && Some(e.name) == name)
-                        .count() as f64
-                };
-                let durations: Vec<f64> = events
-                    .iter()
-                    .filter(|e| e.ts > now_s.saturating_sub(90 * DAY) && Some(e.name) == viewed)
-                    .filter_map(|e| {
-                        // duration_s, the fifth of the value properties, when the row holds it.
-                        (e.value_property() == Some(4) && !e.value.is_nan())
-                            .then_some(f64::from(e.value))
-                    })
-                    .collect();
+                // One pass over the last 90 days: counts per (name, window), time on page.
+                let names = [opened, clicked, viewed, added];
+                let windows = [7, 30, 90].map(|d| now_s.saturating_sub(d * DAY));
+                let mut counts = [[0.0f64; 3]; 4];
+                let (mut time_on_page, mut pages_timed) = (0.0, 0usize);
+                let recent = events.partition_point(|e| e.ts <= windows[2]);
+                for e in &events[recent..] {
+                    let Some(n) = names.iter().position(|n| *n == Some(e.name)) else {
+                        continue;
+                    };
+                    for (count, start) in counts[n].iter_mut().zip(windows) {
+                        if e.ts > start {
+                            *count += 1.0;
+                        }
+                    }
+                    // duration_s, the fifth of the value properties, when the row holds it.
+                    if names[n] == viewed && e.value_property() == Some(4) && !e.value.is_nan() {
+                        time_on_page += f64::from(e.value);
+                        pages_timed += 1;
+                    }
+                }
                 let days =
                     |ts: Option<u32>| ts.map_or(0.0, |ts| f64::from(now_s - ts) / f64::from(DAY));
                 let rfm = traits.rfm.as_ref();
@@ -215,15 +220,11 @@ impl Engine {
                     rfm.map_or(0.0, |r| f64::from(r.frequency)),
                     rfm.map_or(0.0, |r| r.monetary),
                 ];
-                for name in [opened, clicked, viewed, added] {
-                    for days in [7, 30, 90] {
-                        row.push(within(days, name));
-                    }
-                }
-                row.push(if durations.is_empty() {
+                row.extend(counts.iter().flatten());
+                row.push(if pages_timed == 0 {
                     0.0
                 } else {
-                    durations.iter().sum::<f64>() / durations.len() as f64
+                    time_on_page / pages_timed as f64
                 });
                 row.push(f64::from(traits.score.engagement));
                 row.push(days(events.first().map(|e| e.ts)));

@@ -369,16 +369,7 @@ pub(crate) fn print_table(title: &str, rows: Vec<Row>) {
 /// Batch rebuild of the 20-rule battery against SQLite running the compiled SQL on the same
 /// data, and event-to-membership latency with the live drivers on.
 fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
-    // Compressed, so that large runs fit on disk beside the store and the SQL engine's copy.
-    let (work, file, generated, end_ms) = generate_data(global, args, true)?;
-    let engine = Engine::open(&work.path().join("store"))?;
-    eprintln!("importing ...");
-    cible_core::import::import_files(
-        &engine,
-        std::slice::from_ref(&file),
-        end_ms,
-        &Arc::default(),
-    )?;
+    let (work, file, generated, end_ms, engine) = imported_data(global, args)?;
     let events = engine.load_stats().events;
     let exprs: Vec<cible_lang::Expr> = cible_core::segment::BATTERY
         .iter()
@@ -501,6 +492,30 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Generated data (gzip-compressed, so that large runs fit on disk beside the store and the SQL
+/// engine's copy), imported into a fresh store.
+pub(crate) fn imported_data(
+    global: &Global,
+    args: &BenchArgs,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    std::path::PathBuf,
+    cible_core::generate::GenerateStats,
+    i64,
+    Engine,
+)> {
+    let (work, file, generated, end_ms) = generate_data(global, args, true)?;
+    let engine = Engine::open(&work.path().join("store"))?;
+    eprintln!("importing ...");
+    cible_core::import::import_files(
+        &engine,
+        std::slice::from_ref(&file),
+        end_ms,
+        &Arc::default(),
+    )?;
+    Ok((work, file, generated, end_ms, engine))
+}
+
 /// "3.5x faster" or "1.2x slower": a time of ours against a baseline's.
 pub(crate) fn speed_ratio(ours: f64, theirs: f64) -> String {
     if theirs >= ours {
@@ -583,8 +598,9 @@ pub(crate) fn export_sql_tables(
         .sync_all()?;
     let mut out = csv::Writer::from_path(&profiles_file)?;
     let profiles = engine.live_profiles();
+    let reader = engine.traits_reader(now)?;
     for chunk in profiles.chunks(4096) {
-        let computed = engine.computed_traits_of(chunk, now)?;
+        let computed = reader.of(chunk);
         for (profile, computed) in chunk.iter().zip(computed) {
             let traits: serde_json::Map<String, serde_json::Value> = engine
                 .profile_record(*profile)?

@@ -2,14 +2,11 @@
 //! DuckDB computing the engagement score and RFM in SQL on the same data in the same run, and
 //! the incremental cost of keeping computed-trait segments exact as events arrive.
 
-use std::sync::Arc;
 use std::time::Instant;
-
-use cible_core::Engine;
 
 use crate::Global;
 use crate::bench::{
-    BenchArgs, Row, export_sql_tables, generate_data, ingest_latencies, print_table,
+    BenchArgs, Row, export_sql_tables, imported_data, ingest_latencies, print_table,
     run_sql_baseline, speed_ratio, tail_lines,
 };
 
@@ -48,15 +45,7 @@ fn traits_sql(config: &cible_core::computed::config::TraitConfig, now_s: i64) ->
 }
 
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
-    let (work, file, generated, end_ms) = generate_data(global, args, true)?;
-    let engine = Engine::open(&work.path().join("store"))?;
-    eprintln!("importing ...");
-    cible_core::import::import_files(
-        &engine,
-        std::slice::from_ref(&file),
-        end_ms,
-        &Arc::default(),
-    )?;
+    let (work, file, generated, end_ms, engine) = imported_data(global, args)?;
     let tail = tail_lines(&file, 200_000)?;
     std::fs::remove_file(&file)?;
     let events = engine.load_stats().events;
@@ -65,7 +54,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!("calibrating ...");
     // The category column is built on first use; timed apart (it is kept afterwards).
     let started = Instant::now();
-    engine.computed_traits_of(&profiles[..profiles.len().min(1)], end_ms)?;
+    engine.ensure_column_indexes(&[cible_core::computed::CATEGORY_KEY as u8], true)?;
     let setup_s = started.elapsed().as_secs_f64();
     eprintln!("recomputing every trait of every profile (3 times) ...");
     let mut times = Vec::new();

@@ -679,11 +679,12 @@ fn export_profiles(
     now: i64,
 ) -> std::io::Result<()> {
     let profiles = engine.live_profiles();
+    let reader = engine
+        .traits_reader(now)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     // Computed traits a chunk at a time, in parallel.
     for chunk in profiles.chunks(4096) {
-        let computed = engine
-            .computed_traits_of(chunk, now)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let computed = reader.of(chunk);
         for (profile, computed) in chunk.iter().zip(computed) {
             let record = engine
                 .profile_record(*profile)

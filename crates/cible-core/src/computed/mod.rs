@@ -32,7 +32,7 @@ pub const DAY: u32 = 86_400;
 /// `revenue` and `duration_s` in [`crate::message::VALUE_PROPERTIES`].
 pub(crate) const PRODUCT_KEY: usize = 0;
 pub(crate) const PATH_KEY: usize = 1;
-pub(crate) const CATEGORY_KEY: usize = 4;
+pub const CATEGORY_KEY: usize = 4;
 const REVENUE_VALUE: usize = 0;
 const DURATION_VALUE: usize = 4;
 
@@ -161,11 +161,6 @@ impl TraitPlan {
             keys,
             config: config.clone(),
         }
-    }
-
-    /// Whether opens and clicks of this name count for the send time.
-    pub fn is_send_event(&self, name: u16) -> bool {
-        self.send_events.contains(&name)
     }
 
     fn text(&self, key: u32) -> &str {
@@ -329,6 +324,19 @@ pub fn hour_and_weekday(ts: u32) -> (u8, u8) {
 
 /// The profile's own part of the traits, with `at` the calibration's reference instant.
 pub fn raw(timeline: &Timeline<'_>, now: u32, at: u32, plan: &TraitPlan) -> RawTraits {
+    raw_with_send_counts(timeline, now, at, plan).0
+}
+
+/// Opens and clicks by hour (UTC) and by ISO weekday (Monday first).
+pub type SendCounts = ([u32; 24], [u32; 7]);
+
+/// [`raw`], and the profile's send-time counts (the calibration adds them up).
+pub fn raw_with_send_counts(
+    timeline: &Timeline<'_>,
+    now: u32,
+    at: u32,
+    plan: &TraitPlan,
+) -> (RawTraits, SendCounts) {
     let events = timeline.events;
     let seen = events.partition_point(|e| e.ts <= now);
     let mut raw = RawTraits::default();
@@ -365,7 +373,7 @@ pub fn raw(timeline: &Timeline<'_>, now: u32, at: u32, plan: &TraitPlan) -> RawT
     }
     raw.hour = argmax(&hours) as u8;
     raw.weekday = argmax(&weekdays) as u8 + 1;
-    raw
+    (raw, (hours, weekdays))
 }
 
 /// The first index of the largest count.

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::calibrate::Calibration;
 use super::config::TraitConfig;
 use super::recommend::{Activity, ModelCounts, ProductModel, Recommendation};
-use super::{CATEGORY_KEY, ComputedTraits, STAGES, TraitPlan, compute, hour_and_weekday, raw};
+use super::{CATEGORY_KEY, ComputedTraits, STAGES, TraitPlan, compute, raw_with_send_counts};
 use crate::engine::{Engine, EngineError};
 use crate::segment::DictSnapshot;
 use crate::segment::plan::Plan;
@@ -36,6 +36,25 @@ pub struct RefreshReport {
     pub created_segments: Vec<String>,
 }
 
+/// See [`Engine::traits_reader`].
+pub struct TraitsReader<'e> {
+    engine: &'e Engine,
+    plan: TraitPlan,
+    calibration: Arc<Calibration>,
+    now: u32,
+}
+
+impl TraitsReader<'_> {
+    /// The traits of these profiles, in parallel, in their order.
+    pub fn of(&self, profiles: &[u32]) -> Vec<ComputedTraits> {
+        let hot = self.engine.hot.read();
+        profiles
+            .par_iter()
+            .map(|p| compute(&hot.timeline(*p), self.now, &self.plan, &self.calibration))
+            .collect()
+    }
+}
+
 /// The name of the segment that holds the profiles at a lifecycle stage.
 pub fn lifecycle_segment(stage: &str) -> String {
     format!("lifecycle-{}", stage.replace('_', "-"))
@@ -58,17 +77,47 @@ impl Engine {
 
     /// The current calibration; computed (and stored) at `now` if there is none yet.
     pub fn calibration(&self, now: i64) -> Result<Arc<Calibration>> {
-        if let Some(calibration) = self.calibration.read().clone() {
-            return Ok(calibration);
+        match self.loaded(&self.calibration, CALIBRATION_KEY)? {
+            Some(calibration) => Ok(calibration),
+            None => self.calibrate(now),
         }
-        if let Some(bytes) = self.store.meta.get(CALIBRATION_KEY)? {
-            let calibration: Calibration = serde_json::from_slice(&bytes)
-                .map_err(|e| EngineError::Invalid(format!("stored calibration: {e}")))?;
-            let calibration = Arc::new(calibration);
-            *self.calibration.write() = Some(calibration.clone());
-            return Ok(calibration);
+    }
+
+    /// A derived value kept in memory and in `meta`: the one in memory, else the stored one
+    /// (then kept in memory), else `None`.
+    fn loaded<T: serde::de::DeserializeOwned>(
+        &self,
+        slot: &parking_lot::RwLock<Option<Arc<T>>>,
+        key: &str,
+    ) -> Result<Option<Arc<T>>> {
+        if let Some(value) = slot.read().clone() {
+            return Ok(Some(value));
         }
-        self.calibrate(now)
+        let Some(bytes) = self.store.meta.get(key)? else {
+            return Ok(None);
+        };
+        let value: Arc<T> = Arc::new(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| EngineError::Invalid(format!("stored {key}: {e}")))?,
+        );
+        *slot.write() = Some(value.clone());
+        Ok(Some(value))
+    }
+
+    /// Stores a derived value in `meta` and keeps it in memory.
+    fn keep<T: Serialize>(
+        &self,
+        slot: &parking_lot::RwLock<Option<Arc<T>>>,
+        key: &str,
+        value: T,
+    ) -> Result<Arc<T>> {
+        self.store.meta.insert(
+            key,
+            serde_json::to_vec(&value).expect("derived values serialize"),
+        )?;
+        let value = Arc::new(value);
+        *slot.write() = Some(value.clone());
+        Ok(value)
     }
 
     /// Computes the population calibration at `now` over every live profile and stores it.
@@ -113,14 +162,14 @@ impl Engine {
             .map(|chunk| {
                 let mut part: Part = (Vec::with_capacity(chunk.len()), [0; 24], [0; 7]);
                 for &profile in chunk {
-                    let timeline = hot.timeline(profile);
-                    part.0.push(raw(&timeline, at, at, &plan));
-                    for event in timeline.events.iter().filter(|e| e.ts <= at) {
-                        if plan.is_send_event(event.name) {
-                            let (hour, weekday) = hour_and_weekday(event.ts);
-                            part.1[usize::from(hour)] += 1;
-                            part.2[usize::from(weekday - 1)] += 1;
-                        }
+                    let (raw, (hours, weekdays)) =
+                        raw_with_send_counts(&hot.timeline(profile), at, at, &plan);
+                    part.0.push(raw);
+                    for (x, y) in part.1.iter_mut().zip(hours) {
+                        *x += u64::from(y);
+                    }
+                    for (x, y) in part.2.iter_mut().zip(weekdays) {
+                        *x += u64::from(y);
                     }
                 }
                 part
@@ -139,24 +188,25 @@ impl Engine {
                 },
             );
         drop(hot);
-        let calibration = Arc::new(Calibration::from_raw(at, &raws, &hours, &weekdays));
-        self.store.meta.insert(
-            CALIBRATION_KEY,
-            serde_json::to_vec(&*calibration).expect("calibration serializes"),
-        )?;
-        *self.calibration.write() = Some(calibration.clone());
-        Ok((calibration, raws))
+        let calibration = Calibration::from_raw(at, &raws, &hours, &weekdays);
+        Ok((
+            self.keep(&self.calibration, CALIBRATION_KEY, calibration)?,
+            raws,
+        ))
     }
 
     /// The plan and calibration for evaluating `plans`, when one of them reads computed traits
     /// (building the category column they need first).
-    pub(crate) fn computed_setup(
+    pub(crate) fn computed_setup<'a>(
         &self,
-        plans: &[Plan],
+        plans: impl IntoIterator<Item = &'a Plan>,
         dictionaries: &DictSnapshot,
         now: i64,
     ) -> Result<Option<(TraitPlan, Arc<Calibration>)>> {
-        if !plans.iter().any(|p| crate::segment::uses_computed(&p.root)) {
+        if !plans
+            .into_iter()
+            .any(|p| crate::segment::uses_computed(&p.root))
+        {
             return Ok(None);
         }
         self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
@@ -168,30 +218,24 @@ impl Engine {
 
     /// Every computed trait of one profile at `now`.
     pub fn computed_traits(&self, profile: u32, now: i64) -> Result<ComputedTraits> {
-        self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
-        let dictionaries = self.dictionaries();
-        let plan = self.trait_plan(&dictionaries);
-        let calibration = self.calibration(now)?;
-        let hot = self.hot.read();
-        Ok(compute(
-            &hot.timeline(profile),
-            seconds(now),
-            &plan,
-            &calibration,
-        ))
+        Ok(self.traits_reader(now)?.of(&[profile]).remove(0))
     }
 
-    /// Computed traits of many profiles at once (exports), sharing one plan.
+    /// Computed traits of many profiles at once, sharing one plan.
     pub fn computed_traits_of(&self, profiles: &[u32], now: i64) -> Result<Vec<ComputedTraits>> {
+        Ok(self.traits_reader(now)?.of(profiles))
+    }
+
+    /// What computing traits at `now` needs (the category column, the plan, the calibration),
+    /// prepared once for reading many profiles in chunks (exports).
+    pub fn traits_reader(&self, now: i64) -> Result<TraitsReader<'_>> {
         self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
-        let dictionaries = self.dictionaries();
-        let plan = self.trait_plan(&dictionaries);
-        let calibration = self.calibration(now)?;
-        let hot = self.hot.read();
-        Ok(profiles
-            .par_iter()
-            .map(|p| compute(&hot.timeline(*p), seconds(now), &plan, &calibration))
-            .collect())
+        Ok(TraitsReader {
+            engine: self,
+            plan: self.trait_plan(&self.dictionaries()),
+            calibration: self.calibration(now)?,
+            now: seconds(now),
+        })
     }
 
     /// Recomputes the calibration and the product model, creates the lifecycle segments if
@@ -250,17 +294,10 @@ impl Engine {
 
     /// The product model; built at `now` if there is none yet.
     pub fn product_model(&self, now: i64) -> Result<Arc<ProductModel>> {
-        if let Some(model) = self.product_model.read().clone() {
-            return Ok(model);
+        match self.loaded(&self.product_model, PRODUCT_MODEL_KEY)? {
+            Some(model) => Ok(model),
+            None => self.build_product_model(now),
         }
-        if let Some(bytes) = self.store.meta.get(PRODUCT_MODEL_KEY)? {
-            let model: ProductModel = serde_json::from_slice(&bytes)
-                .map_err(|e| EngineError::Invalid(format!("stored product model: {e}")))?;
-            let model = Arc::new(model);
-            *self.product_model.write() = Some(model.clone());
-            return Ok(model);
-        }
-        self.build_product_model(now)
     }
 
     /// Rebuilds the product model from every live profile's full messages.
@@ -280,13 +317,7 @@ impl Engine {
                 Ok(counts)
             })
             .try_reduce(ModelCounts::default, |a, b| Ok(a.merge(b)))?;
-        let model = Arc::new(counts.finish(now));
-        self.store.meta.insert(
-            PRODUCT_MODEL_KEY,
-            serde_json::to_vec(&*model).expect("product model serializes"),
-        )?;
-        *self.product_model.write() = Some(model.clone());
-        Ok(model)
+        self.keep(&self.product_model, PRODUCT_MODEL_KEY, counts.finish(now))
     }
 
     fn activity(

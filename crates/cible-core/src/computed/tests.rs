@@ -506,3 +506,34 @@ fn recommendations_follow_the_documented_order_and_skip_purchases() {
     );
     assert_eq!(recommend(&me, &model, now, 2).len(), 2);
 }
+
+#[test]
+fn the_server_recalibrates_once_a_day_and_live_segments_follow() {
+    let (_dir, engine) = loaded();
+    let day = 86_400_000;
+    assert!(
+        !engine.refresh_traits_if_older(NOW_MS, day).unwrap(),
+        "nothing before a first calibration"
+    );
+    let first = engine.calibrate(NOW_MS).unwrap();
+    let rule = cible_lang::parse("score.engagement >= 50").unwrap();
+    engine
+        .create_segment("engaged", rule.clone(), "", NOW_MS)
+        .unwrap();
+    engine.start_live_segments(NOW_MS).unwrap();
+    assert!(
+        !engine
+            .refresh_traits_if_older(NOW_MS + day - 1, day)
+            .unwrap()
+    );
+    let later = NOW_MS + 3 * day;
+    assert!(engine.refresh_traits_if_older(later, day).unwrap());
+    let second = engine.calibration(later).unwrap();
+    assert_eq!(i64::from(second.at), later / 1000);
+    assert_ne!(first.at, second.at);
+    // The live membership is the one the new calibration gives.
+    let (expected, _, _) = engine
+        .evaluate_rule(&rule, later, &std::sync::atomic::AtomicU64::new(0))
+        .unwrap();
+    assert_eq!(engine.live_members("engaged").unwrap(), expected);
+}

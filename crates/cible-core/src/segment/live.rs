@@ -137,8 +137,9 @@ impl Engine {
                 members,
             });
         }
-        let plans: Vec<Plan> = state.segments.iter().map(|s| s.plan.clone()).collect();
-        state.computed = self.computed_setup(&plans, &dictionaries, now)?;
+        let computed =
+            self.computed_setup(state.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
+        state.computed = computed;
         let everyone: Vec<u32> = self.live_profiles();
         let all: Vec<usize> = (0..state.segments.len()).collect();
         let rounds: Vec<(usize, Vec<u32>)> = all.iter().map(|i| (*i, everyone.clone())).collect();

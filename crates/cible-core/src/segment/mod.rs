@@ -786,29 +786,21 @@ impl Engine {
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
+        // Exits first, then entries: the logged size never exceeds the true one.
         let mut size = previous.len();
-        for profile in &exited {
-            size -= 1;
+        let changes = exited
+            .iter()
+            .map(|p| (p, false))
+            .chain(entered.iter().map(|p| (p, true)));
+        for (profile, entered) in changes {
+            size = if entered { size + 1 } else { size - 1 };
             self.log_change(
                 &mut batch,
                 name,
                 Change {
                     at: now,
                     profile,
-                    entered: false,
-                    size,
-                },
-            );
-        }
-        for profile in &entered {
-            size += 1;
-            self.log_change(
-                &mut batch,
-                name,
-                Change {
-                    at: now,
-                    profile,
-                    entered: true,
+                    entered,
                     size,
                 },
             );
