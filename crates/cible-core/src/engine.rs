@@ -378,6 +378,8 @@ pub struct Engine {
     pub(crate) trait_config: crate::computed::config::TraitConfig,
     pub(crate) calibration: RwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
     pub(crate) product_model: RwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
+    /// The active trained models, loaded from `meta` on first use.
+    pub(crate) models: RwLock<Option<Arc<crate::models::saved::ModelSet>>>,
     /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
     pub(crate) trait_columns: RwLock<crate::trait_columns::TraitColumns>,
 }
@@ -500,6 +502,7 @@ impl Engine {
             trait_config,
             calibration: RwLock::new(None),
             product_model: RwLock::new(None),
+            models: RwLock::new(None),
             trait_columns: RwLock::new(Default::default()),
         })
     }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::computed::DAY;
+use crate::computed::{ComputedTraits, DAY};
 use crate::engine::{Engine, EngineError};
+use crate::hot::Timeline;
 
 /// The features every profile gets, in column order (then one `category_<name>` column per
 /// category seen, the profile's affinity weight for it).
@@ -162,21 +163,116 @@ impl FeatureTable {
     }
 }
 
+/// What a feature row is computed with: the event ids the counts read.
+#[derive(Debug, Clone, Default)]
+pub struct FeaturePlan {
+    /// Email Opened, Email Link Clicked, Page Viewed, Product Added.
+    counted: [Option<u16>; 4],
+    order: Option<u16>,
+    rfm_window_days: u32,
+}
+
+impl FeaturePlan {
+    pub fn new(id: &dyn Fn(&str) -> Option<u16>, rfm_window_days: u32) -> Self {
+        Self {
+            counted: [
+                id("Email Opened"),
+                id("Email Link Clicked"),
+                id("Page Viewed"),
+                id("Product Added"),
+            ],
+            order: id("Order Completed"),
+            rfm_window_days,
+        }
+    }
+}
+
+/// The [`FEATURES`] of one profile at `now` (seconds), and the next instant one of them changes
+/// with no new event (window exits, whole days passing), the traits' own next change included.
+/// Every feature is constant between such instants, so a model's output is too.
+pub fn row(
+    timeline: &Timeline<'_>,
+    now: u32,
+    traits: &ComputedTraits,
+    plan: &FeaturePlan,
+) -> ([f64; FEATURES.len()], Option<u32>) {
+    let mut next = traits.next_change;
+    let mut at = |t: u32| {
+        if t > now {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+    };
+    let seen = timeline.events.partition_point(|e| e.ts <= now);
+    let events = &timeline.events[..seen];
+    // One pass over the last 90 days: counts per (name, window), time on page.
+    let windows = [7, 30, 90].map(|d| d * DAY);
+    let starts = windows.map(|w| now.saturating_sub(w));
+    let mut counts = [[0.0f64; 3]; 4];
+    let (mut time_on_page, mut pages_timed) = (0.0, 0usize);
+    let recent = events.partition_point(|e| e.ts <= starts[2]);
+    for e in &events[recent..] {
+        let Some(n) = plan.counted.iter().position(|n| *n == Some(e.name)) else {
+            continue;
+        };
+        for ((count, start), window) in counts[n].iter_mut().zip(starts).zip(windows) {
+            if e.ts > start {
+                *count += 1.0;
+                at(e.ts.saturating_add(window));
+            }
+        }
+        // duration_s, the fifth of the value properties, when the row holds it.
+        if n == 2 && e.value_property() == Some(4) && !e.value.is_nan() {
+            time_on_page += f64::from(e.value);
+            pages_timed += 1;
+        }
+    }
+    // Whole days since `ts`; the next whole day is a change.
+    let mut days = |ts: u32| {
+        let days = (now - ts) / DAY;
+        at(ts.saturating_add((days + 1).saturating_mul(DAY)));
+        f64::from(days)
+    };
+    let rfm = traits.rfm.as_ref();
+    let recency = match rfm.and_then(|_| events.iter().rev().find(|e| Some(e.name) == plan.order)) {
+        Some(last) => days(last.ts),
+        None => f64::from(plan.rfm_window_days),
+    };
+    let first_seen = events.first().map_or(0.0, |e| days(e.ts));
+    let last_seen = events.last().map_or(0.0, |e| days(e.ts));
+    let mut row = [0.0; FEATURES.len()];
+    row[0] = recency;
+    row[1] = rfm.map_or(0.0, |r| f64::from(r.frequency));
+    row[2] = rfm.map_or(0.0, |r| r.monetary);
+    for (slot, count) in row[3..15].iter_mut().zip(counts.iter().flatten()) {
+        *slot = *count;
+    }
+    row[15] = if pages_timed == 0 {
+        0.0
+    } else {
+        time_on_page / pages_timed as f64
+    };
+    row[16] = f64::from(traits.score.engagement);
+    row[17] = first_seen;
+    row[18] = last_seen;
+    (row, next)
+}
+
 impl Engine {
+    /// What [`row`] needs, resolved against the current dictionaries.
+    pub fn feature_plan(&self) -> FeaturePlan {
+        let dictionaries = self.name_dictionary();
+        FeaturePlan::new(
+            &|name| dictionaries.names.get(name).copied(),
+            self.trait_config().rfm.window_days,
+        )
+    }
+
     /// The feature table of every live profile at `now` (ms).
     pub fn features(&self, now: i64) -> Result<FeatureTable, EngineError> {
         let profiles = self.live_profiles();
-        let computed = self.computed_traits_of(&profiles, now)?;
-        let dictionaries = self.dictionaries();
-        let id = |name: &str| dictionaries.names.get(name).copied();
-        let (opened, clicked, viewed, added) = (
-            id("Email Opened"),
-            id("Email Link Clicked"),
-            id("Page Viewed"),
-            id("Product Added"),
-        );
+        let computed = self.traits_reader(now)?.base_of(&profiles);
+        let plan = self.feature_plan();
         let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
-        let window = self.trait_config().rfm.window_days;
         let mut categories: Vec<String> = computed
             .iter()
             .flat_map(|c| c.affinity.categories.keys().cloned())
@@ -188,57 +284,16 @@ impl Engine {
             .par_iter()
             .zip(&computed)
             .map(|(profile, traits)| {
-                let timeline = hot.timeline(*profile);
-                let seen = timeline.events.partition_point(|e| e.ts <= now_s);
-                let events = &timeline.events[..seen];
-                // One pass over the last 90 days: counts per (name, window), time on page.
-                let names = [opened, clicked, viewed, added];
-                let windows = [7, 30, 90].map(|d| now_s.saturating_sub(d * DAY));
-                let mut counts = [[0.0f64; 3]; 4];
-                let (mut time_on_page, mut pages_timed) = (0.0, 0usize);
-                let recent = events.partition_point(|e| e.ts <= windows[2]);
-                for e in &events[recent..] {
-                    let Some(n) = names.iter().position(|n| *n == Some(e.name)) else {
-                        continue;
-                    };
-                    for (count, start) in counts[n].iter_mut().zip(windows) {
-                        if e.ts > start {
-                            *count += 1.0;
-                        }
-                    }
-                    // duration_s, the fifth of the value properties, when the row holds it.
-                    if names[n] == viewed && e.value_property() == Some(4) && !e.value.is_nan() {
-                        time_on_page += f64::from(e.value);
-                        pages_timed += 1;
-                    }
-                }
-                let days =
-                    |ts: Option<u32>| ts.map_or(0.0, |ts| f64::from(now_s - ts) / f64::from(DAY));
-                let rfm = traits.rfm.as_ref();
-                let mut row = vec![
-                    rfm.map_or(f64::from(window), |r| r.recency_days),
-                    rfm.map_or(0.0, |r| f64::from(r.frequency)),
-                    rfm.map_or(0.0, |r| r.monetary),
-                ];
-                row.extend(counts.iter().flatten());
-                row.push(if pages_timed == 0 {
-                    0.0
-                } else {
-                    time_on_page / pages_timed as f64
-                });
-                row.push(f64::from(traits.score.engagement));
-                row.push(days(events.first().map(|e| e.ts)));
-                row.push(days(events.last().map(|e| e.ts)));
-                for category in &categories {
-                    row.push(
-                        traits
-                            .affinity
-                            .categories
-                            .get(category)
-                            .copied()
-                            .unwrap_or(0.0),
-                    );
-                }
+                let (base, _) = row(&hot.timeline(*profile), now_s, traits, &plan);
+                let mut row = base.to_vec();
+                row.extend(categories.iter().map(|category| {
+                    traits
+                        .affinity
+                        .categories
+                        .get(category)
+                        .copied()
+                        .unwrap_or(0.0)
+                }));
                 row
             })
             .collect();

@@ -24,10 +24,19 @@ pub const FUNCTIONS: [&str; 11] = [
 ];
 
 /// Attribute namespaces: `trait.x` reads a profile trait; the others are computed traits.
-pub const NAMESPACES: [&str; 6] = ["trait", "score", "rfm", "intent", "send_time", "affinity"];
+pub const NAMESPACES: [&str; 8] = [
+    "trait",
+    "score",
+    "rfm",
+    "intent",
+    "send_time",
+    "affinity",
+    "cluster",
+    "predicted",
+];
 
 /// The computed traits a rule can read (computed by cible from each profile's events).
-pub const COMPUTED: [&str; 15] = [
+pub const COMPUTED: [&str; 17] = [
     "score.engagement",
     "rfm.segment",
     "rfm.score",
@@ -43,6 +52,8 @@ pub const COMPUTED: [&str; 15] = [
     "send_time.hour",
     "send_time.weekday",
     "affinity.category",
+    "cluster.id",
+    "cluster.name",
 ];
 
 /// Whether an attribute is a computed trait rather than a `trait.` profile trait.
@@ -470,7 +481,9 @@ impl Parser {
             self.bump();
             let (path, span) = self.property_path()?;
             let full = format!("{name}.{path}");
-            if name != "trait" && !COMPUTED.contains(&full.as_str()) {
+            // `predicted.<model>` names any propensity model (`predicted.purchase_30d`).
+            if !matches!(name.as_str(), "trait" | "predicted") && !COMPUTED.contains(&full.as_str())
+            {
                 let known = COMPUTED
                     .iter()
                     .filter(|c| c.starts_with(&format!("{name}.")));

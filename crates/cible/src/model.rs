@@ -1,4 +1,5 @@
-//! `cible model`: clustering of profiles on their feature vectors.
+//! `cible model`: clustering and propensity models on profiles' feature vectors, stored and
+//! versioned; the active version of each is scored as a computed trait.
 
 use clap::Subcommand;
 
@@ -23,6 +24,9 @@ pub enum ModelCommand {
         sample: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Report only: do not store the model (the `cluster` traits stay as they are).
+        #[arg(long)]
+        no_save: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -44,8 +48,9 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Logistic regression predicting purchase, open or churn in the next N days, trained on a
-    /// time split; prints AUC, log loss, a calibration table and feature importance.
+    /// Predicts purchase, open or churn in the next N days, trained on a time split; prints AUC,
+    /// log loss, a calibration table and feature importance, and stores the model as the next
+    /// version of `<target>_<N>d` (the trait `predicted.<target>_<N>d`).
     Train {
         /// What to predict.
         #[arg(long, value_enum)]
@@ -53,10 +58,41 @@ pub enum ModelCommand {
         /// Horizon in days: features as of now minus this, labels after.
         #[arg(long, default_value_t = 30)]
         days: u32,
+        #[arg(long, value_enum, default_value = "boosted-trees")]
+        algorithm: AlgorithmArg,
+        /// Report only: do not store the model.
+        #[arg(long)]
+        no_save: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Stored models: each name with its active version, or every version of one model.
+    List {
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A stored model's training report (the active version unless --version).
+    Report {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Trains a new version of stored models with the settings they were trained with.
+    Retrain {
+        /// The models to retrain; all of them when none is named.
+        names: Vec<String>,
+    },
+    /// Makes a stored version the one scored (to roll back).
+    Activate { name: String, version: u32 },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AlgorithmArg {
+    Logistic,
+    BoostedTrees,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -67,44 +103,137 @@ pub enum TargetArg {
 }
 
 pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
+    use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
     match command {
-        ModelCommand::Train { target, days, json } => {
+        ModelCommand::Train {
+            target,
+            days,
+            algorithm,
+            no_save,
+            json,
+        } => {
             anyhow::ensure!(days >= 1, "--days must be at least 1");
-            use cible_core::models::propensity::Target;
-            let target = match target {
-                TargetArg::Purchase => Target::Purchase,
-                TargetArg::Open => Target::Open,
-                TargetArg::Churn => Target::Churn,
+            let params = PropensityParams {
+                target: match target {
+                    TargetArg::Purchase => Target::Purchase,
+                    TargetArg::Open => Target::Open,
+                    TargetArg::Churn => Target::Churn,
+                },
+                horizon_days: days,
+                algorithm: match algorithm {
+                    AlgorithmArg::Logistic => Algorithm::Logistic,
+                    AlgorithmArg::BoostedTrees => Algorithm::BoostedTrees,
+                },
             };
             let engine = global.open_existing()?;
-            let report = engine.train_propensity(target, days, global.now_ms()?)?;
+            let now = global.now_ms()?;
+            let (report, model) = engine.train_propensity(&params, now)?;
+            let version = if no_save {
+                None
+            } else {
+                Some(engine.save_model(model, now)?)
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
-                return Ok(());
+            } else {
+                print_propensity(&report);
             }
-            println!(
-                "{:?} within {} days; features as of {}; {} profiles to train, {} held out",
-                report.target,
-                report.horizon_days,
-                cible_core::time::format_ms(report.cutoff),
-                report.train,
-                report.test
-            );
-            println!(
-                "AUC {:.3}; log loss {:.4} (base rate {:.3} alone: {:.4})",
-                report.auc, report.log_loss, report.base_rate, report.log_loss_base
-            );
-            println!("\ncalibration (held out)\n  predicted     n       mean    observed");
-            for bin in report.calibration.iter().filter(|b| b.count > 0) {
-                println!(
-                    "  {:.1}-{:.1}  {:>7}  {:.3}   {:.3}",
-                    bin.from, bin.to, bin.count, bin.mean_predicted, bin.observed_rate
+            if let Some(version) = version {
+                eprintln!(
+                    "stored as {} version {version}: segments read it as predicted.{}",
+                    report.model, report.model
                 );
             }
-            println!("\nstrongest features (standardized weight)");
-            for (name, weight) in report.importance.iter().take(8) {
-                println!("  {name:<24} {weight:+.3}");
+        }
+        ModelCommand::List { name, json } => {
+            let engine = global.open_existing()?;
+            let models: Vec<_> = match &name {
+                Some(name) => engine.model_versions(name)?,
+                None => engine
+                    .model_set()?
+                    .models()
+                    .map(|m| (**m).clone())
+                    .collect(),
+            };
+            if let Some(name) = &name {
+                anyhow::ensure!(!models.is_empty(), "no model named {name}");
             }
+            let active: Vec<(String, u32)> = engine
+                .model_set()?
+                .models()
+                .map(|m| (m.name.clone(), m.version))
+                .collect();
+            let rows: Vec<serde_json::Value> = models
+                .iter()
+                .map(|m| model_summary(m, active.contains(&(m.name.clone(), m.version))))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            if rows.is_empty() {
+                println!("no models yet: try `cible model cluster` or `cible model train`");
+            }
+            for (model, row) in models.iter().zip(&rows) {
+                println!(
+                    "{:<16} v{:<3} {:<14} trained {}  {}{}",
+                    model.name,
+                    model.version,
+                    model.algorithm(),
+                    cible_core::time::format_ms(model.trained_at),
+                    row["quality"].as_str().unwrap_or(""),
+                    if row["active"] == true {
+                        "  (active)"
+                    } else {
+                        ""
+                    },
+                );
+            }
+        }
+        ModelCommand::Report { name, version } => {
+            let engine = global.open_existing()?;
+            let model = match version {
+                Some(version) => engine
+                    .model_versions(&name)?
+                    .into_iter()
+                    .find(|m| m.version == version)
+                    .ok_or_else(|| anyhow::anyhow!("model {name} has no version {version}"))?,
+                None => (*engine.model(&name)?).clone(),
+            };
+            let mut report = model_summary(&model, false);
+            report["report"] = model.report.clone();
+            report.as_object_mut().expect("an object").remove("active");
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        ModelCommand::Retrain { names } => {
+            let engine = global.open_existing()?;
+            let now = global.now_ms()?;
+            let names = if names.is_empty() {
+                engine
+                    .model_set()?
+                    .models()
+                    .map(|m| m.name.clone())
+                    .collect()
+            } else {
+                names
+            };
+            anyhow::ensure!(!names.is_empty(), "no models to retrain");
+            for name in names {
+                let version = engine.retrain(&name, now)?;
+                let model = engine.model(&name)?;
+                println!(
+                    "{name}: version {version}, {}, {:.1} s",
+                    model_summary(&model, true)["quality"]
+                        .as_str()
+                        .unwrap_or(""),
+                    model.training_seconds
+                );
+            }
+        }
+        ModelCommand::Activate { name, version } => {
+            let engine = global.open_existing()?;
+            engine.activate_model(&name, version, global.now_ms()?)?;
+            println!("{name}: version {version} is active");
         }
         ModelCommand::Dbscan {
             min_points,
@@ -141,15 +270,30 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             restarts,
             sample,
             seed,
+            no_save,
             json,
         } => {
             anyhow::ensure!(
                 min_k >= 2 && min_k <= max_k,
                 "--min-k must be at least 2 and at most --max-k"
             );
+            anyhow::ensure!(restarts >= 1, "--restarts must be at least 1");
             let engine = global.open_existing()?;
-            let clustering =
-                engine.cluster(global.now_ms()?, min_k..=max_k, restarts, sample, seed)?;
+            let now = global.now_ms()?;
+            let params = cible_core::models::ClusterParams {
+                min_k,
+                max_k,
+                restarts,
+                sample,
+                seed,
+            };
+            let (clustering, model) = engine.cluster(now, &params)?;
+            if !no_save {
+                let version = engine.save_model(model, now)?;
+                eprintln!(
+                    "stored as cluster version {version}: segments read cluster.id and cluster.name"
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&clustering)?);
                 return Ok(());
@@ -175,4 +319,56 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line of facts about a stored model: what it is, when it was trained, how good.
+fn model_summary(model: &cible_core::models::saved::SavedModel, active: bool) -> serde_json::Value {
+    let report = &model.report;
+    let quality = match report.get("auc") {
+        Some(auc) => format!("AUC {:.3}", auc.as_f64().unwrap_or(0.0)),
+        None => format!(
+            "k {} silhouette {:.3}",
+            report["k"],
+            report["silhouette"].as_f64().unwrap_or(0.0)
+        ),
+    };
+    serde_json::json!({
+        "name": model.name,
+        "version": model.version,
+        "algorithm": model.algorithm(),
+        "trained_at": cible_core::time::format_ms(model.trained_at),
+        "training_seconds": model.training_seconds,
+        "features": model.features.len(),
+        "quality": quality,
+        "active": active,
+    })
+}
+
+fn print_propensity(report: &cible_core::models::propensity::PropensityReport) {
+    println!(
+        "{} ({:?}, {:?} within {} days); features as of {}; {} profiles to train, {} held out; {:.2} s",
+        report.model,
+        report.algorithm,
+        report.target,
+        report.horizon_days,
+        cible_core::time::format_ms(report.cutoff),
+        report.train,
+        report.test,
+        report.training_seconds
+    );
+    println!(
+        "AUC {:.3}; log loss {:.4} (base rate {:.3} alone: {:.4})",
+        report.auc, report.log_loss, report.base_rate, report.log_loss_base
+    );
+    println!("\ncalibration (held out)\n  predicted     n       mean    observed");
+    for bin in report.calibration.iter().filter(|b| b.count > 0) {
+        println!(
+            "  {:.1}-{:.1}  {:>7}  {:.3}   {:.3}",
+            bin.from, bin.to, bin.count, bin.mean_predicted, bin.observed_rate
+        );
+    }
+    println!("\nstrongest features");
+    for (name, weight) in report.importance.iter().take(8) {
+        println!("  {name:<24} {weight:+.3}");
+    }
 }

@@ -223,6 +223,9 @@ pub struct ComputedTraits {
     pub lifecycle: Option<&'static str>,
     pub send_time: SendTimeTraits,
     pub affinity: AffinityTraits,
+    /// What the trained models say (`cluster`, `predicted`), when asked for.
+    #[serde(flatten)]
+    pub models: crate::models::saved::ModelTraits,
     /// When one of these may change with no new event.
     #[serde(skip)]
     pub next_change: Option<u32>,
@@ -297,7 +300,7 @@ pub fn attribute(traits: &ComputedTraits, name: &str) -> Option<Json> {
         "send_time.hour" => Json::from(traits.send_time.hour),
         "send_time.weekday" => Json::from(traits.send_time.weekday),
         "affinity.category" => Json::from(traits.affinity.category.clone()?),
-        _ => return None,
+        _ => return traits.models.attribute(name),
     })
 }
 
@@ -449,6 +452,7 @@ pub fn compute_from_raw(
         lifecycle: lifecycle(events, seen, now, plan, &mut next),
         send_time,
         affinity: affinity(timeline, now, seen, plan, &mut next),
+        models: Default::default(),
         next_change: next.at,
     }
 }
@@ -685,33 +689,80 @@ fn affinity(
     }
 }
 
-/// A profile's computed traits, computed on first use and shared by every rule of a pass.
+/// Everything computing traits needs, prepared once per pass: the plan, the calibration, the
+/// active models and what their feature rows read.
+pub struct Setup {
+    pub plan: TraitPlan,
+    pub calibration: std::sync::Arc<Calibration>,
+    pub models: std::sync::Arc<crate::models::saved::ModelSet>,
+    pub features: crate::features::FeaturePlan,
+}
+
+impl Setup {
+    /// The traits of a profile at `now`, the models' outputs included when there are models.
+    pub fn traits(&self, timeline: &Timeline<'_>, now: u32) -> ComputedTraits {
+        let mut traits = compute(timeline, now, &self.plan, &self.calibration);
+        if !self.models.is_empty() {
+            let (models, next) = self.score(timeline, now, &traits);
+            traits.models = models;
+            traits.next_change = next;
+        }
+        traits
+    }
+
+    /// What the models say of a profile with these traits, and the next instant that may change
+    /// (every feature is constant until then: see [`crate::features::row`]).
+    pub fn score(
+        &self,
+        timeline: &Timeline<'_>,
+        now: u32,
+        traits: &ComputedTraits,
+    ) -> (crate::models::saved::ModelTraits, Option<u32>) {
+        let (row, next) = crate::features::row(timeline, now, traits, &self.features);
+        (self.models.score(&row, traits), next)
+    }
+}
+
+/// Whether a computed attribute is a model's output (`cluster.*`, `predicted.*`).
+pub fn is_model_attribute(name: &str) -> bool {
+    name.starts_with("cluster.") || name.starts_with("predicted.")
+}
+
+/// A profile's computed traits, computed on first use and shared by every rule of a pass; the
+/// models' outputs likewise, only when a rule reads them.
 pub struct Lazy<'a> {
     cell: std::cell::OnceCell<ComputedTraits>,
+    scored: std::cell::OnceCell<(crate::models::saved::ModelTraits, Option<u32>)>,
     timeline: Timeline<'a>,
     now: u32,
-    plan: &'a TraitPlan,
-    calibration: &'a Calibration,
+    setup: &'a Setup,
 }
 
 impl<'a> Lazy<'a> {
-    pub fn new(
-        timeline: Timeline<'a>,
-        now: u32,
-        plan: &'a TraitPlan,
-        calibration: &'a Calibration,
-    ) -> Self {
+    pub fn new(timeline: Timeline<'a>, now: u32, setup: &'a Setup) -> Self {
         Self {
             cell: std::cell::OnceCell::new(),
+            scored: std::cell::OnceCell::new(),
             timeline,
             now,
-            plan,
-            calibration,
+            setup,
         }
     }
 
     pub fn get(&self) -> &ComputedTraits {
-        self.cell
-            .get_or_init(|| compute(&self.timeline, self.now, self.plan, self.calibration))
+        self.cell.get_or_init(|| {
+            compute(
+                &self.timeline,
+                self.now,
+                &self.setup.plan,
+                &self.setup.calibration,
+            )
+        })
+    }
+
+    /// The models' outputs and when they may next change.
+    pub fn models(&self) -> &(crate::models::saved::ModelTraits, Option<u32>) {
+        self.scored
+            .get_or_init(|| self.setup.score(&self.timeline, self.now, self.get()))
     }
 }

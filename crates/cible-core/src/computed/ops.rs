@@ -11,7 +11,9 @@ use serde::Serialize;
 use super::calibrate::Calibration;
 use super::config::TraitConfig;
 use super::recommend::{Activity, ModelCounts, ProductModel, Recommendation};
-use super::{CATEGORY_KEY, ComputedTraits, STAGES, TraitPlan, compute, raw_with_send_counts};
+use super::{
+    CATEGORY_KEY, ComputedTraits, STAGES, Setup, TraitPlan, compute, raw_with_send_counts,
+};
 use crate::engine::{Engine, EngineError};
 use crate::segment::DictSnapshot;
 use crate::segment::plan::Plan;
@@ -39,18 +41,28 @@ pub struct RefreshReport {
 /// See [`Engine::traits_reader`].
 pub struct TraitsReader<'e> {
     engine: &'e Engine,
-    plan: TraitPlan,
-    calibration: Arc<Calibration>,
+    setup: Setup,
     now: u32,
 }
 
 impl TraitsReader<'_> {
-    /// The traits of these profiles, in parallel, in their order.
+    /// The traits of these profiles (the models' outputs included), in parallel, in their
+    /// order.
     pub fn of(&self, profiles: &[u32]) -> Vec<ComputedTraits> {
         let hot = self.engine.hot.read();
         profiles
             .par_iter()
-            .map(|p| compute(&hot.timeline(*p), self.now, &self.plan, &self.calibration))
+            .map(|p| self.setup.traits(&hot.timeline(*p), self.now))
+            .collect()
+    }
+
+    /// [`Self::of`] without the models' outputs.
+    pub fn base_of(&self, profiles: &[u32]) -> Vec<ComputedTraits> {
+        let hot = self.engine.hot.read();
+        let setup = &self.setup;
+        profiles
+            .par_iter()
+            .map(|p| compute(&hot.timeline(*p), self.now, &setup.plan, &setup.calibration))
             .collect()
     }
 }
@@ -202,7 +214,7 @@ impl Engine {
         plans: impl IntoIterator<Item = &'a Plan>,
         dictionaries: &DictSnapshot,
         now: i64,
-    ) -> Result<Option<(TraitPlan, Arc<Calibration>)>> {
+    ) -> Result<Option<Setup>> {
         if !plans
             .into_iter()
             .any(|p| crate::segment::uses_computed(&p.root))
@@ -210,10 +222,16 @@ impl Engine {
             return Ok(None);
         }
         self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
-        Ok(Some((
-            self.trait_plan(dictionaries),
-            self.calibration(now)?,
-        )))
+        Ok(Some(self.setup(dictionaries, now)?))
+    }
+
+    fn setup(&self, dictionaries: &DictSnapshot, now: i64) -> Result<Setup> {
+        Ok(Setup {
+            plan: self.trait_plan(dictionaries),
+            calibration: self.calibration(now)?,
+            models: self.model_set()?,
+            features: self.feature_plan(),
+        })
     }
 
     /// Every computed trait of one profile at `now`.
@@ -232,8 +250,7 @@ impl Engine {
         self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
         Ok(TraitsReader {
             engine: self,
-            plan: self.trait_plan(&self.dictionaries()),
-            calibration: self.calibration(now)?,
+            setup: self.setup(&self.dictionaries(), now)?,
             now: seconds(now),
         })
     }

@@ -1,14 +1,21 @@
-//! Models over per-profile feature vectors (see [`crate::features`]): clustering today.
+//! Models over per-profile feature vectors (see [`crate::features`]): k-means and DBSCAN
+//! clustering, purchase/open/churn propensity (logistic regression, boosted trees). Trained
+//! models are stored and versioned ([`saved`]) and scored as computed traits.
 
 pub mod dbscan;
+pub mod gbdt;
 pub mod kmeans;
 pub mod logistic;
 pub mod propensity;
+pub mod saved;
 
-use serde::Serialize;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError};
-use crate::features::Scaling;
+use crate::features::{FeatureTable, Scaling};
+use saved::{CLUSTER_MODEL, ModelKind, SavedModel};
 
 /// One cluster of a segmentation: its size, its centroid in standardized units, and a plain-words
 /// description of what sets it apart.
@@ -28,6 +35,8 @@ pub struct Clustering {
     pub features: Vec<String>,
     pub k: usize,
     pub silhouette: f64,
+    /// Sum of squared distances to the nearest centroid, all profiles.
+    pub inertia: f64,
     /// Inertia and silhouette for each k tried (the elbow curve).
     pub curve: Vec<kmeans::Candidate>,
     pub clusters: Vec<Cluster>,
@@ -100,8 +109,8 @@ pub struct DensityClustering {
 impl Engine {
     /// Every live profile's features as models use them: log1p (activity counts and spend are
     /// heavy-tailed: compressed, or a handful of heavy users make the only group that stands
-    /// out), then z-scores.
-    pub fn model_rows(&self, now: i64) -> Result<crate::features::FeatureTable, EngineError> {
+    /// out), then z-scores. Returns the center and spread of each column's z-score.
+    pub fn model_rows(&self, now: i64) -> Result<(FeatureTable, Vec<(f64, f64)>), EngineError> {
         let mut table = self.features(now)?;
         if table.rows.len() < 3 {
             return Err(EngineError::Invalid(format!(
@@ -112,8 +121,12 @@ impl Engine {
         for value in table.rows.iter_mut().flatten() {
             *value = value.max(0.0).ln_1p();
         }
-        table.scale(Scaling::ZScore);
-        Ok(table)
+        let scales = table
+            .scale(Scaling::ZScore)
+            .into_iter()
+            .map(|s| (s.center, s.spread))
+            .collect();
+        Ok((table, scales))
     }
 
     /// DBSCAN on the model rows; eps is the k-distance knee unless given.
@@ -125,7 +138,7 @@ impl Engine {
         sample: usize,
         seed: u64,
     ) -> Result<DensityClustering, EngineError> {
-        let table = self.model_rows(now)?;
+        let (table, _) = self.model_rows(now)?;
         let sampled: Vec<Vec<f64>> = if table.rows.len() <= sample {
             table.rows.clone()
         } else {
@@ -175,18 +188,22 @@ impl Engine {
             clusters,
         })
     }
-    /// Clusters every live profile's features (log1p, then z-scores) with k-means, k in `ks`
-    /// chosen by silhouette (on `sample` rows at most).
+    /// Clusters every live profile's features (log1p, then z-scores) with k-means, k chosen by
+    /// silhouette; returns the report and the model to save (the `cluster` traits).
     pub fn cluster(
         &self,
         now: i64,
-        ks: std::ops::RangeInclusive<usize>,
-        restarts: usize,
-        sample: usize,
-        seed: u64,
-    ) -> Result<Clustering, EngineError> {
-        let table = self.model_rows(now)?;
-        let (fit, curve) = kmeans::choose_k(&table.rows, ks, restarts, sample, seed);
+        params: &ClusterParams,
+    ) -> Result<(Clustering, SavedModel), EngineError> {
+        let started = Instant::now();
+        let (table, scales) = self.model_rows(now)?;
+        let (fit, curve) = kmeans::choose_k(
+            &table.rows,
+            params.min_k..=params.max_k,
+            params.restarts,
+            params.sample,
+            params.seed,
+        );
         let silhouette = curve
             .iter()
             .find(|c| c.k == fit.centroids.len())
@@ -205,15 +222,91 @@ impl Engine {
                 }
             })
             .collect();
-        Ok(Clustering {
+        let clustering = Clustering {
             profiles: table.rows.len(),
-            features: table.names,
+            features: table.names.clone(),
             k: fit.centroids.len(),
             silhouette,
+            inertia: fit.inertia,
             curve,
             clusters,
-        })
+        };
+        let model = SavedModel {
+            name: CLUSTER_MODEL.to_string(),
+            version: 0,
+            trained_at: now,
+            training_seconds: started.elapsed().as_secs_f64(),
+            features: table.names,
+            scales,
+            kind: ModelKind::KMeans {
+                names: unique_names(clustering.clusters.iter().map(|c| &c.description)),
+                centroids: fit.centroids,
+            },
+            training: Training::KMeans(*params),
+            report: serde_json::to_value(&clustering).expect("reports serialize"),
+        };
+        Ok((clustering, model))
     }
+
+    /// Trains a new version of a stored model with the recipe it was trained with, at `now`,
+    /// and makes it active; returns the version.
+    pub fn retrain(&self, name: &str, now: i64) -> Result<u32, EngineError> {
+        let model = match self.model(name)?.training {
+            Training::KMeans(params) => self.cluster(now, &params)?.1,
+            Training::Propensity(params) => self.train_propensity(&params, now)?.1,
+        };
+        self.save_model(model, now)
+    }
+
+    /// Retrains every active model trained more than `max_age_ms` before `now`; returns the
+    /// names retrained.
+    pub fn retrain_if_older(&self, now: i64, max_age_ms: i64) -> Result<Vec<String>, EngineError> {
+        let due: Vec<String> = self
+            .model_set()?
+            .models()
+            .filter(|m| m.trained_at + max_age_ms <= now)
+            .map(|m| m.name.clone())
+            .collect();
+        for name in &due {
+            self.retrain(name, now)?;
+        }
+        Ok(due)
+    }
+}
+
+/// Descriptions made unique: a repeated one gets " (2)", " (3)"...
+fn unique_names<'a>(descriptions: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for description in descriptions {
+        let mut name = description.clone();
+        let mut n = 1;
+        while names.contains(&name) {
+            n += 1;
+            name = format!("{description} ({n})");
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// How `cible model cluster` trains.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ClusterParams {
+    pub min_k: usize,
+    pub max_k: usize,
+    /// k-means++ restarts per k.
+    pub restarts: usize,
+    /// Rows the silhouette is computed on.
+    pub sample: usize,
+    pub seed: u64,
+}
+
+/// What a model was trained with, to train it again (`cible model retrain`, the schedule).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Training {
+    KMeans(ClusterParams),
+    Propensity(propensity::PropensityParams),
 }
 
 #[cfg(test)]
@@ -244,7 +337,14 @@ mod tests {
     #[test]
     fn profiles_cluster_into_described_groups() {
         let (_dir, engine) = crate::test_support::generated_store(600, 90, 4, 1_777_593_600_000);
-        let clustering = engine.cluster(1_777_593_600_000, 2..=5, 2, 400, 1).unwrap();
+        let params = ClusterParams {
+            min_k: 2,
+            max_k: 5,
+            restarts: 2,
+            sample: 400,
+            seed: 1,
+        };
+        let (clustering, _) = engine.cluster(1_777_593_600_000, &params).unwrap();
         assert!((2..=5).contains(&clustering.k));
         assert_eq!(clustering.curve.len(), 4);
         assert_eq!(

@@ -2,13 +2,17 @@
 //! (`now - horizon`), labels from what happened after it (up to `now`). One profile in five,
 //! chosen by a hash of its ordinal, is held out for the metrics.
 
-use serde::Serialize;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use super::logistic::{self, CalibrationBin};
+use super::saved::{ModelKind, SavedModel};
+use super::{Training, gbdt};
 use crate::engine::{Engine, EngineError};
 
 /// What a model predicts, over the `horizon` days after the cutoff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// An "Order Completed".
@@ -19,10 +23,42 @@ pub enum Target {
     Churn,
 }
 
+/// How a propensity model is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// L2-penalized logistic regression (C = 1).
+    Logistic,
+    /// Gradient-boosted trees (100 rounds, 31 leaves, learning rate 0.1).
+    BoostedTrees,
+}
+
+/// What `cible model train` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PropensityParams {
+    pub target: Target,
+    pub horizon_days: u32,
+    pub algorithm: Algorithm,
+}
+
+impl PropensityParams {
+    /// The model's name, and its trait's: `purchase_30d` is read as `predicted.purchase_30d`.
+    pub fn name(&self) -> String {
+        let target = match self.target {
+            Target::Purchase => "purchase",
+            Target::Open => "open",
+            Target::Churn => "churn",
+        };
+        format!("{target}_{}d", self.horizon_days)
+    }
+}
+
 /// The report of a training.
 #[derive(Debug, Clone, Serialize)]
 pub struct PropensityReport {
+    pub model: String,
     pub target: Target,
+    pub algorithm: Algorithm,
     pub horizon_days: u32,
     /// The cutoff, ms: features before it, labels after.
     pub cutoff: i64,
@@ -35,9 +71,20 @@ pub struct PropensityReport {
     /// Log loss of always predicting the base rate, for comparison.
     pub log_loss_base: f64,
     pub calibration: Vec<CalibrationBin>,
-    /// Features by the size of their (standardized) weight, with the weight.
+    /// Features by importance: the standardized weight (logistic regression) or the share of
+    /// the total split gain (boosted trees).
     pub importance: Vec<(String, f64)>,
-    pub iterations: usize,
+    pub training_seconds: f64,
+}
+
+/// The rows of a time split: model inputs (log1p, z-scores) with labels, training and held-out.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub names: Vec<String>,
+    pub scales: Vec<(f64, f64)>,
+    pub cutoff: i64,
+    pub train: (Vec<Vec<f64>>, Vec<bool>),
+    pub test: (Vec<Vec<f64>>, Vec<bool>),
 }
 
 fn held_out(profile: u32) -> bool {
@@ -46,16 +93,16 @@ fn held_out(profile: u32) -> bool {
 }
 
 impl Engine {
-    /// Trains a logistic regression for `target` over `horizon_days` and reports its quality on
-    /// held-out profiles.
-    pub fn train_propensity(
+    /// The time split for `target` over `horizon_days` before `now`: features of every profile
+    /// seen before the cutoff as of the cutoff, labels from what it did after.
+    pub fn propensity_split(
         &self,
         target: Target,
         horizon_days: u32,
         now: i64,
-    ) -> Result<PropensityReport, EngineError> {
+    ) -> Result<Split, EngineError> {
         let cutoff = now - i64::from(horizon_days) * crate::time::DAY_MS;
-        let table = self.model_rows(cutoff)?;
+        let (table, scales) = self.model_rows(cutoff)?;
         let (cutoff_s, now_s) = (cutoff.div_euclid(1000), now.div_euclid(1000));
         let dictionaries = self.name_dictionary();
         let id = |name: &str| dictionaries.names.get(name).copied();
@@ -69,7 +116,7 @@ impl Engine {
         let hot = self.hot.read();
         let mut train = (Vec::new(), Vec::new());
         let mut test = (Vec::new(), Vec::new());
-        for (profile, row) in table.profiles.iter().zip(&table.rows) {
+        for (profile, row) in table.profiles.iter().zip(table.rows) {
             let events = hot.events(*profile);
             // Only people known at the cutoff.
             if events.first().is_none_or(|e| i64::from(e.ts) > cutoff_s) {
@@ -88,7 +135,7 @@ impl Engine {
             } else {
                 &mut train
             };
-            side.0.push(row.clone());
+            side.0.push(row);
             side.1.push(label);
         }
         drop(hot);
@@ -98,20 +145,62 @@ impl Engine {
                 crate::time::format_ms(cutoff)
             )));
         }
-        let model = logistic::fit(&train.0, &train.1, 1.0, 50);
-        let base_rate = train.1.iter().filter(|l| **l).count() as f64 / train.1.len() as f64;
-        let predicted: Vec<f64> = test.0.iter().map(|r| model.predict(r)).collect();
-        let mut importance: Vec<(String, f64)> = table
-            .names
-            .iter()
-            .cloned()
-            .zip(model.weights.iter().copied())
-            .collect();
-        importance.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
-        Ok(PropensityReport {
-            target,
-            horizon_days,
+        Ok(Split {
+            names: table.names,
+            scales,
             cutoff,
+            train,
+            test,
+        })
+    }
+
+    /// Trains a propensity model and reports its quality on held-out profiles; returns the
+    /// report and the model to save (the `predicted.<name>` trait).
+    pub fn train_propensity(
+        &self,
+        params: &PropensityParams,
+        now: i64,
+    ) -> Result<(PropensityReport, SavedModel), EngineError> {
+        let split = self.propensity_split(params.target, params.horizon_days, now)?;
+        let started = Instant::now();
+        let (train, test) = (&split.train, &split.test);
+        let (kind, predicted, importance): (ModelKind, Vec<f64>, Vec<f64>) = match params.algorithm
+        {
+            Algorithm::Logistic => {
+                let model = logistic::fit(&train.0, &train.1, 1.0, 50);
+                let predicted = test.0.iter().map(|r| model.predict(r)).collect();
+                let importance = model.weights.clone();
+                let kind = ModelKind::Logistic {
+                    target: params.target,
+                    horizon_days: params.horizon_days,
+                    weights: model.weights,
+                    intercept: model.intercept,
+                };
+                (kind, predicted, importance)
+            }
+            Algorithm::BoostedTrees => {
+                let model = gbdt::fit(&train.0, &train.1, &gbdt::Params::default());
+                let predicted = test.0.iter().map(|r| model.predict(r)).collect();
+                let importance = model.importance.clone();
+                let kind = ModelKind::Boosted {
+                    target: params.target,
+                    horizon_days: params.horizon_days,
+                    model,
+                };
+                (kind, predicted, importance)
+            }
+        };
+        let training_seconds = started.elapsed().as_secs_f64();
+        let base_rate = train.1.iter().filter(|l| **l).count() as f64 / train.1.len() as f64;
+        let mut importance: Vec<(String, f64)> =
+            split.names.iter().cloned().zip(importance).collect();
+        importance.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        let report = PropensityReport {
+            model: params.name(),
+            target: params.target,
+            algorithm: params.algorithm,
+            horizon_days: params.horizon_days,
+            cutoff: split.cutoff,
             train: train.0.len(),
             test: test.0.len(),
             base_rate,
@@ -120,8 +209,20 @@ impl Engine {
             log_loss_base: logistic::log_loss(&vec![base_rate; test.1.len()], &test.1),
             calibration: logistic::calibration_table(&predicted, &test.1, 10),
             importance,
-            iterations: model.iterations,
-        })
+            training_seconds,
+        };
+        let model = SavedModel {
+            name: params.name(),
+            version: 0,
+            trained_at: now,
+            training_seconds,
+            features: split.names,
+            scales: split.scales,
+            kind,
+            training: Training::Propensity(*params),
+            report: serde_json::to_value(&report).expect("reports serialize"),
+        };
+        Ok((report, model))
     }
 }
 
@@ -133,7 +234,12 @@ mod tests {
     fn purchase_propensity_beats_the_base_rate_on_held_out_profiles() {
         let now = 1_777_593_600_000;
         let (_dir, engine) = crate::test_support::generated_store(1500, 120, 8, now);
-        let report = engine.train_propensity(Target::Purchase, 30, now).unwrap();
+        let params = PropensityParams {
+            target: Target::Purchase,
+            horizon_days: 30,
+            algorithm: Algorithm::Logistic,
+        };
+        let (report, _) = engine.train_propensity(&params, now).unwrap();
         assert!(
             report.train > 4 * report.test / 2 && report.test > 100,
             "{report:?}"

@@ -497,6 +497,13 @@ impl<E: Events> Evaluator<'_, E> {
                 let Some(lazy) = self.ctx.computed else {
                     return Ok(None);
                 };
+                if crate::computed::is_model_attribute(name) {
+                    let (models, next) = lazy.models();
+                    if let Some(at) = next {
+                        self.candidate(u64::from(*at));
+                    }
+                    return Ok(models.attribute(name));
+                }
                 let traits = lazy.get();
                 if let Some(at) = traits.next_change {
                     self.candidate(u64::from(at));

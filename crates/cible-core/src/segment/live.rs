@@ -65,10 +65,7 @@ pub struct LiveState {
     scheduled: FxHashMap<(usize, u32), u32>,
     dictionary_sizes: (usize, usize),
     /// The computed-traits plan and calibration, when a segment reads computed traits.
-    computed: Option<(
-        crate::computed::TraitPlan,
-        std::sync::Arc<crate::computed::calibrate::Calibration>,
-    )>,
+    computed: Option<crate::computed::Setup>,
 }
 
 fn reads_any_event(node: &plan::Node) -> bool {
@@ -174,8 +171,9 @@ impl Engine {
             for segment in &mut state.segments {
                 segment.plan = plan::plan(&segment.record.ast, &dictionaries);
             }
-            if let Some((trait_plan, _)) = &mut state.computed {
-                *trait_plan = self.trait_plan(&dictionaries);
+            if let Some(setup) = &mut state.computed {
+                setup.plan = self.trait_plan(&dictionaries);
+                setup.features = self.feature_plan();
             }
             state.dictionary_sizes = sizes;
         }
@@ -317,8 +315,7 @@ impl Engine {
                 computed: state
                     .computed
                     .as_ref()
-                    .filter(|_| super::uses_computed(&segment.plan.root))
-                    .map(|(p, c)| (p, &**c)),
+                    .filter(|_| super::uses_computed(&segment.plan.root)),
             };
             let mut verdicts = Vec::with_capacity(profiles.len());
             for &profile in profiles {

@@ -17,8 +17,7 @@ use roaring::RoaringBitmap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::computed::calibrate::Calibration;
-use crate::computed::{Lazy, TraitPlan};
+use crate::computed::{Lazy, Setup};
 use crate::engine::{Engine, EngineError, TraitValue};
 use crate::store::profile_key;
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
@@ -155,7 +154,7 @@ pub(crate) struct RuleRun<'a> {
     traits: &'a FxHashMap<u32, BTreeMap<String, TraitValue>>,
     dependencies: &'a FxHashMap<String, RoaringBitmap>,
     /// The computed-traits plan and calibration, when the rule reads computed traits.
-    computed: Option<(&'a TraitPlan, &'a Calibration)>,
+    computed: Option<&'a Setup>,
 }
 
 /// The segments a rule refers to.
@@ -578,7 +577,7 @@ impl Engine {
                     };
                     let lazy = computed
                         .as_ref()
-                        .map(|(plan, calibration)| Lazy::new(timeline, now_s, plan, calibration));
+                        .map(|setup| Lazy::new(timeline, now_s, setup));
                     let ctx = Context {
                         now: now_s,
                         traits: &traits,
@@ -637,9 +636,9 @@ impl Engine {
                 .get(name)
                 .is_some_and(|m| m.contains(profile))
         };
-        let lazy = run.computed.map(|(plan, calibration)| {
-            Lazy::new(run.hot.timeline(profile), run.now, plan, calibration)
-        });
+        let lazy = run
+            .computed
+            .map(|setup| Lazy::new(run.hot.timeline(profile), run.now, setup));
         let ctx = Context {
             now: run.now,
             traits,
@@ -679,7 +678,7 @@ impl Engine {
         let hot = self.hot.read();
         let lazy = computed
             .as_ref()
-            .map(|(p, c)| Lazy::new(hot.timeline(profile), now_s, p, c));
+            .map(|setup| Lazy::new(hot.timeline(profile), now_s, setup));
         let ctx = Context {
             now: now_s,
             traits: &traits,

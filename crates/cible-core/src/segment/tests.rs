@@ -323,7 +323,17 @@ fn random_rule(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> String {
             _ => format!("not ({left})"),
         };
     }
-    match rng.random_range(0..9) {
+    match rng.random_range(0..10) {
+        // Model outputs, from `property_models`.
+        9 => [
+            format!("cluster.id = {}", rng.random_range(0..3)),
+            "cluster.name != \"c1\"".to_string(),
+            format!(
+                "predicted.p_1d >= {}",
+                rng.random_range(1..10) as f64 / 10.0
+            ),
+        ][rng.random_range(0..3)]
+        .clone(),
         6 => format!("trait.plan = {:?}", ["pro", "free"][rng.random_range(0..2)]),
         // Computed traits, configured by `PROPERTY_TRAITS` over A, B and C.
         7 => [
@@ -388,7 +398,7 @@ fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
         let hot = engine.hot();
         let lazy = computed
             .as_ref()
-            .map(|(p, c)| Lazy::new(hot.timeline(profile), (now / 1000) as u32, p, c));
+            .map(|setup| Lazy::new(hot.timeline(profile), (now / 1000) as u32, setup));
         let ctx = Context {
             now: (now / 1000) as u32,
             traits: &traits,
@@ -433,6 +443,52 @@ window_days = 3
 weights = { A = 1.0, B = 2.0 }
 "#;
 
+/// A 3-centroid cluster model and a logistic model `p_1d` with random parameters over every
+/// feature (what the property test's events give: days since, engagement, RFM, categories).
+fn property_models(engine: &Engine, rng: &mut rand_chacha::ChaCha8Rng, now: i64) {
+    use crate::models::saved::{ModelKind, SavedModel};
+    use rand::Rng;
+    let mut features: Vec<String> = crate::features::FEATURES
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    features.extend(["category_shoes".to_string(), "category_bags".to_string()]);
+    let n = features.len();
+    let model = |name: &str, kind: ModelKind| SavedModel {
+        name: name.to_string(),
+        version: 0,
+        trained_at: now,
+        training_seconds: 0.0,
+        features: features.clone(),
+        // log1p only: values of a few days or events land in 0..3.
+        scales: vec![(0.0, 1.0); n],
+        kind,
+        training: crate::models::Training::KMeans(crate::models::ClusterParams {
+            min_k: 3,
+            max_k: 3,
+            restarts: 1,
+            sample: 10,
+            seed: 0,
+        }),
+        report: serde_json::Value::Null,
+    };
+    let centroids = (0..3)
+        .map(|_| (0..n).map(|_| rng.random_range(0.0..2.5)).collect())
+        .collect();
+    let clusters = ModelKind::KMeans {
+        centroids,
+        names: vec!["c0".into(), "c1".into(), "c2".into()],
+    };
+    engine.save_model(model("cluster", clusters), now).unwrap();
+    let logistic = ModelKind::Logistic {
+        target: crate::models::propensity::Target::Purchase,
+        horizon_days: 1,
+        weights: (0..n).map(|_| rng.random_range(-1.5..1.5)).collect(),
+        intercept: rng.random_range(-1.0..1.0),
+    };
+    engine.save_model(model("p_1d", logistic), now).unwrap();
+}
+
 #[test]
 fn incremental_timed_and_batch_evaluation_agree() {
     use rand::{Rng, SeedableRng};
@@ -457,6 +513,7 @@ fn incremental_timed_and_batch_evaluation_agree() {
         engine
             .ingest(seed_batch, "test", crate::Durability::Buffered, start)
             .unwrap();
+        property_models(&engine, &mut rng, start);
         let rules: Vec<String> = (0..6).map(|_| random_rule(&mut rng, 2)).collect();
         for (i, rule) in rules.iter().enumerate() {
             engine

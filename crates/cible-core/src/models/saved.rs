@@ -1,0 +1,344 @@
+//! Trained models kept in the store: every version of every model in `meta`
+//! (`model/<name>/<version>`), one active version per name (`model/<name>/active`, the newest
+//! unless another was activated). The active models are scored as computed traits:
+//! `cluster.id`, `cluster.name` and `predicted.<name>`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::gbdt::Boosted;
+use super::propensity::Target;
+use crate::computed::ComputedTraits;
+use crate::engine::{Engine, EngineError};
+use crate::features::FEATURES;
+
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// The name of the k-means model `cible model cluster` saves.
+pub const CLUSTER_MODEL: &str = "cluster";
+
+/// One trained version of a model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedModel {
+    pub name: String,
+    pub version: u32,
+    /// When it was trained, ms.
+    pub trained_at: i64,
+    pub training_seconds: f64,
+    /// The feature columns it reads, in order.
+    pub features: Vec<String>,
+    /// Per feature, after log1p: center and spread of the z-score it was trained with.
+    pub scales: Vec<(f64, f64)>,
+    pub kind: ModelKind,
+    /// How it was trained, to train it again.
+    pub training: super::Training,
+    /// What the training reported (metrics, curve, importance).
+    pub report: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Nearest centroid; `names` are the plain-words descriptions.
+    KMeans {
+        centroids: Vec<Vec<f64>>,
+        names: Vec<String>,
+    },
+    Logistic {
+        target: Target,
+        horizon_days: u32,
+        weights: Vec<f64>,
+        intercept: f64,
+    },
+    Boosted {
+        target: Target,
+        horizon_days: u32,
+        model: Boosted,
+    },
+}
+
+impl SavedModel {
+    /// The model's input from raw feature values (log1p, then the stored z-score).
+    pub fn transform(&self, raw: &[f64]) -> Vec<f64> {
+        raw.iter()
+            .zip(&self.scales)
+            .map(|(v, (center, spread))| {
+                if *spread > 0.0 {
+                    (v.max(0.0).ln_1p() - center) / spread
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// The algorithm, for listings.
+    pub fn algorithm(&self) -> &'static str {
+        match self.kind {
+            ModelKind::KMeans { .. } => "kmeans",
+            ModelKind::Logistic { .. } => "logistic",
+            ModelKind::Boosted { .. } => "boosted_trees",
+        }
+    }
+}
+
+/// The nearest centroid (squared Euclidean distance; the lower id on a tie).
+pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
+    let distance = |c: &Vec<f64>| c.iter().zip(x).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+    centroids
+        .iter()
+        .enumerate()
+        .min_by(|a, b| distance(a.1).total_cmp(&distance(b.1)).then(a.0.cmp(&b.0)))
+        .map_or(0, |(i, _)| i)
+}
+
+/// What the active models say of one profile.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelTraits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterTrait>,
+    /// Probability per propensity model name (`purchase_30d`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub predicted: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterTrait {
+    pub id: u32,
+    pub name: String,
+}
+
+impl ModelTraits {
+    /// The value of `cluster.id`, `cluster.name` or `predicted.<name>`.
+    pub fn attribute(&self, name: &str) -> Option<serde_json::Value> {
+        if let Some(model) = name.strip_prefix("predicted.") {
+            return self
+                .predicted
+                .get(model)
+                .map(|p| serde_json::Value::from(*p));
+        }
+        let cluster = self.cluster.as_ref()?;
+        match name {
+            "cluster.id" => Some(cluster.id.into()),
+            "cluster.name" => Some(cluster.name.clone().into()),
+            _ => None,
+        }
+    }
+}
+
+/// Where a model's input column comes from.
+#[derive(Debug, Clone)]
+enum Input {
+    Feature(usize),
+    Category(String),
+}
+
+/// The active version of each model, ready to score.
+#[derive(Debug, Default)]
+pub struct ModelSet {
+    models: Vec<(Arc<SavedModel>, Vec<Input>)>,
+}
+
+impl ModelSet {
+    fn new(models: impl IntoIterator<Item = Arc<SavedModel>>) -> Self {
+        let models = models
+            .into_iter()
+            .map(|model| {
+                let inputs = model
+                    .features
+                    .iter()
+                    .map(|name| match FEATURES.iter().position(|f| f == name) {
+                        Some(index) => Input::Feature(index),
+                        None => Input::Category(
+                            name.strip_prefix("category_").unwrap_or(name).to_string(),
+                        ),
+                    })
+                    .collect();
+                (model, inputs)
+            })
+            .collect();
+        Self { models }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<SavedModel>> {
+        self.models.iter().map(|(m, _)| m)
+    }
+
+    /// Scores every active model on a profile's feature row and traits.
+    pub fn score(&self, row: &[f64; FEATURES.len()], traits: &ComputedTraits) -> ModelTraits {
+        let mut out = ModelTraits::default();
+        for (model, inputs) in &self.models {
+            let raw: Vec<f64> = inputs
+                .iter()
+                .map(|input| match input {
+                    Input::Feature(index) => row[*index],
+                    Input::Category(name) => {
+                        traits.affinity.categories.get(name).copied().unwrap_or(0.0)
+                    }
+                })
+                .collect();
+            let x = model.transform(&raw);
+            match &model.kind {
+                ModelKind::KMeans { centroids, names } => {
+                    let id = nearest(centroids, &x);
+                    out.cluster = Some(ClusterTrait {
+                        id: id as u32,
+                        name: names[id].clone(),
+                    });
+                }
+                ModelKind::Logistic {
+                    weights, intercept, ..
+                } => {
+                    let z = intercept + weights.iter().zip(&x).map(|(w, v)| w * v).sum::<f64>();
+                    out.predicted
+                        .insert(model.name.clone(), 1.0 / (1.0 + (-z).exp()));
+                }
+                ModelKind::Boosted { model: boosted, .. } => {
+                    out.predicted
+                        .insert(model.name.clone(), boosted.predict(&x));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn version_key(name: &str, version: u32) -> String {
+    format!("model/{name}/v{version:08}")
+}
+
+fn active_key(name: &str) -> String {
+    format!("model/{name}/active")
+}
+
+/// Model names: lower-case letters, digits and `_`.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(EngineError::Invalid(format!(
+            "model name {name:?}: use 1 to 64 lower-case letters, digits and _"
+        )));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Stores `model` as the next version of its name and makes it active; returns the version.
+    /// The live segments are re-evaluated (a new model may move profiles in or out).
+    pub fn save_model(&self, mut model: SavedModel, now: i64) -> Result<u32> {
+        check_name(&model.name)?;
+        model.version = self
+            .model_versions(&model.name)?
+            .last()
+            .map_or(1, |m| m.version + 1);
+        let bytes = serde_json::to_vec(&model).expect("models serialize");
+        self.store
+            .meta
+            .insert(version_key(&model.name, model.version), bytes)?;
+        self.activate_model(&model.name, model.version, now)?;
+        Ok(model.version)
+    }
+
+    /// Makes a stored version the one scored.
+    pub fn activate_model(&self, name: &str, version: u32, now: i64) -> Result<()> {
+        if self.store.meta.get(version_key(name, version))?.is_none() {
+            return Err(EngineError::NotFound(format!(
+                "model {name} version {version}"
+            )));
+        }
+        self.store
+            .meta
+            .insert(active_key(name), version.to_le_bytes())?;
+        *self.models.write() = None;
+        self.reload_live_segments(now)
+    }
+
+    /// Every stored version of a model, oldest first.
+    pub fn model_versions(&self, name: &str) -> Result<Vec<SavedModel>> {
+        let mut versions = Vec::new();
+        for entry in self.store.meta.prefix(format!("model/{name}/v")) {
+            let (key, value) = entry.into_inner()?;
+            let model: SavedModel = serde_json::from_slice(&value).map_err(|e| {
+                EngineError::Invalid(format!("stored {}: {e}", String::from_utf8_lossy(&key)))
+            })?;
+            versions.push(model);
+        }
+        Ok(versions)
+    }
+
+    /// The active version of a model.
+    pub fn model(&self, name: &str) -> Result<Arc<SavedModel>> {
+        self.model_set()?
+            .models()
+            .find(|m| m.name == name)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("model {name}")))
+    }
+
+    /// The active version of every model (loaded from `meta` on first use).
+    pub fn model_set(&self) -> Result<Arc<ModelSet>> {
+        if let Some(set) = self.models.read().clone() {
+            return Ok(set);
+        }
+        let mut names: Vec<String> = Vec::new();
+        for entry in self.store.meta.prefix("model/") {
+            let (key, _) = entry.into_inner()?;
+            let key = String::from_utf8_lossy(&key);
+            if let Some(name) = key
+                .strip_prefix("model/")
+                .and_then(|rest| rest.strip_suffix("/active"))
+            {
+                names.push(name.to_string());
+            }
+        }
+        let mut active = Vec::new();
+        for name in names {
+            let Some(version) = self.store.meta.get(active_key(&name))? else {
+                continue;
+            };
+            let version = u32::from_le_bytes(version.as_ref().try_into().map_err(|_| {
+                EngineError::Invalid(format!("stored active version of model {name}"))
+            })?);
+            let Some(bytes) = self.store.meta.get(version_key(&name, version))? else {
+                continue;
+            };
+            let model: SavedModel = serde_json::from_slice(&bytes)
+                .map_err(|e| EngineError::Invalid(format!("stored model {name}: {e}")))?;
+            active.push(Arc::new(model));
+        }
+        let set = Arc::new(ModelSet::new(active));
+        *self.models.write() = Some(set.clone());
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_centroid_breaks_ties_by_id() {
+        let centroids = vec![vec![0.0, 0.0], vec![2.0, 0.0], vec![0.0, 3.0]];
+        assert_eq!(nearest(&centroids, &[1.9, 0.1]), 1);
+        assert_eq!(nearest(&centroids, &[1.0, 0.0]), 0);
+        assert_eq!(nearest(&centroids, &[0.0, 2.0]), 2);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("purchase_30d").is_ok());
+        for bad in ["", "Purchase", "a/b", "x y"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
