@@ -1,5 +1,5 @@
 //! Checks that need to know the store: unknown event names (a warning, with the closest known
-//! name), unknown segments (an error), and cycles between segments.
+//! name), unknown segments and models (errors), and cycles between segments.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,6 +10,21 @@ use crate::diagnostics::{Code, Diagnostic, Span, closest};
 pub struct Catalog<'a> {
     pub event_names: &'a [String],
     pub segments: &'a [String],
+    /// Trained models (`cluster`, `purchase_30d`...), for `cluster.*` and `predicted.*`.
+    pub models: &'a [String],
+}
+
+/// Every attribute (`trait.plan`, `predicted.purchase_30d`) a rule reads.
+pub fn attributes(expr: &Expr) -> Vec<&str> {
+    let mut found = Vec::new();
+    visit(expr, &mut |e| {
+        if let Expr::Compare { left, .. } | Expr::In { left, .. } = e
+            && let Value::Attribute { name } = left
+        {
+            found.push(name.as_str());
+        }
+    });
+    found
 }
 
 /// Every event filter in a rule.
@@ -76,6 +91,35 @@ pub fn check(expr: &Expr, catalog: &Catalog<'_>, source: &str) -> Vec<Diagnostic
                 .suggest(suggestion),
             );
         }
+    }
+    for attribute in attributes(expr) {
+        let model = match attribute.split_once('.') {
+            Some(("cluster", _)) => "cluster",
+            Some(("predicted", model)) => model,
+            _ => continue,
+        };
+        if catalog.models.iter().any(|m| m == model) {
+            continue;
+        }
+        // Attributes carry no span: point at the first place the name is written.
+        let span = source
+            .find(attribute)
+            .map_or_else(Span::default, |at| Span::new(at, at + attribute.len()));
+        let (message, suggestion) = if model == "cluster" {
+            (
+                "no cluster model is trained yet: run `cible model cluster`".to_string(),
+                None,
+            )
+        } else {
+            (
+                format!(
+                    "no model named {model:?} is trained: `cible model train --target <purchase|open|churn> --days N` trains <target>_<N>d"
+                ),
+                closest(model, catalog.models.iter().map(String::as_str))
+                    .map(|m| format!("`predicted.{m}`")),
+            )
+        };
+        diagnostics.push(Diagnostic::error(Code::UnknownModel, span, message).suggest(suggestion));
     }
     diagnostics.into_iter().map(|d| d.locate(source)).collect()
 }

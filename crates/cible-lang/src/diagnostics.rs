@@ -36,6 +36,7 @@ pub enum Code {
     UnknownNamespace = 11,
     EmptyList = 12,
     InvalidJson = 13,
+    UnknownModel = 14,
     UnknownEvent = 101,
 }
 

@@ -159,6 +159,7 @@ fn unknown_events_warn_with_the_closest_name_and_unknown_segments_fail() {
         &Catalog {
             event_names: &events,
             segments: &segments,
+            models: &[],
         },
         source,
     );
@@ -225,4 +226,37 @@ fn every_example_in_the_documentation_parses() {
     let json_end = json_start + doc[json_start..].find("```").expect("closed");
     let value: serde_json::Value = serde_json::from_str(&doc[json_start..json_end]).unwrap();
     from_json(&value).unwrap();
+}
+
+#[test]
+fn model_outputs_need_a_trained_model() {
+    let source = r#"predicted.purchse_30d > 0.5 or cluster.id = 2"#;
+    let expr = parse(source).unwrap();
+    let catalog = |models: &'static [&'static str]| -> Vec<String> {
+        models.iter().map(|m| m.to_string()).collect()
+    };
+    let models = catalog(&["purchase_30d"]);
+    let found = check(
+        &expr,
+        &Catalog {
+            event_names: &[],
+            segments: &[],
+            models: &models,
+        },
+        source,
+    );
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(
+        found[0].render(source),
+        "error[E014]: no model named \"purchse_30d\" is trained: `cible model train --target <purchase|open|churn> --days N` trains <target>_<N>d\n --> line 1, column 1\n  |\n1 | predicted.purchse_30d > 0.5 or cluster.id = 2\n  | ^^^^^^^^^^^^^^^^^^^^^\n  = help: did you mean `predicted.purchase_30d`?"
+    );
+    assert!(found[1].message.contains("cible model cluster"));
+    let models = catalog(&["purchase_30d", "cluster"]);
+    let clean = Catalog {
+        event_names: &[],
+        segments: &[],
+        models: &models,
+    };
+    let source = "predicted.purchase_30d > 0.5 or cluster.id = 2";
+    assert!(check(&parse(source).unwrap(), &clean, source).is_empty());
 }

@@ -299,8 +299,11 @@ fn http_ingest(
     let server = runtime.spawn(crate::server::serve(
         Arc::clone(&engine),
         listener,
-        64,
-        Some(now),
+        crate::server::ServeOptions {
+            queue: 64,
+            pinned_now: Some(now),
+            retrain_days: 0,
+        },
         async {
             let _ = stopped.await;
         },

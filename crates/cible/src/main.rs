@@ -5,6 +5,7 @@ mod bench;
 mod bench_traits;
 mod commands;
 mod model;
+mod model_api;
 mod segment_api;
 mod segments;
 mod server;

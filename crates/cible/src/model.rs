@@ -2,6 +2,7 @@
 //! versioned; the active version of each is scored as a computed trait.
 
 use clap::Subcommand;
+use serde_json::json;
 
 use crate::Global;
 
@@ -147,26 +148,7 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         }
         ModelCommand::List { name, json } => {
             let engine = global.open_existing()?;
-            let models: Vec<_> = match &name {
-                Some(name) => engine.model_versions(name)?,
-                None => engine
-                    .model_set()?
-                    .models()
-                    .map(|m| (**m).clone())
-                    .collect(),
-            };
-            if let Some(name) = &name {
-                anyhow::ensure!(!models.is_empty(), "no model named {name}");
-            }
-            let active: Vec<(String, u32)> = engine
-                .model_set()?
-                .models()
-                .map(|m| (m.name.clone(), m.version))
-                .collect();
-            let rows: Vec<serde_json::Value> = models
-                .iter()
-                .map(|m| model_summary(m, active.contains(&(m.name.clone(), m.version))))
-                .collect();
+            let rows = engine.model_summaries(name.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
@@ -174,36 +156,31 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             if rows.is_empty() {
                 println!("no models yet: try `cible model cluster` or `cible model train`");
             }
-            for (model, row) in models.iter().zip(&rows) {
+            for row in rows {
                 println!(
-                    "{:<16} v{:<3} {:<14} trained {}  {}{}",
-                    model.name,
-                    model.version,
-                    model.algorithm(),
-                    cible_core::time::format_ms(model.trained_at),
-                    row["quality"].as_str().unwrap_or(""),
-                    if row["active"] == true {
-                        "  (active)"
-                    } else {
-                        ""
-                    },
+                    "{:<16} v{:<3} {:<14} trained {}  {:<28} {}{}",
+                    row.name,
+                    row.version,
+                    row.algorithm,
+                    row.trained_at,
+                    row.quality,
+                    row.traits.join(", "),
+                    if row.active { "  (active)" } else { "" },
                 );
             }
         }
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
-            let model = match version {
-                Some(version) => engine
-                    .model_versions(&name)?
-                    .into_iter()
-                    .find(|m| m.version == version)
-                    .ok_or_else(|| anyhow::anyhow!("model {name} has no version {version}"))?,
-                None => (*engine.model(&name)?).clone(),
-            };
-            let mut report = model_summary(&model, false);
-            report["report"] = model.report.clone();
-            report.as_object_mut().expect("an object").remove("active");
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            let model = engine.model_version(&name, version)?;
+            let active = engine.model(&name)?.version == model.version;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "model": model.summary(active),
+                    "training": model.training,
+                    "report": model.report,
+                }))?
+            );
         }
         ModelCommand::Retrain { names } => {
             let engine = global.open_existing()?;
@@ -220,13 +197,10 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             anyhow::ensure!(!names.is_empty(), "no models to retrain");
             for name in names {
                 let version = engine.retrain(&name, now)?;
-                let model = engine.model(&name)?;
+                let summary = engine.model(&name)?.summary(true);
                 println!(
-                    "{name}: version {version}, {}, {:.1} s",
-                    model_summary(&model, true)["quality"]
-                        .as_str()
-                        .unwrap_or(""),
-                    model.training_seconds
+                    "{name}: version {version}, {}, trained in {:.1} s",
+                    summary.quality, summary.training_seconds
                 );
             }
         }
@@ -319,29 +293,6 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// One line of facts about a stored model: what it is, when it was trained, how good.
-fn model_summary(model: &cible_core::models::saved::SavedModel, active: bool) -> serde_json::Value {
-    let report = &model.report;
-    let quality = match report.get("auc") {
-        Some(auc) => format!("AUC {:.3}", auc.as_f64().unwrap_or(0.0)),
-        None => format!(
-            "k {} silhouette {:.3}",
-            report["k"],
-            report["silhouette"].as_f64().unwrap_or(0.0)
-        ),
-    };
-    serde_json::json!({
-        "name": model.name,
-        "version": model.version,
-        "algorithm": model.algorithm(),
-        "trained_at": cible_core::time::format_ms(model.trained_at),
-        "training_seconds": model.training_seconds,
-        "features": model.features.len(),
-        "quality": quality,
-        "active": active,
-    })
 }
 
 fn print_propensity(report: &cible_core::models::propensity::PropensityReport) {

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// be in flight (read and parsed) at once, which bounds memory.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Retrain every stored model (same settings) once its active version is this many days
+    /// old; 0 never does.
+    #[arg(long, default_value_t = 7)]
+    pub retrain_days: u32,
 }
 
 /// A request's messages waiting for the writer.
@@ -91,6 +95,13 @@ impl AppState {
     }
 }
 
+/// How [`serve`] runs (see [`ServeArgs`]).
+pub struct ServeOptions {
+    pub queue: usize,
+    pub pinned_now: Option<i64>,
+    pub retrain_days: u32,
+}
+
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     let engine = Arc::new(global.open()?);
     let pinned_now = global.pinned_now()?;
@@ -115,7 +126,12 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         println!("cible listening on http://{}", listener.local_addr()?);
-        serve(engine, listener, args.queue, pinned_now, shutdown_signal()).await
+        let options = ServeOptions {
+            queue: args.queue,
+            pinned_now,
+            retrain_days: args.retrain_days,
+        };
+        serve(engine, listener, options, shutdown_signal()).await
     })
 }
 
@@ -124,10 +140,14 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
 pub async fn serve(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
-    queue: usize,
-    pinned_now: Option<i64>,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let ServeOptions {
+        queue,
+        pinned_now,
+        retrain_days,
+    } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
     engine.start_live_segments(now)?;
     let stop_timers = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -135,7 +155,7 @@ pub async fn serve(
         let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_timers));
         std::thread::Builder::new()
             .name("cible-timers".into())
-            .spawn(move || timer_loop(&engine, &stop, pinned_now))?
+            .spawn(move || timer_loop(&engine, &stop, pinned_now, retrain_days))?
     };
     let (jobs, receiver) = mpsc::channel(queue.max(1));
     let writer_engine = Arc::clone(&engine);
@@ -177,7 +197,12 @@ async fn shutdown_signal() {
 
 /// The time driver of live segments: re-evaluates memberships whose verdict may have changed
 /// with time (windows expiring, delays elapsing), at least once a second.
-fn timer_loop(engine: &Engine, stop: &std::sync::atomic::AtomicBool, pinned_now: Option<i64>) {
+fn timer_loop(
+    engine: &Engine,
+    stop: &std::sync::atomic::AtomicBool,
+    pinned_now: Option<i64>,
+    retrain_days: u32,
+) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
         if let Err(error) = engine.tick_segments(now) {
@@ -188,6 +213,14 @@ fn timer_loop(engine: &Engine, stop: &std::sync::atomic::AtomicBool, pinned_now:
             Ok(true) => tracing::info!("computed traits recalibrated"),
             Ok(false) => {}
             Err(error) => tracing::error!(error = %error, "recalibrating computed traits failed"),
+        }
+        if retrain_days > 0 {
+            let max_age = i64::from(retrain_days) * cible_core::time::DAY_MS;
+            match engine.retrain_if_older(now, max_age) {
+                Ok(names) if !names.is_empty() => tracing::info!(?names, "models retrained"),
+                Ok(_) => {}
+                Err(error) => tracing::error!(error = %error, "retraining models failed"),
+            }
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
@@ -248,6 +281,23 @@ fn router(state: AppState) -> Router {
         .route("/api/profiles/{id}/traits", get(api_computed_traits))
         .route("/api/traits/config", get(api_trait_config))
         .route("/api/traits/refresh", post(api_trait_refresh))
+        .route(
+            "/api/models",
+            get(crate::model_api::list).post(crate::model_api::train),
+        )
+        .route("/api/models/{name}", get(crate::model_api::show))
+        .route(
+            "/api/models/{name}/versions",
+            get(crate::model_api::versions),
+        )
+        .route(
+            "/api/models/{name}/retrain",
+            post(crate::model_api::retrain),
+        )
+        .route(
+            "/api/models/{name}/activate",
+            post(crate::model_api::activate),
+        )
         .route("/api/merges", get(api_merges))
         .route("/api/merges/{id}/unmerge", post(api_unmerge))
         .route("/api/keys", post(api_create_key).get(api_list_keys))
@@ -918,7 +968,7 @@ async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> Api
 }
 
 /// Segments the demo starts with.
-const DEMO_SEGMENTS: [(&str, &str); 6] = [
+const DEMO_SEGMENTS: [(&str, &str); 7] = [
     (
         "big-spenders",
         r#"sum("Order Completed".revenue, 365d) > 500"#,
@@ -940,7 +990,43 @@ const DEMO_SEGMENTS: [(&str, &str); 6] = [
         "win-back",
         r#"rfm.segment in ("at_risk", "cannot_lose", "hibernating") and score.engagement >= 40"#,
     ),
+    (
+        "likely-buyers",
+        r#"predicted.purchase_30d >= 0.7 and not did("Order Completed", 7d)"#,
+    ),
 ];
+
+/// The demo's models: behavioural clusters and purchase within 30 days (boosted trees).
+fn train_demo_models(engine: &Engine, now: i64) -> anyhow::Result<()> {
+    use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
+    let params = cible_core::models::ClusterParams {
+        min_k: 2,
+        max_k: 6,
+        restarts: 2,
+        sample: 2000,
+        seed: 1,
+    };
+    let (clustering, model) = engine.cluster(now, &params)?;
+    engine.save_model(model, now)?;
+    for cluster in &clustering.clusters {
+        println!(
+            "demo cluster {} ({} profiles): {}",
+            cluster.id, cluster.size, cluster.description
+        );
+    }
+    let params = PropensityParams {
+        target: Target::Purchase,
+        horizon_days: 30,
+        algorithm: Algorithm::BoostedTrees,
+    };
+    let (report, model) = engine.train_propensity(&params, now)?;
+    engine.save_model(model, now)?;
+    println!(
+        "demo model {}: held-out AUC {:.3} (read as predicted.{})",
+        report.model, report.auc, report.model
+    );
+    Ok(())
+}
 
 /// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed.
 fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> {
@@ -969,6 +1055,7 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             let size = engine.segment(name)?.size;
             println!("lifecycle segment {name}: {size} members");
         }
+        train_demo_models(engine, now)?;
         for (name, rule) in DEMO_SEGMENTS {
             let expr = cible_lang::parse(rule).map_err(|d| anyhow::anyhow!(d.message))?;
             let record = engine.create_segment(name, expr, rule, now)?;

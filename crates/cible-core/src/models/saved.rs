@@ -84,6 +84,48 @@ impl SavedModel {
     }
 }
 
+/// A model version in a listing: what it is, when it was trained, how good.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub name: String,
+    pub version: u32,
+    pub algorithm: &'static str,
+    pub trained_at: String,
+    pub training_seconds: f64,
+    pub features: usize,
+    /// "AUC 0.759" or "k 4, silhouette 0.231".
+    pub quality: String,
+    /// The trait segments read it as.
+    pub traits: Vec<String>,
+    pub active: bool,
+}
+
+impl SavedModel {
+    pub fn summary(&self, active: bool) -> ModelSummary {
+        let number = |key: &str| self.report.get(key).and_then(serde_json::Value::as_f64);
+        let quality = match (number("auc"), number("k"), number("silhouette")) {
+            (Some(auc), _, _) => format!("AUC {auc:.3}"),
+            (None, Some(k), Some(silhouette)) => format!("k {k}, silhouette {silhouette:.3}"),
+            _ => String::new(),
+        };
+        let traits = match self.kind {
+            ModelKind::KMeans { .. } => vec!["cluster.id".into(), "cluster.name".into()],
+            _ => vec![format!("predicted.{}", self.name)],
+        };
+        ModelSummary {
+            name: self.name.clone(),
+            version: self.version,
+            algorithm: self.algorithm(),
+            trained_at: crate::time::format_ms(self.trained_at),
+            training_seconds: self.training_seconds,
+            features: self.features.len(),
+            quality,
+            traits,
+            active,
+        }
+    }
+}
+
 /// The nearest centroid (squared Euclidean distance; the lower id on a tie).
 pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
     let distance = |c: &Vec<f64>| c.iter().zip(x).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
@@ -261,6 +303,42 @@ impl Engine {
             .insert(active_key(name), version.to_le_bytes())?;
         *self.models.write() = None;
         self.reload_live_segments(now)
+    }
+
+    /// Summaries of the active models, or of every version of one.
+    pub fn model_summaries(&self, name: Option<&str>) -> Result<Vec<ModelSummary>> {
+        let set = self.model_set()?;
+        let active = |m: &SavedModel| {
+            set.models()
+                .any(|a| a.name == m.name && a.version == m.version)
+        };
+        Ok(match name {
+            Some(name) => {
+                let versions = self.model_versions(name)?;
+                if versions.is_empty() {
+                    return Err(EngineError::NotFound(format!("model {name}")));
+                }
+                versions.iter().map(|m| m.summary(active(m))).collect()
+            }
+            None => set.models().map(|m| m.summary(true)).collect(),
+        })
+    }
+
+    /// One stored version of a model (the active one when `version` is `None`).
+    pub fn model_version(&self, name: &str, version: Option<u32>) -> Result<Arc<SavedModel>> {
+        match version {
+            None => self.model(name),
+            Some(version) => {
+                let Some(bytes) = self.store.meta.get(version_key(name, version))? else {
+                    return Err(EngineError::NotFound(format!(
+                        "model {name} version {version}"
+                    )));
+                };
+                Ok(Arc::new(serde_json::from_slice(&bytes).map_err(|e| {
+                    EngineError::Invalid(format!("stored model {name}: {e}"))
+                })?))
+            }
+        }
     }
 
     /// Every stored version of a model, oldest first.

@@ -337,9 +337,11 @@ impl Engine {
         if let Some(name) = name {
             catalog_segments.push(name.to_string());
         }
+        let models: Vec<String> = self.model_set()?.models().map(|m| m.name.clone()).collect();
         let catalog = cible_lang::check::Catalog {
             event_names: &events,
             segments: &catalog_segments,
+            models: &models,
         };
         let mut diagnostics = cible_lang::check::check(expr, &catalog, source);
         if let Some(name) = name {

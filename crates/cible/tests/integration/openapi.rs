@@ -141,6 +141,104 @@ fn every_answer_matches_the_openapi_document() {
     r.call("POST", "/api/traits/refresh", a(), None);
     r.call("GET", "/api/profiles/u1/recommendations?n=2", a(), None);
     r.call("GET", "/api/profiles/u1/recommendations?n=0", a(), None);
+    // Models: 40 people seen two months ago, half of whom ordered in the last 30 days.
+    let batch: Vec<Value> = (0..40)
+        .flat_map(|i| {
+            let mut events = vec![json!({"type": "track", "userId": format!("m{i}"),
+                "event": "Page Viewed", "timestamp": "2026-01-01T00:00:00Z"})];
+            for _ in 0..i % 4 {
+                events.push(json!({"type": "track", "userId": format!("m{i}"),
+                    "event": "Email Opened", "timestamp": "2026-01-02T00:00:00Z"}));
+            }
+            if i % 2 == 0 {
+                events.push(
+                    json!({"type": "track", "userId": format!("m{i}"), "event": "Order Completed",
+                    "properties": {"revenue": 10 + i}}),
+                );
+            }
+            events
+        })
+        .collect();
+    r.call("POST", "/v1/batch", w(), Some(json!({ "batch": batch })));
+    r.call("GET", "/api/models", a(), None);
+    let trained = r.call(
+        "POST",
+        "/api/models",
+        a(),
+        Some(json!({"kind": "propensity", "target": "purchase", "days": 30, "algorithm": "logistic"})),
+    );
+    assert_eq!(trained["model"]["name"], "purchase_30d", "{trained}");
+    assert_eq!(trained["model"]["version"], 1);
+    let clusters = r.call(
+        "POST",
+        "/api/models",
+        a(),
+        Some(json!({"kind": "cluster", "max_k": 3, "restarts": 1})),
+    );
+    assert_eq!(
+        clusters["model"]["traits"],
+        json!(["cluster.id", "cluster.name"])
+    );
+    let bad = r.call(
+        "POST",
+        "/api/models",
+        a(),
+        Some(json!({"kind": "propensity", "target": "purchase", "days": 0})),
+    );
+    assert_eq!(bad["error"]["field"], "days", "{bad}");
+    r.call(
+        "POST",
+        "/api/models",
+        a(),
+        Some(json!({"kind": "propensity", "target": "sale"})),
+    );
+    let retrained = r.call("POST", "/api/models/purchase_30d/retrain", a(), None);
+    assert_eq!(retrained["model"]["version"], 2);
+    let versions = r.call("GET", "/api/models/purchase_30d/versions", a(), None);
+    assert_eq!(versions.as_array().unwrap().len(), 2);
+    let active = r.call(
+        "POST",
+        "/api/models/purchase_30d/activate",
+        a(),
+        Some(json!({"version": 1})),
+    );
+    assert_eq!(
+        (active["version"].clone(), active["active"].clone()),
+        (json!(1), json!(true))
+    );
+    r.call(
+        "POST",
+        "/api/models/purchase_30d/activate",
+        a(),
+        Some(json!({"version": 9})),
+    );
+    let shown = r.call("GET", "/api/models/purchase_30d?version=2", a(), None);
+    assert_eq!(shown["model"]["active"], false);
+    r.call("GET", "/api/models/nope", a(), None);
+    let traits = r.call("GET", "/api/profiles/m0/traits", a(), None);
+    let p = traits["predicted"]["purchase_30d"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{traits}");
+    assert!(traits["cluster"]["name"].is_string(), "{traits}");
+    let segment = r.call(
+        "POST",
+        "/api/segments",
+        a(),
+        Some(json!({"name": "likely", "rule": "predicted.purchase_30d >= 0.5"})),
+    );
+    assert!(segment["size"].as_u64().unwrap() > 0, "{segment}");
+    let typo = r.call(
+        "POST",
+        "/api/segments",
+        a(),
+        Some(json!({"name": "typo", "rule": "predicted.purchase_3d >= 0.5"})),
+    );
+    assert!(
+        typo["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("predicted.purchase_30d"),
+        "{typo}"
+    );
     r.call("DELETE", "/api/segments/readers", a(), None);
     r.call("DELETE", "/api/profiles/u2", a(), None);
 
