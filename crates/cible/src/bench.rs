@@ -39,8 +39,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = ".")]
     pub dir: std::path::PathBuf,
     /// What to measure: collect (import, HTTP, memory, restart), segments (batch rebuild
-    /// against an SQL engine, event-to-membership latency) or traits (recomputing computed
-    /// traits against DuckDB, incremental cost).
+    /// against an SQL engine, event-to-membership latency), traits (recomputing computed
+    /// traits against DuckDB, incremental cost) or models (k-means, DBSCAN, logistic regression
+    /// and boosted trees against scikit-learn and LightGBM).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -64,6 +65,7 @@ pub enum Suite {
     Collect,
     Segments,
     Traits,
+    Models,
 }
 
 pub(crate) struct Row {
@@ -80,6 +82,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Traits {
         return crate::bench_traits::run(global, &args);
+    }
+    if args.suite == Suite::Models {
+        return crate::bench_models::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;

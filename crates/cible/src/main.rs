@@ -2,6 +2,7 @@
 //! and HTTP; everything it does with data it asks of `cible-core`.
 
 mod bench;
+mod bench_models;
 mod bench_traits;
 mod commands;
 mod model;

@@ -6,12 +6,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use super::distance2;
+
 fn distance(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt()
+    distance2(a, b).sqrt()
 }
 
 /// Each row's distance to its k-th nearest other row, sorted ascending: the k-distance curve.
@@ -57,18 +55,84 @@ pub fn knee(curve: &[f64]) -> f64 {
         .1
 }
 
-/// Cluster of each row (`None`: noise). Clusters are numbered in order of discovery.
-pub fn dbscan(data: &[Vec<f64>], eps: f64, min_points: usize) -> Vec<Option<usize>> {
-    let neighbours: Vec<Vec<usize>> = data
-        .par_iter()
-        .map(|row| {
-            data.iter()
-                .enumerate()
-                .filter(|(_, other)| distance(row, other) <= eps)
-                .map(|(j, _)| j)
-                .collect()
+/// Each row's neighbours within eps (itself included), in index order. Every pair is
+/// compared once, four rows against each later row at a time, by `|a|² + |b|² - 2 a·b` (dot
+/// products vectorize, and each later row is read once for four); pairs near the limit are
+/// measured again directly.
+fn neighbourhoods(data: &[Vec<f64>], eps: f64) -> Vec<Vec<u32>> {
+    const BLOCK: usize = 8;
+    let n = data.len();
+    let dims = data.first().map_or(0, Vec::len);
+    let width = dims.div_ceil(4) * 4;
+    // f32 products, twice as many per instruction; pairs the rounding could misjudge are
+    // measured again in f64.
+    let mut flat = vec![0.0f32; n * width];
+    for (row, out) in data.iter().zip(flat.chunks_mut(width.max(1))) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = *v as f32;
+        }
+    }
+    let norms: Vec<f64> = data
+        .iter()
+        .map(|r| r.iter().map(|v| v * v).sum::<f64>())
+        .collect();
+    let limit = eps * eps;
+    let row = |i: usize| &flat[i * width..][..width];
+    let pairs: Vec<Vec<(u32, u32)>> = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|block| {
+            let first = block * BLOCK;
+            let count = BLOCK.min(n - first);
+            // A short last block repeats its first row (and skips the repeats).
+            let queries: [&[f32]; BLOCK] =
+                std::array::from_fn(|q| row(first + if q < count { q } else { 0 }));
+            let mut found = Vec::new();
+            for j in first..n {
+                let other = row(j);
+                let mut dots = [[0.0f32; 4]; BLOCK];
+                for (c, chunk) in other.chunks_exact(4).enumerate() {
+                    for (dot, query) in dots.iter_mut().zip(&queries) {
+                        let query = &query[c * 4..][..4];
+                        for k in 0..4 {
+                            dot[k] += query[k] * chunk[k];
+                        }
+                    }
+                }
+                for (q, dot) in dots.iter().enumerate().take(count) {
+                    let i = first + q;
+                    if i > j {
+                        continue;
+                    }
+                    let d2 = norms[i] + norms[j] - 2.0 * f64::from(dot.iter().sum::<f32>());
+                    // f32 rounding and cancellation blur the trick by far less than this.
+                    let blur = 1e-4 * (norms[i] + norms[j]) + 1e-6;
+                    let near = if (d2 - limit).abs() <= blur {
+                        distance2(&data[i], &data[j]) <= limit
+                    } else {
+                        d2 <= limit
+                    };
+                    if near {
+                        found.push((i as u32, j as u32));
+                    }
+                }
+            }
+            found
         })
         .collect();
+    let mut neighbours: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (i, j) in pairs.into_iter().flatten() {
+        neighbours[i as usize].push(j);
+        if i != j {
+            neighbours[j as usize].push(i);
+        }
+    }
+    neighbours.par_iter_mut().for_each(|n| n.sort_unstable());
+    neighbours
+}
+
+/// Cluster of each row (`None`: noise). Clusters are numbered in order of discovery.
+pub fn dbscan(data: &[Vec<f64>], eps: f64, min_points: usize) -> Vec<Option<usize>> {
+    let neighbours = neighbourhoods(data, eps);
     let core: Vec<bool> = neighbours.iter().map(|n| n.len() >= min_points).collect();
     let mut labels: Vec<Option<usize>> = vec![None; data.len()];
     let mut next = 0;
@@ -80,6 +144,7 @@ pub fn dbscan(data: &[Vec<f64>], eps: f64, min_points: usize) -> Vec<Option<usiz
         let mut stack = vec![start];
         while let Some(point) = stack.pop() {
             for &other in &neighbours[point] {
+                let other = other as usize;
                 if labels[other].is_none() {
                     labels[other] = Some(next);
                     if core[other] {

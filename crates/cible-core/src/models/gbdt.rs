@@ -128,14 +128,15 @@ fn bin_bounds(x: &[Vec<f64>], feature: usize, max_bins: usize) -> Vec<f64> {
     bounds
 }
 
-/// Gradient, hessian and row count per bin of one feature.
+/// Gradient, hessian and row count per (feature, bin): feature `f`'s bins start at `f * 256`.
 type Histogram = Vec<(f64, f64, u32)>;
+
+const BINS: usize = 256;
 
 struct Leaf {
     node: usize,
     rows: Vec<u32>,
-    /// One histogram per feature.
-    histograms: Vec<Histogram>,
+    histogram: Histogram,
     gradient: f64,
     hessian: f64,
     best: Option<Split>,
@@ -150,27 +151,47 @@ struct Split {
 }
 
 struct Grower<'a> {
-    bins: &'a [Vec<u8>],
+    /// Row-major: row `r`'s bins are `bins[r * features..][..features]`, so a histogram is one
+    /// pass over the leaf's rows reading contiguous bytes.
+    bins: &'a [u8],
+    features: usize,
     bounds: &'a [Vec<f64>],
     params: &'a Params,
 }
 
 impl Grower<'_> {
-    fn histograms(&self, rows: &[u32], g: &[f64], h: &[f64]) -> Vec<Histogram> {
-        self.bins
-            .par_iter()
-            .zip(self.bounds)
-            .map(|(column, bounds)| {
-                let mut histogram = vec![(0.0, 0.0, 0u32); bounds.len()];
-                for &row in rows {
-                    let slot = &mut histogram[usize::from(column[row as usize])];
-                    slot.0 += g[row as usize];
-                    slot.1 += h[row as usize];
+    fn histogram(&self, rows: &[u32], gh: &[(f64, f64)]) -> Histogram {
+        let features = self.features;
+        let fill = |rows: &[u32]| {
+            let mut histogram = vec![(0.0, 0.0, 0u32); features * BINS];
+            for &row in rows {
+                let (g, h) = gh[row as usize];
+                let bins = &self.bins[row as usize * features..][..features];
+                for (feature, bin) in bins.iter().enumerate() {
+                    let slot = &mut histogram[feature * BINS + usize::from(*bin)];
+                    slot.0 += g;
+                    slot.1 += h;
                     slot.2 += 1;
                 }
-                histogram
+            }
+            histogram
+        };
+        // Small leaves in one piece; large ones in chunks summed afterwards.
+        const CHUNK: usize = 8192;
+        if rows.len() <= CHUNK {
+            return fill(rows);
+        }
+        rows.par_chunks(CHUNK)
+            .map(fill)
+            .reduce_with(|mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.0 += y.0;
+                    x.1 += y.1;
+                    x.2 += y.2;
+                }
+                a
             })
-            .collect()
+            .unwrap_or_default()
     }
 
     fn score(&self, gradient: f64, hessian: f64) -> f64 {
@@ -181,42 +202,38 @@ impl Grower<'_> {
         let p = self.params;
         let parent = self.score(leaf.gradient, leaf.hessian);
         let total = leaf.rows.len() as u32;
-        leaf.histograms
-            .iter()
-            .enumerate()
-            .filter_map(|(feature, histogram)| {
-                let (mut gl, mut hl, mut nl) = (0.0, 0.0, 0u32);
-                let mut best: Option<Split> = None;
-                for (bin, (g, h, n)) in histogram.iter().enumerate().take(histogram.len() - 1) {
-                    gl += g;
-                    hl += h;
-                    nl += n;
-                    let (gr, hr, nr) = (leaf.gradient - gl, leaf.hessian - hl, total - nl);
-                    if (nl as usize) < p.min_leaf_rows || hl < p.min_leaf_hessian {
-                        continue;
-                    }
-                    if (nr as usize) < p.min_leaf_rows || hr < p.min_leaf_hessian {
-                        break;
-                    }
-                    let gain = self.score(gl, hl) + self.score(gr, hr) - parent;
-                    if gain > best.map_or(1e-12, |b| b.gain) {
-                        best = Some(Split { gain, feature, bin });
-                    }
+        let mut best: Option<Split> = None;
+        for (feature, bounds) in self.bounds.iter().enumerate() {
+            let histogram = &leaf.histogram[feature * BINS..][..bounds.len()];
+            let (mut gl, mut hl, mut nl) = (0.0, 0.0, 0u32);
+            for (bin, (g, h, n)) in histogram.iter().enumerate().take(bounds.len() - 1) {
+                gl += g;
+                hl += h;
+                nl += n;
+                let (gr, hr, nr) = (leaf.gradient - gl, leaf.hessian - hl, total - nl);
+                if (nl as usize) < p.min_leaf_rows || hl < p.min_leaf_hessian {
+                    continue;
                 }
-                best
-            })
-            .max_by(|a, b| a.gain.total_cmp(&b.gain))
+                if (nr as usize) < p.min_leaf_rows || hr < p.min_leaf_hessian {
+                    break;
+                }
+                let gain = self.score(gl, hl) + self.score(gr, hr) - parent;
+                if gain > best.map_or(1e-12, |b| b.gain) {
+                    best = Some(Split { gain, feature, bin });
+                }
+            }
+        }
+        best
     }
 
-    fn leaf(&self, node: usize, rows: Vec<u32>, histograms: Vec<Histogram>) -> Leaf {
-        let (gradient, hessian) = histograms
-            .first()
-            .map(|h| h.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1)))
-            .unwrap_or_default();
+    fn leaf(&self, node: usize, rows: Vec<u32>, histogram: Histogram) -> Leaf {
+        let (gradient, hessian) = histogram[..BINS]
+            .iter()
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         let mut leaf = Leaf {
             node,
             rows,
-            histograms,
+            histogram,
             gradient,
             hessian,
             best: None,
@@ -225,12 +242,13 @@ impl Grower<'_> {
         leaf
     }
 
-    /// One tree fitted to gradients `g` and hessians `h`; adds its gain to `importance`.
-    fn grow(&self, g: &[f64], h: &[f64], importance: &mut [f64]) -> Tree {
-        let rows: Vec<u32> = (0..g.len() as u32).collect();
-        let histograms = self.histograms(&rows, g, h);
+    /// One tree fitted to gradients and hessians `gh`; adds its gain to `importance` and each
+    /// leaf's value to the scores of its rows.
+    fn grow(&self, gh: &[(f64, f64)], importance: &mut [f64], scores: &mut [f64]) -> Tree {
+        let rows: Vec<u32> = (0..gh.len() as u32).collect();
+        let histogram = self.histogram(&rows, gh);
         let mut nodes = vec![Node::Leaf(0.0)];
-        let mut leaves = vec![self.leaf(0, rows, histograms)];
+        let mut leaves = vec![self.leaf(0, rows, histogram)];
         while leaves.len() < self.params.max_leaves {
             let Some((index, split)) = leaves
                 .iter()
@@ -242,11 +260,9 @@ impl Grower<'_> {
             };
             let parent = leaves.swap_remove(index);
             importance[split.feature] += split.gain;
-            let column = &self.bins[split.feature];
-            let (left, right): (Vec<u32>, Vec<u32>) = parent
-                .rows
-                .iter()
-                .partition(|r| usize::from(column[**r as usize]) <= split.bin);
+            let (left, right): (Vec<u32>, Vec<u32>) = parent.rows.iter().partition(|r| {
+                usize::from(self.bins[**r as usize * self.features + split.feature]) <= split.bin
+            });
             let (left_node, right_node) = (nodes.len(), nodes.len() + 1);
             nodes[parent.node] = Node::Split {
                 feature: split.feature,
@@ -256,22 +272,15 @@ impl Grower<'_> {
             };
             nodes.push(Node::Leaf(0.0));
             nodes.push(Node::Leaf(0.0));
-            // The smaller child's histograms are built; the larger's are the difference.
+            // The smaller child's histogram is built; the larger's is the difference.
             let left_is_small = left.len() <= right.len();
-            let small = self.histograms(if left_is_small { &left } else { &right }, g, h);
-            let large: Vec<Histogram> = parent
-                .histograms
-                .into_iter()
-                .zip(&small)
-                .map(|(mut whole, part)| {
-                    for (w, p) in whole.iter_mut().zip(part) {
-                        w.0 -= p.0;
-                        w.1 -= p.1;
-                        w.2 -= p.2;
-                    }
-                    whole
-                })
-                .collect();
+            let small = self.histogram(if left_is_small { &left } else { &right }, gh);
+            let mut large = parent.histogram;
+            for (w, p) in large.iter_mut().zip(&small) {
+                w.0 -= p.0;
+                w.1 -= p.1;
+                w.2 -= p.2;
+            }
             let (left_h, right_h) = if left_is_small {
                 (small, large)
             } else {
@@ -281,9 +290,12 @@ impl Grower<'_> {
             leaves.push(self.leaf(right_node, right, right_h));
         }
         for leaf in leaves {
-            nodes[leaf.node] = Node::Leaf(
-                -leaf.gradient / (leaf.hessian + self.params.l2) * self.params.learning_rate,
-            );
+            let value =
+                -leaf.gradient / (leaf.hessian + self.params.l2) * self.params.learning_rate;
+            nodes[leaf.node] = Node::Leaf(value);
+            for row in leaf.rows {
+                scores[row as usize] += value;
+            }
         }
         Tree { nodes }
     }
@@ -297,13 +309,12 @@ pub fn fit(x: &[Vec<f64>], y: &[bool], params: &Params) -> Boosted {
         .into_par_iter()
         .map(|f| bin_bounds(x, f, max_bins))
         .collect();
-    let bins: Vec<Vec<u8>> = bounds
+    let bins: Vec<u8> = x
         .par_iter()
-        .enumerate()
-        .map(|(f, bounds)| {
-            x.iter()
-                .map(|row| bounds.partition_point(|b| *b < row[f]) as u8)
-                .collect()
+        .flat_map_iter(|row| {
+            row.iter()
+                .zip(&bounds)
+                .map(|(v, bounds)| bounds.partition_point(|b| *b < *v) as u8)
         })
         .collect();
     let positives = y.iter().filter(|l| **l).count() as f64;
@@ -312,24 +323,24 @@ pub fn fit(x: &[Vec<f64>], y: &[bool], params: &Params) -> Boosted {
     let mut scores = vec![init; x.len()];
     let grower = Grower {
         bins: &bins,
+        features,
         bounds: &bounds,
         params,
     };
     let mut importance = vec![0.0; features];
     let mut trees = Vec::with_capacity(params.rounds);
-    let (mut g, mut h) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    let mut gh = vec![(0.0, 0.0); x.len()];
     for _ in 0..params.rounds {
-        for (i, score) in scores.iter().enumerate() {
+        for ((slot, score), label) in gh.iter_mut().zip(&scores).zip(y) {
             let p = sigmoid(*score);
-            g[i] = p - if y[i] { 1.0 } else { 0.0 };
-            h[i] = (p * (1.0 - p)).max(1e-16);
+            *slot = (
+                p - if *label { 1.0 } else { 0.0 },
+                (p * (1.0 - p)).max(1e-16),
+            );
         }
-        let tree = grower.grow(&g, &h, &mut importance);
+        let tree = grower.grow(&gh, &mut importance, &mut scores);
         if tree.nodes.len() == 1 {
             break; // No split gains anything any more.
-        }
-        for (score, row) in scores.iter_mut().zip(x) {
-            *score += tree.value(row);
         }
         trees.push(tree);
     }

@@ -18,9 +18,7 @@ pub struct KMeans {
     pub iterations: usize,
 }
 
-fn distance2(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
-}
+use super::distance2;
 
 /// The nearest centroid of a row and the squared distance to it.
 fn nearest(row: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {

@@ -128,7 +128,7 @@ impl SavedModel {
 
 /// The nearest centroid (squared Euclidean distance; the lower id on a tie).
 pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
-    let distance = |c: &Vec<f64>| c.iter().zip(x).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+    let distance = |c: &Vec<f64>| super::distance2(c, x);
     centroids
         .iter()
         .enumerate()
