@@ -181,17 +181,18 @@ impl Grower<'_> {
         if rows.len() <= CHUNK {
             return fill(rows);
         }
-        rows.par_chunks(CHUNK)
-            .map(fill)
-            .reduce_with(|mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    x.0 += y.0;
-                    x.1 += y.1;
-                    x.2 += y.2;
-                }
-                a
-            })
-            .unwrap_or_default()
+        // Fixed chunks added in order: the same sums on every run.
+        let parts: Vec<Histogram> = rows.par_chunks(CHUNK).map(fill).collect();
+        let mut parts = parts.into_iter();
+        let mut total = parts.next().unwrap_or_default();
+        for part in parts {
+            for (x, y) in total.iter_mut().zip(part) {
+                x.0 += y.0;
+                x.1 += y.1;
+                x.2 += y.2;
+            }
+        }
+        total
     }
 
     fn score(&self, gradient: f64, hessian: f64) -> f64 {
@@ -331,13 +332,16 @@ pub fn fit(x: &[Vec<f64>], y: &[bool], params: &Params) -> Boosted {
     let mut trees = Vec::with_capacity(params.rounds);
     let mut gh = vec![(0.0, 0.0); x.len()];
     for _ in 0..params.rounds {
-        for ((slot, score), label) in gh.iter_mut().zip(&scores).zip(y) {
-            let p = sigmoid(*score);
-            *slot = (
-                p - if *label { 1.0 } else { 0.0 },
-                (p * (1.0 - p)).max(1e-16),
-            );
-        }
+        gh.par_iter_mut()
+            .zip(&scores)
+            .zip(y)
+            .for_each(|((slot, score), label)| {
+                let p = sigmoid(*score);
+                *slot = (
+                    p - if *label { 1.0 } else { 0.0 },
+                    (p * (1.0 - p)).max(1e-16),
+                );
+            });
         let tree = grower.grow(&gh, &mut importance, &mut scores);
         if tree.nodes.len() == 1 {
             break; // No split gains anything any more.

@@ -36,7 +36,10 @@ fn nearest(row: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {
 /// squared distance to the nearest centroid chosen so far.
 fn seed_plus_plus(data: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>> {
     let mut centroids = vec![data[rng.random_range(0..data.len())].clone()];
-    let mut closest: Vec<f64> = data.iter().map(|r| distance2(r, &centroids[0])).collect();
+    let mut closest: Vec<f64> = data
+        .par_iter()
+        .map(|r| distance2(r, &centroids[0]))
+        .collect();
     while centroids.len() < k {
         let total: f64 = closest.iter().sum();
         let chosen = if total > 0.0 {
@@ -52,40 +55,75 @@ fn seed_plus_plus(data: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<
             rng.random_range(0..data.len())
         };
         let centroid = data[chosen].clone();
-        for (d, row) in closest.iter_mut().zip(data) {
-            *d = d.min(distance2(row, &centroid));
-        }
+        closest
+            .par_iter_mut()
+            .zip(data)
+            .for_each(|(d, row)| *d = d.min(distance2(row, &centroid)));
         centroids.push(centroid);
     }
     centroids
 }
 
-/// Lloyd iterations from given centroids until no label changes (or `max_iter`).
-fn lloyd(data: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: usize) -> KMeans {
+/// Lloyd iterations from given centroids until no label changes, the centroids move less than
+/// `tol` (summed squared shifts), or `max_iter`. The labels returned are each row's nearest
+/// final centroid.
+fn lloyd(data: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: usize, tol: f64) -> KMeans {
     let dims = data[0].len();
+    let k = centroids.len();
+    let assign = |centroids: &[Vec<f64>]| -> Vec<usize> {
+        data.par_iter().map(|r| nearest(r, centroids).0).collect()
+    };
     let mut labels = vec![usize::MAX; data.len()];
     let mut iterations = 0;
     loop {
         iterations += 1;
-        let assigned: Vec<usize> = data.par_iter().map(|r| nearest(r, &centroids).0).collect();
+        let assigned = assign(&centroids);
         let changed = assigned != labels;
         labels = assigned;
         if !changed || iterations >= max_iter {
             break;
         }
-        let mut sums = vec![vec![0.0; dims]; centroids.len()];
-        let mut counts = vec![0usize; centroids.len()];
-        for (row, label) in data.iter().zip(&labels) {
-            counts[*label] += 1;
-            for (s, x) in sums[*label].iter_mut().zip(row) {
-                *s += x;
-            }
+        // Sums per cluster by fixed chunks, added in order: the same result on every run.
+        const CHUNK: usize = 16_384;
+        let parts: Vec<(Vec<f64>, Vec<usize>)> = data
+            .par_chunks(CHUNK)
+            .zip(labels.par_chunks(CHUNK))
+            .map(|(rows, labels)| {
+                let mut sums = vec![0.0; k * dims];
+                let mut counts = vec![0usize; k];
+                for (row, label) in rows.iter().zip(labels) {
+                    counts[*label] += 1;
+                    for (s, x) in sums[label * dims..][..dims].iter_mut().zip(row) {
+                        *s += x;
+                    }
+                }
+                (sums, counts)
+            })
+            .collect();
+        let mut sums = vec![0.0; k * dims];
+        let mut counts = vec![0usize; k];
+        for (part_sums, part_counts) in parts {
+            sums.iter_mut().zip(part_sums).for_each(|(s, p)| *s += p);
+            counts
+                .iter_mut()
+                .zip(part_counts)
+                .for_each(|(c, p)| *c += p);
         }
-        for ((centroid, sum), count) in centroids.iter_mut().zip(sums).zip(counts) {
+        let mut shift = 0.0;
+        for (c, (centroid, count)) in centroids.iter_mut().zip(counts).enumerate() {
             // An empty cluster keeps its centroid.
             if count > 0 {
-                *centroid = sum.into_iter().map(|s| s / count as f64).collect();
+                let moved: Vec<f64> = sums[c * dims..][..dims]
+                    .iter()
+                    .map(|s| s / count as f64)
+                    .collect();
+                shift += distance2(centroid, &moved);
+                *centroid = moved;
             }
+        }
+        if shift <= tol {
+            labels = assign(&centroids);
+            break;
         }
     }
     let inertia = data
@@ -101,15 +139,28 @@ fn lloyd(data: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: usize) -> KM
     }
 }
 
-/// The best of `restarts` k-means++ runs (lowest inertia). Deterministic for a seed.
+/// The best of `restarts` k-means++ runs (lowest inertia). Each run stops when no label
+/// changes or the centroids move less than 1e-4 of the data's mean variance (summed squared
+/// shifts; scikit-learn's rule). Deterministic for a seed.
 pub fn kmeans(data: &[Vec<f64>], k: usize, restarts: usize, max_iter: usize, seed: u64) -> KMeans {
     assert!(
         k >= 1 && k <= data.len(),
         "k must be between 1 and the number of rows"
     );
+    // scikit-learn's stopping rule: centroids moving less than 1e-4 of the mean variance.
+    let dims = data[0].len();
+    let n = data.len() as f64;
+    let mean_variance = (0..dims)
+        .map(|d| {
+            let mean = data.iter().map(|r| r[d]).sum::<f64>() / n;
+            data.iter().map(|r| (r[d] - mean).powi(2)).sum::<f64>() / n
+        })
+        .sum::<f64>()
+        / dims.max(1) as f64;
+    let tol = 1e-4 * mean_variance;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..restarts.max(1))
-        .map(|_| lloyd(data, seed_plus_plus(data, k, &mut rng), max_iter))
+        .map(|_| lloyd(data, seed_plus_plus(data, k, &mut rng), max_iter, tol))
         .min_by(|a, b| a.inertia.total_cmp(&b.inertia))
         .expect("at least one run")
 }

@@ -412,6 +412,90 @@ mod tests {
         assert_eq!(nearest(&centroids, &[0.0, 2.0]), 2);
     }
 
+    const NOW: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
+
+    #[test]
+    fn stored_models_score_profiles_as_they_were_trained() {
+        use crate::models::propensity::{Algorithm, PropensityParams, Target};
+        let (dir, engine) = crate::test_support::generated_store(500, 90, 5, NOW);
+        assert!(engine.model_set().unwrap().is_empty());
+
+        // Clusters: every profile's cluster trait is its k-means label (sizes agree).
+        let params = crate::models::ClusterParams {
+            min_k: 3,
+            max_k: 3,
+            restarts: 2,
+            sample: 500,
+            seed: 2,
+        };
+        let (clustering, model) = engine.cluster(NOW, &params).unwrap();
+        assert_eq!(engine.save_model(model, NOW).unwrap(), 1);
+        let profiles = engine.live_profiles();
+        let traits = engine.computed_traits_of(&profiles, NOW).unwrap();
+        for cluster in &clustering.clusters {
+            let members = traits
+                .iter()
+                .filter(|t| t.models.cluster.as_ref().map(|c| c.id) == Some(cluster.id as u32))
+                .count();
+            assert_eq!(members, cluster.size, "cluster {}", cluster.id);
+        }
+
+        // Propensity: scored at the cutoff, the trait is the model applied to the training rows.
+        let params = PropensityParams {
+            target: Target::Purchase,
+            horizon_days: 30,
+            algorithm: Algorithm::BoostedTrees,
+        };
+        let (report, model) = engine.train_propensity(&params, NOW).unwrap();
+        let ModelKind::Boosted { model: boosted, .. } = &model.kind else {
+            panic!("boosted trees")
+        };
+        let boosted = boosted.clone();
+        assert_eq!(engine.save_model(model, NOW).unwrap(), 1);
+        let (rows, _) = engine.model_rows(report.cutoff).unwrap();
+        let at_cutoff = engine
+            .computed_traits_of(&rows.profiles, report.cutoff)
+            .unwrap();
+        for (row, traits) in rows.rows.iter().zip(&at_cutoff) {
+            let p = traits.models.predicted["purchase_30d"];
+            assert!((p - boosted.predict(row)).abs() < 1e-9, "{p}");
+        }
+
+        // Versions: a retrain adds version 2; activating 1 again scores version 1.
+        assert_eq!(engine.retrain("purchase_30d", NOW + 86_400_000).unwrap(), 2);
+        assert_eq!(engine.model("purchase_30d").unwrap().version, 2);
+        assert_eq!(
+            engine.model_summaries(Some("purchase_30d")).unwrap().len(),
+            2
+        );
+        engine.activate_model("purchase_30d", 1, NOW).unwrap();
+        assert_eq!(engine.model("purchase_30d").unwrap().version, 1);
+        assert!(engine.activate_model("purchase_30d", 7, NOW).is_err());
+
+        // The schedule retrains what is older than the age given, and only that.
+        assert!(engine.retrain_if_older(NOW, 86_400_000).unwrap().is_empty());
+        let mut due = engine
+            .retrain_if_older(NOW + 8 * 86_400_000, 7 * 86_400_000)
+            .unwrap();
+        due.sort();
+        assert_eq!(due, ["cluster", "purchase_30d"]);
+        assert_eq!(engine.model("cluster").unwrap().version, 2);
+
+        // Reopened, the active versions are read back from the store.
+        drop(engine);
+        let engine = Engine::open(&dir.path().join("data")).unwrap();
+        let versions: Vec<(String, u32)> = engine
+            .model_set()
+            .unwrap()
+            .models()
+            .map(|m| (m.name.clone(), m.version))
+            .collect();
+        assert_eq!(
+            versions,
+            [("cluster".to_string(), 2), ("purchase_30d".to_string(), 3)]
+        );
+    }
+
     #[test]
     fn names_are_checked() {
         assert!(check_name("purchase_30d").is_ok());
