@@ -151,9 +151,16 @@ struct Split {
 }
 
 struct Grower<'a> {
-    /// Row-major: row `r`'s bins are `bins[r * features..][..features]`, so a histogram is one
-    /// pass over the leaf's rows reading contiguous bytes.
+    /// Row-major: row `r`'s bins are `bins[r * features..][..features]` (to split rows).
     bins: &'a [u8],
+    /// Per row, the histogram slots (`feature * 256 + bin`) of its values that are not their
+    /// feature's most frequent bin: row `r`'s are `slots[offsets[r]..offsets[r + 1]]`. A
+    /// histogram adds only these; each most frequent bin is the leaf's total minus the rest
+    /// (LightGBM's trick: sparse features cost next to nothing).
+    slots: &'a [u32],
+    offsets: &'a [u32],
+    /// Each feature's most frequent bin.
+    modes: &'a [u8],
     features: usize,
     bounds: &'a [Vec<f64>],
     params: &'a Params,
@@ -163,26 +170,46 @@ impl Grower<'_> {
     fn histogram(&self, rows: &[u32], gh: &[(f64, f64)]) -> Histogram {
         let features = self.features;
         let fill = |rows: &[u32]| {
-            let mut histogram = vec![(0.0, 0.0, 0u32); features * BINS];
+            // One extra slot at the end holds the rows' total.
+            let mut histogram = vec![(0.0, 0.0, 0u32); features * BINS + 1];
+            let mut total = (0.0, 0.0, 0u32);
             for &row in rows {
                 let (g, h) = gh[row as usize];
-                let bins = &self.bins[row as usize * features..][..features];
-                for (feature, bin) in bins.iter().enumerate() {
-                    let slot = &mut histogram[feature * BINS + usize::from(*bin)];
+                total.0 += g;
+                total.1 += h;
+                total.2 += 1;
+                let row = row as usize;
+                for slot in &self.slots[self.offsets[row] as usize..self.offsets[row + 1] as usize]
+                {
+                    let slot = &mut histogram[*slot as usize];
                     slot.0 += g;
                     slot.1 += h;
                     slot.2 += 1;
                 }
             }
+            histogram[features * BINS] = total;
             histogram
         };
         // Small leaves in one piece; large ones in chunks summed afterwards.
         const CHUNK: usize = 8192;
-        if rows.len() <= CHUNK {
-            return fill(rows);
+        let mut histogram = if rows.len() <= CHUNK {
+            fill(rows)
+        } else {
+            self.sum_chunks(rows.par_chunks(CHUNK).map(fill).collect())
+        };
+        let total = histogram.pop().expect("the total slot");
+        for (feature, mode) in self.modes.iter().enumerate() {
+            let bins = &mut histogram[feature * BINS..][..BINS];
+            let rest = bins
+                .iter()
+                .fold((0.0, 0.0, 0u32), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+            bins[usize::from(*mode)] = (total.0 - rest.0, total.1 - rest.1, total.2 - rest.2);
         }
-        // Fixed chunks added in order: the same sums on every run.
-        let parts: Vec<Histogram> = rows.par_chunks(CHUNK).map(fill).collect();
+        histogram
+    }
+
+    /// Chunk histograms added in order: the same sums on every run.
+    fn sum_chunks(&self, parts: Vec<Histogram>) -> Histogram {
         let mut parts = parts.into_iter();
         let mut total = parts.next().unwrap_or_default();
         for part in parts {
@@ -318,12 +345,38 @@ pub fn fit(x: &[Vec<f64>], y: &[bool], params: &Params) -> Boosted {
                 .map(|(v, bounds)| bounds.partition_point(|b| *b < *v) as u8)
         })
         .collect();
+    let modes: Vec<u8> = (0..features)
+        .into_par_iter()
+        .map(|f| {
+            let mut counts = [0usize; BINS];
+            for row in bins.chunks(features) {
+                counts[usize::from(row[f])] += 1;
+            }
+            (0..BINS)
+                .max_by_key(|b| (counts[*b], std::cmp::Reverse(*b)))
+                .unwrap_or(0) as u8
+        })
+        .collect();
+    let mut offsets = Vec::with_capacity(x.len() + 1);
+    let mut slots: Vec<u32> = Vec::new();
+    offsets.push(0u32);
+    for row in bins.chunks(features.max(1)) {
+        for (f, (bin, mode)) in row.iter().zip(&modes).enumerate() {
+            if bin != mode {
+                slots.push((f * BINS + usize::from(*bin)) as u32);
+            }
+        }
+        offsets.push(slots.len() as u32);
+    }
     let positives = y.iter().filter(|l| **l).count() as f64;
     let rate = (positives / y.len().max(1) as f64).clamp(1e-6, 1.0 - 1e-6);
     let init = (rate / (1.0 - rate)).ln();
     let mut scores = vec![init; x.len()];
     let grower = Grower {
         bins: &bins,
+        slots: &slots,
+        offsets: &offsets,
+        modes: &modes,
         features,
         bounds: &bounds,
         params,
@@ -373,6 +426,84 @@ mod tests {
         let bounds = bin_bounds(&many, 0, 16);
         assert_eq!(bounds.len(), 16);
         assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn sparse_histograms_equal_a_plain_count() {
+        // Mostly zeros, a few values: the most frequent bin comes from the total.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let x: Vec<Vec<f64>> = (0..20_000)
+            .map(|_| {
+                (0..3)
+                    .map(|_| {
+                        if rng.random_bool(0.8) {
+                            0.0
+                        } else {
+                            f64::from(rng.random_range(1..6))
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let y: Vec<bool> = x.iter().map(|r| r[0] + r[1] > 3.0).collect();
+        let params = Params {
+            rounds: 3,
+            ..Params::default()
+        };
+        let model = fit(&x, &y, &params);
+        let p: Vec<f64> = x.iter().map(|r| model.predict(r)).collect();
+        assert!(auc(&p, &y) > 0.99, "{}", auc(&p, &y));
+        // A leaf's histogram (in chunks, and in one piece) equals a plain count per bin.
+        let bounds: Vec<Vec<f64>> = (0..3).map(|f| bin_bounds(&x, f, 255)).collect();
+        let bins: Vec<u8> = x
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .zip(&bounds)
+                    .map(|(v, b)| b.partition_point(|t| *t < *v) as u8)
+            })
+            .collect();
+        let modes = vec![0u8; 3];
+        let mut offsets = vec![0u32];
+        let mut slots = Vec::new();
+        for row in bins.chunks(3) {
+            for (f, bin) in row.iter().enumerate() {
+                if *bin != 0 {
+                    slots.push((f * BINS + usize::from(*bin)) as u32);
+                }
+            }
+            offsets.push(slots.len() as u32);
+        }
+        let grower = Grower {
+            bins: &bins,
+            slots: &slots,
+            offsets: &offsets,
+            modes: &modes,
+            features: 3,
+            bounds: &bounds,
+            params: &params,
+        };
+        let gh: Vec<(f64, f64)> = (0..x.len())
+            .map(|i| (i as f64 * 0.01 - 7.0, 0.25))
+            .collect();
+        let rows: Vec<u32> = (0..x.len() as u32).filter(|r| r % 3 != 0).collect();
+        for leaf in [&rows[..], &rows[..500]] {
+            let histogram = grower.histogram(leaf, &gh);
+            for f in 0..3 {
+                for bin in 0..BINS {
+                    let expected = leaf
+                        .iter()
+                        .filter(|r| usize::from(bins[**r as usize * 3 + f]) == bin)
+                        .fold((0.0, 0.0, 0u32), |a, r| {
+                            let (g, h) = gh[*r as usize];
+                            (a.0 + g, a.1 + h, a.2 + 1)
+                        });
+                    let got = histogram[f * BINS + bin];
+                    assert_eq!(got.2, expected.2, "feature {f} bin {bin}");
+                    assert!((got.0 - expected.0).abs() < 1e-6 && (got.1 - expected.1).abs() < 1e-6);
+                }
+            }
+        }
     }
 
     #[test]

@@ -64,15 +64,68 @@ fn seed_plus_plus(data: &[Vec<f64>], k: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<
     centroids
 }
 
+/// Rows side by side, each padded with zeros to a multiple of four values.
+struct Flat {
+    values: Vec<f64>,
+    width: usize,
+}
+
+impl Flat {
+    fn new(data: &[Vec<f64>]) -> Self {
+        let width = data.first().map_or(0, Vec::len).div_ceil(4).max(1) * 4;
+        let mut values = vec![0.0; data.len() * width];
+        for (row, out) in data.iter().zip(values.chunks_exact_mut(width)) {
+            out[..row.len()].copy_from_slice(row);
+        }
+        Self { values, width }
+    }
+
+    /// Each row's nearest centroid by `|c|² - 2 x·c` (the row's own norm does not change the
+    /// order): one multiply-add per value and centroid, in four running sums.
+    fn nearest(&self, centroids: &[Vec<f64>]) -> Vec<usize> {
+        let width = self.width;
+        let padded = Self::new(centroids);
+        let norms: Vec<f64> = centroids
+            .iter()
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect();
+        self.values
+            .par_chunks(width * 4096)
+            .flat_map_iter(|rows| {
+                rows.chunks_exact(width).map(|x| {
+                    let mut best = (0, f64::INFINITY);
+                    for (c, centroid) in padded.values.chunks_exact(width).enumerate() {
+                        let mut sums = [0.0; 4];
+                        for (a, b) in x.chunks_exact(4).zip(centroid.chunks_exact(4)) {
+                            for i in 0..4 {
+                                sums[i] += a[i] * b[i];
+                            }
+                        }
+                        let score = norms[c] - 2.0 * sums.iter().sum::<f64>();
+                        if score < best.1 {
+                            best = (c, score);
+                        }
+                    }
+                    best.0
+                })
+            })
+            .collect()
+    }
+}
+
 /// Lloyd iterations from given centroids until no label changes, the centroids move less than
 /// `tol` (summed squared shifts), or `max_iter`. The labels returned are each row's nearest
 /// final centroid.
-fn lloyd(data: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: usize, tol: f64) -> KMeans {
+fn lloyd(
+    data: &[Vec<f64>],
+    flat: &Flat,
+    mut centroids: Vec<Vec<f64>>,
+    max_iter: usize,
+    tol: f64,
+) -> KMeans {
     let dims = data[0].len();
     let k = centroids.len();
-    let assign = |centroids: &[Vec<f64>]| -> Vec<usize> {
-        data.par_iter().map(|r| nearest(r, centroids).0).collect()
-    };
+    let assign = |centroids: &[Vec<f64>]| flat.nearest(centroids);
     let mut labels = vec![usize::MAX; data.len()];
     let mut iterations = 0;
     loop {
@@ -122,10 +175,11 @@ fn lloyd(data: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: usize, tol: 
             }
         }
         if shift <= tol {
-            labels = assign(&centroids);
             break;
         }
     }
+    // The labels by exact distances, as the stored model assigns profiles.
+    labels = data.par_iter().map(|r| nearest(r, &centroids).0).collect();
     let inertia = data
         .par_iter()
         .zip(&labels)
@@ -158,9 +212,10 @@ pub fn kmeans(data: &[Vec<f64>], k: usize, restarts: usize, max_iter: usize, see
         .sum::<f64>()
         / dims.max(1) as f64;
     let tol = 1e-4 * mean_variance;
+    let flat = Flat::new(data);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..restarts.max(1))
-        .map(|_| lloyd(data, seed_plus_plus(data, k, &mut rng), max_iter, tol))
+        .map(|_| lloyd(data, &flat, seed_plus_plus(data, k, &mut rng), max_iter, tol))
         .min_by(|a, b| a.inertia.total_cmp(&b.inertia))
         .expect("at least one run")
 }
