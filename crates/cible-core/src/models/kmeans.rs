@@ -215,7 +215,15 @@ pub fn kmeans(data: &[Vec<f64>], k: usize, restarts: usize, max_iter: usize, see
     let flat = Flat::new(data);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..restarts.max(1))
-        .map(|_| lloyd(data, &flat, seed_plus_plus(data, k, &mut rng), max_iter, tol))
+        .map(|_| {
+            lloyd(
+                data,
+                &flat,
+                seed_plus_plus(data, k, &mut rng),
+                max_iter,
+                tol,
+            )
+        })
         .min_by(|a, b| a.inertia.total_cmp(&b.inertia))
         .expect("at least one run")
 }

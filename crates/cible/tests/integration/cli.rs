@@ -421,7 +421,66 @@ fn computed_traits_from_the_command_line() {
     .unwrap();
     assert!(trained["auc"].as_f64().unwrap() > 0.5, "{trained}");
     assert_eq!(trained["calibration"].as_array().unwrap().len(), 10);
+    assert_eq!(trained["algorithm"], "boosted_trees");
     let exported = run_ok(cible(&data).args(["export", "profiles"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
+    // Stored models are traits: in exports, in rules; versions, reports, rollback.
+    let p = first["computed"]["predicted"]["open_20d"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{first}");
+    assert!(first["computed"]["cluster"]["name"].is_string(), "{first}");
+    run_ok(cible(&data).args([
+        "model",
+        "train",
+        "--target",
+        "open",
+        "--days",
+        "20",
+        "--algorithm",
+        "logistic",
+    ]));
+    let list = run_ok(cible(&data).args(["model", "list", "open_20d"]));
+    assert!(list.contains("v1") && list.contains("v2  "), "{list}");
+    assert!(
+        list.contains("logistic") && list.contains("(active)"),
+        "{list}"
+    );
+    let report: Value = serde_json::from_str(&run_ok(cible(&data).args([
+        "model",
+        "report",
+        "open_20d",
+        "--version",
+        "1",
+    ])))
+    .unwrap();
+    assert_eq!(report["model"]["algorithm"], "boosted_trees", "{report}");
+    assert_eq!(report["model"]["active"], false);
+    assert!(report["report"]["auc"].is_f64(), "{report}");
+    run_ok(cible(&data).args(["model", "activate", "open_20d", "1"]));
+    let created = run_ok(cible(&data).args([
+        "segment",
+        "create",
+        "likely-openers",
+        "--rule",
+        "predicted.open_20d >= 0.5 and cluster.id >= 0",
+    ]));
+    assert!(created.contains("members"), "{created}");
+    let typo = cible(&data)
+        .args([
+            "segment",
+            "create",
+            "typo",
+            "--rule",
+            "predicted.open_2d > 0.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!typo.status.success());
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(
+        stderr.contains("E014") && stderr.contains("predicted.open_20d"),
+        "{stderr}"
+    );
+    let retrained = run_ok(cible(&data).args(["model", "retrain", "open_20d"]));
+    assert!(retrained.contains("open_20d: version 3"), "{retrained}");
 }
