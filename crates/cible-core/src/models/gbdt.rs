@@ -200,7 +200,7 @@ impl Grower<'_> {
             histogram
         };
         // Small leaves in one piece; large ones in chunks summed afterwards.
-        const CHUNK: usize = 32_768;
+        const CHUNK: usize = 8192;
         let mut histogram = if rows.len() <= CHUNK {
             fill(rows)
         } else {
@@ -298,10 +298,7 @@ impl Grower<'_> {
             let parent = leaves.swap_remove(index);
             importance[split.feature] += split.gain;
             let column = &self.bins[split.feature * self.rows..][..self.rows];
-            let (left, right): (Vec<u32>, Vec<u32>) = parent
-                .rows
-                .iter()
-                .partition(|r| usize::from(column[**r as usize]) <= split.bin);
+            let (left, right) = partition(&parent.rows, column, split.bin as u8);
             let (left_node, right_node) = (nodes.len(), nodes.len() + 1);
             nodes[parent.node] = Node::Split {
                 feature: split.feature,
@@ -338,6 +335,37 @@ impl Grower<'_> {
         }
         Tree { nodes }
     }
+}
+
+/// Splits ascending rows into those whose bin is at most `bin` and the others, both still
+/// ascending. Without branches (which way a row goes is a coin toss), in parallel pieces.
+fn partition(rows: &[u32], column: &[u8], bin: u8) -> (Vec<u32>, Vec<u32>) {
+    let split = |rows: &[u32]| {
+        let (mut left, mut right) = (vec![0; rows.len()], vec![0; rows.len()]);
+        let (mut l, mut r) = (0, 0);
+        for &row in rows {
+            let goes_left = usize::from(column[row as usize] <= bin);
+            left[l] = row;
+            right[r] = row;
+            l += goes_left;
+            r += 1 - goes_left;
+        }
+        left.truncate(l);
+        right.truncate(r);
+        (left, right)
+    };
+    const PIECE: usize = 32_768;
+    if rows.len() <= PIECE {
+        return split(rows);
+    }
+    let pieces: Vec<(Vec<u32>, Vec<u32>)> = rows.par_chunks(PIECE).map(split).collect();
+    let mut left = Vec::with_capacity(rows.len());
+    let mut right = Vec::with_capacity(rows.len());
+    for (l, r) in pieces {
+        left.extend(l);
+        right.extend(r);
+    }
+    (left, right)
 }
 
 /// Fits `params.rounds` trees on rows `x` and labels `y`.
@@ -442,6 +470,20 @@ mod tests {
         let bounds = bin_bounds(&many, 0, 16);
         assert_eq!(bounds.len(), 16);
         assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn partitions_keep_rows_in_order_in_pieces_too() {
+        let column: Vec<u8> = (0..100_000u32).map(|r| (r * 7 % 11) as u8).collect();
+        for rows in [
+            (0..100_000u32).filter(|r| r % 3 != 1).collect::<Vec<_>>(),
+            (0..1000).collect(),
+        ] {
+            let (left, right) = partition(&rows, &column, 4);
+            let (l, r): (Vec<u32>, Vec<u32>) =
+                rows.iter().partition(|r| column[**r as usize] <= 4);
+            assert_eq!((left, right), (l, r));
+        }
     }
 
     #[test]
