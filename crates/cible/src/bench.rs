@@ -362,6 +362,22 @@ fn http_ingest(
     Ok(rate)
 }
 
+/// The line above a suite's table: the data measured and the machine.
+pub(crate) fn print_header(
+    suite: &str,
+    generated: &cible_core::generate::GenerateStats,
+    events: usize,
+    profiles: usize,
+    what: &str,
+    days: u32,
+) {
+    println!(
+        "cible bench --suite {suite}: {} messages, {events} events, {profiles} profiles{what}, {days} days, {} cores\n",
+        generated.messages,
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+}
+
 pub(crate) fn print_table(title: &str, rows: Vec<Row>) {
     println!("{title}\n");
     println!("| measure | cible | baseline (same run) | ratio | target |");
@@ -458,12 +474,13 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let per_batch = latencies.iter().sum::<f64>() / latencies.len() as f64;
     let sustainable = batch_size as f64 / (per_batch / 1000.0);
 
-    println!(
-        "cible bench --suite segments: {} messages, {events} events, {} profiles, {} days, {} cores\n",
-        generated.messages,
+    print_header(
+        "segments",
+        &generated,
+        events,
         engine.load_stats().profiles,
+        "",
         args.days,
-        std::thread::available_parallelism().map_or(0, |p| p.get())
     );
     print_table(
         "",

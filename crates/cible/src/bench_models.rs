@@ -13,7 +13,7 @@ use cible_core::models::{dbscan, gbdt, kmeans, logistic};
 use rand::SeedableRng;
 
 use crate::Global;
-use crate::bench::{BenchArgs, Row, imported_data, print_table, speed_ratio};
+use crate::bench::{BenchArgs, Row, imported_data, print_header, print_table, speed_ratio};
 
 /// Clusters compared: a typical marketing segmentation size.
 const K: usize = 4;
@@ -160,13 +160,8 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     );
     let relative = |ours: f64, baseline: f64| format!("{:+.2}%", (ours / baseline - 1.0) * 100.0);
 
-    println!(
-        "cible bench --suite models: {} messages, {events} events, {n} profiles, {} features, {} days, {} cores\n",
-        generated.messages,
-        table.names.len(),
-        args.days,
-        std::thread::available_parallelism().map_or(0, |p| p.get())
-    );
+    let features = format!(", {} features", table.names.len());
+    print_header("models", &generated, events, n, &features, args.days);
     print_table(
         "",
         vec![

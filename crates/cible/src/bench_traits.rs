@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::Global;
 use crate::bench::{
-    BenchArgs, Row, export_sql_tables, imported_data, ingest_latencies, print_table,
+    BenchArgs, Row, export_sql_tables, imported_data, ingest_latencies, print_header, print_table,
     run_sql_baseline, speed_ratio, tail_lines,
 };
 
@@ -122,13 +122,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let per_event_us =
         latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
 
-    println!(
-        "cible bench --suite traits: {} messages, {events} events, {} profiles, {} days, {} cores\n",
-        generated.messages,
-        profiles.len(),
-        args.days,
-        std::thread::available_parallelism().map_or(0, |p| p.get())
-    );
+    print_header("traits", &generated, events, profiles.len(), "", args.days);
     print_table(
         "",
         vec![

@@ -2,7 +2,6 @@
 //! versioned; the active version of each is scored as a computed trait.
 
 use clap::Subcommand;
-use serde_json::json;
 
 use crate::Global;
 
@@ -171,16 +170,8 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         }
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
-            let model = engine.model_version(&name, version)?;
-            let active = engine.model(&name)?.version == model.version;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "model": model.summary(active),
-                    "training": model.training,
-                    "report": model.report,
-                }))?
-            );
+            let detail = engine.model_detail(&name, version)?;
+            println!("{}", serde_json::to_string_pretty(&detail)?);
         }
         ModelCommand::Retrain { names } => {
             let engine = global.open_existing()?;

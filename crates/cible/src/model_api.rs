@@ -10,7 +10,6 @@ use axum::response::IntoResponse;
 use cible_core::models::ClusterParams;
 use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error, read_body};
 
@@ -110,7 +109,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let answer = blocking(move || {
-        let (model, report) = match request {
+        let model = match request {
             TrainBody::Cluster {
                 min_k,
                 max_k,
@@ -125,11 +124,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
                     sample,
                     seed,
                 };
-                let (report, model) = engine.cluster(now, &params)?;
-                (
-                    model,
-                    serde_json::to_value(report).expect("reports serialize"),
-                )
+                engine.cluster(now, &params)?.1
             }
             TrainBody::Propensity {
                 target,
@@ -141,16 +136,12 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
                     horizon_days: days,
                     algorithm,
                 };
-                let (report, model) = engine.train_propensity(&params, now)?;
-                (
-                    model,
-                    serde_json::to_value(report).expect("reports serialize"),
-                )
+                engine.train_propensity(&params, now)?.1
             }
         };
         let name = model.name.clone();
-        engine.save_model(model, now)?;
-        Ok(json!({"model": engine.model(&name)?.summary(true), "report": report}))
+        let version = engine.save_model(model, now)?;
+        engine.model_detail(&name, Some(version))
     })
     .await?;
     Ok((StatusCode::CREATED, answer).into_response())
@@ -171,16 +162,7 @@ pub async fn show(
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    blocking(move || {
-        let model = engine.model_version(&name, query.version)?;
-        let active = engine.model(&name)?.version == model.version;
-        Ok(json!({
-            "model": model.summary(active),
-            "training": model.training,
-            "report": model.report,
-        }))
-    })
-    .await
+    blocking(move || engine.model_detail(&name, query.version)).await
 }
 
 /// `GET /api/models/{name}/versions`: every stored version, oldest first.
@@ -204,9 +186,8 @@ pub async fn retrain(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let answer = blocking(move || {
-        engine.retrain(&name, now)?;
-        let model = engine.model(&name)?;
-        Ok(json!({"model": model.summary(true), "report": model.report}))
+        let version = engine.retrain(&name, now)?;
+        engine.model_detail(&name, Some(version))
     })
     .await?;
     Ok((StatusCode::CREATED, answer).into_response())

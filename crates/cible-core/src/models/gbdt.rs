@@ -480,8 +480,7 @@ mod tests {
             (0..1000).collect(),
         ] {
             let (left, right) = partition(&rows, &column, 4);
-            let (l, r): (Vec<u32>, Vec<u32>) =
-                rows.iter().partition(|r| column[**r as usize] <= 4);
+            let (l, r): (Vec<u32>, Vec<u32>) = rows.iter().partition(|r| column[**r as usize] <= 4);
             assert_eq!((left, right), (l, r));
         }
     }

@@ -126,6 +126,14 @@ impl SavedModel {
     }
 }
 
+/// A model version with how it was trained and what the training reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDetail {
+    pub model: ModelSummary,
+    pub training: super::Training,
+    pub report: serde_json::Value,
+}
+
 /// The nearest centroid (squared Euclidean distance; the lower id on a tie).
 pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
     let distance = |c: &Vec<f64>| super::distance2(c, x);
@@ -339,6 +347,17 @@ impl Engine {
                 })?))
             }
         }
+    }
+
+    /// A stored version (the active one when `version` is `None`) with its settings and report.
+    pub fn model_detail(&self, name: &str, version: Option<u32>) -> Result<ModelDetail> {
+        let model = self.model_version(name, version)?;
+        let active = self.model(name)?.version == model.version;
+        Ok(ModelDetail {
+            model: model.summary(active),
+            training: model.training,
+            report: model.report.clone(),
+        })
     }
 
     /// Every stored version of a model, oldest first.
