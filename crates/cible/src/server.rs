@@ -967,8 +967,8 @@ async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> Api
     Ok(axum::Json(state.engine.list_keys()).into_response())
 }
 
-/// Segments the demo starts with.
-const DEMO_SEGMENTS: [(&str, &str); 7] = [
+/// Segments the demo starts with (and `likely-buyers`, on the demo's purchase model).
+const DEMO_SEGMENTS: [(&str, &str); 6] = [
     (
         "big-spenders",
         r#"sum("Order Completed".revenue, 365d) > 500"#,
@@ -990,14 +990,11 @@ const DEMO_SEGMENTS: [(&str, &str); 7] = [
         "win-back",
         r#"rfm.segment in ("at_risk", "cannot_lose", "hibernating") and score.engagement >= 40"#,
     ),
-    (
-        "likely-buyers",
-        r#"predicted.purchase_30d >= 0.7 and not did("Order Completed", 7d)"#,
-    ),
 ];
 
-/// The demo's models: behavioural clusters and purchase within 30 days (boosted trees).
-fn train_demo_models(engine: &Engine, now: i64) -> anyhow::Result<()> {
+/// The demo's models: behavioural clusters, and purchase within 30 days (boosted trees) or
+/// within half the history when it is shorter than 60 days. Returns the purchase model's name.
+fn train_demo_models(engine: &Engine, days: u32, now: i64) -> anyhow::Result<String> {
     use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
     let params = cible_core::models::ClusterParams {
         min_k: 2,
@@ -1016,7 +1013,7 @@ fn train_demo_models(engine: &Engine, now: i64) -> anyhow::Result<()> {
     }
     let params = PropensityParams {
         target: Target::Purchase,
-        horizon_days: 30,
+        horizon_days: (days / 2).clamp(1, 30),
         algorithm: Algorithm::BoostedTrees,
     };
     let (report, model) = engine.train_propensity(&params, now)?;
@@ -1025,7 +1022,7 @@ fn train_demo_models(engine: &Engine, now: i64) -> anyhow::Result<()> {
         "demo model {}: held-out AUC {:.3} (read as predicted.{})",
         report.model, report.auc, report.model
     );
-    Ok(())
+    Ok(report.model)
 }
 
 /// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed.
@@ -1055,8 +1052,14 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             let size = engine.segment(name)?.size;
             println!("lifecycle segment {name}: {size} members");
         }
-        train_demo_models(engine, now)?;
-        for (name, rule) in DEMO_SEGMENTS {
+        let purchase = train_demo_models(engine, args.demo_days, now)?;
+        let likely_buyers =
+            format!(r#"predicted.{purchase} >= 0.7 and not did("Order Completed", 7d)"#);
+        let segments = DEMO_SEGMENTS
+            .iter()
+            .map(|(name, rule)| (*name, *rule))
+            .chain([("likely-buyers", likely_buyers.as_str())]);
+        for (name, rule) in segments {
             let expr = cible_lang::parse(rule).map_err(|d| anyhow::anyhow!(d.message))?;
             let record = engine.create_segment(name, expr, rule, now)?;
             println!("demo segment {name}: {} members  ({rule})", record.size);

@@ -314,7 +314,12 @@ fn serve_demo_loads_data_segments_and_prints_keys() {
     let _ = child.wait();
     let text = seen.join("\n");
     assert!(text.contains("demo data: "), "{text}");
-    assert_eq!(text.matches("demo segment ").count(), 6, "{text}");
+    assert_eq!(text.matches("demo segment ").count(), 7, "{text}");
+    // 30 days of history: the purchase model predicts the next 15.
+    assert!(
+        text.contains("demo segment likely-buyers") && text.contains("predicted.purchase_15d"),
+        "{text}"
+    );
     assert_eq!(
         text.matches("lifecycle segment lifecycle-").count(),
         7,
