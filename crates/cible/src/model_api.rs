@@ -13,51 +13,121 @@ use serde::Deserialize;
 
 use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error, read_body};
 
-/// What to train: `{"kind": "cluster", ...}` or `{"kind": "propensity", "target", ...}`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-enum TrainBody {
-    Cluster {
-        #[serde(default = "two")]
-        min_k: usize,
-        #[serde(default = "eight")]
-        max_k: usize,
-        #[serde(default = "four")]
-        restarts: usize,
-        #[serde(default = "sample")]
-        sample: usize,
-        #[serde(default = "one")]
-        seed: u64,
-    },
-    Propensity {
-        target: Target,
-        #[serde(default = "thirty")]
-        days: u32,
-        #[serde(default = "boosted")]
-        algorithm: Algorithm,
-    },
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Cluster,
+    Propensity,
 }
 
-fn one() -> u64 {
-    1
+/// What to train: `{"kind": "cluster", "min_k"?...}` or `{"kind": "propensity", "target",
+/// "days"?, "algorithm"?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainBody {
+    kind: Kind,
+    target: Option<Target>,
+    days: Option<u32>,
+    algorithm: Option<Algorithm>,
+    min_k: Option<usize>,
+    max_k: Option<usize>,
+    restarts: Option<usize>,
+    sample: Option<usize>,
+    seed: Option<u64>,
 }
-fn two() -> usize {
-    2
+
+const FIELDS: [&str; 9] = [
+    "kind",
+    "target",
+    "days",
+    "algorithm",
+    "min_k",
+    "max_k",
+    "restarts",
+    "sample",
+    "seed",
+];
+
+/// What a request asks to train, checked field by field.
+enum Training {
+    Cluster(ClusterParams),
+    Propensity(PropensityParams),
 }
-fn four() -> usize {
-    4
-}
-fn eight() -> usize {
-    8
-}
-fn sample() -> usize {
-    2000
-}
-fn thirty() -> u32 {
-    30
-}
-fn boosted() -> Algorithm {
-    Algorithm::BoostedTrees
+
+fn training(bytes: &[u8]) -> Result<Training, ApiError> {
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    let body: TrainBody = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let path = e.path().to_string();
+        let field = FIELDS.iter().find(|f| **f == path).copied();
+        let mut error = error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{path}: {}", e.inner()),
+        );
+        if let Some(field) = field {
+            error = error.field(field);
+        }
+        error
+    })?;
+    let misplaced =
+        |fields: &[(&'static str, bool)], kind: &str| match fields.iter().find(|(_, given)| *given)
+        {
+            Some((field, _)) => Err(invalid(field, format!("{field} does not apply to {kind}"))),
+            None => Ok(()),
+        };
+    match body.kind {
+        Kind::Cluster => {
+            misplaced(
+                &[
+                    ("target", body.target.is_some()),
+                    ("days", body.days.is_some()),
+                    ("algorithm", body.algorithm.is_some()),
+                ],
+                "clusters",
+            )?;
+            let params = ClusterParams {
+                min_k: body.min_k.unwrap_or(2),
+                max_k: body.max_k.unwrap_or(8),
+                restarts: body.restarts.unwrap_or(4),
+                sample: body.sample.unwrap_or(2000),
+                seed: body.seed.unwrap_or(1),
+            };
+            if params.min_k < 2 || params.min_k > params.max_k {
+                return Err(invalid(
+                    "min_k",
+                    "min_k must be at least 2 and at most max_k",
+                ));
+            }
+            if params.restarts == 0 {
+                return Err(invalid("restarts", "restarts must be at least 1"));
+            }
+            Ok(Training::Cluster(params))
+        }
+        Kind::Propensity => {
+            misplaced(
+                &[
+                    ("min_k", body.min_k.is_some()),
+                    ("max_k", body.max_k.is_some()),
+                    ("restarts", body.restarts.is_some()),
+                    ("sample", body.sample.is_some()),
+                    ("seed", body.seed.is_some()),
+                ],
+                "propensity models",
+            )?;
+            let target = body
+                .target
+                .ok_or_else(|| invalid("target", "target is required: purchase, open or churn"))?;
+            let days = body.days.unwrap_or(30);
+            if days == 0 {
+                return Err(invalid("days", "days must be at least 1"));
+            }
+            Ok(Training::Propensity(PropensityParams {
+                target,
+                horizon_days: days,
+                algorithm: body.algorithm.unwrap_or(Algorithm::BoostedTrees),
+            }))
+        }
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
@@ -75,69 +145,13 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> ApiResul
 pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 64 * 1024).await?;
-    let request: TrainBody = serde_json::from_slice(&bytes).map_err(|e| {
-        invalid(
-            "kind",
-            format!(
-                "expected {{\"kind\": \"cluster\", \"min_k\"?, \"max_k\"?, \"restarts\"?, \"sample\"?, \"seed\"?}} or {{\"kind\": \"propensity\", \"target\": \"purchase|open|churn\", \"days\"?, \"algorithm\"?: \"logistic|boosted_trees\"}}: {e}"
-            ),
-        )
-    })?;
-    match &request {
-        TrainBody::Cluster {
-            min_k,
-            max_k,
-            restarts,
-            ..
-        } => {
-            if *min_k < 2 || min_k > max_k {
-                return Err(invalid(
-                    "min_k",
-                    "min_k must be at least 2 and at most max_k",
-                ));
-            }
-            if *restarts == 0 {
-                return Err(invalid("restarts", "restarts must be at least 1"));
-            }
-        }
-        TrainBody::Propensity { days, .. } => {
-            if *days == 0 {
-                return Err(invalid("days", "days must be at least 1"));
-            }
-        }
-    }
+    let request = training(&bytes)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let answer = blocking(move || {
         let model = match request {
-            TrainBody::Cluster {
-                min_k,
-                max_k,
-                restarts,
-                sample,
-                seed,
-            } => {
-                let params = ClusterParams {
-                    min_k,
-                    max_k,
-                    restarts,
-                    sample,
-                    seed,
-                };
-                engine.cluster(now, &params)?.1
-            }
-            TrainBody::Propensity {
-                target,
-                days,
-                algorithm,
-            } => {
-                let params = PropensityParams {
-                    target,
-                    horizon_days: days,
-                    algorithm,
-                };
-                engine.train_propensity(&params, now)?.1
-            }
+            Training::Cluster(params) => engine.cluster(now, &params)?.1,
+            Training::Propensity(params) => engine.train_propensity(&params, now)?.1,
         };
         let name = model.name.clone();
         let version = engine.save_model(model, now)?;

@@ -186,12 +186,19 @@ fn every_answer_matches_the_openapi_document() {
         Some(json!({"kind": "propensity", "target": "purchase", "days": 0})),
     );
     assert_eq!(bad["error"]["field"], "days", "{bad}");
-    r.call(
-        "POST",
-        "/api/models",
-        a(),
-        Some(json!({"kind": "propensity", "target": "sale"})),
-    );
+    for (body, field) in [
+        (
+            json!({"kind": "propensity", "target": "purchase", "days": "x"}),
+            "days",
+        ),
+        (json!({"kind": "propensity", "target": "sale"}), "target"),
+        (json!({"kind": "propensity"}), "target"),
+        (json!({"kind": "cluster", "days": 3}), "days"),
+        (json!({"kind": "forest"}), "kind"),
+    ] {
+        let bad = r.call("POST", "/api/models", a(), Some(body));
+        assert_eq!(bad["error"]["field"], field, "{bad}");
+    }
     let retrained = r.call("POST", "/api/models/purchase_30d/retrain", a(), None);
     assert_eq!(retrained["model"]["version"], 2);
     let versions = r.call("GET", "/api/models/purchase_30d/versions", a(), None);
