@@ -655,19 +655,37 @@ pub(crate) fn run_sql_baseline(
 ) -> anyhow::Result<serde_json::Value> {
     let queries_file = dir.join("queries.json");
     std::fs::write(&queries_file, serde_json::to_string(queries)?)?;
-    let script = dir.join("sql_members.py");
-    std::fs::write(&script, SQL_BASELINE)?;
+    run_python(
+        dir,
+        ("sql_members.py", SQL_BASELINE),
+        &[
+            std::ffi::OsStr::new(engine_name),
+            events_file.as_os_str(),
+            profiles_file.as_os_str(),
+            queries_file.as_os_str(),
+        ],
+        &format!("the {engine_name} baseline"),
+    )
+}
+
+/// Writes a baseline's Python script into `dir`, runs it with `args` and reads the JSON it
+/// prints. `scripts/bench` installs what the scripts import.
+pub(crate) fn run_python(
+    dir: &std::path::Path,
+    (name, text): (&str, &str),
+    args: &[&std::ffi::OsStr],
+    what: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let script = dir.join(name);
+    std::fs::write(&script, text)?;
     let output = std::process::Command::new("python3")
         .arg(&script)
-        .arg(engine_name)
-        .arg(events_file)
-        .arg(profiles_file)
-        .arg(&queries_file)
+        .args(args)
         .output()
-        .context("running python3 (SQL baseline)")?;
+        .with_context(|| format!("running python3 ({what})"))?;
     anyhow::ensure!(
         output.status.success(),
-        "the {engine_name} baseline failed (run scripts/bench, which installs it): {}",
+        "{what} failed (run scripts/bench, which installs it): {}",
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(serde_json::from_slice(&output.stdout)?)

@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use cible_core::models::propensity::Target;
 use cible_core::models::{dbscan, gbdt, kmeans, logistic};
 use rand::SeedableRng;
 
 use crate::Global;
-use crate::bench::{BenchArgs, Row, imported_data, print_header, print_table, speed_ratio};
+use crate::bench::{
+    BenchArgs, Row, imported_data, print_header, print_table, run_python, speed_ratio,
+};
 
 /// Clusters compared: a typical marketing segmentation size.
 const K: usize = 4;
@@ -136,20 +137,13 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         })
         .to_string(),
     )?;
-    let script = dir.join("bench_models.py");
-    std::fs::write(&script, SCRIPT)?;
     eprintln!("scikit-learn and LightGBM on the same rows ...");
-    let output = std::process::Command::new("python3")
-        .arg(&script)
-        .arg(dir)
-        .output()
-        .context("running python3 (model baselines)")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "the scikit-learn/LightGBM baseline failed (run scripts/bench, which installs them): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let theirs: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let theirs = run_python(
+        dir,
+        ("bench_models.py", SCRIPT),
+        &[dir.as_os_str()],
+        "the scikit-learn/LightGBM baseline",
+    )?;
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let km = &theirs["kmeans"];
     let db = &theirs["dbscan"];
