@@ -2,6 +2,7 @@
 //! hot timeline and the computed traits, optional standardization (z-score or min-max over the
 //! population), and a Parquet writer (`cible export features`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -270,30 +271,37 @@ impl Engine {
     /// The feature table of every live profile at `now` (ms).
     pub fn features(&self, now: i64) -> Result<FeatureTable, EngineError> {
         let profiles = self.live_profiles();
-        let computed = self.traits_reader(now)?.base_of(&profiles);
+        let reader = self.traits_reader(now)?;
         let plan = self.feature_plan();
         let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
-        let mut categories: Vec<String> = computed
+        // By chunks, each under its own read guard: ingestion waits for one chunk at most, not
+        // for the whole population (a scheduled retraining runs beside live traffic).
+        const CHUNK: usize = 16_384;
+        let mut parts: Vec<([f64; FEATURES.len()], BTreeMap<String, f64>)> =
+            Vec::with_capacity(profiles.len());
+        for chunk in profiles.chunks(CHUNK) {
+            let traits = reader.base_of(chunk);
+            let hot = self.hot.read();
+            parts.par_extend(chunk.par_iter().zip(traits).map(|(profile, traits)| {
+                let (base, _) = row(&hot.timeline(*profile), now_s, &traits, &plan);
+                (base, traits.affinity.categories)
+            }));
+        }
+        let mut categories: Vec<String> = parts
             .iter()
-            .flat_map(|c| c.affinity.categories.keys().cloned())
+            .flat_map(|(_, weights)| weights.keys().cloned())
             .collect();
         categories.sort();
         categories.dedup();
-        let hot = self.hot.read();
-        let rows: Vec<Vec<f64>> = profiles
-            .par_iter()
-            .zip(&computed)
-            .map(|(profile, traits)| {
-                let (base, _) = row(&hot.timeline(*profile), now_s, traits, &plan);
+        let rows: Vec<Vec<f64>> = parts
+            .into_par_iter()
+            .map(|(base, weights)| {
                 let mut row = base.to_vec();
-                row.extend(categories.iter().map(|category| {
-                    traits
-                        .affinity
-                        .categories
-                        .get(category)
-                        .copied()
-                        .unwrap_or(0.0)
-                }));
+                row.extend(
+                    categories
+                        .iter()
+                        .map(|category| weights.get(category).copied().unwrap_or(0.0)),
+                );
                 row
             })
             .collect();

@@ -113,32 +113,35 @@ impl Engine {
             .filter(|(_, w)| **w > 0.0)
             .filter_map(|(name, _)| id(name))
             .collect();
-        let hot = self.hot.read();
         let mut train = (Vec::new(), Vec::new());
         let mut test = (Vec::new(), Vec::new());
-        for (profile, row) in table.profiles.iter().zip(table.rows) {
-            let events = hot.events(*profile);
-            // Only people known at the cutoff.
-            if events.first().is_none_or(|e| i64::from(e.ts) > cutoff_s) {
-                continue;
+        // By chunks, each under its own read guard (see `Engine::features`).
+        let mut rows = table.rows.into_iter();
+        for chunk in table.profiles.chunks(16_384) {
+            let hot = self.hot.read();
+            for (profile, row) in chunk.iter().zip(rows.by_ref()) {
+                let events = hot.events(*profile);
+                // Only people known at the cutoff.
+                if events.first().is_none_or(|e| i64::from(e.ts) > cutoff_s) {
+                    continue;
+                }
+                let after = events
+                    .iter()
+                    .filter(|e| i64::from(e.ts) > cutoff_s && i64::from(e.ts) <= now_s);
+                let label = match target {
+                    Target::Purchase => after.clone().any(|e| Some(e.name) == order),
+                    Target::Open => after.clone().any(|e| Some(e.name) == open),
+                    Target::Churn => !after.clone().any(|e| engaging.contains(&e.name)),
+                };
+                let side = if held_out(*profile) {
+                    &mut test
+                } else {
+                    &mut train
+                };
+                side.0.push(row);
+                side.1.push(label);
             }
-            let after = events
-                .iter()
-                .filter(|e| i64::from(e.ts) > cutoff_s && i64::from(e.ts) <= now_s);
-            let label = match target {
-                Target::Purchase => after.clone().any(|e| Some(e.name) == order),
-                Target::Open => after.clone().any(|e| Some(e.name) == open),
-                Target::Churn => !after.clone().any(|e| engaging.contains(&e.name)),
-            };
-            let side = if held_out(*profile) {
-                &mut test
-            } else {
-                &mut train
-            };
-            side.0.push(row);
-            side.1.push(label);
         }
-        drop(hot);
         if train.0.is_empty() || test.0.is_empty() {
             return Err(EngineError::Invalid(format!(
                 "no profile was seen before the cutoff {}: shorten --days",
