@@ -1,5 +1,5 @@
 //! Trained models kept in the store: every version of every model in `meta`
-//! (`model/<name>/<version>`), one active version per name (`model/<name>/active`, the newest
+//! (`model/<name>/v<version>`), one active version per name (`model_active/<name>`, the newest
 //! unless another was activated). The active models are scored as computed traits:
 //! `cluster.id`, `cluster.name` and `predicted.<name>`.
 
@@ -263,8 +263,11 @@ fn version_key(name: &str, version: u32) -> String {
     format!("model/{name}/v{version:08}")
 }
 
+/// Active versions live apart from the (large) versions, so that finding them reads little.
+const ACTIVE_PREFIX: &str = "model_active/";
+
 fn active_key(name: &str) -> String {
-    format!("model/{name}/active")
+    format!("{ACTIVE_PREFIX}{name}")
 }
 
 /// Model names: lower-case letters, digits and `_`.
@@ -287,10 +290,7 @@ impl Engine {
     /// The live segments are re-evaluated (a new model may move profiles in or out).
     pub fn save_model(&self, mut model: SavedModel, now: i64) -> Result<u32> {
         check_name(&model.name)?;
-        model.version = self
-            .model_versions(&model.name)?
-            .last()
-            .map_or(1, |m| m.version + 1);
+        model.version = self.last_version(&model.name)?.map_or(1, |v| v + 1);
         let bytes = serde_json::to_vec(&model).expect("models serialize");
         self.store
             .meta
@@ -360,6 +360,24 @@ impl Engine {
         })
     }
 
+    /// The newest stored version number of a model (read from the key, not the model).
+    fn last_version(&self, name: &str) -> Result<Option<u32>> {
+        let Some(entry) = self
+            .store
+            .meta
+            .prefix(format!("model/{name}/v"))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, _) = entry.into_inner()?;
+        let version = String::from_utf8_lossy(&key)
+            .rsplit_once("/v")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| EngineError::Invalid(format!("stored model key {key:?}")))?;
+        Ok(Some(version))
+    }
+
     /// Every stored version of a model, oldest first.
     pub fn model_versions(&self, name: &str) -> Result<Vec<SavedModel>> {
         let mut versions = Vec::new();
@@ -387,22 +405,10 @@ impl Engine {
         if let Some(set) = self.models.read().clone() {
             return Ok(set);
         }
-        let mut names: Vec<String> = Vec::new();
-        for entry in self.store.meta.prefix("model/") {
-            let (key, _) = entry.into_inner()?;
-            let key = String::from_utf8_lossy(&key);
-            if let Some(name) = key
-                .strip_prefix("model/")
-                .and_then(|rest| rest.strip_suffix("/active"))
-            {
-                names.push(name.to_string());
-            }
-        }
         let mut active = Vec::new();
-        for name in names {
-            let Some(version) = self.store.meta.get(active_key(&name))? else {
-                continue;
-            };
+        for entry in self.store.meta.prefix(ACTIVE_PREFIX) {
+            let (key, version) = entry.into_inner()?;
+            let name = String::from_utf8_lossy(&key[ACTIVE_PREFIX.len()..]).into_owned();
             let version = u32::from_le_bytes(version.as_ref().try_into().map_err(|_| {
                 EngineError::Invalid(format!("stored active version of model {name}"))
             })?);
