@@ -13,7 +13,8 @@ use rand::SeedableRng;
 
 use crate::Global;
 use crate::bench::{
-    BenchArgs, Row, imported_data, print_header, print_table, run_python, speed_ratio,
+    BenchArgs, Row, imported_data, ingest_latencies, print_header, print_table, run_python,
+    speed_ratio, tail_lines,
 };
 
 /// Clusters compared: a typical marketing segmentation size.
@@ -53,6 +54,7 @@ fn write_values<T: Copy>(
 
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let (work, file, generated, end_ms, engine) = imported_data(global, args)?;
+    let tail = tail_lines(&file, 200_000)?;
     std::fs::remove_file(&file)?;
     let dir = work.path();
     let events = engine.load_stats().events;
@@ -128,6 +130,23 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (likely, _, _) = engine.evaluate_rule(&rule, end_ms, &Default::default())?;
     let scoring_s = started.elapsed().as_secs_f64();
+    eprintln!("measuring the incremental cost of live segments on the prediction ...");
+    for (segment, rule) in [
+        ("bench-likely", format!("predicted.{name} >= 0.5")),
+        (
+            "bench-likely-browsing",
+            format!(r#"predicted.{name} >= 0.8 and did("Page Viewed", 7d)"#),
+        ),
+    ] {
+        let expr = cible_lang::parse(&rule).map_err(|d| anyhow::anyhow!(d.message))?;
+        engine.create_segment(segment, expr, &rule, end_ms)?;
+    }
+    engine.start_live_segments(end_ms)?;
+    let batch_size = args.latency_batch;
+    let latencies = ingest_latencies(&engine, &tail, batch_size, end_ms)?;
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let per_event_us =
+        latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
     write_rows(&dir.join("train_x.f64"), &train.0)?;
     write_rows(&dir.join("test_x.f64"), &test.0)?;
     write_values(&dir.join("train_y.u8"), &train.1, |y| vec![u8::from(y)])?;
@@ -277,6 +296,17 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                     f(&gbm["predict_seconds"])
                 ),
                 ratio: speed_ratio(scoring_s, f(&gbm["predict_seconds"])),
+                target: "report",
+            },
+            Row {
+                measure: "incremental: ingest + 2 live segments on the prediction (ms per batch)",
+                value: format!(
+                    "p50 {:.2}, p99 {:.2}; {per_event_us:.1} us per event",
+                    percentile(0.5),
+                    percentile(0.99)
+                ),
+                baseline: format!("batches of {batch_size} events"),
+                ratio: "-".into(),
                 target: "report",
             },
             Row {
