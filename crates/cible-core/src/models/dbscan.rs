@@ -132,6 +132,11 @@ fn neighbourhoods(data: &[Vec<f64>], eps: f64) -> Vec<Vec<u32>> {
 
 /// Cluster of each row (`None`: noise). Clusters are numbered in order of discovery.
 pub fn dbscan(data: &[Vec<f64>], eps: f64, min_points: usize) -> Vec<Option<usize>> {
+    clusters(data, eps, min_points).0
+}
+
+/// [`dbscan`]'s labels, and whether each row is a core row.
+fn clusters(data: &[Vec<f64>], eps: f64, min_points: usize) -> (Vec<Option<usize>>, Vec<bool>) {
     let neighbours = neighbourhoods(data, eps);
     let core: Vec<bool> = neighbours.iter().map(|n| n.len() >= min_points).collect();
     let mut labels: Vec<Option<usize>> = vec![None; data.len()];
@@ -155,7 +160,7 @@ pub fn dbscan(data: &[Vec<f64>], eps: f64, min_points: usize) -> Vec<Option<usiz
         }
         next += 1;
     }
-    labels
+    (labels, core)
 }
 
 /// DBSCAN over at most `sample` rows (drawn with `seed`), the others assigned to the cluster of
@@ -173,17 +178,8 @@ pub fn dbscan_sampled(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let chosen = rand::seq::index::sample(&mut rng, data.len(), sample).into_vec();
     let rows: Vec<Vec<f64>> = chosen.iter().map(|i| data[*i].clone()).collect();
-    let labels = dbscan(&rows, eps, min_points);
-    let core: Vec<usize> = (0..rows.len())
-        .filter(|i| {
-            labels[*i].is_some()
-                && rows
-                    .iter()
-                    .filter(|o| distance(&rows[*i], o) <= eps)
-                    .count()
-                    >= min_points
-        })
-        .collect();
+    let (labels, is_core) = clusters(&rows, eps, min_points);
+    let core: Vec<usize> = (0..rows.len()).filter(|i| is_core[*i]).collect();
     data.par_iter()
         .map(|row| {
             core.iter()

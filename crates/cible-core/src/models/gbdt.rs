@@ -83,9 +83,7 @@ pub struct Boosted {
     pub importance: Vec<f64>,
 }
 
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
+use super::sigmoid;
 
 impl Boosted {
     pub fn predict(&self, row: &[f64]) -> f64 {

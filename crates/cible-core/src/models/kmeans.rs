@@ -21,7 +21,7 @@ pub struct KMeans {
 use super::distance2;
 
 /// The nearest centroid of a row and the squared distance to it.
-fn nearest(row: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {
+pub(crate) fn nearest(row: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {
     centroids
         .iter()
         .enumerate()

@@ -12,22 +12,17 @@ pub struct Logistic {
     pub iterations: usize,
 }
 
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
+use super::sigmoid;
 
 impl Logistic {
     pub fn predict(&self, row: &[f64]) -> f64 {
-        sigmoid(
-            self.intercept
-                + self
-                    .weights
-                    .iter()
-                    .zip(row)
-                    .map(|(w, x)| w * x)
-                    .sum::<f64>(),
-        )
+        predict(&self.weights, self.intercept, row)
     }
+}
+
+/// The probability a logistic model with these coefficients gives a row.
+pub fn predict(weights: &[f64], intercept: f64, row: &[f64]) -> f64 {
+    sigmoid(intercept + weights.iter().zip(row).map(|(w, x)| w * x).sum::<f64>())
 }
 
 /// Solves `a x = b` (a symmetric positive definite, small) by Gaussian elimination with partial

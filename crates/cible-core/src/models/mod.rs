@@ -17,6 +17,11 @@ use crate::engine::{Engine, EngineError};
 use crate::features::{FeatureTable, Scaling};
 use saved::{CLUSTER_MODEL, ModelKind, SavedModel};
 
+/// The logistic function: log-odds to a probability.
+pub(crate) fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
 /// Squared Euclidean distance, with four running sums (independent additions vectorize).
 pub(crate) fn distance2(a: &[f64], b: &[f64]) -> f64 {
     let mut sums = [0.0; 4];

@@ -135,13 +135,9 @@ pub struct ModelDetail {
 }
 
 /// The nearest centroid (squared Euclidean distance; the lower id on a tie).
+/// The same function k-means labels its rows with.
 pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
-    let distance = |c: &Vec<f64>| super::distance2(c, x);
-    centroids
-        .iter()
-        .enumerate()
-        .min_by(|a, b| distance(a.1).total_cmp(&distance(b.1)).then(a.0.cmp(&b.0)))
-        .map_or(0, |(i, _)| i)
+    super::kmeans::nearest(x, centroids).0
 }
 
 /// What the active models say of one profile.
@@ -245,9 +241,8 @@ impl ModelSet {
                 ModelKind::Logistic {
                     weights, intercept, ..
                 } => {
-                    let z = intercept + weights.iter().zip(&x).map(|(w, v)| w * v).sum::<f64>();
-                    out.predicted
-                        .insert(model.name.clone(), 1.0 / (1.0 + (-z).exp()));
+                    let p = super::logistic::predict(weights, *intercept, &x);
+                    out.predicted.insert(model.name.clone(), p);
                 }
                 ModelKind::Boosted { model: boosted, .. } => {
                     out.predicted
