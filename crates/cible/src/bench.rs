@@ -583,6 +583,33 @@ pub(crate) fn ingest_latencies(
     Ok(latencies)
 }
 
+/// Starts the live drivers, ingests `tail` in batches of `batch_size` and reports the time per
+/// batch until memberships are updated (p50, p99) and per event.
+pub(crate) fn incremental_row(
+    measure: &'static str,
+    engine: &Engine,
+    tail: &[String],
+    batch_size: usize,
+    now: i64,
+) -> anyhow::Result<Row> {
+    engine.start_live_segments(now)?;
+    let latencies = ingest_latencies(engine, tail, batch_size, now)?;
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let per_event_us =
+        latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
+    Ok(Row {
+        measure,
+        value: format!(
+            "p50 {:.2}, p99 {:.2}; {per_event_us:.1} us per event",
+            percentile(0.5),
+            percentile(0.99)
+        ),
+        baseline: format!("batches of {batch_size} events"),
+        ratio: "-".into(),
+        target: "report",
+    })
+}
+
 /// Exports the store in the SQL table layout of docs/segment-language.md, as CSV files the
 /// baseline script loads without conversion: events (profile, ts, event, properties; gzip) and
 /// profiles (profile, traits, computed).

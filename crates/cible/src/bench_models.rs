@@ -13,7 +13,7 @@ use rand::SeedableRng;
 
 use crate::Global;
 use crate::bench::{
-    BenchArgs, Row, imported_data, ingest_latencies, print_header, print_table, run_python,
+    BenchArgs, Row, imported_data, incremental_row, print_header, print_table, run_python,
     speed_ratio, tail_lines,
 };
 
@@ -141,12 +141,13 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         let expr = cible_lang::parse(&rule).map_err(|d| anyhow::anyhow!(d.message))?;
         engine.create_segment(segment, expr, &rule, end_ms)?;
     }
-    engine.start_live_segments(end_ms)?;
-    let batch_size = args.latency_batch;
-    let latencies = ingest_latencies(&engine, &tail, batch_size, end_ms)?;
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-    let per_event_us =
-        latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
+    let incremental = incremental_row(
+        "incremental: ingest + 2 live segments on the prediction (ms per batch)",
+        &engine,
+        &tail,
+        args.latency_batch,
+        end_ms,
+    )?;
     write_rows(&dir.join("train_x.f64"), &train.0)?;
     write_rows(&dir.join("test_x.f64"), &test.0)?;
     write_values(&dir.join("train_y.u8"), &train.1, |y| vec![u8::from(y)])?;
@@ -298,17 +299,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                 ratio: speed_ratio(scoring_s, f(&gbm["predict_seconds"])),
                 target: "report",
             },
-            Row {
-                measure: "incremental: ingest + 2 live segments on the prediction (ms per batch)",
-                value: format!(
-                    "p50 {:.2}, p99 {:.2}; {per_event_us:.1} us per event",
-                    percentile(0.5),
-                    percentile(0.99)
-                ),
-                baseline: format!("batches of {batch_size} events"),
-                ratio: "-".into(),
-                target: "report",
-            },
+            incremental,
             Row {
                 measure: "feature rows of every profile (s)",
                 value: format!("{features_s:.2}"),

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::Global;
 use crate::bench::{
-    BenchArgs, Row, export_sql_tables, imported_data, ingest_latencies, print_header, print_table,
+    BenchArgs, Row, export_sql_tables, imported_data, incremental_row, print_header, print_table,
     run_sql_baseline, speed_ratio, tail_lines,
 };
 
@@ -115,12 +115,13 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         let expr = cible_lang::parse(rule).map_err(|d| anyhow::anyhow!(d.message))?;
         engine.create_segment(name, expr, rule, end_ms)?;
     }
-    engine.start_live_segments(end_ms)?;
-    let batch_size = args.latency_batch;
-    let latencies = ingest_latencies(&engine, &tail, batch_size, end_ms)?;
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-    let per_event_us =
-        latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
+    let incremental = incremental_row(
+        "incremental: ingest + 9 computed-trait segments (ms per batch)",
+        &engine,
+        &tail,
+        args.latency_batch,
+        end_ms,
+    )?;
 
     print_header("traits", &generated, events, profiles.len(), "", args.days);
     print_table(
@@ -138,17 +139,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                 ratio: speed_ratio(recompute, sql_s),
                 target: "<= 3 s at 1M profiles / 100M events",
             },
-            Row {
-                measure: "incremental: ingest + 9 computed-trait segments (ms per batch)",
-                value: format!(
-                    "p50 {:.2}, p99 {:.2}; {per_event_us:.1} us per event",
-                    percentile(0.5),
-                    percentile(0.99)
-                ),
-                baseline: format!("batches of {batch_size} events"),
-                ratio: "-".into(),
-                target: "report",
-            },
+            incremental,
             Row {
                 measure: "category column, built once (s)",
                 value: format!("{setup_s:.2}"),
