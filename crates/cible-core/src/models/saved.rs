@@ -517,6 +517,42 @@ mod tests {
     }
 
     #[test]
+    fn live_segments_follow_the_active_version() {
+        use crate::models::propensity::{Algorithm, PropensityParams, Target};
+        let (_dir, engine) = crate::test_support::generated_store(500, 90, 7, NOW);
+        for algorithm in [Algorithm::Logistic, Algorithm::BoostedTrees] {
+            let params = PropensityParams {
+                target: Target::Purchase,
+                horizon_days: 30,
+                algorithm,
+            };
+            let (_, model) = engine.train_propensity(&params, NOW).unwrap();
+            engine.save_model(model, NOW).unwrap();
+        }
+        let rule = "predicted.purchase_30d >= 0.5";
+        let expr = cible_lang::parse(rule).unwrap();
+        engine
+            .create_segment("likely", expr.clone(), rule, NOW)
+            .unwrap();
+        engine.start_live_segments(NOW).unwrap();
+        let batch = |engine: &Engine| {
+            engine
+                .evaluate_rule(&expr, NOW, &Default::default())
+                .unwrap()
+                .0
+        };
+        let boosted = batch(&engine);
+        assert_eq!(engine.live_members("likely").unwrap(), boosted);
+        engine.activate_model("purchase_30d", 1, NOW).unwrap();
+        let logistic = batch(&engine);
+        assert_ne!(
+            logistic, boosted,
+            "the two versions should disagree somewhere"
+        );
+        assert_eq!(engine.live_members("likely").unwrap(), logistic);
+    }
+
+    #[test]
     fn names_are_checked() {
         assert!(check_name("purchase_30d").is_ok());
         for bad in ["", "Purchase", "a/b", "x y"] {
