@@ -359,6 +359,18 @@ mod tests {
     }
 
     #[test]
+    fn repeated_descriptions_get_numbered() {
+        let descriptions: Vec<String> = ["engaged", "new", "engaged", "engaged"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            unique_names(descriptions.iter()),
+            ["engaged", "new", "engaged (2)", "engaged (3)"]
+        );
+    }
+
+    #[test]
     fn profiles_cluster_into_described_groups() {
         let (_dir, engine) = crate::test_support::generated_store(600, 90, 4, 1_777_593_600_000);
         let params = ClusterParams {

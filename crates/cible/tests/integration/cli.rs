@@ -444,6 +444,21 @@ fn computed_traits_from_the_command_line() {
         "--algorithm",
         "logistic",
     ]));
+    // --no-save reports without storing.
+    run_ok(cible(&data).args([
+        "model",
+        "train",
+        "--target",
+        "churn",
+        "--days",
+        "20",
+        "--no-save",
+    ]));
+    let all = run_ok(cible(&data).args(["model", "list"]));
+    assert!(
+        all.contains("open_20d") && !all.contains("churn_20d"),
+        "{all}"
+    );
     let list = run_ok(cible(&data).args(["model", "list", "open_20d"]));
     assert!(list.contains("v1") && list.contains("v2  "), "{list}");
     assert!(
