@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -359,29 +359,33 @@ const NAME_PREFIX: u8 = b'n';
 const KEY_PREFIX: u8 = b'k';
 
 /// The engine. Cheap to share behind an `Arc`.
+///
+/// Its locks are taken in the order of [`crate::lock::Level`] (checked at every acquisition):
+/// `segments` → `state` (the writer) → `hot` → `trait_columns` → caches → `work`.
 pub struct Engine {
     pub(crate) store: Store,
-    state: Mutex<State>,
-    pub(crate) hot: RwLock<HotStore>,
-    api_keys: RwLock<FxHashMap<String, KeyRecord>>,
+    state: OrderedMutex<State>,
+    pub(crate) hot: OrderedRwLock<HotStore>,
+    api_keys: OrderedRwLock<FxHashMap<String, KeyRecord>>,
     poisoned: AtomicBool,
-    /// The live segment drivers, when started (`cible serve`).
-    pub(crate) live: Mutex<Option<crate::segment::live::LiveState>>,
-    /// Orders segment log entries written at the same instant; starts at the wall clock in
-    /// nanoseconds so that entries of different runs never collide.
-    log_seq: std::sync::atomic::AtomicU64,
+    /// The segment worker's state: live segments, timers and the change feed's writer.
+    pub(crate) segments: OrderedMutex<crate::segment::live::SegmentsState>,
+    /// Committed batches waiting for the segment worker.
+    pub(crate) work: crate::segment::worker::WorkQueue,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
     /// Profiles evaluated by the segment backfill under way.
     pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
     /// Whether the `hot` rows list their other key properties (property columns can be built).
     columns_supported: bool,
     /// Computed traits: the configuration, and the calibration and product model once known.
     pub(crate) trait_config: crate::computed::config::TraitConfig,
-    pub(crate) calibration: RwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
-    pub(crate) product_model: RwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
+    pub(crate) calibration: OrderedRwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
+    pub(crate) product_model: OrderedRwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
     /// The active trained models, loaded from `meta` on first use.
-    pub(crate) models: RwLock<Option<Arc<crate::models::saved::ModelSet>>>,
+    pub(crate) models: OrderedRwLock<Option<Arc<crate::models::saved::ModelSet>>>,
     /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
-    pub(crate) trait_columns: RwLock<crate::trait_columns::TraitColumns>,
+    pub(crate) trait_columns: OrderedRwLock<crate::trait_columns::TraitColumns>,
 }
 
 /// Sizes of what was loaded at start.
@@ -414,6 +418,7 @@ impl Engine {
                 }
             };
         let store = Store::open(dir)?;
+        check_schema(&store)?;
         let counters: Counters = match store.meta.get(COUNTERS_KEY)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?,
             None => Counters::default(),
@@ -485,25 +490,28 @@ impl Engine {
                 serde_json::from_slice(&value).map_err(|e| corrupt("keys", e))?;
             api_keys.insert(String::from_utf8_lossy(&key).into_owned(), record);
         }
+        let feed = crate::segment::feed::FeedWriter::open(&store)?;
+        let metrics = crate::metrics::Metrics::default();
+        metrics.feed_head.store(feed.head(), Ordering::Relaxed);
         Ok(Self {
             store,
-            state: Mutex::new(state),
-            hot: RwLock::new(hot),
-            api_keys: RwLock::new(api_keys),
+            state: OrderedMutex::new(Level::Writer, state),
+            hot: OrderedRwLock::new(Level::Hot, hot),
+            api_keys: OrderedRwLock::new(Level::Cache, api_keys),
             poisoned: AtomicBool::new(false),
-            live: Mutex::new(None),
-            log_seq: std::sync::atomic::AtomicU64::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64),
+            segments: OrderedMutex::new(
+                Level::Segments,
+                crate::segment::live::SegmentsState::new(feed),
             ),
+            work: crate::segment::worker::WorkQueue::default(),
+            metrics,
             backfill_progress: std::sync::atomic::AtomicU64::new(0),
             columns_supported,
             trait_config,
-            calibration: RwLock::new(None),
-            product_model: RwLock::new(None),
-            models: RwLock::new(None),
-            trait_columns: RwLock::new(Default::default()),
+            calibration: OrderedRwLock::new(Level::Cache, None),
+            product_model: OrderedRwLock::new(Level::Cache, None),
+            models: OrderedRwLock::new(Level::Cache, None),
+            trait_columns: OrderedRwLock::new(Level::TraitColumns, Default::default()),
         })
     }
 
@@ -621,7 +629,7 @@ impl Engine {
     }
 
     /// Read access to the hot store.
-    pub fn hot(&self) -> parking_lot::RwLockReadGuard<'_, HotStore> {
+    pub fn hot(&self) -> crate::lock::Ordered<parking_lot::RwLockReadGuard<'_, HotStore>> {
         self.hot.read()
     }
 
@@ -651,9 +659,14 @@ impl Engine {
             .collect()
     }
 
-    /// A fresh sequence number for a segment log key.
-    pub(crate) fn next_log_seq(&self) -> u64 {
-        self.log_seq.fetch_add(1, Ordering::Relaxed)
+    /// Whether each of these profiles is live, read under one short writer lock (take it
+    /// before the hot store: a reader holding `hot` must not ask for the writer).
+    pub(crate) fn alive_flags(&self, profiles: &[u32]) -> Vec<bool> {
+        let state = self.state.lock();
+        profiles
+            .iter()
+            .map(|p| state.profiles.get(*p as usize).is_some_and(|m| m.alive))
+            .collect()
     }
 
     /// Syncs everything written so far to disk.
@@ -764,7 +777,26 @@ impl Engine {
         }
         drop(hot);
         drop(state);
-        self.live_after_batch(&touched, now)?;
+        for outcome in &outcomes {
+            self.metrics
+                .events_accepted
+                .fetch_add(outcome.accepted, Ordering::Relaxed);
+            self.metrics
+                .events_duplicate
+                .fetch_add(outcome.duplicates, Ordering::Relaxed);
+            self.metrics
+                .events_quarantined
+                .fetch_add(outcome.quarantined.len() as u64, Ordering::Relaxed);
+        }
+        self.metrics
+            .batches_committed
+            .fetch_add(1, Ordering::Relaxed);
+        let cause = if source == "import" {
+            crate::segment::feed::Cause::Import
+        } else {
+            crate::segment::feed::Cause::Events
+        };
+        self.hand_off(touched, cause, now)?;
         Ok(outcomes)
     }
 
@@ -1068,7 +1100,7 @@ impl Engine {
         drop(state);
         let mut touched = crate::segment::live::Touched::default();
         touched.all.extend([merge.from, survivor]);
-        self.live_after_batch(&touched, now)?;
+        self.hand_off(touched, crate::segment::feed::Cause::ProfileEdit, now)?;
         Ok(UnmergeOutcome {
             merge: merge_id,
             restored_profile: merge.from,
@@ -1143,7 +1175,11 @@ impl Engine {
         let mut touched = crate::segment::live::Touched::default();
         touched.gone.insert(profile);
         touched.gone.extend(merged_profiles.iter().copied());
-        self.live_after_batch(&touched, crate::time::wall_clock_ms())?;
+        self.hand_off(
+            touched,
+            crate::segment::feed::Cause::ProfileEdit,
+            crate::time::wall_clock_ms(),
+        )?;
         Ok(RemovalOutcome {
             profile,
             events_removed: removed_hashes.len() as u64,
@@ -1298,7 +1334,34 @@ fn message_of(value: &[u8]) -> Result<Message> {
     serde_json::from_slice(value).map_err(|e| corrupt("events", e))
 }
 
-fn corrupt(keyspace: &'static str, detail: impl std::fmt::Display) -> EngineError {
+/// Refuses a store written by a newer cible; stamps an older or new one with this layout
+/// (version 1 stores only lack the `changes` keyspace, which opens empty).
+fn check_schema(store: &Store) -> Result<()> {
+    use crate::store::{SCHEMA_KEY, SCHEMA_VERSION};
+    let found = match store.meta.get(SCHEMA_KEY)? {
+        Some(bytes) => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| text.parse::<u32>().ok())
+            .ok_or_else(|| corrupt("meta", "schema_version is not a number"))?,
+        None => 1,
+    };
+    if found > SCHEMA_VERSION {
+        return Err(EngineError::Store(StoreError::Corrupt {
+            keyspace: "meta",
+            detail: format!(
+                "the store has layout version {found}, this cible reads up to {SCHEMA_VERSION}: upgrade cible"
+            ),
+        }));
+    }
+    if found < SCHEMA_VERSION {
+        store
+            .meta
+            .insert(SCHEMA_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+    }
+    Ok(())
+}
+
+pub(crate) fn corrupt(keyspace: &'static str, detail: impl std::fmt::Display) -> EngineError {
     EngineError::Store(StoreError::Corrupt {
         keyspace,
         detail: detail.to_string(),

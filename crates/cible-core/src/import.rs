@@ -129,13 +129,18 @@ pub fn import_files(
 ) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
     let mut summary = ImportSummary::default();
-    for path in paths {
-        let format = Format::detect(path)
-            .ok_or_else(|| ImportError::UnknownFormat { path: path.clone() })?;
-        progress.bytes_read.store(0, Ordering::Relaxed);
-        let file = import_file(engine, path, format, now, progress, &mut summary)?;
-        summary.files.push(file);
+    {
+        // Segments are evaluated once, after the last batch, for every profile touched.
+        let _deferred = engine.defer_segments();
+        for path in paths {
+            let format = Format::detect(path)
+                .ok_or_else(|| ImportError::UnknownFormat { path: path.clone() })?;
+            progress.bytes_read.store(0, Ordering::Relaxed);
+            let file = import_file(engine, path, format, now, progress, &mut summary)?;
+            summary.files.push(file);
+        }
     }
+    engine.drain_segments()?;
     engine.checkpoint()?;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.messages_per_second = summary.messages as f64 / summary.seconds.max(1e-9);

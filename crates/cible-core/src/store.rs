@@ -16,8 +16,13 @@
 //! | `meta`       | name                                  | counters, JSON                      |
 //! | `segments`   | segment name                          | [`crate::segment::SegmentRecord`]   |
 //! | `members`    | segment name                          | roaring bitmap of profile ordinals  |
-//! | `segment_log`| name · 0 · time i64 · seq u64         | [`crate::segment::Change`]          |
+//! | `segment_log`| name · 0 · time i64 · feed seq u64    | [`crate::segment::Change`]          |
 //! | `entries`    | name · 0 · profile u32                | when the member entered, i64        |
+//! | `changes`    | feed seq u64                          | [`crate::segment::feed::FeedChange`]|
+//!
+//! `meta` also holds [`SCHEMA_KEY`], the layout version of the store: a store written by a newer
+//! cible is refused instead of misread. [`PER_PROFILE`] lists every keyspace that holds data
+//! about a person, for erasure to walk.
 //!
 //! **Every change of a batch (events, identities, profiles, counters) is one atomic fjall batch;
 //! acknowledged means committed with `PersistMode::SyncAll`.**
@@ -67,7 +72,42 @@ pub struct Store {
     pub members: Keyspace,
     pub segment_log: Keyspace,
     pub entries: Keyspace,
+    pub changes: Keyspace,
 }
+
+/// The `meta` key holding the store's layout version.
+pub const SCHEMA_KEY: &str = "schema_version";
+/// The layout this build writes: 2 added the change feed (`changes`).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
+/// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
+pub const PER_PROFILE: [(&str, &str); 8] = [
+    ("events", "profile prefix"),
+    ("hot", "profile prefix"),
+    ("msgids", "the messageIds of the profile's events"),
+    ("idents", "the profile's identifiers"),
+    ("profiles", "profile ordinal"),
+    ("merges", "merge records naming the profile"),
+    ("entries", "segment · profile"),
+    (
+        "changes",
+        "feed entries naming the profile (and segment_log)",
+    ),
+];
+
+/// Keyspaces that hold nothing about a person by key (quarantine holds raw messages, which
+/// erasure must search by identifier).
+pub const GLOBAL: [&str; 8] = [
+    "quarantine",
+    "qkeys",
+    "dict",
+    "keys",
+    "meta",
+    "segments",
+    "members",
+    "segment_log",
+];
 
 impl Store {
     /// Opens (or creates) the store under `dir`.
@@ -101,6 +141,7 @@ impl Store {
             members: open("members")?,
             segment_log: open("segment_log")?,
             entries: open("entries")?,
+            changes: open("changes")?,
             db,
         })
     }
@@ -108,7 +149,7 @@ impl Store {
 
 impl Store {
     /// Every keyspace.
-    pub fn keyspaces(&self) -> [&Keyspace; 15] {
+    pub fn keyspaces(&self) -> [&Keyspace; 16] {
         [
             &self.events,
             &self.hot,
@@ -125,7 +166,37 @@ impl Store {
             &self.members,
             &self.segment_log,
             &self.entries,
+            &self.changes,
         ]
+    }
+
+    /// Names of every keyspace, in [`Store::keyspaces`] order.
+    pub const NAMES: [&'static str; 16] = [
+        "events",
+        "hot",
+        "msgids",
+        "idents",
+        "profiles",
+        "merges",
+        "quarantine",
+        "qkeys",
+        "dict",
+        "keys",
+        "meta",
+        "segments",
+        "members",
+        "segment_log",
+        "entries",
+        "changes",
+    ];
+
+    /// Bytes on disk of each keyspace, by name.
+    pub fn disk_space(&self) -> Vec<(&'static str, u64)> {
+        Self::NAMES
+            .iter()
+            .zip(self.keyspaces())
+            .map(|(name, keyspace)| (*name, keyspace.disk_space()))
+            .collect()
     }
 
     /// Writes every memtable out to tables, so that the next start does not replay the journal.
@@ -226,6 +297,29 @@ impl HotRecord {
     }
 }
 
+/// `segment · 0 · profile`: a member's entry time in `entries`.
+pub fn entry_key(segment: &str, profile: u32) -> Vec<u8> {
+    let mut key = segment_prefix(segment);
+    key.extend_from_slice(&profile.to_be_bytes());
+    key
+}
+
+/// `segment · 0 · time · seq`: one change in a segment's history (`segment_log`).
+pub fn segment_log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
+    let mut key = segment_prefix(segment);
+    key.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `segment · 0`: the prefix of a segment's keys in `entries` and `segment_log`.
+pub fn segment_prefix(segment: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(segment.len() + 17);
+    key.extend_from_slice(segment.as_bytes());
+    key.push(0);
+    key
+}
+
 /// Big-endian bytes of a profile ordinal (the prefix of its event keys).
 pub fn profile_key(profile: u32) -> [u8; 4] {
     profile.to_be_bytes()
@@ -245,6 +339,15 @@ mod tests {
         ];
         assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
         assert_eq!(decode_event_key(&keys[0]), Some((1, -5, 0)));
+    }
+
+    #[test]
+    fn every_keyspace_is_either_per_profile_or_global() {
+        let mut listed: Vec<&str> = PER_PROFILE.iter().map(|(name, _)| *name).collect();
+        listed.extend(GLOBAL);
+        for name in Store::NAMES {
+            assert!(listed.contains(&name), "keyspace {name} is in neither list");
+        }
     }
 
     #[test]

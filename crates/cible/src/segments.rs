@@ -2,7 +2,6 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 
 use anyhow::{Context, bail};
 use cible_core::Engine;
@@ -179,7 +178,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
             println!("{}", cible_lang::sql::to_sql(&expr, now.div_euclid(1000)));
         }
         SegmentCommand::Refresh { name } => {
-            print_record(&engine.backfill(&name, now, &AtomicU64::new(0))?);
+            print_record(&engine.backfill(&name, now)?);
         }
         SegmentCommand::List => {
             for record in engine.segments()? {

@@ -99,7 +99,7 @@ impl Engine {
     /// (then kept in memory), else `None`.
     fn loaded<T: serde::de::DeserializeOwned>(
         &self,
-        slot: &parking_lot::RwLock<Option<Arc<T>>>,
+        slot: &crate::lock::OrderedRwLock<Option<Arc<T>>>,
         key: &str,
     ) -> Result<Option<Arc<T>>> {
         if let Some(value) = slot.read().clone() {
@@ -119,7 +119,7 @@ impl Engine {
     /// Stores a derived value in `meta` and keeps it in memory.
     fn keep<T: Serialize>(
         &self,
-        slot: &parking_lot::RwLock<Option<Arc<T>>>,
+        slot: &crate::lock::OrderedRwLock<Option<Arc<T>>>,
         key: &str,
         value: T,
     ) -> Result<Arc<T>> {
@@ -265,7 +265,7 @@ impl Engine {
         let model = self.build_product_model(now)?;
         let product_model_seconds = started.elapsed().as_secs_f64();
         let created_segments = self.ensure_lifecycle_segments(now)?;
-        self.reload_live_segments(now)?;
+        self.reevaluate_computed(now, crate::segment::feed::Cause::Recalibration)?;
         Ok(RefreshReport {
             calibration: (*calibration).clone(),
             calibration_seconds,
@@ -286,7 +286,7 @@ impl Engine {
         }
         self.calibrate(now)?;
         self.build_product_model(now)?;
-        self.reload_live_segments(now)?;
+        self.reevaluate_computed(now, crate::segment::feed::Cause::Recalibration)?;
         Ok(true)
     }
 

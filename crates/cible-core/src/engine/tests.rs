@@ -133,13 +133,8 @@ fn anonymous_history_joins_the_identified_profile_and_unmerge_splits_it_back() {
     drop(engine);
     let engine = Engine::open(dir.path()).unwrap();
     assert_ne!(engine.find_profile("u1"), engine.find_profile("d1"));
-    assert_eq!(
-        engine
-            .hot()
-            .events(engine.find_profile("d1").unwrap())
-            .len(),
-        2
-    );
+    let d1 = engine.find_profile("d1").unwrap();
+    assert_eq!(engine.hot().events(d1).len(), 2);
 }
 
 #[test]

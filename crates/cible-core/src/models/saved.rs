@@ -305,7 +305,7 @@ impl Engine {
             .meta
             .insert(active_key(name), version.to_le_bytes())?;
         *self.models.write() = None;
-        self.reload_live_segments(now)
+        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)
     }
 
     /// Summaries of the active models, or of every version of one.

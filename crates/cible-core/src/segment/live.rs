@@ -1,28 +1,43 @@
-//! Live segments: membership kept exact as events arrive (incremental driver) and as time passes
-//! (time driver), without recomputing everything.
+//! The segment worker's state: every segment with its plan and membership, the timer queue,
+//! and the change feed's writer. All of it sits behind one lock (`Engine::segments`, the lowest
+//! level of the lock order), so membership changes are decided by one thread at a time and the
+//! feed's numbers are gap-free.
 //!
-//! - After each committed batch, only the segments whose rule reads one of the batch's event
-//!   names (or traits, for identify calls, or any event, for first/last seen) are re-evaluated,
-//!   and only for the profiles the batch touched; then the segments built on the ones that
-//!   changed, in dependency order.
+//! - After each committed batch (handed over by the writer, see [`super::worker`]), only the
+//!   segments whose rule reads one of the batch's event names (or traits, for identify calls,
+//!   or any event, for first/last seen) are re-evaluated, and only for the profiles the batch
+//!   touched; then the segments built on them, in dependency order.
 //! - Each evaluation yields the next instant its verdict may change by itself; a timer queue
 //!   re-evaluates that profile for that segment then.
-//! - Enters and exits are logged with their time and the membership is stored, in one batch.
+//! - Creating or editing a segment evaluates that segment (and those built on it) alone;
+//!   recalibrations and model activations re-evaluate only the segments on computed traits.
+//! - Every enter and exit goes to the change feed with its cause, in the same store batch as
+//!   the membership.
+//!
+//! Whole-population passes read the hot store in chunks, so the writer (which needs the hot
+//! store's write guard for every batch) waits for one chunk at most.
 //!
 //! The three drivers share one evaluator, so incremental, timed and batch results agree; the
 //! property test in `tests.rs` checks it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Instant;
 
+use rayon::prelude::*;
 use roaring::RoaringBitmap;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::feed::{Cause, FeedWriter};
 use super::plan::{self, Plan};
-use super::{Change, DictSnapshot, RuleRun, SegmentRecord, to_json, uses_traits};
+use super::{BackfillReport, Change, RuleRun, SegmentRecord, to_json, uses_computed, uses_traits};
 use crate::engine::{Engine, EngineError};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Profiles per chunk of a whole-population pass: the hot store's read guard is held for one
+/// chunk at a time.
+const CHUNK: usize = 8192;
 
 /// What a committed batch changed, for the live drivers.
 #[derive(Debug, Default, Clone)]
@@ -32,7 +47,8 @@ pub struct Touched {
     /// Profiles that received calls without an event name (identify, alias, group): their
     /// traits or first/last seen may have changed.
     pub traits: FxHashSet<u32>,
-    /// Profiles that no longer exist (merged away or removed): they leave every segment.
+    /// Profiles that may no longer exist (merged away or removed): evaluated for every
+    /// segment, they leave those they were in.
     pub gone: FxHashSet<u32>,
     /// Profiles to re-evaluate for every segment (merge survivors, unmerged profiles).
     pub all: FxHashSet<u32>,
@@ -45,27 +61,75 @@ impl Touched {
             && self.gone.is_empty()
             && self.all.is_empty()
     }
+
+    /// Adds a later batch's changes.
+    pub fn absorb(&mut self, other: Touched) {
+        for (profile, names) in other.events {
+            self.events.entry(profile).or_default().extend(names);
+        }
+        self.traits.extend(other.traits);
+        self.gone.extend(other.gone);
+        self.all.extend(other.all);
+    }
+
+    /// How many profiles it names (an upper bound: one may be named twice).
+    pub fn len(&self) -> usize {
+        self.events.len() + self.traits.len() + self.gone.len() + self.all.len()
+    }
 }
 
 struct LiveSegment {
+    /// Stable while the segment exists (positions move when segments are added).
+    id: u32,
     record: SegmentRecord,
     plan: Plan,
     members: RoaringBitmap,
     uses_traits: bool,
+    uses_computed: bool,
     /// Reads any event (first/last seen).
     any_event: bool,
 }
 
-/// The state of the live drivers.
+/// The segments as the worker keeps them.
 pub struct LiveState {
     /// In dependency order.
     segments: Vec<LiveSegment>,
-    timers: BinaryHeap<Reverse<(u32, u32, usize)>>,
-    /// The one instant each (segment, profile) is due; heap entries that disagree are stale.
-    scheduled: FxHashMap<(usize, u32), u32>,
+    next_id: u32,
+    /// (due second, profile, segment id); entries that disagree with `scheduled` are stale.
+    timers: BinaryHeap<Reverse<(u32, u32, u32)>>,
+    /// The one instant each (segment id, profile) is due.
+    scheduled: FxHashMap<(u32, u32), u32>,
     dictionary_sizes: (usize, usize),
     /// The computed-traits plan and calibration, when a segment reads computed traits.
     computed: Option<crate::computed::Setup>,
+}
+
+/// Everything behind `Engine::segments`.
+pub struct SegmentsState {
+    pub(crate) feed: FeedWriter,
+    /// Loaded on first use; evaluated over everyone when `started`.
+    live: Option<LiveState>,
+    /// The live drivers run (`cible serve`): timers are kept and followed.
+    started: bool,
+}
+
+impl SegmentsState {
+    pub(crate) fn new(feed: FeedWriter) -> Self {
+        Self {
+            feed,
+            live: None,
+            started: false,
+        }
+    }
+
+    /// Forgets a deleted segment (its timers become stale).
+    pub(crate) fn forget(&mut self, name: &str) {
+        if let Some(live) = self.live.as_mut()
+            && let Some(position) = live.position(name)
+        {
+            live.segments.remove(position);
+        }
+    }
 }
 
 fn reads_any_event(node: &plan::Node) -> bool {
@@ -85,22 +149,93 @@ fn seconds(now: i64) -> u32 {
     now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32
 }
 
+/// A profile's verdict in a pass: (profile, member, next change, read full messages).
+type Verdict = (u32, bool, Option<u32>, bool);
+
+/// What one evaluation pass did, per segment position.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassStats {
+    profiles: u64,
+    entered: u64,
+    exited: u64,
+    via_messages: u64,
+}
+
+impl LiveState {
+    fn position(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| s.record.name == name)
+    }
+
+    fn position_of_id(&self, id: u32) -> Option<usize> {
+        self.segments.iter().position(|s| s.id == id)
+    }
+
+    /// Positions of the segments built (directly or not) on the one at `position`, in order.
+    fn dependants(&self, position: usize) -> Vec<usize> {
+        let mut names: FxHashSet<String> = FxHashSet::default();
+        names.insert(self.segments[position].record.name.clone());
+        let mut found = Vec::new();
+        for (index, segment) in self.segments.iter().enumerate().skip(position + 1) {
+            if segment.plan.segments.iter().any(|n| names.contains(n)) {
+                names.insert(segment.record.name.clone());
+                found.push(index);
+            }
+        }
+        found
+    }
+}
+
 impl Engine {
+    /// Runs `work` on the segment worker's state, loading the segments first if needed (their
+    /// stored plans and memberships; nothing is evaluated).
+    pub(crate) fn with_segments<T>(
+        &self,
+        now: i64,
+        work: impl FnOnce(&Engine, &mut LiveState, &mut FeedWriter) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = self.segments.lock();
+        self.with_loaded(&mut guard, now, work)
+    }
+
+    /// [`Engine::with_segments`] with the lock already held.
+    pub(crate) fn with_loaded<T>(
+        &self,
+        state: &mut SegmentsState,
+        now: i64,
+        work: impl FnOnce(&Engine, &mut LiveState, &mut FeedWriter) -> Result<T>,
+    ) -> Result<T> {
+        if state.live.is_none() {
+            state.live = Some(self.load_live(now)?);
+        }
+        let live = state.live.as_mut().expect("just loaded");
+        let outcome = work(self, live, &mut state.feed);
+        if outcome.is_err() {
+            // Memory may be ahead of disk: read the segments again next time.
+            state.live = None;
+        }
+        outcome
+    }
+
     /// Starts the live drivers: loads every segment in dependency order and brings it up to
-    /// date at `now` (catching up on time passed while stopped), arming the timers.
+    /// date at `now` (catching up on time passed and batches committed while stopped), arming
+    /// the timers. Changes found are in the feed with cause `restart`.
     pub fn start_live_segments(&self, now: i64) -> Result<()> {
-        let mut live = self.live.lock();
-        *live = Some(self.load_live(now)?);
+        let mut guard = self.segments.lock();
+        guard.started = true;
+        let state = &mut *guard;
+        let mut live = self.load_live(now)?;
+        let everyone = self.live_profiles();
+        let rounds: Vec<(usize, Vec<u32>)> = (0..live.segments.len())
+            .map(|i| (i, everyone.clone()))
+            .collect();
+        self.reevaluate(&mut live, &mut state.feed, &rounds, now, Cause::Restart)?;
+        state.live = Some(live);
         Ok(())
     }
 
-    /// Reloads the live drivers after segments were created, edited or deleted.
-    pub(crate) fn reload_live_segments(&self, now: i64) -> Result<()> {
-        let mut live = self.live.lock();
-        if live.is_some() {
-            *live = Some(self.load_live(now)?);
-        }
-        Ok(())
+    /// Whether the live drivers run.
+    pub fn live_started(&self) -> bool {
+        self.segments.lock().started
     }
 
     fn load_live(&self, now: i64) -> Result<LiveState> {
@@ -115,6 +250,7 @@ impl Engine {
         let dictionaries = self.dictionaries();
         let mut state = LiveState {
             segments: Vec::new(),
+            next_id: 0,
             timers: BinaryHeap::new(),
             scheduled: FxHashMap::default(),
             dictionary_sizes: (dictionaries.names.len(), dictionaries.keys.len()),
@@ -127,170 +263,294 @@ impl Engine {
             let plan = plan::plan(&record.ast, &dictionaries);
             let members = self.members(&name)?;
             state.segments.push(LiveSegment {
+                id: state.next_id,
                 uses_traits: uses_traits(&plan.root),
+                uses_computed: uses_computed(&plan.root),
                 any_event: reads_any_event(&plan.root),
                 record,
                 plan,
                 members,
             });
+            state.next_id += 1;
         }
-        let computed =
+        state.computed =
             self.computed_setup(state.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
-        state.computed = computed;
-        let everyone: Vec<u32> = self.live_profiles();
-        let all: Vec<usize> = (0..state.segments.len()).collect();
-        let rounds: Vec<(usize, Vec<u32>)> = all.iter().map(|i| (*i, everyone.clone())).collect();
-        self.reevaluate(&mut state, &rounds, &FxHashSet::default(), now)?;
         Ok(state)
     }
 
     /// The live membership of a segment, when the drivers run.
     pub fn live_members(&self, name: &str) -> Option<RoaringBitmap> {
-        let live = self.live.lock();
-        live.as_ref()?
+        let guard = self.segments.lock();
+        guard
+            .live
+            .as_ref()?
             .segments
             .iter()
             .find(|s| s.record.name == name)
             .map(|s| s.members.clone())
     }
 
-    /// Incremental driver: called after each committed batch.
-    pub(crate) fn live_after_batch(&self, touched: &Touched, now: i64) -> Result<()> {
+    /// Stores a created or edited segment and evaluates it, and the segments built on it, over
+    /// every profile; the changes enter the feed with cause `segment_edit`.
+    pub(crate) fn upsert_live_segment(
+        &self,
+        record: &SegmentRecord,
+        now: i64,
+    ) -> Result<SegmentRecord> {
+        self.with_segments(now, |engine, live, feed| {
+            engine
+                .store
+                .segments
+                .insert(record.name.as_bytes(), to_json(record))?;
+            let dictionaries = engine.dictionaries();
+            engine.ensure_columns([&record.ast])?;
+            let plan = plan::plan(&record.ast, &dictionaries);
+            let members = match live.position(&record.name) {
+                Some(position) => live.segments.remove(position).members,
+                None => engine.members(&record.name)?,
+            };
+            let segment = LiveSegment {
+                id: live.next_id,
+                uses_traits: uses_traits(&plan.root),
+                uses_computed: uses_computed(&plan.root),
+                any_event: reads_any_event(&plan.root),
+                record: record.clone(),
+                plan,
+                members,
+            };
+            live.next_id += 1;
+            live.segments.push(segment);
+            // Dependency order again (the new rule may read other segments, others may read it).
+            let dependencies: BTreeMap<String, Vec<String>> = live
+                .segments
+                .iter()
+                .map(|s| (s.record.name.clone(), s.plan.segments.clone()))
+                .collect();
+            let order = cible_lang::check::dependency_order(&dependencies).map_err(|cycle| {
+                EngineError::Invalid(format!("segment cycle: {}", cycle.join(" -> ")))
+            })?;
+            let mut by_name: FxHashMap<String, LiveSegment> = live
+                .segments
+                .drain(..)
+                .map(|s| (s.record.name.clone(), s))
+                .collect();
+            live.segments = order
+                .into_iter()
+                .filter_map(|name| by_name.remove(&name))
+                .collect();
+            if live.computed.is_none() && live.segments.iter().any(|s| s.uses_computed) {
+                live.computed = engine.computed_setup(
+                    live.segments.iter().map(|s| &s.plan),
+                    &dictionaries,
+                    now,
+                )?;
+            }
+            let position = live.position(&record.name).expect("just inserted");
+            let started = Instant::now();
+            engine
+                .backfill_progress
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let everyone = engine.live_profiles();
+            let mut rounds = vec![(position, everyone.clone())];
+            rounds.extend(
+                live.dependants(position)
+                    .into_iter()
+                    .map(|i| (i, everyone.clone())),
+            );
+            let stats = engine.reevaluate(live, feed, &rounds, now, Cause::SegmentEdit)?;
+            let stat = stats.get(&position).copied().unwrap_or_default();
+            let segment = &mut live.segments[position];
+            segment.record.size = segment.members.len();
+            segment.record.last_backfill = Some(BackfillReport {
+                at: now,
+                duration_ms: started.elapsed().as_millis() as u64,
+                profiles: stat.profiles,
+                members: segment.members.len(),
+                entered: stat.entered,
+                exited: stat.exited,
+                via_messages: stat.via_messages,
+                error: None,
+            });
+            engine
+                .store
+                .segments
+                .insert(segment.record.name.as_bytes(), to_json(&segment.record))?;
+            Ok(segment.record.clone())
+        })
+    }
+
+    /// After a recalibration or a model change: new computed-traits setup, and every segment
+    /// reading computed traits (and those built on them) evaluated over everyone.
+    pub(crate) fn reevaluate_computed(&self, now: i64, cause: Cause) -> Result<()> {
+        self.with_segments(now, |engine, live, feed| {
+            let dictionaries = engine.dictionaries();
+            live.computed =
+                engine.computed_setup(live.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
+            let mut positions: Vec<usize> = Vec::new();
+            for (index, segment) in live.segments.iter().enumerate() {
+                if segment.uses_computed {
+                    positions.push(index);
+                    positions.extend(live.dependants(index));
+                }
+            }
+            positions.sort_unstable();
+            positions.dedup();
+            let everyone = engine.live_profiles();
+            let rounds: Vec<(usize, Vec<u32>)> = positions
+                .into_iter()
+                .map(|i| (i, everyone.clone()))
+                .collect();
+            engine.reevaluate(live, feed, &rounds, now, cause)?;
+            Ok(())
+        })
+    }
+
+    /// Incremental driver: the profiles a committed batch touched, evaluated for the segments
+    /// that read what changed.
+    pub(crate) fn segments_after_batch(
+        &self,
+        guard: &mut SegmentsState,
+        touched: &Touched,
+        now: i64,
+        cause: Cause,
+    ) -> Result<()> {
         if touched.is_empty() {
             return Ok(());
         }
-        let mut guard = self.live.lock();
-        let Some(state) = guard.as_mut() else {
-            return Ok(());
-        };
-        let sizes = self.dictionary_sizes();
-        if sizes != state.dictionary_sizes {
-            // New event names or key texts: conditions compiled against the old dictionaries
-            // would miss them.
-            let dictionaries = self.dictionaries();
-            for segment in &mut state.segments {
-                segment.plan = plan::plan(&segment.record.ast, &dictionaries);
+        self.with_loaded(guard, now, |engine, state, feed| {
+            let sizes = engine.dictionary_sizes();
+            if sizes != state.dictionary_sizes {
+                // New event names or key texts: conditions compiled against the old dictionaries
+                // would miss them.
+                let dictionaries = engine.dictionaries();
+                for segment in &mut state.segments {
+                    segment.plan = plan::plan(&segment.record.ast, &dictionaries);
+                }
+                if let Some(setup) = &mut state.computed {
+                    setup.plan = engine.trait_plan(&dictionaries);
+                    setup.features = engine.feature_plan();
+                }
+                state.dictionary_sizes = sizes;
             }
-            if let Some(setup) = &mut state.computed {
-                setup.plan = self.trait_plan(&dictionaries);
-                setup.features = self.feature_plan();
+            let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
+            let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
+            for (index, segment) in state.segments.iter().enumerate() {
+                let mut profiles: FxHashSet<u32> = touched
+                    .events
+                    .iter()
+                    .filter(|(_, names)| {
+                        segment.any_event || names.iter().any(|n| segment.plan.names.contains(n))
+                    })
+                    .map(|(p, _)| *p)
+                    .collect();
+                if segment.uses_traits || segment.any_event {
+                    profiles.extend(touched.traits.iter().copied());
+                }
+                profiles.extend(touched.gone.iter().copied());
+                profiles.extend(touched.all.iter().copied());
+                changed_profiles.extend(profiles.iter().copied());
+                round.push((index, profiles.into_iter().collect()));
             }
-            state.dictionary_sizes = sizes;
-        }
-        let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
-        let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (index, segment) in state.segments.iter().enumerate() {
-            let mut profiles: FxHashSet<u32> = touched
-                .events
-                .iter()
-                .filter(|(_, names)| {
-                    segment.any_event || names.iter().any(|n| segment.plan.names.contains(n))
-                })
-                .map(|(p, _)| *p)
-                .collect();
-            if segment.uses_traits || segment.any_event {
-                profiles.extend(touched.traits.iter().copied());
-            }
-            profiles.extend(touched.gone.iter().copied());
-            profiles.extend(touched.all.iter().copied());
-            changed_profiles.extend(profiles.iter().copied());
-            round.push((index, profiles.into_iter().collect()));
-        }
-        // Segments built on others see every profile of this batch that may have changed.
-        for (index, profiles) in round.iter_mut() {
-            if !state.segments[*index].plan.segments.is_empty() {
-                profiles.extend(changed_profiles.iter().copied());
+            // Segments built on others see every profile of this batch that may have changed.
+            for (index, profiles) in round.iter_mut() {
+                if !state.segments[*index].plan.segments.is_empty() {
+                    profiles.extend(changed_profiles.iter().copied());
+                }
                 profiles.sort_unstable();
                 profiles.dedup();
             }
-        }
-        // One pass, one store batch for every segment of this round.
-        round.retain(|(_, profiles)| !profiles.is_empty());
-        self.reevaluate(state, &round, &touched.gone, now)?;
-        Ok(())
+            round.retain(|(_, profiles)| !profiles.is_empty());
+            engine.reevaluate(state, feed, &round, now, cause)?;
+            Ok(())
+        })
     }
 
     /// Time driver: re-evaluates every (profile, segment) whose verdict may have changed by
     /// `now`. Returns the next instant at which a timer is due.
     pub fn tick_segments(&self, now: i64) -> Result<Option<i64>> {
-        let mut guard = self.live.lock();
-        let Some(state) = guard.as_mut() else {
+        let mut guard = self.segments.lock();
+        let guard = &mut *guard;
+        let Some(state) = guard.live.as_mut() else {
             return Ok(None);
         };
         let now_s = seconds(now);
         let mut due: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
-        while let Some(Reverse((at, profile, segment))) = state.timers.peek().copied() {
+        while let Some(Reverse((at, profile, id))) = state.timers.peek().copied() {
             if at > now_s {
                 break;
             }
             state.timers.pop();
-            if state.scheduled.get(&(segment, profile)) != Some(&at) {
+            if state.scheduled.get(&(id, profile)) != Some(&at) {
                 continue; // stale: re-armed at another time, or no longer needed
             }
-            state.scheduled.remove(&(segment, profile));
-            due.entry(segment).or_default().push(profile);
+            state.scheduled.remove(&(id, profile));
+            if let Some(position) = state.position_of_id(id) {
+                due.entry(position).or_default().push(profile);
+            }
         }
-        for (segment, mut profiles) in due {
-            profiles.sort_unstable();
-            profiles.dedup();
+        let mut rounds: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for (position, profiles) in due {
             // Segments built on this one may change with it: evaluate them for the same people.
-            let mut indexes = vec![segment];
-            let name = state.segments[segment].record.name.clone();
-            indexes.extend(
-                (segment + 1..state.segments.len())
-                    .filter(|i| state.segments[*i].plan.segments.contains(&name)),
-            );
-            let rounds: Vec<(usize, Vec<u32>)> =
-                indexes.iter().map(|i| (*i, profiles.clone())).collect();
-            self.reevaluate(state, &rounds, &FxHashSet::default(), now)?;
+            for index in std::iter::once(position).chain(state.dependants(position)) {
+                rounds
+                    .entry(index)
+                    .or_default()
+                    .extend(profiles.iter().copied());
+            }
         }
+        let rounds: Vec<(usize, Vec<u32>)> = rounds
+            .into_iter()
+            .map(|(index, mut profiles)| {
+                profiles.sort_unstable();
+                profiles.dedup();
+                (index, profiles)
+            })
+            .collect();
+        if !rounds.is_empty() {
+            let outcome = self.reevaluate(state, &mut guard.feed, &rounds, now, Cause::Timer);
+            if let Err(error) = outcome {
+                guard.live = None;
+                return Err(error);
+            }
+        }
+        let Some(state) = guard.live.as_ref() else {
+            return Ok(None);
+        };
         Ok(state
             .timers
             .peek()
             .map(|Reverse((at, _, _))| i64::from(*at) * 1000))
     }
 
-    /// Evaluates `profiles` for the segments at `indexes` (in dependency order), records the
-    /// enters and exits, arms timers.
+    /// Evaluates `profiles` for the segments at the given positions (in dependency order),
+    /// records the enters and exits in the feed, arms timers; one store batch for all.
     fn reevaluate(
         &self,
         state: &mut LiveState,
+        feed: &mut FeedWriter,
         rounds: &[(usize, Vec<u32>)],
-        gone: &FxHashSet<u32>,
         now: i64,
-    ) -> Result<()> {
+        cause: Cause,
+    ) -> Result<FxHashMap<usize, PassStats>> {
+        let started = Instant::now();
         let now_s = seconds(now);
-        let dictionaries: DictSnapshot = self.name_dictionary();
+        let dictionaries = self.name_dictionary();
         let mut batch = self
             .store
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
-        let mut dirty = false;
-        // Traits are read once per profile for every segment of this pass that needs them.
-        let mut traits: FxHashMap<u32, BTreeMap<String, crate::engine::TraitValue>> =
-            FxHashMap::default();
+        let mut changes = feed.begin();
         let mut names = Vec::new();
         for (index, _) in rounds {
             super::trait_names(&state.segments[*index].plan.root, &mut names);
         }
         self.ensure_trait_columns(&names)?;
-        {
-            // Released before anything takes the writer lock (`is_alive` below): the writer
-            // updates these columns while holding it.
-            let columns = self.trait_columns.read();
-            for (index, profiles) in rounds {
-                if state.segments[*index].uses_traits {
-                    for &profile in profiles {
-                        traits
-                            .entry(profile)
-                            .or_insert_with(|| columns.traits_of(profile));
-                    }
-                }
-            }
-        }
+        let mut stats: FxHashMap<usize, PassStats> = FxHashMap::default();
+        let mut dirty: FxHashSet<usize> = FxHashSet::default();
         for (index, profiles) in rounds {
-            let (index, profiles) = (*index, profiles.as_slice());
+            let index = *index;
+            let segment_started = Instant::now();
             let dependencies: FxHashMap<String, RoaringBitmap> = state.segments[index]
                 .plan
                 .segments
@@ -303,89 +563,126 @@ impl Engine {
                         .map(|s| (name.clone(), s.members.clone()))
                 })
                 .collect();
-            let segment = &state.segments[index];
-            let hot = self.hot.read();
-            let run = RuleRun {
-                plan: &segment.plan,
-                hot: &hot,
-                dictionaries: &dictionaries,
-                now: now_s,
-                traits: &traits,
-                dependencies: &dependencies,
-                computed: state
-                    .computed
-                    .as_ref()
-                    .filter(|_| super::uses_computed(&segment.plan.root)),
-            };
-            let mut verdicts = Vec::with_capacity(profiles.len());
-            for &profile in profiles {
-                // Timers may still name a profile merged away or removed since.
-                if gone.contains(&profile) || !self.is_alive(profile) {
-                    verdicts.push((profile, false, None));
-                    continue;
-                }
-                let (verdict, _) = self.evaluate_profile(&run, profile)?;
-                verdicts.push((profile, verdict.member, verdict.next_change));
-            }
-            drop(hot);
-            let segment = &mut state.segments[index];
-            let mut changed = false;
-            for (profile, member, next) in verdicts {
-                match next {
-                    Some(at) if state.scheduled.get(&(index, profile)) != Some(&at) => {
-                        state.scheduled.insert((index, profile), at);
-                        state.timers.push(Reverse((at, profile, index)));
-                    }
-                    Some(_) => {}
-                    None => {
-                        state.scheduled.remove(&(index, profile));
-                    }
-                }
-                let was = segment.members.contains(profile);
-                if member == was {
-                    continue;
-                }
-                if member {
-                    segment.members.insert(profile);
-                } else {
-                    segment.members.remove(profile);
-                }
-                let change = Change {
-                    at: now,
-                    profile,
-                    entered: member,
-                    size: segment.members.len(),
+            let stat = stats.entry(index).or_default();
+            for chunk in profiles.chunks(CHUNK) {
+                // Liveness and traits first: the writer takes its lock before `hot`, so a
+                // reader holding `hot` must not ask for it (the lock order forbids it).
+                let alive = self.alive_flags(chunk);
+                let traits: FxHashMap<u32, BTreeMap<String, crate::engine::TraitValue>> =
+                    if state.segments[index].uses_traits {
+                        let hot_free = self.trait_columns.read();
+                        chunk.iter().map(|p| (*p, hot_free.traits_of(*p))).collect()
+                    } else {
+                        FxHashMap::default()
+                    };
+                let segment = &state.segments[index];
+                let hot = self.hot.read();
+                let run = RuleRun {
+                    plan: &segment.plan,
+                    hot: &hot,
+                    dictionaries: &dictionaries,
+                    now: now_s,
+                    traits: &traits,
+                    dependencies: &dependencies,
+                    computed: state.computed.as_ref().filter(|_| segment.uses_computed),
                 };
-                self.log_change(&mut batch, &segment.record.name, change);
-                changed = true;
+                let evaluate = |(&profile, &alive): (&u32, &bool)| -> Result<_> {
+                    if !alive {
+                        return Ok((profile, false, None, false));
+                    }
+                    let (verdict, via) = self.evaluate_profile(&run, profile)?;
+                    Ok((profile, verdict.member, verdict.next_change, via))
+                };
+                let verdicts: Vec<Result<Verdict>> = if chunk.len() >= 256 {
+                    chunk
+                        .par_iter()
+                        .zip(alive.par_iter())
+                        .map(evaluate)
+                        .collect()
+                } else {
+                    chunk.iter().zip(alive.iter()).map(evaluate).collect()
+                };
+                drop(hot);
+                let segment = &mut state.segments[index];
+                for verdict in verdicts {
+                    let (profile, member, next, via) = verdict?;
+                    stat.profiles += 1;
+                    stat.via_messages += u64::from(via);
+                    let key = (segment.id, profile);
+                    match next {
+                        Some(at) if state.scheduled.get(&key) != Some(&at) => {
+                            state.scheduled.insert(key, at);
+                            state.timers.push(Reverse((at, profile, segment.id)));
+                        }
+                        Some(_) => {}
+                        None => {
+                            state.scheduled.remove(&key);
+                        }
+                    }
+                    if member == segment.members.contains(profile) {
+                        continue;
+                    }
+                    if member {
+                        segment.members.insert(profile);
+                        stat.entered += 1;
+                    } else {
+                        segment.members.remove(profile);
+                        stat.exited += 1;
+                    }
+                    let change = Change {
+                        at: now,
+                        profile,
+                        entered: member,
+                        size: segment.members.len(),
+                    };
+                    changes.record(&self.store, &mut batch, &segment.record.name, change, cause);
+                    dirty.insert(index);
+                }
+                self.backfill_progress
+                    .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            if changed {
-                let mut bytes = Vec::with_capacity(segment.members.serialized_size());
-                segment
-                    .members
-                    .serialize_into(&mut bytes)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
-                batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
-                segment.record.size = segment.members.len();
-                batch.insert(
-                    &self.store.segments,
-                    segment.record.name.as_bytes(),
-                    to_json(&segment.record),
-                );
-                dirty = true;
-            }
+            self.metrics.segment_evaluated(
+                &state.segments[index].record.name,
+                profiles.len() as u64,
+                segment_started.elapsed(),
+            );
+        }
+        for index in &dirty {
+            let segment = &mut state.segments[*index];
+            let mut bytes = Vec::with_capacity(segment.members.serialized_size());
+            segment
+                .members
+                .serialize_into(&mut bytes)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
+            segment.record.size = segment.members.len();
+            batch.insert(
+                &self.store.segments,
+                segment.record.name.as_bytes(),
+                to_json(&segment.record),
+            );
         }
         // Stale entries pile up as verdicts are re-armed; rebuild the heap when they dominate.
         if state.timers.len() > 2 * state.scheduled.len() + 1024 {
             state.timers = state
                 .scheduled
                 .iter()
-                .map(|(&(segment, profile), &at)| Reverse((at, profile, segment)))
+                .map(|(&(id, profile), &at)| Reverse((at, profile, id)))
                 .collect();
         }
-        if dirty {
+        if !dirty.is_empty() {
             batch.commit()?;
+            let written = changes.written;
+            feed.committed(changes);
+            self.metrics.feed_committed(feed.head(), written);
+            self.notify_feed(feed.head());
         }
-        Ok(())
+        tracing::debug!(
+            cause = cause.as_str(),
+            rounds = rounds.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "segments evaluated"
+        );
+        Ok(stats)
     }
 }

@@ -4,8 +4,10 @@
 //! membership; cycles are refused with the cycle named.
 
 pub mod eval;
+pub mod feed;
 pub mod live;
 pub mod plan;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,23 +188,6 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
 }
 
-fn entry_key(segment: &str, profile: u32) -> Vec<u8> {
-    let mut key = Vec::with_capacity(segment.len() + 5);
-    key.extend_from_slice(segment.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&profile.to_be_bytes());
-    key
-}
-
-fn log_key(segment: &str, at: i64, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(segment.len() + 17);
-    key.extend_from_slice(segment.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
 /// Whether some comparison of a plan reads a value matching `wanted`.
 fn any_value(node: &plan::Node, wanted: &dyn Fn(&ValueNode) -> bool) -> bool {
     match node {
@@ -248,42 +233,31 @@ impl Engine {
     pub fn segments(&self) -> Result<Vec<SegmentRecord>> {
         let mut segments = Vec::new();
         for entry in self.store.segments.iter() {
-            let (_, value) = entry.into_inner()?;
-            segments.push(
-                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?,
-            );
+            let (key, value) = entry.into_inner()?;
+            match serde_json::from_slice::<SegmentRecord>(&value) {
+                Ok(record) => segments.push(record),
+                // One unreadable rule must not take every segment down: it is skipped (and
+                // can be deleted by name).
+                Err(error) => tracing::error!(
+                    segment = %String::from_utf8_lossy(&key),
+                    error = %error,
+                    "segment record unreadable, skipped"
+                ),
+            }
         }
         Ok(segments)
     }
 
     pub fn segment(&self, name: &str) -> Result<SegmentRecord> {
         match self.store.segments.get(name.as_bytes())? {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| EngineError::Invalid(e.to_string()))
-            }
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                crate::engine::corrupt(
+                    "segments",
+                    format!("segment {name:?} is unreadable ({e}); `cible segment delete {name}` removes it"),
+                )
+            }),
             None => Err(EngineError::NotFound(format!("segment {name:?}"))),
         }
-    }
-
-    /// Records an enter or exit in a batch: the log entry, and the member's entry time (kept
-    /// per member so that listing members never replays the log).
-    pub(crate) fn log_change(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        segment: &str,
-        change: Change,
-    ) {
-        let entry = entry_key(segment, change.profile);
-        if change.entered {
-            batch.insert(&self.store.entries, entry, change.at.to_be_bytes());
-        } else {
-            batch.remove(&self.store.entries, entry);
-        }
-        batch.insert(
-            &self.store.segment_log,
-            log_key(segment, change.at, self.next_log_seq()),
-            to_json(&change),
-        );
     }
 
     /// When a member last entered a segment (`None` for non-members).
@@ -291,7 +265,7 @@ impl Engine {
         Ok(self
             .store
             .entries
-            .get(entry_key(segment, profile))?
+            .get(crate::store::entry_key(segment, profile))?
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
@@ -306,10 +280,12 @@ impl Engine {
 
     /// Every enter and exit of a segment, oldest first.
     pub fn segment_changes(&self, name: &str) -> Result<Vec<Change>> {
-        let mut prefix = name.as_bytes().to_vec();
-        prefix.push(0);
         let mut changes = Vec::new();
-        for entry in self.store.segment_log.prefix(prefix) {
+        for entry in self
+            .store
+            .segment_log
+            .prefix(crate::store::segment_prefix(name))
+        {
             let (_, value) = entry.into_inner()?;
             changes.push(
                 serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?,
@@ -418,15 +394,11 @@ impl Engine {
         self.save_and_backfill(&record, now)
     }
 
-    /// Stores a segment's rule, computes its members, and hands it to the live drivers.
+    /// Stores a segment's rule and, on the segment worker, evaluates it (and the segments built
+    /// on it) over every profile; the changes enter the feed with cause `segment_edit`. Batches
+    /// are acknowledged meanwhile: only their evaluation waits.
     fn save_and_backfill(&self, record: &SegmentRecord, now: i64) -> Result<SegmentRecord> {
-        self.store
-            .segments
-            .insert(record.name.as_bytes(), to_json(record))?;
-        self.backfill_progress.store(0, Ordering::Relaxed);
-        let record = self.backfill(&record.name, now, &self.backfill_progress)?;
-        self.reload_live_segments(now)?;
-        Ok(record)
+        self.upsert_live_segment(record, now)
     }
 
     /// Replaces a segment's rule and backfills it; members who no longer match exit.
@@ -446,8 +418,11 @@ impl Engine {
     }
 
     /// Deletes a segment, its membership and its log; refused while other segments use it.
-    pub fn delete_segment(&self, name: &str, now: i64) -> Result<()> {
-        self.segment(name)?;
+    /// A record that no longer reads (written by a faulty version) can still be deleted.
+    pub fn delete_segment(&self, name: &str, _now: i64) -> Result<()> {
+        if !self.store.segments.contains_key(name.as_bytes())? {
+            return Err(EngineError::NotFound(format!("segment {name:?}")));
+        }
         let users: Vec<String> = self
             .segments()?
             .into_iter()
@@ -464,6 +439,9 @@ impl Engine {
                 users.join(", ")
             )));
         }
+        // Under the worker's lock, and forgotten by it in the same critical section: no
+        // evaluation can write this segment back.
+        let mut worker = self.segments.lock();
         let mut batch = self
             .store
             .db
@@ -471,8 +449,7 @@ impl Engine {
             .durability(Some(fjall::PersistMode::SyncAll));
         batch.remove(&self.store.segments, name.as_bytes());
         batch.remove(&self.store.members, name.as_bytes());
-        let mut prefix = name.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = crate::store::segment_prefix(name);
         for entry in self.store.segment_log.prefix(&prefix) {
             batch.remove(&self.store.segment_log, entry.key()?);
         }
@@ -480,7 +457,8 @@ impl Engine {
             batch.remove(&self.store.entries, entry.key()?);
         }
         batch.commit()?;
-        self.reload_live_segments(now)
+        worker.forget(name);
+        Ok(())
     }
 
     /// Event names only (what evaluating full messages needs); cheap, unlike the keys.
@@ -549,12 +527,55 @@ impl Engine {
         let computed = self.computed_setup(&plans, &dictionaries, now)?;
         let profiles = self.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
-        // Taken after every call that needs the writer lock: the writer updates these while
-        // holding it.
-        let trait_columns = self.trait_columns.read();
-        let hot = self.hot.read();
-        // Per chunk: for each rule, the members found and the full-message evaluations.
-        let chunks: Vec<Result<Vec<ChunkResult>>> = profiles
+        // The hot store's read guard is held for one outer chunk at a time, so the writer (which
+        // needs its write guard for every batch) waits for one chunk at most. The trait columns
+        // come after `hot` in the lock order.
+        let mut chunks: Vec<Result<Vec<ChunkResult>>> = Vec::new();
+        for outer in profiles.chunks(16_384) {
+            let hot = self.hot.read();
+            let trait_columns = self.trait_columns.read();
+            chunks.extend(self.evaluate_chunk(
+                outer,
+                &plans,
+                &hot,
+                &trait_columns,
+                needs_traits,
+                &dependencies,
+                computed.as_ref(),
+                &dictionaries,
+                now_s,
+                progress,
+            ));
+        }
+        let mut results: Vec<(RoaringBitmap, u64)> = vec![(RoaringBitmap::new(), 0); plans.len()];
+        for chunk in chunks {
+            for ((members, via), (found, found_via)) in results.iter_mut().zip(chunk?) {
+                members.extend(found);
+                *via += found_via;
+            }
+        }
+        Ok(results)
+    }
+
+    /// One outer chunk of [`Engine::evaluate_rules`], in parallel pieces.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the pass's shared inputs, borrowed once"
+    )]
+    fn evaluate_chunk(
+        &self,
+        profiles: &[u32],
+        plans: &[Plan],
+        hot: &crate::hot::HotStore,
+        trait_columns: &crate::trait_columns::TraitColumns,
+        needs_traits: bool,
+        dependencies: &FxHashMap<String, RoaringBitmap>,
+        computed: Option<&Setup>,
+        dictionaries: &DictSnapshot,
+        now_s: u32,
+        progress: &AtomicU64,
+    ) -> Vec<Result<Vec<ChunkResult>>> {
+        profiles
             .par_chunks(2048)
             .map(|chunk| {
                 let mut found: Vec<ChunkResult> = vec![(Vec::new(), 0); plans.len()];
@@ -598,7 +619,7 @@ impl Engine {
                             None => {
                                 if full.is_none() {
                                     full = Some(MessageEvents(
-                                        self.full_events(profile, &dictionaries)?,
+                                        self.full_events(profile, dictionaries)?,
                                     ));
                                 }
                                 *via += 1;
@@ -615,15 +636,7 @@ impl Engine {
                 progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 Ok(found)
             })
-            .collect();
-        let mut results: Vec<(RoaringBitmap, u64)> = vec![(RoaringBitmap::new(), 0); plans.len()];
-        for chunk in chunks {
-            for ((members, via), (found, found_via)) in results.iter_mut().zip(chunk?) {
-                members.extend(found);
-                *via += found_via;
-            }
-        }
-        Ok(results)
+            .collect()
     }
 
     pub(crate) fn evaluate_profile(
@@ -753,78 +766,11 @@ impl Engine {
         })
     }
 
-    /// Recomputes a segment over every profile, logs who entered and exited, stores the result.
-    /// A failure is recorded on the segment, so it never silently goes stale.
-    pub fn backfill(&self, name: &str, now: i64, progress: &AtomicU64) -> Result<SegmentRecord> {
-        let mut record = self.segment(name)?;
-        let started = Instant::now();
-        let outcome = self.evaluate_rule(&record.ast, now, progress);
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let (members, profiles, via_messages) = match outcome {
-            Ok(result) => result,
-            Err(error) => {
-                record.last_backfill = Some(BackfillReport {
-                    at: now,
-                    duration_ms,
-                    profiles: 0,
-                    members: record.size,
-                    entered: 0,
-                    exited: 0,
-                    via_messages: 0,
-                    error: Some(error.to_string()),
-                });
-                self.store
-                    .segments
-                    .insert(name.as_bytes(), to_json(&record))?;
-                return Err(error);
-            }
-        };
-        let previous = self.members(name)?;
-        let entered = &members - &previous;
-        let exited = &previous - &members;
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
-        // Exits first, then entries: the logged size never exceeds the true one.
-        let mut size = previous.len();
-        let changes = exited
-            .iter()
-            .map(|p| (p, false))
-            .chain(entered.iter().map(|p| (p, true)));
-        for (profile, entered) in changes {
-            size = if entered { size + 1 } else { size - 1 };
-            self.log_change(
-                &mut batch,
-                name,
-                Change {
-                    at: now,
-                    profile,
-                    entered,
-                    size,
-                },
-            );
-        }
-        let mut bytes = Vec::with_capacity(members.serialized_size());
-        members
-            .serialize_into(&mut bytes)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        batch.insert(&self.store.members, name.as_bytes(), bytes);
-        record.size = members.len();
-        record.last_backfill = Some(BackfillReport {
-            at: now,
-            duration_ms,
-            profiles,
-            members: members.len(),
-            entered: entered.len(),
-            exited: exited.len(),
-            via_messages,
-            error: None,
-        });
-        batch.insert(&self.store.segments, name.as_bytes(), to_json(&record));
-        batch.commit()?;
-        Ok(record)
+    /// Recomputes a segment, and the segments built on it, over every profile (`segment
+    /// refresh`): who entered and exited goes to the feed with cause `segment_edit`.
+    pub fn backfill(&self, name: &str, now: i64) -> Result<SegmentRecord> {
+        let record = self.segment(name)?;
+        self.upsert_live_segment(&record, now)
     }
 }
 

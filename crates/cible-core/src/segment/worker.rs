@@ -1,0 +1,207 @@
+//! The seam between deciding and acting: the writer commits a batch, hands what it touched to
+//! this queue and answers; the segment worker takes the queue's contents, evaluates, and writes
+//! memberships and the change feed. **An acknowledgement never waits for segment evaluation.**
+//!
+//! Batches of the same cause waiting together are merged (their touched profiles united), so
+//! the queue's memory is bounded by the number of profiles, not by the number of batches.
+//!
+//! Three modes:
+//! - *inline* (the default: CLI commands, tests): the thread that committed drains the queue
+//!   itself, after releasing the writer lock;
+//! - *deferred* (bulk import): the queue accumulates and is drained once, at the end;
+//! - *background* (`cible serve`): a worker thread drains it, and follows the timers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::feed::{Cause, FeedChange};
+use super::live::Touched;
+use crate::engine::{Engine, EngineError};
+use crate::lock::{Level, OrderedMutex};
+
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Called with the feed's head after a commit.
+pub type FeedListener = Box<dyn Fn(u64) + Send + Sync>;
+
+/// Committed batches waiting for the worker.
+pub struct WorkQueue {
+    pending: OrderedMutex<VecDeque<Work>>,
+    wake: parking_lot::Condvar,
+    background: AtomicBool,
+    deferred: AtomicUsize,
+    /// Called with the feed's head after each commit of changes (the server's streams).
+    listeners: OrderedMutex<Vec<FeedListener>>,
+}
+
+impl Default for WorkQueue {
+    fn default() -> Self {
+        Self {
+            pending: OrderedMutex::new(Level::Queue, VecDeque::new()),
+            wake: parking_lot::Condvar::new(),
+            background: AtomicBool::new(false),
+            deferred: AtomicUsize::new(0),
+            listeners: OrderedMutex::new(Level::Cache, Vec::new()),
+        }
+    }
+}
+
+/// What one or more committed batches of one cause touched.
+pub(crate) struct Work {
+    cause: Cause,
+    touched: Touched,
+    /// Evaluation time of the latest batch merged in.
+    now: i64,
+    /// When the oldest batch merged in was committed.
+    committed: Instant,
+    batches: u64,
+}
+
+/// Keeps the queue from draining inline until dropped (see [`Engine::defer_segments`]).
+pub struct Deferral<'e> {
+    engine: &'e Engine,
+}
+
+impl Drop for Deferral<'_> {
+    fn drop(&mut self) {
+        self.engine.work.deferred.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Engine {
+    /// Hands a committed batch's touched profiles to the segment worker. Called by the writer
+    /// after it released its lock.
+    pub(crate) fn hand_off(&self, touched: Touched, cause: Cause, now: i64) -> Result<()> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        self.metrics.batches_handed.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut pending = self.work.pending.lock();
+            match pending.back_mut() {
+                Some(last) if last.cause == cause => {
+                    last.touched.absorb(touched);
+                    last.now = last.now.max(now);
+                    last.batches += 1;
+                }
+                _ => pending.push_back(Work {
+                    cause,
+                    touched,
+                    now,
+                    committed: Instant::now(),
+                    batches: 1,
+                }),
+            }
+            self.metrics.queue_depth.store(
+                pending.iter().map(|w| w.touched.len()).sum::<usize>() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        if self.work.background.load(Ordering::Acquire) {
+            self.work.wake.notify_one();
+            Ok(())
+        } else if self.work.deferred.load(Ordering::Acquire) > 0 {
+            Ok(())
+        } else {
+            self.drain_segments().map(|_| ())
+        }
+    }
+
+    /// Until the guard is dropped, committed batches wait in the queue instead of being
+    /// evaluated after each one (bulk import evaluates once, at the end, with
+    /// [`Engine::drain_segments`]).
+    pub fn defer_segments(&self) -> Deferral<'_> {
+        self.work.deferred.fetch_add(1, Ordering::AcqRel);
+        Deferral { engine: self }
+    }
+
+    /// Evaluates everything waiting in the queue; returns the number of batches processed.
+    pub fn drain_segments(&self) -> Result<u64> {
+        let mut processed = 0;
+        // Held across the whole drain: batches are evaluated in the order they were committed.
+        let mut guard = self.segments.lock();
+        loop {
+            let work = {
+                let mut pending = self.work.pending.lock();
+                let work = pending.pop_front();
+                self.metrics.queue_depth.store(
+                    pending.iter().map(|w| w.touched.len()).sum::<usize>() as u64,
+                    Ordering::Relaxed,
+                );
+                work
+            };
+            let Some(work) = work else {
+                return Ok(processed);
+            };
+            self.segments_after_batch(&mut guard, &work.touched, work.now, work.cause)?;
+            self.metrics
+                .batch_to_feed(work.committed.elapsed(), work.batches);
+            processed += work.batches;
+        }
+    }
+
+    /// Whether batches wait for the worker.
+    pub fn segments_pending(&self) -> bool {
+        !self.work.pending.lock().is_empty()
+    }
+
+    /// The segment worker of `cible serve`: drains committed batches as they come and follows
+    /// the timers, until `stop`. Batches committed meanwhile are evaluated before it returns.
+    pub fn run_segment_worker(&self, stop: &AtomicBool, clock: &(dyn Fn() -> i64 + Sync)) {
+        self.work.background.store(true, Ordering::Release);
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            if let Err(error) = self.drain_segments() {
+                tracing::error!(error = %error, "segment worker failed on a batch");
+            }
+            if stopping {
+                break;
+            }
+            // Cheap when nothing is due (a peek at the timer heap).
+            let next_timer = match self.tick_segments(clock()) {
+                Ok(next) => next,
+                Err(error) => {
+                    tracing::error!(error = %error, "segment timers failed");
+                    None
+                }
+            };
+            // Sleep until work arrives, the next timer is due, or a second has passed (the
+            // clock may be pinned, and batches arm new timers).
+            let wait = next_timer
+                .map(|at| (at - clock()).clamp(0, 1000))
+                .unwrap_or(1000);
+            let mut pending = self.work.pending.lock();
+            if pending.is_empty() && !stop.load(Ordering::Acquire) {
+                pending.wait_for(&self.work.wake, Duration::from_millis(wait as u64 + 1));
+            }
+        }
+        self.work.background.store(false, Ordering::Release);
+    }
+
+    /// Wakes the worker (to see `stop`).
+    pub fn wake_segment_worker(&self) {
+        self.work.wake.notify_all();
+    }
+
+    /// Calls `listener` with the feed's head after every commit of changes.
+    pub fn on_feed(&self, listener: FeedListener) {
+        self.work.listeners.lock().push(listener);
+    }
+
+    pub(crate) fn notify_feed(&self, head: u64) {
+        for listener in self.work.listeners.lock().iter() {
+            listener(head);
+        }
+    }
+
+    /// Up to `limit` changes after sequence number `after`, oldest first.
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<FeedChange>> {
+        super::feed::read_after(&self.store, after, limit)
+    }
+
+    /// The sequence number of the last change written (0 when none).
+    pub fn feed_head(&self) -> u64 {
+        self.metrics.feed_head.load(Ordering::Acquire)
+    }
+}
