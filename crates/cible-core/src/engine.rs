@@ -378,6 +378,8 @@ pub struct Engine {
     pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
     /// Whether the `hot` rows list their other key properties (property columns can be built).
     columns_supported: bool,
+    /// Opened with [`Engine::open_light`]: read-only, profiles loaded on demand.
+    light: bool,
     /// Computed traits: the configuration, and the calibration and product model once known.
     pub(crate) trait_config: crate::computed::config::TraitConfig,
     pub(crate) calibration: OrderedRwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
@@ -399,6 +401,23 @@ pub struct LoadStats {
 impl Engine {
     /// Opens the store in `dir` and rebuilds the in-memory state from it.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens the store for reading a few things fast, whatever its size: neither the hot store
+    /// nor the identity graph is loaded. Profiles are looked up in the store and their hot rows
+    /// loaded one by one ([`Engine::lookup_profile`]); writes are refused. For CLI commands
+    /// such as `segment list` and `profile show`.
+    pub fn open_light(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    /// Whether this engine was opened with [`Engine::open_light`].
+    pub fn is_light(&self) -> bool {
+        self.light
+    }
+
+    fn open_with(dir: &Path, light: bool) -> Result<Self> {
         let trait_config =
             match std::fs::read_to_string(dir.join(crate::computed::config::FILE_NAME)) {
                 Ok(text) => {
@@ -431,7 +450,7 @@ impl Engine {
             names: Dict::default(),
             keys: Dict::default(),
         };
-        for entry in store.idents.iter() {
+        for entry in store.idents.iter().take(if light { 0 } else { usize::MAX }) {
             let (key, value) = entry.into_inner()?;
             let ident = String::from_utf8_lossy(&key).into_owned();
             let profile = u32::from_be_bytes(
@@ -446,7 +465,7 @@ impl Engine {
             }
             state.idents.insert(ident, profile);
         }
-        for entry in store.merges.iter() {
+        for entry in store.merges.iter().take(if light { 0 } else { usize::MAX }) {
             let (_, value) = entry.into_inner()?;
             let merge: MergeRecord =
                 serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
@@ -481,7 +500,11 @@ impl Engine {
             }
             _ => Vec::new(),
         };
-        let (hot, hashes) = load_hot(&store, state.counters.next_profile, &columns)?;
+        let (hot, hashes) = if light {
+            (HotStore::with_columns(&columns), Vec::new())
+        } else {
+            load_hot(&store, &[(0, state.counters.next_profile)], &columns)?
+        };
         state.seen = SeenSet::from_hashes(hashes);
         let mut api_keys = FxHashMap::default();
         for entry in store.keys.iter() {
@@ -507,6 +530,7 @@ impl Engine {
             metrics,
             backfill_progress: std::sync::atomic::AtomicU64::new(0),
             columns_supported,
+            light,
             trait_config,
             calibration: OrderedRwLock::new(Level::Cache, None),
             product_model: OrderedRwLock::new(Level::Cache, None),
@@ -612,7 +636,15 @@ impl Engine {
         columns.extend(wanted);
         columns.sort_unstable();
         columns.dedup();
-        let (hot, _) = load_hot(&self.store, state.counters.next_profile, &columns)?;
+        if self.light {
+            // Only the profiles loaded so far, and nothing written.
+            let loaded = self.hot.read().loaded_profiles();
+            let ranges: Vec<(u32, u32)> = loaded.iter().map(|p| (*p, p + 1)).collect();
+            let (hot, _) = load_hot(&self.store, &ranges, &columns)?;
+            *self.hot.write() = hot;
+            return Ok(());
+        }
+        let (hot, _) = load_hot(&self.store, &[(0, state.counters.next_profile)], &columns)?;
         self.store.meta.insert(COLUMNS_KEY, to_json(&columns))?;
         *self.hot.write() = hot;
         Ok(())
@@ -669,6 +701,11 @@ impl Engine {
             .collect()
     }
 
+    /// Bytes on disk per keyspace.
+    pub fn store_sizes(&self) -> Vec<(&'static str, u64)> {
+        self.store.disk_space()
+    }
+
     /// Syncs everything written so far to disk.
     pub fn sync(&self) -> Result<()> {
         self.store.db.persist(fjall::PersistMode::SyncAll)?;
@@ -685,6 +722,11 @@ impl Engine {
     }
 
     fn check_poisoned(&self) -> Result<()> {
+        if self.light {
+            return Err(EngineError::Invalid(
+                "this store was opened read-only (a light open); writes need a full open".into(),
+            ));
+        }
         if self.poisoned.load(Ordering::Acquire) {
             return Err(EngineError::Poisoned("an earlier commit failed".into()));
         }
@@ -881,6 +923,9 @@ impl Engine {
 
     /// [`Engine::find_profile`], saying whether `id` was a profile number merged into another.
     pub fn lookup_profile(&self, id: &str) -> Option<Lookup> {
+        if self.light {
+            return self.lookup_light(id);
+        }
         let state = self.state.lock();
         let email = crate::normalize::normalize_email(id);
         let by_identifier = [identity::user_ident(id), identity::anonymous_ident(id)]
@@ -902,6 +947,62 @@ impl Engine {
             profile: live,
             merged_from: (live != ordinal).then_some(ordinal),
         })
+    }
+
+    /// [`Engine::lookup_profile`] on a light open: identifiers read from the store, merges
+    /// followed through the records, and the profile's hot rows loaded.
+    fn lookup_light(&self, id: &str) -> Option<Lookup> {
+        let email = crate::normalize::normalize_email(id);
+        let by_identifier = [identity::user_ident(id), identity::anonymous_ident(id)]
+            .into_iter()
+            .chain(email.map(|e| identity::email_ident(&e)))
+            .find_map(|ident| {
+                let value = self.store.idents.get(ident.as_bytes()).ok()??;
+                Some(u32::from_be_bytes(value.as_ref().try_into().ok()?))
+            });
+        let (profile, merged_from) = match by_identifier {
+            Some(profile) => (profile, None),
+            None => {
+                let asked = id.parse::<u32>().ok()?;
+                let mut profile = asked;
+                // Merge chains are short; a cycle would be corruption: stop after many hops.
+                for _ in 0..64 {
+                    match read_profile(&self.store, profile).ok()??.merged_into {
+                        Some(into) => profile = into,
+                        None => break,
+                    }
+                }
+                (profile, (profile != asked).then_some(asked))
+            }
+        };
+        let record = read_profile(&self.store, profile).ok()??;
+        if record.identifiers.is_empty() && record.merged_into.is_none() {
+            return None;
+        }
+        self.load_light_profile(profile).ok()?;
+        Some(Lookup {
+            profile,
+            merged_from,
+        })
+    }
+
+    /// Loads one profile's hot rows into a light engine.
+    fn load_light_profile(&self, profile: u32) -> Result<()> {
+        let mut events = Vec::new();
+        for entry in self.store.hot.prefix(profile_key(profile)) {
+            let (key, value) = entry.into_inner()?;
+            let (_, ts, _) = key_of("hot", &key)?;
+            let record = HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
+            events.push((record.to_hot(ts), record.others));
+        }
+        {
+            let mut state = self.state.lock();
+            if let Some(meta) = state.profiles.get_mut(profile as usize) {
+                meta.alive = true;
+            }
+        }
+        self.hot.write().replace(profile, events);
+        Ok(())
     }
 
     /// A profile's record.
@@ -1276,18 +1377,22 @@ type ScannedRange = (
 /// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
 /// hashes from the `hot` keyspace, scanning ranges of profiles in parallel (timelines of
 /// different profiles are disjoint).
-fn load_hot(store: &Store, n_profiles: u32, columns: &[u8]) -> Result<(HotStore, Vec<u64>)> {
+fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(HotStore, Vec<u64>)> {
     let n_parts = (rayon::current_num_threads() * 4).max(1) as u32;
-    let step = n_profiles.div_ceil(n_parts).max(1);
-    let parts: Vec<(u32, u32)> = (0..n_parts)
-        .map(|i| {
-            (
-                i.saturating_mul(step),
-                (i + 1).saturating_mul(step).min(n_profiles),
-            )
-        })
-        .filter(|(start, end)| start < end)
-        .collect();
+    let mut parts: Vec<(u32, u32)> = Vec::new();
+    for &(first, end) in ranges {
+        let step = (end.saturating_sub(first)).div_ceil(n_parts).max(1);
+        parts.extend(
+            (0..n_parts)
+                .map(|i| {
+                    (
+                        first.saturating_add(i.saturating_mul(step)).min(end),
+                        first.saturating_add((i + 1).saturating_mul(step)).min(end),
+                    )
+                })
+                .filter(|(start, end)| start < end),
+        );
+    }
     let scanned: Vec<Result<ScannedRange>> = parts
         .into_par_iter()
         .map(|(start, end)| {

@@ -220,6 +220,13 @@ impl HotStore {
         self.n_events
     }
 
+    /// Profiles with at least one event held.
+    pub fn loaded_profiles(&self) -> Vec<u32> {
+        (0..self.timelines.len() as u32)
+            .filter(|p| !self.timelines[*p as usize].is_empty())
+            .collect()
+    }
+
     /// Number of profile slots (the highest ordinal plus one).
     pub fn n_slots(&self) -> usize {
         self.timelines.len()

@@ -308,6 +308,7 @@ fn http_ingest(
             queue: 64,
             pinned_now: Some(now),
             retrain_days: 0,
+            data_dir: None,
         },
         async {
             let _ = stopped.await;

@@ -198,7 +198,15 @@ pub enum KeyCommand {
 }
 
 pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
-    let engine = global.open()?;
+    // A key can be the first thing made in a new data directory.
+    let engine = if !global.data.join("store").is_dir() {
+        global.open()?
+    } else {
+        match global.open_or_remote(true)? {
+            crate::Opened::Local(engine) => engine,
+            crate::Opened::Remote(remote) => return key_remote(&remote, command),
+        }
+    };
     match command {
         KeyCommand::Create { admin, name, .. } => {
             let kind = if admin {
@@ -208,19 +216,42 @@ pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
             };
             println!("{}", engine.create_key(kind, &name, global.now_ms()?)?);
         }
+        KeyCommand::List => print_keys(&engine.list_keys()),
+    }
+    Ok(())
+}
+
+/// `cible key` through the running server.
+fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create { admin, name, .. } => {
+            let kind = if admin { "admin" } else { "write" };
+            let answer = remote.call(
+                "POST",
+                "/api/keys",
+                Some(&serde_json::json!({"kind": kind, "name": name})),
+            )?;
+            println!("{}", answer["key"].as_str().unwrap_or_default());
+        }
         KeyCommand::List => {
-            for key in engine.list_keys() {
-                println!(
-                    "{:<6} {}…  {}  {}",
-                    format!("{:?}", key.kind).to_lowercase(),
-                    key.prefix,
-                    format_ms(key.created_at),
-                    key.name
-                );
-            }
+            let keys: Vec<cible_core::keys::KeyRecord> =
+                serde_json::from_value(remote.call("GET", "/api/keys", None)?)?;
+            print_keys(&keys);
         }
     }
     Ok(())
+}
+
+fn print_keys(keys: &[cible_core::keys::KeyRecord]) {
+    for key in keys {
+        println!(
+            "{:<6} {}…  {}  {}",
+            format!("{:?}", key.kind).to_lowercase(),
+            key.prefix,
+            format_ms(key.created_at),
+            key.name
+        );
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,7 +306,17 @@ pub enum ProfileCommand {
 }
 
 pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
-    let engine = global.open_existing()?;
+    // `show` reads one profile: a light open loads only that profile's rows, when the computed
+    // traits' calibration is stored (otherwise it must be computed over everyone).
+    let light = matches!(command, ProfileCommand::Show { .. });
+    let engine = match global.open_or_remote(light)? {
+        crate::Opened::Local(engine) if engine.is_light() && !engine.has_calibration()? => {
+            drop(engine);
+            global.open_existing()?
+        }
+        crate::Opened::Local(engine) => engine,
+        crate::Opened::Remote(remote) => return profile_remote(&remote, command),
+    };
     match command {
         ProfileCommand::Show {
             id,
@@ -295,97 +336,12 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                 },
                 global.now_ms()?,
             )?;
+            let view = serde_json::to_value(&view)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
                 return Ok(());
             }
-            println!("profile {}", view.id);
-            if let Some(asked) = view.requested_merged_profile {
-                println!("  (profile {asked} was merged into this one)");
-            }
-            println!("  user ids       {}", view.identifiers.user_ids.join(", "));
-            println!(
-                "  anonymous ids  {}",
-                view.identifiers.anonymous_ids.join(", ")
-            );
-            println!("  emails         {}", view.identifiers.emails.join(", "));
-            println!("  created        {}", view.created_at);
-            println!(
-                "  events         {} (first {}, last {})",
-                view.event_count,
-                view.first_seen.as_deref().unwrap_or("-"),
-                view.last_seen.as_deref().unwrap_or("-")
-            );
-            let flagged: Vec<String> = view
-                .flags
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(f, n)| format!("{f}: {n}"))
-                .collect();
-            if !flagged.is_empty() {
-                println!("  flags          {}", flagged.join(", "));
-            }
-            println!("traits");
-            for (name, value) in &view.traits {
-                println!("  {name:<20} {}  (since {})", value.value, value.updated_at);
-            }
-            let c = &view.computed;
-            println!("computed traits (see `cible traits show`)");
-            println!("  score.engagement     {}", c.score.engagement);
-            if let Some(rfm) = &c.rfm {
-                println!("  rfm                  {} ({})", rfm.segment, rfm.score);
-            }
-            println!(
-                "  intent               {}{}",
-                c.intent.level,
-                c.intent
-                    .category
-                    .as_deref()
-                    .map(|cat| format!(" ({cat})"))
-                    .unwrap_or_default()
-            );
-            println!("  lifecycle            {}", c.lifecycle.unwrap_or("-"));
-            println!(
-                "  send_time            {:02}:00 UTC, weekday {} ({})",
-                c.send_time.hour, c.send_time.weekday, c.send_time.source
-            );
-            if !view.merges.is_empty() {
-                println!("merges");
-                for merge in &view.merges {
-                    let undone = merge
-                        .unmerged_at
-                        .as_deref()
-                        .map(|at| format!(" [undone {at}]"))
-                        .unwrap_or_default();
-                    println!(
-                        "  #{} from profile {} at {}: {}{undone}",
-                        merge.id, merge.from, merge.at, merge.cause
-                    );
-                }
-            }
-            println!(
-                "timeline ({}-{} of {}, newest first)",
-                offset + 1,
-                offset + view.timeline.events.len(),
-                view.timeline.total
-            );
-            for event in &view.timeline.events {
-                let name = event["event"]
-                    .as_str()
-                    .unwrap_or_else(|| event["type"].as_str().unwrap_or("?"));
-                let detail = event
-                    .get("properties")
-                    .map(|p| p.to_string())
-                    .unwrap_or_default();
-                let flags = event
-                    .get("flags")
-                    .map(|f| format!(" flags={f}"))
-                    .unwrap_or_default();
-                println!(
-                    "  {}  {name:<20} {detail}{flags}",
-                    event["timestamp"].as_str().unwrap_or("?")
-                );
-            }
+            print_profile(&view, offset);
         }
         ProfileCommand::Merges { id } => {
             let merges = match id {
@@ -699,6 +655,157 @@ fn export_profiles(
             serde_json::to_writer(&mut *writer, &line)?;
             writer.write_all(b"\n")?;
         }
+    }
+    Ok(())
+}
+
+/// `profile show` as text, from the profile's JSON (the same for a local store and a server).
+fn print_profile(view: &serde_json::Value, offset: usize) {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_string();
+    let list = |value: &serde_json::Value| {
+        value
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| i.as_str().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!("profile {}", view["id"]);
+    if let Some(asked) = view["requested_merged_profile"].as_u64() {
+        println!("  (profile {asked} was merged into this one)");
+    }
+    let identifiers = &view["identifiers"];
+    println!("  user ids       {}", list(&identifiers["user_ids"]));
+    println!("  anonymous ids  {}", list(&identifiers["anonymous_ids"]));
+    println!("  emails         {}", list(&identifiers["emails"]));
+    println!("  created        {}", text(&view["created_at"]));
+    println!(
+        "  events         {} (first {}, last {})",
+        view["event_count"],
+        text(&view["first_seen"]),
+        text(&view["last_seen"])
+    );
+    let flagged: Vec<String> = view["flags"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(f, n)| format!("{f}: {n}"))
+        .collect();
+    if !flagged.is_empty() {
+        println!("  flags          {}", flagged.join(", "));
+    }
+    println!("traits");
+    for (name, value) in view["traits"].as_object().into_iter().flatten() {
+        println!(
+            "  {name:<20} {}  (since {})",
+            value["value"],
+            text(&value["updated_at"])
+        );
+    }
+    let c = &view["computed"];
+    println!("computed traits (see `cible traits show`)");
+    println!("  score.engagement     {}", c["score"]["engagement"]);
+    if c["rfm"].is_object() {
+        println!(
+            "  rfm                  {} ({})",
+            text(&c["rfm"]["segment"]),
+            text(&c["rfm"]["score"])
+        );
+    }
+    println!(
+        "  intent               {}{}",
+        text(&c["intent"]["level"]),
+        c["intent"]["category"]
+            .as_str()
+            .map(|cat| format!(" ({cat})"))
+            .unwrap_or_default()
+    );
+    println!("  lifecycle            {}", text(&c["lifecycle"]));
+    println!(
+        "  send_time            {:02}:00 UTC, weekday {} ({})",
+        c["send_time"]["hour"].as_u64().unwrap_or(0),
+        c["send_time"]["weekday"],
+        text(&c["send_time"]["source"])
+    );
+    let merges = view["merges"].as_array().cloned().unwrap_or_default();
+    if !merges.is_empty() {
+        println!("merges");
+        for merge in &merges {
+            let undone = merge["unmerged_at"]
+                .as_str()
+                .map(|at| format!(" [undone {at}]"))
+                .unwrap_or_default();
+            println!(
+                "  #{} from profile {} at {}: {}{undone}",
+                merge["id"],
+                merge["from"],
+                text(&merge["at"]),
+                text(&merge["cause"])
+            );
+        }
+    }
+    let events = view["timeline"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "timeline ({}-{} of {}, newest first)",
+        offset + 1,
+        offset + events.len(),
+        view["timeline"]["total"]
+    );
+    for event in &events {
+        let name = event["event"]
+            .as_str()
+            .unwrap_or_else(|| event["type"].as_str().unwrap_or("?"));
+        let detail = event
+            .get("properties")
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let flags = event
+            .get("flags")
+            .map(|f| format!(" flags={f}"))
+            .unwrap_or_default();
+        println!(
+            "  {}  {name:<20} {detail}{flags}",
+            event["timestamp"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// `cible profile ...` through the running server.
+fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> anyhow::Result<()> {
+    match command {
+        ProfileCommand::Show {
+            id,
+            offset,
+            limit,
+            kind,
+            json,
+        } => {
+            let mut path = format!(
+                "/api/profiles/{}?offset={offset}&limit={limit}",
+                crate::local::escape(&id)
+            );
+            if let Some(kind) = kind {
+                path.push_str(&format!("&type={}", crate::local::escape(&kind)));
+            }
+            let view = remote.call("GET", &path, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_profile(&view, offset);
+            }
+        }
+        _ => anyhow::bail!(
+            "a server holds this data directory ({}): use its admin API for this command, or stop it",
+            remote.info.address
+        ),
     }
     Ok(())
 }

@@ -4,7 +4,11 @@
 mod bench;
 mod bench_models;
 mod bench_traits;
+mod changes;
+mod changes_api;
 mod commands;
+mod local;
+mod metrics_api;
 mod model;
 mod model_api;
 mod segment_api;
@@ -81,11 +85,45 @@ impl Global {
         self.open()
     }
 
+    /// Opens an existing store, or finds the server holding it: a running `cible serve` locks the
+    /// data directory, and CLI commands then go through its HTTP API (see [`local`]). With
+    /// `light`, the store is opened without loading the hot store or the identity graph.
+    pub fn open_or_remote(&self, light: bool) -> anyhow::Result<Opened> {
+        if !self.data.join("store").is_dir() {
+            anyhow::bail!(
+                "no cible store in {} (set --data or CIBLE_DATA, or create one with `cible import` or `cible serve`)",
+                self.data.display()
+            );
+        }
+        let opened = if light {
+            cible_core::Engine::open_light(&self.data)
+        } else {
+            cible_core::Engine::open(&self.data)
+        };
+        match opened {
+            Ok(engine) => Ok(Opened::Local(engine)),
+            Err(cible_core::EngineError::Store(cible_core::store::StoreError::Locked {
+                ..
+            })) if local::read(&self.data).is_some() => {
+                let info = local::read(&self.data).expect("just read");
+                Ok(Opened::Remote(local::Remote::new(info)))
+            }
+            Err(error) => Err(anyhow::Error::new(error)
+                .context(format!("opening the store in {}", self.data.display()))),
+        }
+    }
+
     /// Opens (or creates) the engine on the data directory.
     pub fn open(&self) -> anyhow::Result<cible_core::Engine> {
         cible_core::Engine::open(&self.data)
             .with_context(|| format!("opening the store in {}", self.data.display()))
     }
+}
+
+/// Where a command runs: on the store itself, or through the server holding it.
+pub enum Opened {
+    Local(cible_core::Engine),
+    Remote(local::Remote),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +151,8 @@ enum Command {
     /// Computed traits: configuration, calibration, values of a profile.
     #[command(subcommand)]
     Traits(traits::TraitsCommand),
+    /// The change feed: every segment enter and exit, with its sequence number and cause.
+    Changes(changes::ChangesArgs),
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -159,6 +199,7 @@ fn main() -> std::process::ExitCode {
         Command::Segment(command) => segments::run(&cli.global, command),
         Command::Traits(command) => traits::run(&cli.global, command),
         Command::Model(command) => model::run(&cli.global, command),
+        Command::Changes(args) => changes::run(&cli.global, args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -128,6 +128,225 @@ impl RuleArgs {
     }
 }
 
+fn print_list(records: &[cible_core::segment::SegmentRecord]) {
+    for record in records {
+        let computed = record
+            .last_backfill
+            .as_ref()
+            .map_or("never".to_string(), |r| match &r.error {
+                Some(_) => format!("FAILED {}", format_ms(r.at)),
+                None => format_ms(r.at),
+            });
+        println!(
+            "{:<24} {:>9}  {}  {}",
+            record.name, record.size, computed, record.rule
+        );
+    }
+}
+
+/// The rule as the API takes it: `rule` (text) or `rule_json`.
+fn rule_field(rule: &RuleArgs) -> anyhow::Result<(&'static str, serde_json::Value)> {
+    if let Some(json) = &rule.rule_json {
+        let value: serde_json::Value =
+            serde_json::from_str(json).context("--rule-json is not JSON")?;
+        return Ok(("rule_json", value));
+    }
+    let source = match (&rule.rule, &rule.rule_file) {
+        (Some(rule), _) => rule.clone(),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, None) => bail!("give the rule with --rule, --rule-file or --rule-json"),
+    };
+    Ok(("rule", serde_json::Value::String(source)))
+}
+
+fn print_warnings(answer: &serde_json::Value) {
+    for warning in answer["warnings"].as_array().into_iter().flatten() {
+        if let Some(message) = warning["message"].as_str() {
+            eprintln!("warning: {message}");
+        }
+    }
+}
+
+fn record_of(answer: serde_json::Value) -> anyhow::Result<cible_core::segment::SegmentRecord> {
+    serde_json::from_value(answer).context("the server's segment record")
+}
+
+/// The same commands through the HTTP API of the server holding the data directory.
+fn run_remote(
+    remote: &crate::local::Remote,
+    global: &Global,
+    command: SegmentCommand,
+) -> anyhow::Result<()> {
+    let path = |name: &str| format!("/api/segments/{}", crate::local::escape(name));
+    match command {
+        SegmentCommand::Create { name, rule } => {
+            let (field, value) = rule_field(&rule)?;
+            let answer = remote.call(
+                "POST",
+                "/api/segments",
+                Some(&serde_json::json!({"name": name, field: value})),
+            )?;
+            print_warnings(&answer);
+            print_record(&record_of(answer)?);
+        }
+        SegmentCommand::Edit { name, rule } => {
+            let (field, value) = rule_field(&rule)?;
+            let answer = remote.call(
+                "PUT",
+                &path(&name),
+                Some(&serde_json::json!({field: value})),
+            )?;
+            print_warnings(&answer);
+            print_record(&record_of(answer)?);
+        }
+        SegmentCommand::Refresh { name } => {
+            let record = record_of(remote.call("GET", &path(&name), None)?)?;
+            let answer = remote.call(
+                "PUT",
+                &path(&name),
+                Some(&serde_json::json!({"rule_json": record.ast})),
+            )?;
+            print_record(&record_of(answer)?);
+        }
+        SegmentCommand::List => {
+            let records: Vec<cible_core::segment::SegmentRecord> =
+                serde_json::from_value(remote.call("GET", "/api/segments", None)?)?;
+            print_list(&records);
+        }
+        SegmentCommand::Show { name, json } => {
+            let answer = remote.call("GET", &path(&name), None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_record(&record_of(answer)?);
+            }
+        }
+        SegmentCommand::Delete { name } => {
+            remote.call("DELETE", &path(&name), None)?;
+            println!("segment {name} deleted");
+        }
+        SegmentCommand::Preview { rule, sample } => {
+            let (field, value) = rule_field(&rule)?;
+            let answer = remote.call(
+                "POST",
+                "/api/segments/preview",
+                Some(&serde_json::json!({field: value, "sample": sample})),
+            )?;
+            print_warnings(&answer);
+            println!(
+                "{} of {} profiles match ({} ms); nothing saved",
+                answer["count"], answer["profiles"], answer["duration_ms"]
+            );
+            for member in answer["sample"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}  {}  {}",
+                    member["profile"],
+                    member["primary_id"].as_str().unwrap_or_default(),
+                    member["email"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        SegmentCommand::Members { name, format } => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            match format {
+                MembersFormat::Csv => write!(
+                    out,
+                    "{}",
+                    remote.text(&format!("{}/members?format=csv", path(&name)))?
+                )?,
+                MembersFormat::Jsonl => {
+                    let mut offset = 0;
+                    loop {
+                        let page = remote.call(
+                            "GET",
+                            &format!("{}/members?offset={offset}&limit=1000", path(&name)),
+                            None,
+                        )?;
+                        let members = page["members"].as_array().cloned().unwrap_or_default();
+                        for member in &members {
+                            writeln!(out, "{member}")?;
+                        }
+                        offset += members.len();
+                        if members.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+            out.flush()?;
+        }
+        SegmentCommand::History { name } => {
+            let points = remote.call("GET", &format!("{}/history", path(&name)), None)?;
+            for point in points.as_array().into_iter().flatten() {
+                println!(
+                    "{}  size {:>8}  +{} -{}",
+                    point["at"].as_str().unwrap_or_default(),
+                    point["size"],
+                    point["entered"],
+                    point["exited"]
+                );
+            }
+        }
+        SegmentCommand::Explain {
+            name,
+            profile,
+            json,
+        } => {
+            let why = remote.call(
+                "GET",
+                &format!("{}/explain/{}", path(&name), crate::local::escape(&profile)),
+                None,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&why)?);
+                return Ok(());
+            }
+            let why: cible_core::segment::Explanation = serde_json::from_value(why)?;
+            print_explanation(&why);
+        }
+        SegmentCommand::Sql { rule } => {
+            let (field, value) = rule_field(&rule)?;
+            let expr = if field == "rule" {
+                let source = value.as_str().unwrap_or_default();
+                cible_lang::parse(source).map_err(|d| anyhow::anyhow!("{}", d.render(source)))?
+            } else {
+                cible_lang::from_json(&value).map_err(|d| anyhow::anyhow!(d.message))?
+            };
+            println!(
+                "{}",
+                cible_lang::sql::to_sql(&expr, global.now_ms()?.div_euclid(1000))
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_explanation(why: &cible_core::segment::Explanation) {
+    println!(
+        "profile {} is {} segment {} (the rule {} now)",
+        why.profile,
+        if why.member { "in" } else { "not in" },
+        why.segment,
+        if why.matches_now {
+            "matches"
+        } else {
+            "does not match"
+        }
+    );
+    for condition in &why.conditions {
+        let mark = if condition.result { "yes" } else { "no " };
+        println!(
+            "  {mark}  {}   saw {}",
+            condition.condition, condition.value
+        );
+    }
+    if let Some(next) = &why.next_change {
+        println!("  may change by itself at {next}");
+    }
+}
+
 fn print_record(record: &cible_core::segment::SegmentRecord) {
     println!("segment {}: {} members", record.name, record.size);
     println!("  rule     {}", record.rule);
@@ -157,8 +376,24 @@ fn print_record(record: &cible_core::segment::SegmentRecord) {
     }
 }
 
+/// Whether a command reads only stored records (segments, memberships, history): those run on
+/// a light open, which loads neither the hot store nor the identity graph.
+fn reads_records_only(command: &SegmentCommand) -> bool {
+    matches!(
+        command,
+        SegmentCommand::List
+            | SegmentCommand::Show { .. }
+            | SegmentCommand::Delete { .. }
+            | SegmentCommand::Members { .. }
+            | SegmentCommand::History { .. }
+    )
+}
+
 pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
-    let engine = global.open_existing()?;
+    let engine = match global.open_or_remote(reads_records_only(&command))? {
+        crate::Opened::Local(engine) => engine,
+        crate::Opened::Remote(remote) => return run_remote(&remote, global, command),
+    };
     let now = global.now_ms()?;
     match command {
         SegmentCommand::Create { name, rule } => {
@@ -180,21 +415,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
         SegmentCommand::Refresh { name } => {
             print_record(&engine.backfill(&name, now)?);
         }
-        SegmentCommand::List => {
-            for record in engine.segments()? {
-                let computed = record
-                    .last_backfill
-                    .as_ref()
-                    .map_or("never".to_string(), |r| match &r.error {
-                        Some(_) => format!("FAILED {}", format_ms(r.at)),
-                        None => format_ms(r.at),
-                    });
-                println!(
-                    "{:<24} {:>9}  {}  {}",
-                    record.name, record.size, computed, record.rule
-                );
-            }
-        }
+        SegmentCommand::List => print_list(&engine.segments()?),
         SegmentCommand::Show { name, json } => {
             let record = engine.segment(&name)?;
             if json {
@@ -253,27 +474,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&why)?);
                 return Ok(());
             }
-            println!(
-                "profile {} is {} segment {} (the rule {} now)",
-                why.profile,
-                if why.member { "in" } else { "not in" },
-                why.segment,
-                if why.matches_now {
-                    "matches"
-                } else {
-                    "does not match"
-                }
-            );
-            for condition in &why.conditions {
-                let mark = if condition.result { "yes" } else { "no " };
-                println!(
-                    "  {mark}  {}   saw {}",
-                    condition.condition, condition.value
-                );
-            }
-            if let Some(next) = &why.next_change {
-                println!("  may change by itself at {next}");
-            }
+            print_explanation(&why);
         }
         SegmentCommand::History { name } => {
             for point in cible_core::view::size_history(&engine, &name)? {

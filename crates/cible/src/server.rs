@@ -67,8 +67,15 @@ struct Job {
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) engine: Arc<Engine>,
-    jobs: mpsc::Sender<Job>,
+    /// `None` asks the writer to stop (after answering what is queued).
+    jobs: mpsc::Sender<Option<Job>>,
     pinned_now: Option<i64>,
+    /// The change feed's head, for streams waiting for new changes.
+    pub(crate) feed_head: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Becomes true when the server stops: streams end.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// The credential of CLI commands run beside this server (see [`crate::local`]).
+    local_token: Arc<String>,
     /// Tracking requests being read, parsed or waiting for the writer. Bounding them bounds
     /// memory: each holds at most one 500 KB body and its messages.
     inflight: Arc<tokio::sync::Semaphore>,
@@ -100,6 +107,8 @@ pub struct ServeOptions {
     pub queue: usize,
     pub pinned_now: Option<i64>,
     pub retrain_days: u32,
+    /// Where to write the address and local credential for CLI commands (none in benches).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
@@ -117,11 +126,23 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             &args,
             pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms),
         )?;
+    } else if !engine
+        .list_keys()
+        .iter()
+        .any(|key| key.kind == KeyKind::Admin)
+    {
+        // A fresh data directory: without a key nobody could use the API.
+        let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
+        let write = engine.create_key(KeyKind::Write, "first write key", now)?;
+        let admin = engine.create_key(KeyKind::Admin, "first admin key", now)?;
+        println!("no key in this data directory yet; created (shown this once):");
+        println!("write key: {write}");
+        println!("admin key: {admin}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -130,13 +151,19 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue,
             pinned_now,
             retrain_days: args.retrain_days,
+            data_dir: Some(global.data.clone()),
         };
         serve(engine, listener, options, shutdown_signal()).await
-    })
+    });
+    // Blocking work an admin call started (a training whose client left) does not hold the
+    // process: what was acknowledged is already committed and checkpointed.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// Serves until `shutdown` completes; then drains the writer so every accepted request is
-/// answered.
+/// answered, lets the segment worker evaluate what was committed, and checkpoints. Connections
+/// still open after [`SHUTDOWN_GRACE`] (idle keep-alive, streams) are closed.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
@@ -147,15 +174,34 @@ pub async fn serve(
         queue,
         pinned_now,
         retrain_days,
+        data_dir,
     } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
     engine.start_live_segments(now)?;
-    let stop_timers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (feed_head, _) = tokio::sync::watch::channel(engine.feed_head());
+    let feed_head = Arc::new(feed_head);
+    {
+        let feed_head = Arc::clone(&feed_head);
+        engine.on_feed(Box::new(move |head| {
+            feed_head.send_replace(head);
+        }));
+    }
+    let stop_background = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timers = {
-        let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_timers));
+        let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_background));
         std::thread::Builder::new()
-            .name("cible-timers".into())
-            .spawn(move || timer_loop(&engine, &stop, pinned_now, retrain_days))?
+            .name("cible-jobs".into())
+            .spawn(move || jobs_loop(&engine, &stop, pinned_now, retrain_days))?
+    };
+    let stop_worker = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_worker));
+        std::thread::Builder::new()
+            .name("cible-segments".into())
+            .spawn(move || {
+                let clock = move || pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
+                engine.run_segment_worker(&stop, &clock)
+            })?
     };
     let (jobs, receiver) = mpsc::channel(queue.max(1));
     let writer_engine = Arc::clone(&engine);
@@ -163,27 +209,77 @@ pub async fn serve(
         .name("cible-writer".into())
         .spawn(move || writer_loop(&writer_engine, receiver, pinned_now))?;
     let state_engine = Arc::clone(&engine);
+    let (stopping_sender, stopping) = tokio::sync::watch::channel(false);
+    let local = match &data_dir {
+        Some(dir) => Some(crate::local::ServerFile::write(
+            dir,
+            listener.local_addr()?,
+        )?),
+        None => None,
+    };
+    let stop_writer = jobs.clone();
     let state = AppState {
         engine,
         jobs,
         pinned_now,
+        feed_head,
+        stopping,
+        local_token: Arc::new(
+            local
+                .as_ref()
+                .map_or_else(crate::local::new_token, |file| file.token.clone()),
+        ),
         inflight: Arc::new(tokio::sync::Semaphore::new(queue.max(1) * 4)),
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_sender.send(true);
+        let _ = signalled_sender.send(());
+    };
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
+    let deadline = async move {
+        let _ = signalled.await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = deadline => tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open at shutdown closed"),
+    }
+    // Every request handed to the writer is answered; requests still arriving on connections
+    // past the grace period are refused (503).
+    let _ = stop_writer.send(None).await;
+    drop(stop_writer);
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
-    stop_timers.store(true, std::sync::atomic::Ordering::Relaxed);
-    timers
+    stop_worker.store(true, std::sync::atomic::Ordering::Release);
+    state_engine.wake_segment_worker();
+    worker
         .join()
-        .map_err(|_| anyhow::anyhow!("the timer thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("the segment worker panicked"))?;
+    stop_background.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A scheduled retraining may be under way: wait a little for it, never for its end.
+    let waited = std::time::Instant::now();
+    while !timers.is_finished() && waited.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if timers.is_finished() {
+        timers
+            .join()
+            .map_err(|_| anyhow::anyhow!("the jobs thread panicked"))?;
+    } else {
+        tracing::warn!("a scheduled job was still running at shutdown; it is abandoned");
+    }
     if let Err(error) = state_engine.checkpoint() {
         tracing::warn!(error = %error, "checkpoint at shutdown failed; the next start replays the journal");
     }
+    drop(local);
     Ok(())
 }
+
+/// How long connections may stay open after a stop was asked for.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -195,9 +291,9 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// The time driver of live segments: re-evaluates memberships whose verdict may have changed
-/// with time (windows expiring, delays elapsing), at least once a second.
-fn timer_loop(
+/// Daily recalibration and scheduled retraining, checked once a second (the segment worker,
+/// not this thread, follows the timers of live segments).
+fn jobs_loop(
     engine: &Engine,
     stop: &std::sync::atomic::AtomicBool,
     pinned_now: Option<i64>,
@@ -205,9 +301,6 @@ fn timer_loop(
 ) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
-        if let Err(error) = engine.tick_segments(now) {
-            tracing::error!(error = %error, "segment timers failed");
-        }
         // Percentiles, quintiles and the product model follow the population once a day.
         match engine.refresh_traits_if_older(now, cible_core::time::DAY_MS) {
             Ok(true) => tracing::info!("computed traits recalibrated"),
@@ -222,22 +315,53 @@ fn timer_loop(
                 Err(error) => tracing::error!(error = %error, "retraining models failed"),
             }
         }
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        for _ in 0..10 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
 
 /// Most messages the writer puts in one group commit.
 const GROUP_COMMIT_MESSAGES: usize = 100_000;
 
-fn writer_loop(engine: &Engine, mut receiver: mpsc::Receiver<Job>, pinned_now: Option<i64>) {
-    while let Some(first) = receiver.blocking_recv() {
+fn writer_loop(
+    engine: &Engine,
+    mut receiver: mpsc::Receiver<Option<Job>>,
+    pinned_now: Option<i64>,
+) {
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            // Closed: what was queued before the stop is still answered.
+            match receiver.try_recv() {
+                Ok(message) => message,
+                Err(_) => return,
+            }
+        } else {
+            match receiver.blocking_recv() {
+                Some(message) => message,
+                None => return,
+            }
+        };
+        let Some(first) = first else {
+            stopping = true;
+            receiver.close();
+            continue;
+        };
         let mut n_messages = first.items.len();
         let mut jobs = vec![first];
         while n_messages < GROUP_COMMIT_MESSAGES {
             match receiver.try_recv() {
-                Ok(job) => {
+                Ok(Some(job)) => {
                     n_messages += job.items.len();
                     jobs.push(job);
+                }
+                Ok(None) => {
+                    stopping = true;
+                    receiver.close();
                 }
                 Err(_) => break,
             }
@@ -264,6 +388,9 @@ fn writer_loop(engine: &Engine, mut receiver: mpsc::Receiver<Job>, pinned_now: O
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(crate::metrics_api::metrics))
+        .route("/api/changes", get(crate::changes_api::list))
+        .route("/api/changes/stream", get(crate::changes_api::stream))
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
         .route("/v1/{kind}", post(single))
@@ -452,10 +579,14 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
 }
 
 pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match presented_key(headers)
+    let presented = presented_key(headers);
+    if presented
         .as_deref()
-        .map(|key| state.engine.key_kind(key))
+        .is_some_and(|key| crate::local::same_token(key, &state.local_token))
     {
+        return Ok(());
+    }
+    match presented.as_deref().map(|key| state.engine.key_kind(key)) {
         Some(Some(KeyKind::Admin)) => Ok(()),
         Some(Some(KeyKind::Write)) => Err(error(
             StatusCode::FORBIDDEN,
@@ -679,8 +810,15 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
 
 /// Queues the messages for the writer and answers once they are durable.
 async fn submit(state: &AppState, items: Vec<Incoming>) -> ApiResult {
+    let received = std::time::Instant::now();
+    let answer = submit_inner(state, items).await;
+    state.engine.metrics.ack_latency.observe(received.elapsed());
+    answer
+}
+
+async fn submit_inner(state: &AppState, items: Vec<Incoming>) -> ApiResult {
     let (reply, answer) = oneshot::channel();
-    if let Err(send_error) = state.jobs.try_send(Job { items, reply }) {
+    if let Err(send_error) = state.jobs.try_send(Some(Job { items, reply })) {
         let message = match send_error {
             mpsc::error::TrySendError::Full(_) => "the writer is saturated; retry after the delay",
             mpsc::error::TrySendError::Closed(_) => "the server is shutting down",

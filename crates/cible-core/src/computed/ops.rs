@@ -95,6 +95,11 @@ impl Engine {
         }
     }
 
+    /// Whether a calibration is stored (a light open cannot compute one: it sees no population).
+    pub fn has_calibration(&self) -> Result<bool> {
+        Ok(self.calibration.read().is_some() || self.store.meta.contains_key(CALIBRATION_KEY)?)
+    }
+
     /// A derived value kept in memory and in `meta`: the one in memory, else the stored one
     /// (then kept in memory), else `None`.
     fn loaded<T: serde::de::DeserializeOwned>(
@@ -123,6 +128,11 @@ impl Engine {
         key: &str,
         value: T,
     ) -> Result<Arc<T>> {
+        if self.is_light() {
+            return Err(EngineError::Invalid(format!(
+                "{key} must be computed over every profile: not on a light open"
+            )));
+        }
         self.store.meta.insert(
             key,
             serde_json::to_vec(&value).expect("derived values serialize"),

@@ -203,7 +203,7 @@ pub struct Verdict {
 }
 
 /// One condition of a rule, with the value it saw, for "why is this profile in?".
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Explained {
     pub condition: String,
     /// The count, sum, days, trait value... the condition compared (null when there was none).

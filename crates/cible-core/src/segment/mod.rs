@@ -101,7 +101,7 @@ pub const BATTERY: [&str; 20] = [
 ];
 
 /// The answer of [`Engine::explain`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Explanation {
     pub segment: String,
     pub profile: u32,
