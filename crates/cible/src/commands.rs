@@ -200,7 +200,7 @@ pub enum KeyCommand {
 pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
     // A key can be the first thing made in a new data directory.
     let engine = if !global.data.join("store").is_dir() {
-        global.open()?
+        Box::new(global.open()?)
     } else {
         match global.open_or_remote(true)? {
             crate::Opened::Local(engine) => engine,
@@ -312,7 +312,7 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
     let engine = match global.open_or_remote(light)? {
         crate::Opened::Local(engine) if engine.is_light() && !engine.has_calibration()? => {
             drop(engine);
-            global.open_existing()?
+            Box::new(global.open_existing()?)
         }
         crate::Opened::Local(engine) => engine,
         crate::Opened::Remote(remote) => return profile_remote(&remote, command),

@@ -101,7 +101,7 @@ impl Global {
             cible_core::Engine::open(&self.data)
         };
         match opened {
-            Ok(engine) => Ok(Opened::Local(engine)),
+            Ok(engine) => Ok(Opened::Local(Box::new(engine))),
             Err(cible_core::EngineError::Store(cible_core::store::StoreError::Locked {
                 ..
             })) if local::read(&self.data).is_some() => {
@@ -122,7 +122,7 @@ impl Global {
 
 /// Where a command runs: on the store itself, or through the server holding it.
 pub enum Opened {
-    Local(cible_core::Engine),
+    Local(Box<cible_core::Engine>),
     Remote(local::Remote),
 }
 
