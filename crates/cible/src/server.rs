@@ -442,12 +442,19 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
             "unauthorized",
             "missing write key: send it as the HTTP Basic user name, as Segment clients do",
         )),
-        Some(key) if state.engine.key_kind(key).is_some() => Ok(()),
-        Some(_) => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown write key",
-        )),
+        Some(key) => match state.engine.key_kind(key) {
+            Some(KeyKind::Write) => Ok(()),
+            Some(KeyKind::Admin) => Err(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this is an admin key; the tracking API (/v1/*) needs a write key (cible key create --write)",
+            )),
+            None => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown write key",
+            )),
+        },
     }
 }
 

@@ -302,3 +302,54 @@ fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
         );
     }
 }
+
+#[test]
+fn an_admin_key_is_refused_on_the_tracking_api() {
+    let (dir, server, write, admin) = started();
+    let track = json!({"userId": "u", "event": "E", "messageId": "by-admin"});
+    let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": "by-admin-in-batch"}]});
+    let bearer = format!("Bearer {admin}");
+    let refusals = [
+        post(&server.url("/v1/track"), &admin, &track),
+        post(&server.url("/v1/batch"), &admin, &batch),
+        try_post(
+            &server.url("/v1/identify"),
+            &[("Authorization", &bearer)],
+            json!({"userId": "u", "traits": {"plan": "pro"}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+        // In the body, as some Segment libraries send it.
+        try_post(
+            &server.url("/v1/batch"),
+            &[],
+            json!({"writeKey": admin, "batch": batch["batch"]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    ];
+    for answer in &refusals {
+        assert_eq!(answer.status, 403, "{answer:?}");
+        assert_eq!(answer.body["error"]["code"], "forbidden", "{answer:?}");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("needs a write key"), "{message}");
+    }
+    // The write key still works, and nothing sent with the admin key was stored.
+    assert_eq!(
+        post(
+            &server.url("/v1/track"),
+            &write,
+            &json!({"userId": "u", "event": "E", "messageId": "by-write"})
+        )
+        .status,
+        200
+    );
+    server.stop();
+    let ids: Vec<String> = export_events(dir.path())
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["by-write"]);
+}
