@@ -308,6 +308,7 @@ fn http_ingest(
             queue: 64,
             pinned_now: Some(now),
             retrain_days: 0,
+            limits: Default::default(),
         },
         async {
             let _ = stopped.await;

@@ -5,6 +5,7 @@ mod bench;
 mod bench_models;
 mod bench_traits;
 mod commands;
+mod limits;
 mod model;
 mod model_api;
 mod segment_api;

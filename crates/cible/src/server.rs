@@ -56,6 +56,19 @@ pub struct ServeArgs {
     /// old; 0 never does.
     #[arg(long, default_value_t = 7)]
     pub retrain_days: u32,
+    /// Seconds a request's body may take to arrive once its headers have; then 408.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout_secs: u64,
+    /// Seconds a request's headers may take to arrive, and an idle connection may stay open.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+    /// Open connections at most; more wait to be accepted.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Open connections from one client address at most (more are closed at once); 0 for no cap,
+    /// e.g. behind a reverse proxy.
+    #[arg(long, default_value_t = 128)]
+    pub max_connections_per_ip: usize,
 }
 
 /// A request's messages waiting for the writer.
@@ -72,6 +85,8 @@ pub(crate) struct AppState {
     /// Tracking requests being read, parsed or waiting for the writer. Bounding them bounds
     /// memory: each holds at most one 500 KB body and its messages.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// How long a request body may take to arrive (408 after).
+    body_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -100,6 +115,7 @@ pub struct ServeOptions {
     pub queue: usize,
     pub pinned_now: Option<i64>,
     pub retrain_days: u32,
+    pub limits: crate::limits::Limits,
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
@@ -130,6 +146,12 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue,
             pinned_now,
             retrain_days: args.retrain_days,
+            limits: crate::limits::Limits {
+                header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
+                body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_ip: args.max_connections_per_ip,
+            },
         };
         serve(engine, listener, options, shutdown_signal()).await
     })
@@ -147,6 +169,7 @@ pub async fn serve(
         queue,
         pinned_now,
         retrain_days,
+        limits,
     } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
     engine.start_live_segments(now)?;
@@ -168,10 +191,9 @@ pub async fn serve(
         jobs,
         pinned_now,
         inflight: Arc::new(tokio::sync::Semaphore::new(queue.max(1) * 4)),
+        body_timeout: limits.body_timeout,
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    crate::limits::serve_connections(listener, router(state), limits, shutdown).await;
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
@@ -325,6 +347,10 @@ fn router(state: AppState) -> Router {
             get(crate::segment_api::explain),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_timeout,
+            crate::limits::body_deadline,
+        ))
         .with_state(state)
 }
 
@@ -547,12 +573,21 @@ async fn read_bounded(mut body: Body, limit: usize) -> Result<Option<Vec<u8>>, A
     let mut bytes = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            error(
+        let frame = frame.map_err(|e| match crate::limits::timed_out(&e) {
+            // The client is too slow: its place is freed and its connection closed.
+            Some(limit) => error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s (serve --body-timeout-secs)",
+                    limit.as_secs_f64()
+                ),
+            ),
+            None => error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!("reading the body: {e}"),
-            )
+            ),
         })?;
         let Ok(data) = frame.into_data() else {
             continue;
