@@ -201,6 +201,7 @@ fn every_answer_matches_the_openapi_document() {
         (json!({"kind": "propensity", "target": "sale"}), "target"),
         (json!({"kind": "propensity"}), "target"),
         (json!({"kind": "cluster", "days": 3}), "days"),
+        (json!({"kind": "cluster", "max_k": 100_000}), "max_k"),
         (json!({"kind": "forest"}), "kind"),
     ] {
         let bad = r.call("POST", "/api/models", a(), Some(body));
