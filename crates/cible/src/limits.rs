@@ -83,7 +83,7 @@ pub async fn serve_connections(
         };
         let Some(slot) = AddressSlot::take(&per_ip, remote.ip(), limits.max_connections_per_ip)
         else {
-            tracing::warn!(%remote, "too many connections from this address: closed");
+            tracing::debug!(%remote, "too many connections from this address: closed");
             continue;
         };
         let _ = stream.set_nodelay(true);
