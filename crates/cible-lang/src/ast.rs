@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diagnostics::Span;
 pub use crate::lexer::Cmp;
+use crate::lexer::WindowError;
 
 /// A boolean condition on a profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,7 +25,11 @@ pub enum Expr {
     /// At least one matching event in the window (all history without a window).
     Did {
         event: EventFilter,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "optional_window"
+        )]
         window: Option<Window>,
     },
     /// A value compared with a literal.
@@ -45,6 +50,7 @@ pub enum Expr {
         then: EventFilter,
         #[serde(default)]
         negated: bool,
+        #[serde(deserialize_with = "within")]
         within: Window,
     },
     /// Membership of another segment.
@@ -62,7 +68,11 @@ pub enum Value {
     /// Matching events in the window.
     Count {
         event: EventFilter,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "optional_window"
+        )]
         window: Option<Window>,
     },
     /// Sum of a property over matching events; a missing property counts as 0.
@@ -95,7 +105,11 @@ pub enum Value {
 pub struct Measure {
     pub event: EventFilter,
     pub property: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_window"
+    )]
     pub window: Option<Window>,
 }
 
@@ -166,18 +180,82 @@ impl Serialize for Window {
 impl<'de> Deserialize<'de> for Window {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        parse_window(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!("{text:?} is not a window: use 30m, 24h, 7d or 2w"))
-        })
+        parse_window(&text).map_err(serde::de::Error::custom)
     }
 }
 
-/// Parses `7d`-style text.
-pub fn parse_window(text: &str) -> Option<Window> {
-    let unit = text.chars().last()?;
-    let count: i64 = text[..text.len() - unit.len_utf8()].parse().ok()?;
-    let ms = crate::lexer::unit_ms(unit)?;
-    (count > 0).then_some(Window { ms: count * ms })
+/// Parses `7d`-style text; the error says what is wrong. This is the stored form's reading too,
+/// so it accepts any window whose milliseconds fit in 64 bits (a rule saved before the ten-year
+/// limit still loads); [`crate::from_json`] applies [`crate::lexer::MAX_WINDOW_DAYS`].
+pub fn parse_window(text: &str) -> Result<Window, String> {
+    let unit = text
+        .chars()
+        .last()
+        .filter(|u| crate::lexer::unit_ms(*u).is_some());
+    let Some(unit) = unit else {
+        return Err(format!("{text:?} is not a window: use 30m, 24h, 7d or 2w"));
+    };
+    match crate::lexer::window_ms(&text[..text.len() - unit.len_utf8()], unit, i64::MAX) {
+        Ok(ms) => Ok(Window { ms }),
+        Err(WindowError::NotWhole) => {
+            Err(format!("{text:?} is not a window: use 30m, 24h, 7d or 2w"))
+        }
+        Err(e) => Err(e.message(text)),
+    }
+}
+
+/// A window field of the JSON form; an error names the field (`window` or `within`).
+fn window_field<'de, D: serde::Deserializer<'de>>(
+    field: &str,
+    deserializer: D,
+) -> Result<Window, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_window(&text).map_err(|e| serde::de::Error::custom(format!("`{field}`: {e}")))
+}
+
+fn optional_window<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Window>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    text.map(|text| {
+        window_field(
+            "window",
+            serde::de::value::StrDeserializer::<D::Error>::new(&text),
+        )
+    })
+    .transpose()
+}
+
+fn within<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Window, D::Error> {
+    window_field("within", deserializer)
+}
+
+impl Expr {
+    /// Every window of the rule with the name of its JSON field (`window` or `within`).
+    pub fn windows(&self) -> Vec<(&'static str, Window)> {
+        fn value_window(value: &Value) -> Option<Window> {
+            match value {
+                Value::Count { window, .. } => *window,
+                Value::Sum(m) | Value::Avg(m) | Value::Min(m) | Value::Max(m) => m.window,
+                _ => None,
+            }
+        }
+        let mut found = Vec::new();
+        let mut stack = vec![self];
+        while let Some(expr) = stack.pop() {
+            match expr {
+                Self::And { args } | Self::Or { args } => stack.extend(args.iter().rev()),
+                Self::Not { arg } => stack.push(arg),
+                Self::Did { window, .. } => found.extend(window.map(|w| ("window", w))),
+                Self::Compare { left, .. } | Self::In { left, .. } => {
+                    found.extend(value_window(left).map(|w| ("window", w)));
+                }
+                Self::Sequence { within, .. } => found.push(("within", *within)),
+                Self::InSegment { .. } => {}
+            }
+        }
+        found
+    }
 }
 
 fn quote(text: &str) -> String {

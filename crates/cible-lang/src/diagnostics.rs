@@ -37,6 +37,7 @@ pub enum Code {
     EmptyList = 12,
     InvalidJson = 13,
     UnknownModel = 14,
+    WindowTooLong = 15,
     UnknownEvent = 101,
 }
 

@@ -59,6 +59,66 @@ pub struct Token {
     pub span: Span,
 }
 
+/// The longest window a rule may use, in days: ten years.
+pub const MAX_WINDOW_DAYS: i64 = 3650;
+
+/// [`MAX_WINDOW_DAYS`] in milliseconds.
+pub const MAX_WINDOW_MS: i64 = MAX_WINDOW_DAYS * 86_400_000;
+
+/// The words of every too-long-window message, by which the JSON form recognises one.
+pub(crate) const TOO_LONG: &str = "is longer than";
+
+/// Why a count and a unit are not a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowError {
+    /// Not a whole number (`1.5d`, `-d`).
+    NotWhole,
+    /// Zero or negative.
+    NotPositive,
+    /// Over the limit ([`MAX_WINDOW_DAYS`] in rules), however large (even past 64 bits).
+    TooLong,
+}
+
+impl WindowError {
+    pub fn code(self) -> Code {
+        match self {
+            Self::NotWhole | Self::NotPositive => Code::InvalidWindow,
+            Self::TooLong => Code::WindowTooLong,
+        }
+    }
+
+    /// What is wrong with the window written `text`.
+    pub fn message(self, text: &str) -> String {
+        match self {
+            Self::NotWhole => "a window is a whole number and a unit: 30m, 24h, 7d or 2w".into(),
+            Self::NotPositive => "a window must be longer than zero".into(),
+            Self::TooLong => {
+                format!("`{text}` {TOO_LONG} the longest window, {MAX_WINDOW_DAYS}d (10 years)")
+            }
+        }
+    }
+}
+
+/// The window of `count` (decimal digits) `unit`s, in milliseconds, checked: at least one unit,
+/// at most `max_ms` ([`MAX_WINDOW_MS`] for rules); nothing overflows whatever the count.
+pub fn window_ms(count: &str, unit: char, max_ms: i64) -> Result<i64, WindowError> {
+    let unit_ms = unit_ms(unit).ok_or(WindowError::NotWhole)?;
+    let count: i64 = count
+        .parse()
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => WindowError::TooLong,
+            std::num::IntErrorKind::NegOverflow => WindowError::NotPositive,
+            _ => WindowError::NotWhole,
+        })?;
+    if count <= 0 {
+        return Err(WindowError::NotPositive);
+    }
+    count
+        .checked_mul(unit_ms)
+        .filter(|ms| *ms <= max_ms)
+        .ok_or(WindowError::TooLong)
+}
+
 /// Milliseconds per duration unit: minutes, hours, days, weeks.
 pub fn unit_ms(unit: char) -> Option<i64> {
     Some(match unit {
@@ -175,27 +235,17 @@ pub fn tokenize(source: &str) -> Result<Vec<Token>, Diagnostic> {
                 let text = &source[start..i];
                 let unit = source[i..].chars().next();
                 let after_unit = source[i..].chars().nth(1);
-                if let Some(ms) = unit.and_then(unit_ms)
+                if let Some(unit) = unit.filter(|u| unit_ms(*u).is_some())
                     && !after_unit.is_some_and(|c| c.is_alphanumeric() || c == '_')
                 {
-                    let count: i64 = text.parse().map_err(|_| {
-                        Diagnostic::error(
-                            Code::InvalidWindow,
-                            Span::new(start, i + 1),
-                            "a window is a whole number and a unit: 30m, 24h, 7d or 2w",
-                        )
+                    let span = Span::new(start, i + 1);
+                    let ms = window_ms(text, unit, MAX_WINDOW_MS).map_err(|e| {
+                        Diagnostic::error(e.code(), span, e.message(&source[start..i + 1]))
                     })?;
-                    if count <= 0 {
-                        return Err(Diagnostic::error(
-                            Code::InvalidWindow,
-                            Span::new(start, i + 1),
-                            "a window must be longer than zero",
-                        ));
-                    }
                     i += 1;
                     tokens.push(Token {
-                        kind: TokenKind::Duration(count * ms),
-                        span: Span::new(start, i),
+                        kind: TokenKind::Duration(ms),
+                        span,
                     });
                     continue;
                 }

@@ -26,7 +26,7 @@
 //!            | ( "contains" | "starts_with" ) string
 //!            | "in" "(" literal { "," literal } ")" ;
 //! path       = ident { "." ident } ;
-//! window     = integer ( "m" | "h" | "d" | "w" ) ;      (* 30m, 24h, 7d, 2w *)
+//! window     = integer ( "m" | "h" | "d" | "w" ) ;      (* 30m, 24h, 7d, 2w; at most 3650d *)
 //! literal    = string | number | "true" | "false" ;
 //! ```
 //!
@@ -48,15 +48,40 @@ pub fn parse(source: &str) -> Result<Expr, Diagnostic> {
     parser::parse(source)
 }
 
-/// Reads a rule's JSON form; the error names what is wrong.
+/// Reads a rule's JSON form; the error names what is wrong. A window over
+/// [`lexer::MAX_WINDOW_DAYS`] is refused with [`Code::WindowTooLong`], naming its field.
 pub fn from_json(json: &serde_json::Value) -> Result<Expr, Diagnostic> {
-    serde_json::from_value(json.clone()).map_err(|e| {
+    let json_error = |code, message: String| {
         Diagnostic::error(
-            Code::InvalidJson,
+            code,
             diagnostics::Span::default(),
-            format!("invalid rule JSON: {e}"),
+            format!("invalid rule JSON: {message}"),
         )
-    })
+    };
+    let expr: Expr = serde_json::from_value(json.clone()).map_err(|e| {
+        // A window too long even for 64 bits keeps the too-long code.
+        let message = e.to_string();
+        let too_long = (message.starts_with("`window`: `") || message.starts_with("`within`: `"))
+            && message.contains(lexer::TOO_LONG);
+        let code = if too_long {
+            Code::WindowTooLong
+        } else {
+            Code::InvalidJson
+        };
+        json_error(code, message)
+    })?;
+    if let Some((field, window)) = expr
+        .windows()
+        .into_iter()
+        .find(|(_, w)| w.ms > lexer::MAX_WINDOW_MS)
+    {
+        let message = lexer::WindowError::TooLong.message(&window.to_string());
+        return Err(json_error(
+            Code::WindowTooLong,
+            format!("`{field}`: {message}"),
+        ));
+    }
+    Ok(expr)
 }
 
 #[cfg(test)]

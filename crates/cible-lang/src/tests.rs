@@ -260,3 +260,77 @@ fn model_outputs_need_a_trained_model() {
     let source = "predicted.purchase_30d > 0.5 or cluster.id = 2";
     assert!(check(&parse(source).unwrap(), &clean, source).is_empty());
 }
+
+#[test]
+fn windows_are_at_most_ten_years_and_never_overflow() {
+    // The longest window is accepted, in every unit that reaches it.
+    round_trip(r#"did("A", 3650d) and count("B", 87600h) > 1 and did("C", 5256000m)"#);
+    // One more day, or numbers whose milliseconds do not fit in 64 bits, are refused with their
+    // own code, pointing at the window.
+    for window in [
+        "3651d",
+        "522w",
+        "87601h",
+        "106751991168d",
+        "9223372036854775807m",
+        "99999999999999999999999d",
+    ] {
+        let source = format!(r#"did("X", {window})"#);
+        let diagnostic = parse(&source).unwrap_err();
+        assert_eq!(diagnostic.code, Code::WindowTooLong, "{window}");
+        assert_eq!(diagnostic.code.label(), "E015");
+        assert_eq!(diagnostic.column, 10, "{window}");
+        assert_eq!(
+            diagnostic.render(&source),
+            format!(
+                "error[E015]: `{window}` is longer than the longest window, 3650d (10 years)\n --> line 1, column 10\n  |\n1 | {source}\n  |          {}",
+                "^".repeat(window.len())
+            )
+        );
+    }
+    assert!(error(r#"did("A", 0d)"#).contains("E006"));
+    assert!(error(r#"did("A", 1.5d)"#).contains("E006"));
+    // The JSON form: every field holding a window, with the field named.
+    let did = |window: &str| json!({"op": "did", "event": {"name": "A"}, "window": window});
+    assert!(from_json(&did("3650d")).is_ok());
+    let rules = [
+        ("window", did("106751991168d")),
+        ("window", did("9223372036854775807m")),
+        ("window", did("3651d")),
+        (
+            "window",
+            json!({"op": "compare", "left": {"fn": "count", "event": {"name": "A"}, "window": "1000w"}, "cmp": ">", "right": 1}),
+        ),
+        (
+            "window",
+            json!({"op": "not", "arg": {"op": "compare", "left": {"fn": "sum", "event": {"name": "A"}, "property": "p", "window": "4000d"}, "cmp": ">", "right": 1}}),
+        ),
+        (
+            "within",
+            json!({"op": "sequence", "first": {"name": "A"}, "then": {"name": "B"}, "within": "9223372036854775807w"}),
+        ),
+    ];
+    for (field, rule) in rules {
+        let error = from_json(&rule).unwrap_err();
+        assert_eq!(error.code, Code::WindowTooLong, "{rule}: {}", error.message);
+        assert!(
+            error.message.contains(&format!("`{field}`"))
+                && error
+                    .message
+                    .contains("longer than the longest window, 3650d (10 years)"),
+            "{rule}: {}",
+            error.message
+        );
+    }
+    // As docs/segment-language.md shows it.
+    assert_eq!(
+        from_json(&did("4000d")).unwrap_err().message,
+        "invalid rule JSON: `window`: `4000d` is longer than the longest window, 3650d (10 years)"
+    );
+    // The stored form (a segment record) still reads a long window saved before the limit.
+    let stored: Expr = serde_json::from_value(did("4000d")).unwrap();
+    assert_eq!(stored.to_string(), r#"did("A", 4000d)"#);
+    let error = from_json(&did("0d")).unwrap_err();
+    assert_eq!(error.code, Code::InvalidJson);
+    assert!(error.message.contains("`window`"), "{}", error.message);
+}

@@ -309,6 +309,7 @@ fn http_ingest(
             pinned_now: Some(now),
             retrain_days: 0,
             data_dir: None,
+            limits: Default::default(),
         },
         async {
             let _ = stopped.await;

@@ -10,16 +10,16 @@ pub enum ModelCommand {
     /// k-means on every profile's standardized features, k chosen by silhouette; prints the
     /// elbow curve and each cluster described in plain words.
     Cluster {
-        /// Smallest k tried.
+        /// Smallest k tried (2 to 50).
         #[arg(long, default_value_t = 2)]
         min_k: usize,
-        /// Largest k tried.
+        /// Largest k tried (2 to 50).
         #[arg(long, default_value_t = 8)]
         max_k: usize,
-        /// k-means++ restarts per k (the lowest inertia is kept).
+        /// k-means++ restarts per k, 1 to 20 (the lowest inertia is kept).
         #[arg(long, default_value_t = 4)]
         restarts: usize,
-        /// Rows the silhouette is computed on (all of them when fewer).
+        /// Rows the silhouette is computed on (all of them when fewer), 1 to 100000.
         #[arg(long, default_value_t = 2000)]
         sample: usize,
         #[arg(long, default_value_t = 1)]
@@ -33,13 +33,15 @@ pub enum ModelCommand {
     },
     /// DBSCAN on the same features; eps is suggested from the k-distance curve unless given.
     Dbscan {
-        /// Neighbours (the row included) that make a core row.
+        /// Neighbours (the row included) that make a core row, 2 to 1000.
         #[arg(long, default_value_t = 10)]
         min_points: usize,
-        /// Neighbourhood radius in standardized units; the k-distance knee when absent.
+        /// Neighbourhood radius in standardized units (above 0, at most 100); the k-distance knee
+        /// when absent.
         #[arg(long)]
         eps: Option<f64>,
-        /// Rows DBSCAN runs on; the others join the nearest core row's cluster within eps.
+        /// Rows DBSCAN runs on, 1 to 10000; the others join the nearest core row's cluster
+        /// within eps.
         #[arg(long, default_value_t = 5000)]
         sample: usize,
         #[arg(long, default_value_t = 1)]
@@ -55,7 +57,7 @@ pub enum ModelCommand {
         /// What to predict.
         #[arg(long, value_enum)]
         target: TargetArg,
-        /// Horizon in days: features as of now minus this, labels after.
+        /// Horizon in days, 1 to 365: features as of now minus this, labels after.
         #[arg(long, default_value_t = 30)]
         days: u32,
         #[arg(long, value_enum, default_value = "boosted-trees")]
@@ -112,7 +114,6 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             no_save,
             json,
         } => {
-            anyhow::ensure!(days >= 1, "--days must be at least 1");
             let params = PropensityParams {
                 target: match target {
                     TargetArg::Purchase => Target::Purchase,
@@ -125,6 +126,9 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
                     AlgorithmArg::BoostedTrees => Algorithm::BoostedTrees,
                 },
             };
+            params
+                .validate()
+                .map_err(|e| anyhow::anyhow!(e.for_cli()))?;
             let engine = global.open_existing()?;
             let now = global.now_ms()?;
             let (report, model) = engine.train_propensity(&params, now)?;
@@ -207,10 +211,8 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             seed,
             json,
         } => {
-            anyhow::ensure!(min_points >= 2, "--min-points must be at least 2");
-            if let Some(eps) = eps {
-                anyhow::ensure!(eps > 0.0, "--eps must be positive, found {eps}");
-            }
+            cible_core::models::validate_dbscan(min_points, eps, sample)
+                .map_err(|e| anyhow::anyhow!(e.for_cli()))?;
             let engine = global.open_existing()?;
             let found = engine.density_clusters(global.now_ms()?, min_points, eps, sample, seed)?;
             if json {
@@ -238,13 +240,6 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             no_save,
             json,
         } => {
-            anyhow::ensure!(
-                min_k >= 2 && min_k <= max_k,
-                "--min-k must be at least 2 and at most --max-k"
-            );
-            anyhow::ensure!(restarts >= 1, "--restarts must be at least 1");
-            let engine = global.open_existing()?;
-            let now = global.now_ms()?;
             let params = cible_core::models::ClusterParams {
                 min_k,
                 max_k,
@@ -252,6 +247,11 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
                 sample,
                 seed,
             };
+            params
+                .validate()
+                .map_err(|e| anyhow::anyhow!(e.for_cli()))?;
+            let engine = global.open_existing()?;
+            let now = global.now_ms()?;
             let (clustering, model) = engine.cluster(now, &params)?;
             if !no_save {
                 let version = engine.save_model(model, now)?;

@@ -7,8 +7,8 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use cible_core::models::ClusterParams;
 use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
+use cible_core::models::{ClusterParams, ParamError};
 use serde::Deserialize;
 
 use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error, read_body};
@@ -92,15 +92,7 @@ fn training(bytes: &[u8]) -> Result<Training, ApiError> {
                 sample: body.sample.unwrap_or(2000),
                 seed: body.seed.unwrap_or(1),
             };
-            if params.min_k < 2 || params.min_k > params.max_k {
-                return Err(invalid(
-                    "min_k",
-                    "min_k must be at least 2 and at most max_k",
-                ));
-            }
-            if params.restarts == 0 {
-                return Err(invalid("restarts", "restarts must be at least 1"));
-            }
+            params.validate().map_err(out_of_bounds)?;
             Ok(Training::Cluster(params))
         }
         Kind::Propensity => {
@@ -117,17 +109,20 @@ fn training(bytes: &[u8]) -> Result<Training, ApiError> {
             let target = body
                 .target
                 .ok_or_else(|| invalid("target", "target is required: purchase, open or churn"))?;
-            let days = body.days.unwrap_or(30);
-            if days == 0 {
-                return Err(invalid("days", "days must be at least 1"));
-            }
-            Ok(Training::Propensity(PropensityParams {
+            let params = PropensityParams {
                 target,
-                horizon_days: days,
+                horizon_days: body.days.unwrap_or(30),
                 algorithm: body.algorithm.unwrap_or(Algorithm::BoostedTrees),
-            }))
+            };
+            params.validate().map_err(out_of_bounds)?;
+            Ok(Training::Propensity(params))
         }
     }
+}
+
+/// 400 naming the field and its allowed range (`cible_core::models::bounds`).
+fn out_of_bounds(e: ParamError) -> ApiError {
+    invalid(e.field, e.message)
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {

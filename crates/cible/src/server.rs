@@ -56,6 +56,19 @@ pub struct ServeArgs {
     /// old; 0 never does.
     #[arg(long, default_value_t = 7)]
     pub retrain_days: u32,
+    /// Seconds a request's body may take to arrive once its headers have; then 408.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout_secs: u64,
+    /// Seconds a request's headers may take to arrive, and an idle connection may stay open.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
+    /// Open connections at most; more wait to be accepted.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Open connections from one client address at most (more are closed at once); 0 for no cap,
+    /// e.g. behind a reverse proxy.
+    #[arg(long, default_value_t = 128)]
+    pub max_connections_per_ip: usize,
 }
 
 /// A request's messages waiting for the writer.
@@ -79,6 +92,8 @@ pub(crate) struct AppState {
     /// Tracking requests being read, parsed or waiting for the writer. Bounding them bounds
     /// memory: each holds at most one 500 KB body and its messages.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// How long a request body may take to arrive (408 after).
+    body_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -109,6 +124,7 @@ pub struct ServeOptions {
     pub retrain_days: u32,
     /// Where to write the address and local credential for CLI commands (none in benches).
     pub data_dir: Option<std::path::PathBuf>,
+    pub limits: crate::limits::Limits,
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
@@ -152,6 +168,12 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             pinned_now,
             retrain_days: args.retrain_days,
             data_dir: Some(global.data.clone()),
+            limits: crate::limits::Limits {
+                header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
+                body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                max_connections_per_ip: args.max_connections_per_ip,
+            },
         };
         serve(engine, listener, options, shutdown_signal()).await
     });
@@ -175,6 +197,7 @@ pub async fn serve(
         pinned_now,
         retrain_days,
         data_dir,
+        limits,
     } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
     engine.start_live_segments(now)?;
@@ -230,6 +253,7 @@ pub async fn serve(
                 .map_or_else(crate::local::new_token, |file| file.token.clone()),
         ),
         inflight: Arc::new(tokio::sync::Semaphore::new(queue.max(1) * 4)),
+        body_timeout: limits.body_timeout,
     };
     let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
@@ -237,13 +261,13 @@ pub async fn serve(
         let _ = stopping_sender.send(true);
         let _ = signalled_sender.send(());
     };
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
+    let server = crate::limits::serve_connections(listener, router(state), limits, shutdown);
     let deadline = async move {
         let _ = signalled.await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         _ = deadline => tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open at shutdown closed"),
     }
     // Every request handed to the writer is answered; requests still arriving on connections
@@ -452,6 +476,10 @@ fn router(state: AppState) -> Router {
             get(crate::segment_api::explain),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_timeout,
+            crate::limits::body_deadline,
+        ))
         .with_state(state)
 }
 
@@ -569,12 +597,19 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
             "unauthorized",
             "missing write key: send it as the HTTP Basic user name, as Segment clients do",
         )),
-        Some(key) if state.engine.key_kind(key).is_some() => Ok(()),
-        Some(_) => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown write key",
-        )),
+        Some(key) => match state.engine.key_kind(key) {
+            Some(KeyKind::Write) => Ok(()),
+            Some(KeyKind::Admin) => Err(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this is an admin key; the tracking API (/v1/*) needs a write key (cible key create --write)",
+            )),
+            None => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown write key",
+            )),
+        },
     }
 }
 
@@ -671,12 +706,21 @@ async fn read_bounded(mut body: Body, limit: usize) -> Result<Option<Vec<u8>>, A
     let mut bytes = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            error(
+        let frame = frame.map_err(|e| match crate::limits::timed_out(&e) {
+            // The client is too slow: its place is freed and its connection closed.
+            Some(limit) => error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s (serve --body-timeout-secs)",
+                    limit.as_secs_f64()
+                ),
+            ),
+            None => error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!("reading the body: {e}"),
-            )
+            ),
         })?;
         let Ok(data) = frame.into_data() else {
             continue;

@@ -6,6 +6,7 @@ mod integration {
     pub mod common;
     mod crash;
     mod http;
+    mod limits;
     mod openapi;
     mod segments;
 }

@@ -162,6 +162,7 @@ impl Engine {
         sample: usize,
         seed: u64,
     ) -> Result<DensityClustering, EngineError> {
+        validate_dbscan(min_points, eps, sample)?;
         let (table, _) = self.model_rows(now)?;
         let sampled: Vec<Vec<f64>> = if table.rows.len() <= sample {
             table.rows.clone()
@@ -219,6 +220,7 @@ impl Engine {
         now: i64,
         params: &ClusterParams,
     ) -> Result<(Clustering, SavedModel), EngineError> {
+        params.validate()?;
         let started = Instant::now();
         let (table, scales) = self.model_rows(now)?;
         let (fit, curve) = kmeans::choose_k(
@@ -273,9 +275,15 @@ impl Engine {
     }
 
     /// Trains a new version of a stored model with the recipe it was trained with, at `now`,
-    /// and makes it active; returns the version.
+    /// and makes it active; returns the version. A recipe outside [`bounds`] is refused.
     pub fn retrain(&self, name: &str, now: i64) -> Result<u32, EngineError> {
-        let model = match self.model(name)?.training {
+        let training = self.model(name)?.training;
+        training.validate().map_err(|e| {
+            EngineError::Invalid(format!(
+                "{name} was trained with settings out of bounds ({e}); train it again with new ones"
+            ))
+        })?;
+        let model = match training {
             Training::KMeans(params) => self.cluster(now, &params)?.1,
             Training::Propensity(params) => self.train_propensity(&params, now)?.1,
         };
@@ -283,12 +291,12 @@ impl Engine {
     }
 
     /// Retrains every active model trained more than `max_age_ms` before `now`; returns the
-    /// names retrained.
+    /// names retrained. A model whose recipe is outside [`bounds`] is left as it is.
     pub fn retrain_if_older(&self, now: i64, max_age_ms: i64) -> Result<Vec<String>, EngineError> {
         let due: Vec<String> = self
             .model_set()?
             .models()
-            .filter(|m| m.trained_at + max_age_ms <= now)
+            .filter(|m| m.trained_at + max_age_ms <= now && m.training.validate().is_ok())
             .map(|m| m.name.clone())
             .collect();
         for name in &due {
@@ -313,6 +321,113 @@ fn unique_names<'a>(descriptions: impl Iterator<Item = &'a String>) -> Vec<Strin
     names
 }
 
+/// The allowed range of every training parameter, shared by the CLI and the admin API and
+/// checked again by the engine before any training (a retrain included). Each bound keeps one
+/// parameter from making a training run for hours; the time still grows with the population.
+pub mod bounds {
+    use std::ops::RangeInclusive;
+
+    /// k tried by k-means (`min_k` to `max_k`): every k is fitted `restarts` times.
+    pub const K: RangeInclusive<usize> = 2..=50;
+    /// k-means++ restarts per k.
+    pub const RESTARTS: RangeInclusive<usize> = 1..=20;
+    /// Rows the silhouette is computed on; each is compared with every profile, for every k.
+    pub const SILHOUETTE_SAMPLE: RangeInclusive<usize> = 1..=100_000;
+    /// Rows DBSCAN runs on: neighbourhoods are brute force, time and memory quadratic in it.
+    pub const DBSCAN_SAMPLE: RangeInclusive<usize> = 1..=10_000;
+    /// DBSCAN's neighbours (the row included) that make a core row.
+    pub const MIN_POINTS: RangeInclusive<usize> = 2..=1_000;
+    /// DBSCAN's radius, in standardized units: above 0, at most this.
+    pub const MAX_EPS: f64 = 100.0;
+    /// A propensity model's horizon in days.
+    pub const HORIZON_DAYS: RangeInclusive<u32> = 1..=365;
+}
+
+/// A training parameter out of [`bounds`]: the field (as the admin API names it; the CLI's flag
+/// is `--` and the same words with dashes) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    pub field: &'static str,
+    /// Names fields in backticks: "`max_k` must be between 2 and 50, found 100000".
+    pub message: String,
+}
+
+impl ParamError {
+    /// The message naming command-line flags: "--max-k must be between 2 and 50, found 100000".
+    pub fn for_cli(&self) -> String {
+        let mut text = self.message.clone();
+        for field in [
+            "min_k",
+            "max_k",
+            "restarts",
+            "sample",
+            "days",
+            "min_points",
+            "eps",
+        ] {
+            text = text.replace(
+                &format!("`{field}`"),
+                &format!("--{}", field.replace('_', "-")),
+            );
+        }
+        text
+    }
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+impl From<ParamError> for EngineError {
+    fn from(error: ParamError) -> Self {
+        EngineError::Invalid(error.message)
+    }
+}
+
+/// `value` within `range`, or the error naming `field`.
+pub fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<(), ParamError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ParamError {
+        field,
+        message: format!(
+            "`{field}` must be between {} and {}, found {value}",
+            range.start(),
+            range.end()
+        ),
+    })
+}
+
+/// DBSCAN's settings within [`bounds`].
+pub fn validate_dbscan(
+    min_points: usize,
+    eps: Option<f64>,
+    sample: usize,
+) -> Result<(), ParamError> {
+    check_range("min_points", min_points, &bounds::MIN_POINTS)?;
+    if let Some(eps) = eps
+        && !(eps > 0.0 && eps <= bounds::MAX_EPS)
+    {
+        return Err(ParamError {
+            field: "eps",
+            message: format!(
+                "`eps` must be above 0 and at most {}, found {eps}",
+                bounds::MAX_EPS
+            ),
+        });
+    }
+    check_range("sample", sample, &bounds::DBSCAN_SAMPLE)
+}
+
 /// How `cible model cluster` trains.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ClusterParams {
@@ -325,12 +440,41 @@ pub struct ClusterParams {
     pub seed: u64,
 }
 
+impl ClusterParams {
+    /// Every parameter within [`bounds`]; the error names the first one that is not.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        check_range("min_k", self.min_k, &bounds::K)?;
+        check_range("max_k", self.max_k, &bounds::K)?;
+        if self.min_k > self.max_k {
+            return Err(ParamError {
+                field: "min_k",
+                message: format!(
+                    "`min_k` must be at most `max_k`, found {} > {}",
+                    self.min_k, self.max_k
+                ),
+            });
+        }
+        check_range("restarts", self.restarts, &bounds::RESTARTS)?;
+        check_range("sample", self.sample, &bounds::SILHOUETTE_SAMPLE)
+    }
+}
+
 /// What a model was trained with, to train it again (`cible model retrain`, the schedule).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Training {
     KMeans(ClusterParams),
     Propensity(propensity::PropensityParams),
+}
+
+impl Training {
+    /// The recipe within [`bounds`] (a model stored before the bounds may be outside them).
+    pub fn validate(&self) -> Result<(), ParamError> {
+        match self {
+            Self::KMeans(params) => params.validate(),
+            Self::Propensity(params) => params.validate(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -393,6 +537,147 @@ mod tests {
                 .clusters
                 .iter()
                 .all(|c| !c.description.is_empty())
+        );
+    }
+
+    #[test]
+    fn every_training_parameter_is_bounded_and_the_error_names_it() {
+        let fine = ClusterParams {
+            min_k: 2,
+            max_k: 8,
+            restarts: 4,
+            sample: 2000,
+            seed: 1,
+        };
+        assert_eq!(fine.validate(), Ok(()));
+        let widest = ClusterParams {
+            min_k: 2,
+            max_k: 50,
+            restarts: 20,
+            sample: 100_000,
+            seed: u64::MAX,
+        };
+        assert_eq!(widest.validate(), Ok(()));
+        let refused = |params: ClusterParams| params.validate().unwrap_err();
+        let error = refused(ClusterParams {
+            max_k: 100_000,
+            ..fine
+        });
+        assert_eq!(error.field, "max_k");
+        assert_eq!(
+            error.message,
+            "`max_k` must be between 2 and 50, found 100000"
+        );
+        assert_eq!(
+            error.for_cli(),
+            "--max-k must be between 2 and 50, found 100000"
+        );
+        for (params, field) in [
+            (ClusterParams { min_k: 1, ..fine }, "min_k"),
+            (ClusterParams { min_k: 9, ..fine }, "min_k"),
+            (
+                ClusterParams {
+                    restarts: 0,
+                    ..fine
+                },
+                "restarts",
+            ),
+            (
+                ClusterParams {
+                    restarts: 21,
+                    ..fine
+                },
+                "restarts",
+            ),
+            (ClusterParams { sample: 0, ..fine }, "sample"),
+            (
+                ClusterParams {
+                    sample: 100_001,
+                    ..fine
+                },
+                "sample",
+            ),
+        ] {
+            assert_eq!(refused(params).field, field, "{params:?}");
+        }
+        let days = |horizon_days| propensity::PropensityParams {
+            target: propensity::Target::Purchase,
+            horizon_days,
+            algorithm: propensity::Algorithm::Logistic,
+        };
+        assert_eq!(days(365).validate(), Ok(()));
+        for bad in [0, 366, u32::MAX] {
+            let error = days(bad).validate().unwrap_err();
+            assert_eq!(error.field, "days");
+            assert!(error.message.contains("between 1 and 365"), "{error}");
+        }
+        assert_eq!(validate_dbscan(10, None, 5000), Ok(()));
+        assert_eq!(validate_dbscan(10, Some(2.5), 10_000), Ok(()));
+        for (min_points, eps, sample, field) in [
+            (1, None, 5000, "min_points"),
+            (1001, None, 5000, "min_points"),
+            (10, Some(0.0), 5000, "eps"),
+            (10, Some(f64::NAN), 5000, "eps"),
+            (10, Some(f64::INFINITY), 5000, "eps"),
+            (10, None, 0, "sample"),
+            (10, None, 10_001, "sample"),
+        ] {
+            let error = validate_dbscan(min_points, eps, sample).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+        assert!(
+            validate_dbscan(10, Some(-1.0), 5000)
+                .unwrap_err()
+                .for_cli()
+                .starts_with("--eps must be above 0")
+        );
+    }
+
+    #[test]
+    fn the_engine_refuses_out_of_bound_trainings_at_once() {
+        let (_dir, engine) = crate::test_support::generated_store(60, 30, 4, 1_777_593_600_000);
+        let now = 1_777_593_600_000;
+        let started = Instant::now();
+        let huge = ClusterParams {
+            min_k: 2,
+            max_k: 100_000,
+            restarts: 1,
+            sample: 10,
+            seed: 1,
+        };
+        let error = engine.cluster(now, &huge).unwrap_err();
+        assert!(
+            matches!(&error, EngineError::Invalid(m) if m.contains("`max_k`")),
+            "{error}"
+        );
+        let error = engine
+            .density_clusters(now, 10, None, 1_000_000, 1)
+            .unwrap_err();
+        assert!(matches!(&error, EngineError::Invalid(m) if m.contains("`sample`")));
+        let params = propensity::PropensityParams {
+            target: propensity::Target::Purchase,
+            horizon_days: 100_000,
+            algorithm: propensity::Algorithm::Logistic,
+        };
+        let error = engine.train_propensity(&params, now).unwrap_err();
+        assert!(matches!(&error, EngineError::Invalid(m) if m.contains("`days`")));
+        assert!(started.elapsed().as_secs() < 5);
+        // A model stored before the bounds with a recipe outside them is not retrained: by
+        // hand it is refused, by the schedule it is left as it is.
+        let fine = ClusterParams { max_k: 3, ..huge };
+        let (_, mut model) = engine.cluster(now, &fine).unwrap();
+        model.training = Training::KMeans(huge);
+        engine.save_model(model, now).unwrap();
+        let error = engine.retrain(CLUSTER_MODEL, now).unwrap_err();
+        assert!(
+            matches!(&error, EngineError::Invalid(m) if m.contains("out of bounds") && m.contains("`max_k`")),
+            "{error}"
+        );
+        assert!(
+            engine
+                .retrain_if_older(now + 30 * crate::time::DAY_MS, 0)
+                .unwrap()
+                .is_empty()
         );
     }
 

@@ -51,6 +51,11 @@ impl PropensityParams {
         };
         format!("{target}_{}d", self.horizon_days)
     }
+
+    /// The horizon within [`super::bounds::HORIZON_DAYS`].
+    pub fn validate(&self) -> Result<(), super::ParamError> {
+        super::check_range("days", self.horizon_days, &super::bounds::HORIZON_DAYS)
+    }
 }
 
 /// The report of a training.
@@ -164,6 +169,7 @@ impl Engine {
         params: &PropensityParams,
         now: i64,
     ) -> Result<(PropensityReport, SavedModel), EngineError> {
+        params.validate()?;
         let split = self.propensity_split(params.target, params.horizon_days, now)?;
         let started = Instant::now();
         let (train, test) = (&split.train, &split.test);

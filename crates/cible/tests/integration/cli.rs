@@ -504,3 +504,53 @@ fn computed_traits_from_the_command_line() {
     let retrained = run_ok(cible(&data).args(["model", "retrain", "open_20d"]));
     assert!(retrained.contains("open_20d: version 3"), "{retrained}");
 }
+
+#[test]
+fn model_parameters_are_bounded_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    for (args, says) in [
+        (
+            &["cluster", "--max-k", "100000"][..],
+            "--max-k must be between 2 and 50, found 100000",
+        ),
+        (
+            &["cluster", "--min-k", "1"],
+            "--min-k must be between 2 and 50",
+        ),
+        (
+            &["cluster", "--min-k", "6", "--max-k", "3"],
+            "--min-k must be at most --max-k, found 6 > 3",
+        ),
+        (
+            &["cluster", "--restarts", "50"],
+            "--restarts must be between 1 and 20, found 50",
+        ),
+        (
+            &["cluster", "--sample", "1000000"],
+            "--sample must be between 1 and 100000, found 1000000",
+        ),
+        (
+            &["dbscan", "--sample", "50000"],
+            "--sample must be between 1 and 10000, found 50000",
+        ),
+        (
+            &["dbscan", "--min-points", "1"],
+            "--min-points must be between 2 and 1000, found 1",
+        ),
+        (
+            &["dbscan", "--eps", "0"],
+            "--eps must be above 0 and at most 100",
+        ),
+        (
+            &["train", "--target", "purchase", "--days", "1000"],
+            "--days must be between 1 and 365, found 1000",
+        ),
+    ] {
+        let output = cible(dir.path()).arg("model").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}

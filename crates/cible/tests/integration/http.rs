@@ -302,3 +302,127 @@ fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
         );
     }
 }
+
+#[test]
+fn an_admin_key_is_refused_on_the_tracking_api() {
+    let (dir, server, write, admin) = started();
+    let track = json!({"userId": "u", "event": "E", "messageId": "by-admin"});
+    let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": "by-admin-in-batch"}]});
+    let bearer = format!("Bearer {admin}");
+    let refusals = [
+        post(&server.url("/v1/track"), &admin, &track),
+        post(&server.url("/v1/batch"), &admin, &batch),
+        try_post(
+            &server.url("/v1/identify"),
+            &[("Authorization", &bearer)],
+            json!({"userId": "u", "traits": {"plan": "pro"}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+        // In the body, as some Segment libraries send it.
+        try_post(
+            &server.url("/v1/batch"),
+            &[],
+            json!({"writeKey": admin, "batch": batch["batch"]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    ];
+    for answer in &refusals {
+        assert_eq!(answer.status, 403, "{answer:?}");
+        assert_eq!(answer.body["error"]["code"], "forbidden", "{answer:?}");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("needs a write key"), "{message}");
+    }
+    // The write key still works, and nothing sent with the admin key was stored.
+    assert_eq!(
+        post(
+            &server.url("/v1/track"),
+            &write,
+            &json!({"userId": "u", "event": "E", "messageId": "by-write"})
+        )
+        .status,
+        200
+    );
+    server.stop();
+    let ids: Vec<String> = export_events(dir.path())
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["by-write"]);
+}
+
+#[test]
+fn model_parameters_are_bounded_with_the_field_and_range_named() {
+    let (_dir, server, _write, admin) = started();
+    let train = |body: Value| {
+        try_post(
+            &server.url("/api/models"),
+            &[("Authorization", &format!("Bearer {admin}"))],
+            body.to_string().as_bytes(),
+        )
+        .unwrap()
+    };
+    let started = std::time::Instant::now();
+    for (body, field, says) in [
+        (
+            json!({"kind": "cluster", "max_k": 100_000}),
+            "max_k",
+            "`max_k` must be between 2 and 50, found 100000",
+        ),
+        (
+            json!({"kind": "cluster", "min_k": 1}),
+            "min_k",
+            "between 2 and 50",
+        ),
+        (
+            json!({"kind": "cluster", "min_k": 9, "max_k": 4}),
+            "min_k",
+            "`min_k` must be at most `max_k`",
+        ),
+        (
+            json!({"kind": "cluster", "restarts": 21}),
+            "restarts",
+            "`restarts` must be between 1 and 20, found 21",
+        ),
+        (
+            json!({"kind": "cluster", "restarts": 0}),
+            "restarts",
+            "between 1 and 20",
+        ),
+        (
+            json!({"kind": "cluster", "sample": 100_001}),
+            "sample",
+            "`sample` must be between 1 and 100000, found 100001",
+        ),
+        (
+            json!({"kind": "propensity", "target": "purchase", "days": 366}),
+            "days",
+            "`days` must be between 1 and 365, found 366",
+        ),
+        (
+            json!({"kind": "propensity", "target": "churn", "days": 0}),
+            "days",
+            "between 1 and 365",
+        ),
+    ] {
+        let answer = train(body.clone());
+        assert_eq!(answer.status, 400, "{body}: {answer:?}");
+        assert_eq!(answer.body["error"]["code"], "invalid_request");
+        assert_eq!(answer.body["error"]["field"], field, "{body}: {answer:?}");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "refused without training: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get(&server.url("/api/models"), &admin).body,
+        json!([]),
+        "nothing was trained"
+    );
+}

@@ -84,6 +84,13 @@ fn every_answer_matches_the_openapi_document() {
         Some(json!({"userId": "u2", "previousId": "old"})),
     );
     r.call("POST", "/v1/batch", None, Some(json!({"batch": []})));
+    r.call("POST", "/v1/batch", a(), Some(json!({"batch": []})));
+    r.call(
+        "POST",
+        "/v1/track",
+        a(),
+        Some(json!({"userId": "u9", "event": "E"})),
+    );
     r.call("POST", "/v1/batch", w(), Some(json!({"events": 1})));
     r.call("GET", "/api/quality", a(), None);
     r.call("GET", "/api/quality", w(), None);
@@ -194,6 +201,7 @@ fn every_answer_matches_the_openapi_document() {
         (json!({"kind": "propensity", "target": "sale"}), "target"),
         (json!({"kind": "propensity"}), "target"),
         (json!({"kind": "cluster", "days": 3}), "days"),
+        (json!({"kind": "cluster", "max_k": 100_000}), "max_k"),
         (json!({"kind": "forest"}), "kind"),
     ] {
         let bad = r.call("POST", "/api/models", a(), Some(body));
