@@ -4,6 +4,7 @@ mod integration {
     mod cli;
     mod clients;
     pub mod common;
+    mod concurrency;
     mod crash;
     mod http;
     mod limits;

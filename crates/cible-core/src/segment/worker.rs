@@ -119,9 +119,11 @@ impl Engine {
     /// Evaluates everything waiting in the queue; returns the number of batches processed.
     pub fn drain_segments(&self) -> Result<u64> {
         let mut processed = 0;
-        // Held across the whole drain: batches are evaluated in the order they were committed.
-        let mut guard = self.segments.lock();
         loop {
+            // Popped and evaluated under the worker's lock, one entry at a time: batches are
+            // evaluated in the order they were committed, and an admin call waiting for the
+            // lock gets it between two entries.
+            let mut guard = self.segments.lock();
             let work = {
                 let mut pending = self.work.pending.lock();
                 let work = pending.pop_front();
@@ -135,6 +137,7 @@ impl Engine {
                 return Ok(processed);
             };
             self.segments_after_batch(&mut guard, &work.touched, work.now, work.cause)?;
+            drop(guard);
             self.metrics
                 .batch_to_feed(work.committed.elapsed(), work.batches);
             processed += work.batches;
