@@ -43,6 +43,8 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("the work was cancelled (its client left, or the server is stopping)")]
+    Cancelled,
 }
 
 impl From<fjall::Error> for EngineError {

@@ -7,6 +7,7 @@ mod bench_traits;
 mod changes;
 mod changes_api;
 mod commands;
+mod errors;
 mod limits;
 mod local;
 mod metrics_api;

@@ -11,7 +11,9 @@ use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
 use cible_core::models::{ClusterParams, ParamError};
 use serde::Deserialize;
 
-use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error, read_body};
+use crate::server::{
+    ApiError, ApiResult, AppState, blocking, cancellable, check_admin, error, read_body,
+};
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -143,7 +145,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
     let request = training(&bytes)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let answer = blocking(move || {
+    let answer = cancellable(move || {
         let model = match request {
             Training::Cluster(params) => engine.cluster(now, &params)?.1,
             Training::Propensity(params) => engine.train_propensity(&params, now)?.1,
@@ -194,7 +196,7 @@ pub async fn retrain(
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let answer = blocking(move || {
+    let answer = cancellable(move || {
         let version = engine.retrain(&name, now)?;
         engine.model_detail(&name, Some(version))
     })

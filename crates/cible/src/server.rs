@@ -258,6 +258,8 @@ pub async fn serve(
     let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        // Long admin work (a training) stops at its next step.
+        cible_core::cancel::stop_all();
         let _ = stopping_sender.send(true);
         let _ = signalled_sender.send(());
     };
@@ -272,16 +274,19 @@ pub async fn serve(
     }
     // Every request handed to the writer is answered; requests still arriving on connections
     // past the grace period are refused (503).
+    tracing::info!("connections closed");
     let _ = stop_writer.send(None).await;
     drop(stop_writer);
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    tracing::info!("writer drained");
     stop_worker.store(true, std::sync::atomic::Ordering::Release);
     state_engine.wake_segment_worker();
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("the segment worker panicked"))?;
+    tracing::info!("segment worker drained");
     stop_background.store(true, std::sync::atomic::Ordering::Relaxed);
     // A scheduled retraining may be under way: wait a little for it, never for its end.
     let waited = std::time::Instant::now();
@@ -295,6 +300,7 @@ pub async fn serve(
     } else {
         tracing::warn!("a scheduled job was still running at shutdown; it is abandoned");
     }
+    tracing::info!("background jobs stopped");
     if let Err(error) = state_engine.checkpoint() {
         tracing::warn!(error = %error, "checkpoint at shutdown failed; the next start replays the journal");
     }
@@ -544,21 +550,11 @@ impl IntoResponse for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(failure: EngineError) -> Self {
-        match failure {
-            EngineError::NotFound(what) => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("{what} not found"),
-            ),
-            EngineError::Invalid(message) => {
-                error(StatusCode::BAD_REQUEST, "invalid_request", message)
-            }
-            other => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                other.to_string(),
-            ),
+        let (status, code) = crate::errors::status_of(&failure);
+        if status.is_server_error() {
+            tracing::error!(error = %failure, code, "request failed on the server's side");
         }
+        error(status, code, failure.to_string())
     }
 }
 
@@ -918,6 +914,23 @@ pub(crate) async fn blocking<T: serde::Serialize + Send + 'static>(
             join.to_string(),
         )),
     }
+}
+
+/// [`blocking`] for long admin work (training): when the client goes away, or the server stops,
+/// the work is cancelled at its next step and nothing it half-made is saved.
+pub(crate) async fn cancellable<T: serde::Serialize + Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> ApiResult {
+    /// Dropped with the request's future: when the client left, or when the answer is sent.
+    struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _cancel = CancelOnDrop(Arc::clone(&flag));
+    blocking(move || cible_core::cancel::scope(flag, work)).await
 }
 
 async fn api_quality(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {

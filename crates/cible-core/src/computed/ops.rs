@@ -115,7 +115,7 @@ impl Engine {
         };
         let value: Arc<T> = Arc::new(
             serde_json::from_slice(&bytes)
-                .map_err(|e| EngineError::Invalid(format!("stored {key}: {e}")))?,
+                .map_err(|e| crate::engine::corrupt("meta", format!("stored {key}: {e}")))?,
         );
         *slot.write() = Some(value.clone());
         Ok(Some(value))
@@ -155,11 +155,12 @@ impl Engine {
         let dictionaries = self.dictionaries();
         let plan = self.trait_plan(&dictionaries);
         let profiles = self.live_profiles();
-        let hot = self.hot.read();
-        let traits = profiles
-            .par_iter()
-            .zip(raws)
-            .map(|(profile, raw)| {
+        let mut traits = Vec::with_capacity(profiles.len());
+        let mut raws = raws.into_iter();
+        for outer in profiles.chunks(65_536) {
+            let chunk_raws: Vec<_> = raws.by_ref().take(outer.len()).collect();
+            let hot = self.hot.read();
+            traits.par_extend(outer.par_iter().zip(chunk_raws).map(|(profile, raw)| {
                 super::compute_from_raw(
                     &hot.timeline(*profile),
                     seconds(now),
@@ -167,8 +168,8 @@ impl Engine {
                     &calibration,
                     raw,
                 )
-            })
-            .collect();
+            }));
+        }
         Ok((calibration, traits))
     }
 
@@ -177,39 +178,42 @@ impl Engine {
         let dictionaries = self.dictionaries();
         let plan = self.trait_plan(&dictionaries);
         let profiles = self.live_profiles();
-        let hot = self.hot.read();
         type Part = (Vec<super::RawTraits>, [u64; 24], [u64; 7]);
-        let (raws, hours, weekdays) = profiles
-            .par_chunks(4096)
-            .map(|chunk| {
-                let mut part: Part = (Vec::with_capacity(chunk.len()), [0; 24], [0; 7]);
-                for &profile in chunk {
-                    let (raw, (hours, weekdays)) =
-                        raw_with_send_counts(&hot.timeline(profile), at, at, &plan);
-                    part.0.push(raw);
-                    for (x, y) in part.1.iter_mut().zip(hours) {
-                        *x += u64::from(y);
+        let mut raws = Vec::with_capacity(profiles.len());
+        let (mut hours, mut weekdays) = ([0u64; 24], [0u64; 7]);
+        // The hot store's read guard is held for one outer chunk at a time: the writer waits
+        // for one chunk at most while the whole population is read.
+        for outer in profiles.chunks(65_536) {
+            let hot = self.hot.read();
+            let parts: Vec<Part> = outer
+                .par_chunks(4096)
+                .map(|chunk| {
+                    let mut part: Part = (Vec::with_capacity(chunk.len()), [0; 24], [0; 7]);
+                    for &profile in chunk {
+                        let (raw, (hours, weekdays)) =
+                            raw_with_send_counts(&hot.timeline(profile), at, at, &plan);
+                        part.0.push(raw);
+                        for (x, y) in part.1.iter_mut().zip(hours) {
+                            *x += u64::from(y);
+                        }
+                        for (x, y) in part.2.iter_mut().zip(weekdays) {
+                            *x += u64::from(y);
+                        }
                     }
-                    for (x, y) in part.2.iter_mut().zip(weekdays) {
-                        *x += u64::from(y);
-                    }
+                    part
+                })
+                .collect();
+            drop(hot);
+            for part in parts {
+                raws.extend(part.0);
+                for (x, y) in hours.iter_mut().zip(part.1) {
+                    *x += y;
                 }
-                part
-            })
-            .reduce(
-                || (Vec::new(), [0; 24], [0; 7]),
-                |mut a, b| {
-                    a.0.extend(b.0);
-                    for (x, y) in a.1.iter_mut().zip(b.1) {
-                        *x += y;
-                    }
-                    for (x, y) in a.2.iter_mut().zip(b.2) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
-        drop(hot);
+                for (x, y) in weekdays.iter_mut().zip(part.2) {
+                    *x += y;
+                }
+            }
+        }
         let calibration = Calibration::from_raw(at, &raws, &hours, &weekdays);
         Ok((
             self.keep(&self.calibration, CALIBRATION_KEY, calibration)?,

@@ -427,6 +427,9 @@ pub fn fit(x: &[Vec<f64>], y: &[bool], params: &Params) -> Boosted {
     let mut trees = Vec::with_capacity(params.rounds);
     let mut gh = vec![(0.0, 0.0); x.len()];
     for _ in 0..params.rounds {
+        if crate::cancel::cancelled() {
+            break;
+        }
         gh.par_iter_mut()
             .zip(&scores)
             .zip(y)

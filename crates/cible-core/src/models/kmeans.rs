@@ -215,6 +215,8 @@ pub fn kmeans(data: &[Vec<f64>], k: usize, restarts: usize, max_iter: usize, see
     let flat = Flat::new(data);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..restarts.max(1))
+        // A cancelled training stops after the first restart (its result is discarded).
+        .take_while(|restart| *restart == 0 || !crate::cancel::cancelled())
         .map(|_| {
             lloyd(
                 data,
@@ -295,6 +297,9 @@ pub fn choose_k(
     let mut best: Option<(f64, KMeans)> = None;
     let mut curve = Vec::new();
     for k in ks.filter(|k| *k >= 2 && *k <= data.len()) {
+        if best.is_some() && crate::cancel::cancelled() {
+            break;
+        }
         let fit = kmeans(data, k, restarts, 300, seed);
         let score = silhouette(data, &fit.labels, k, sample, seed);
         curve.push(Candidate {

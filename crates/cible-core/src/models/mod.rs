@@ -177,6 +177,7 @@ impl Engine {
         let suggested_eps = dbscan::knee(&dbscan::k_distances(&sampled, min_points));
         let eps = eps.unwrap_or(suggested_eps);
         let labels = dbscan::dbscan_sampled(&table.rows, eps, min_points, sample, seed);
+        crate::cancel::check()?;
         let n_clusters = labels.iter().flatten().max().map_or(0, |m| m + 1);
         let clusters = (0..n_clusters)
             .map(|id| {
@@ -230,6 +231,7 @@ impl Engine {
             params.sample,
             params.seed,
         );
+        crate::cancel::check()?;
         let silhouette = curve
             .iter()
             .find(|c| c.k == fit.centroids.len())

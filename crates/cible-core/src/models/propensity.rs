@@ -177,6 +177,7 @@ impl Engine {
         {
             Algorithm::Logistic => {
                 let model = logistic::fit(&train.0, &train.1, 1.0, 50);
+                crate::cancel::check()?;
                 let predicted = test.0.iter().map(|r| model.predict(r)).collect();
                 let importance = model.weights.clone();
                 let kind = ModelKind::Logistic {
@@ -189,6 +190,7 @@ impl Engine {
             }
             Algorithm::BoostedTrees => {
                 let model = gbdt::fit(&train.0, &train.1, &gbdt::Params::default());
+                crate::cancel::check()?;
                 let predicted = test.0.iter().map(|r| model.predict(r)).collect();
                 let importance = model.importance.clone();
                 let kind = ModelKind::Boosted {

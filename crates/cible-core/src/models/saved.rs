@@ -338,7 +338,7 @@ impl Engine {
                     )));
                 };
                 Ok(Arc::new(serde_json::from_slice(&bytes).map_err(|e| {
-                    EngineError::Invalid(format!("stored model {name}: {e}"))
+                    crate::engine::corrupt("meta", format!("stored model {name}: {e}"))
                 })?))
             }
         }
@@ -411,7 +411,7 @@ impl Engine {
                 continue;
             };
             let model: SavedModel = serde_json::from_slice(&bytes)
-                .map_err(|e| EngineError::Invalid(format!("stored model {name}: {e}")))?;
+                .map_err(|e| crate::engine::corrupt("meta", format!("stored model {name}: {e}")))?;
             active.push(Arc::new(model));
         }
         let set = Arc::new(ModelSet::new(active));

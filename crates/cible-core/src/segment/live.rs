@@ -653,7 +653,7 @@ impl Engine {
             segment
                 .members
                 .serialize_into(&mut bytes)
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                .map_err(|e| crate::engine::corrupt("members", e))?;
             batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
             segment.record.size = segment.members.len();
             batch.insert(

@@ -273,7 +273,7 @@ impl Engine {
     pub fn members(&self, name: &str) -> Result<RoaringBitmap> {
         match self.store.members.get(name.as_bytes())? {
             Some(bytes) => RoaringBitmap::deserialize_from(bytes.as_ref())
-                .map_err(|e| EngineError::Invalid(e.to_string())),
+                .map_err(|e| crate::engine::corrupt("members", e)),
             None => Ok(RoaringBitmap::new()),
         }
     }
@@ -288,7 +288,8 @@ impl Engine {
         {
             let (_, value) = entry.into_inner()?;
             changes.push(
-                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?,
+                serde_json::from_slice(&value)
+                    .map_err(|e| crate::engine::corrupt("segment_log", e))?,
             );
         }
         Ok(changes)
@@ -736,7 +737,7 @@ impl Engine {
             let (key, value) = entry.into_inner()?;
             // Only what evaluation reads; the rest of the message is skipped, not built.
             let message: EventPart =
-                serde_json::from_slice(&value).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                serde_json::from_slice(&value).map_err(|e| crate::engine::corrupt("events", e))?;
             let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
             let name = message
                 .event

@@ -345,9 +345,10 @@ fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_reb
         worst_ack_ms.load(Ordering::Relaxed)
     );
 
-    // Every Ping is over a minute old within 9 s: the one-minute segments empty by their timers.
+    // The youngest Ping was 50 s old when sent: 12 s later every Ping is over a minute old, and
+    // the one-minute segments have emptied by their timers.
     settle(&base);
-    std::thread::sleep(Duration::from_secs(9));
+    std::thread::sleep(Duration::from_secs(12));
     settle(&base);
     let changes = all_changes(&base, &admin);
     let replayed = replay(&changes);
