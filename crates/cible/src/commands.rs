@@ -21,7 +21,7 @@ use crate::Global;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Files to import: .jsonl/.ndjson/.json or .csv, each optionally .gz.
+    /// Files to import: .jsonl/.ndjson/.json or .csv (each optionally .gz), or .parquet.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Print the summary as JSON.

@@ -132,7 +132,7 @@ pub enum Opened {
 enum Command {
     /// Run the HTTP server: Segment-compatible ingestion (/v1/*), admin API (/api/*).
     Serve(server::ServeArgs),
-    /// Import Segment messages from JSON Lines (optionally .gz) or CSV files.
+    /// Import Segment messages from JSON Lines or CSV (optionally .gz), or Parquet files.
     Import(commands::ImportArgs),
     /// Write realistic synthetic Segment messages as JSON Lines.
     Generate(commands::GenerateArgs),
@@ -158,7 +158,7 @@ enum Command {
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Benchmarks (collect, segments, traits) against same-run baselines; prints a Markdown table.
+    /// Benchmarks (collect, segments, traits, models) against same-run baselines; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
 
