@@ -40,8 +40,9 @@ pub struct BenchArgs {
     pub dir: std::path::PathBuf,
     /// What to measure: collect (import, HTTP, memory, restart), segments (batch rebuild
     /// against an SQL engine, event-to-membership latency), traits (recomputing computed
-    /// traits against DuckDB, incremental cost) or models (k-means, DBSCAN, logistic regression
-    /// and boosted trees against scikit-learn and LightGBM).
+    /// traits against DuckDB, incremental cost), models (k-means, DBSCAN, logistic regression
+    /// and boosted trees against scikit-learn and LightGBM) or spine (acks with and without admin
+    /// work, event to change on the feed's stream, CLI latency alone and beside a server).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -66,6 +67,7 @@ pub enum Suite {
     Segments,
     Traits,
     Models,
+    Spine,
 }
 
 pub(crate) struct Row {
@@ -85,6 +87,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Models {
         return crate::bench_models::run(global, &args);
+    }
+    if args.suite == Suite::Spine {
+        return crate::bench_spine::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;

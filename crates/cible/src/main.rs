@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_models;
+mod bench_spine;
 mod bench_traits;
 mod changes;
 mod changes_api;
@@ -158,7 +159,7 @@ enum Command {
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Benchmarks (collect, segments, traits, models) against same-run baselines; prints a Markdown table.
+    /// Benchmarks (collect, segments, traits, models, spine) against same-run baselines; prints a Markdown table.
     Bench(bench::BenchArgs),
 }
 
@@ -184,11 +185,18 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Named threads make profiles readable (the writer is the main thread during imports).
+    let cli = Cli::parse();
+    // Named threads make profiles readable (the writer is the main thread during imports). A
+    // server keeps a core free of parallel work (segment edits, recalibration, training): the
+    // writer and the HTTP handlers answer on it while admin work runs (`--parallel-threads`).
+    let threads = match &cli.command {
+        Command::Serve(args) => args.parallel_threads(),
+        _ => 0,
+    };
     let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
         .thread_name(|i| format!("cible-cpu-{i}"))
         .build_global();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => server::run(&cli.global, args),
         Command::Import(args) => commands::import(&cli.global, args),

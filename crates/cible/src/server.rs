@@ -36,6 +36,10 @@ use crate::Global;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Threads for parallel work (segment edits, recalibration, training, demo import); by
+    /// default all cores but one, so that acknowledgements never wait for a core.
+    #[arg(long)]
+    pub parallel_threads: Option<usize>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -69,6 +73,18 @@ pub struct ServeArgs {
     /// e.g. behind a reverse proxy.
     #[arg(long, default_value_t = 128)]
     pub max_connections_per_ip: usize,
+}
+
+impl ServeArgs {
+    /// `--parallel-threads`, or all cores but one (at least one).
+    pub fn parallel_threads(&self) -> usize {
+        self.parallel_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .saturating_sub(1)
+                .max(1)
+        })
+    }
 }
 
 /// A request's messages waiting for the writer.
