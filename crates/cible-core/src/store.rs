@@ -54,26 +54,53 @@ pub enum StoreError {
     },
 }
 
-/// The open store: one fjall database and its keyspaces.
-pub struct Store {
-    pub db: Database,
-    pub events: Keyspace,
-    pub hot: Keyspace,
-    pub msgids: Keyspace,
-    pub idents: Keyspace,
-    pub profiles: Keyspace,
-    pub merges: Keyspace,
-    pub quarantine: Keyspace,
-    pub qkeys: Keyspace,
-    pub dict: Keyspace,
-    pub keys: Keyspace,
-    pub meta: Keyspace,
-    pub segments: Keyspace,
-    pub members: Keyspace,
-    pub segment_log: Keyspace,
-    pub entries: Keyspace,
-    pub changes: Keyspace,
+/// Declares every keyspace once: the `Store` fields, their opening, `Store::keyspaces` and
+/// `Store::NAMES` all come from this list.
+macro_rules! keyspaces {
+    ($($name:ident),+ $(,)?) => {
+        /// The open store: one fjall database and its keyspaces.
+        pub struct Store {
+            pub db: Database,
+            $(pub $name: Keyspace,)+
+        }
+
+        impl Store {
+            /// Names of every keyspace, in [`Store::keyspaces`] order.
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),+];
+
+            fn open_keyspaces(db: Database) -> Result<Self, StoreError> {
+                Ok(Self {
+                    $($name: db.keyspace(stringify!($name), KeyspaceCreateOptions::default)?,)+
+                    db,
+                })
+            }
+
+            /// Every keyspace.
+            pub fn keyspaces(&self) -> Vec<&Keyspace> {
+                vec![$(&self.$name),+]
+            }
+        }
+    };
 }
+
+keyspaces!(
+    events,
+    hot,
+    msgids,
+    idents,
+    profiles,
+    merges,
+    quarantine,
+    qkeys,
+    dict,
+    keys,
+    meta,
+    segments,
+    members,
+    segment_log,
+    entries,
+    changes,
+);
 
 /// The `meta` key holding the store's layout version.
 pub const SCHEMA_KEY: &str = "schema_version";
@@ -124,72 +151,11 @@ impl Store {
                 },
                 other => StoreError::Engine(other),
             })?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
-        Ok(Self {
-            events: open("events")?,
-            hot: open("hot")?,
-            msgids: open("msgids")?,
-            idents: open("idents")?,
-            profiles: open("profiles")?,
-            merges: open("merges")?,
-            quarantine: open("quarantine")?,
-            qkeys: open("qkeys")?,
-            dict: open("dict")?,
-            keys: open("keys")?,
-            meta: open("meta")?,
-            segments: open("segments")?,
-            members: open("members")?,
-            segment_log: open("segment_log")?,
-            entries: open("entries")?,
-            changes: open("changes")?,
-            db,
-        })
+        Self::open_keyspaces(db)
     }
 }
 
 impl Store {
-    /// Every keyspace.
-    pub fn keyspaces(&self) -> [&Keyspace; 16] {
-        [
-            &self.events,
-            &self.hot,
-            &self.msgids,
-            &self.idents,
-            &self.profiles,
-            &self.merges,
-            &self.quarantine,
-            &self.qkeys,
-            &self.dict,
-            &self.keys,
-            &self.meta,
-            &self.segments,
-            &self.members,
-            &self.segment_log,
-            &self.entries,
-            &self.changes,
-        ]
-    }
-
-    /// Names of every keyspace, in [`Store::keyspaces`] order.
-    pub const NAMES: [&'static str; 16] = [
-        "events",
-        "hot",
-        "msgids",
-        "idents",
-        "profiles",
-        "merges",
-        "quarantine",
-        "qkeys",
-        "dict",
-        "keys",
-        "meta",
-        "segments",
-        "members",
-        "segment_log",
-        "entries",
-        "changes",
-    ];
-
     /// Bytes on disk of each keyspace, by name.
     pub fn disk_space(&self) -> Vec<(&'static str, u64)> {
         Self::NAMES
@@ -346,7 +312,7 @@ mod tests {
         let mut listed: Vec<&str> = PER_PROFILE.iter().map(|(name, _)| *name).collect();
         listed.extend(GLOBAL);
         for name in Store::NAMES {
-            assert!(listed.contains(&name), "keyspace {name} is in neither list");
+            assert!(listed.contains(name), "keyspace {name} is in neither list");
         }
     }
 

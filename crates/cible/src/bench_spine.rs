@@ -67,7 +67,11 @@ fn ack_phase(url: &str, auth: &str, batches: &[Vec<Value>], stop_admin: &AtomicB
                     let index = next.fetch_add(1, Ordering::Relaxed) % batches.len();
                     let body = json!({"batch": batches[index]}).to_string();
                     let sent = Instant::now();
-                    match agent.post(url).set("Authorization", auth).send_string(&body) {
+                    match agent
+                        .post(url)
+                        .set("Authorization", auth)
+                        .send_string(&body)
+                    {
                         Ok(_) | Err(ureq::Error::Status(_, _)) => {}
                         Err(error) => panic!("the server did not answer: {error}"),
                     }
@@ -213,12 +217,17 @@ fn event_to_change(
                     for (m, message) in messages.iter_mut().enumerate() {
                         message["messageId"] = Value::from(format!("pace-{i}-{m}"));
                     }
-                    messages.push(json!({"type": "track", "userId": probe, "event": "Bench Probe",
-                        "messageId": format!("probe-{i}")}));
+                    messages.push(
+                        json!({"type": "track", "userId": probe, "event": "Bench Probe",
+                        "messageId": format!("probe-{i}")}),
+                    );
                     let body = json!({"batch": messages}).to_string();
                     let at = Instant::now();
-                    if agent.post(&format!("{base}/v1/batch")).set("Authorization", auth)
-                        .send_string(&body).is_ok()
+                    if agent
+                        .post(&format!("{base}/v1/batch"))
+                        .set("Authorization", auth)
+                        .send_string(&body)
+                        .is_ok()
                     {
                         sent.lock().push((probe, at));
                     }
@@ -231,8 +240,7 @@ fn event_to_change(
     eprintln!("paced load: {achieved:.0} events/s over {n_batches} batches");
     // Let the last changes arrive.
     let waited = Instant::now();
-    while arrivals.lock().len() < sent.lock().len() && waited.elapsed() < Duration::from_secs(10)
-    {
+    while arrivals.lock().len() < sent.lock().len() && waited.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     streaming.store(false, Ordering::Relaxed);
@@ -339,7 +347,9 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let stdout = child.stdout.take().context("the server's output")?;
     let mut lines = BufReader::new(stdout).lines();
     let address = loop {
-        let line = lines.next().context("the server stopped before listening")??;
+        let line = lines
+            .next()
+            .context("the server stopped before listening")??;
         if let Some(address) = line.strip_prefix("cible listening on http://") {
             break address.to_string();
         }
@@ -353,7 +363,11 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             measure: name,
             value: format!("{without:.0} ms alone, {beside:.0} ms beside the server"),
             baseline: "-".into(),
-            ratio: format!("{:.2}x / {:.2}x the target", without / 100.0, beside / 100.0),
+            ratio: format!(
+                "{:.2}x / {:.2}x the target",
+                without / 100.0,
+                beside / 100.0
+            ),
             target: "<= 100 ms",
         });
     }
@@ -362,7 +376,12 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let auth = crate::server::basic_auth(&write);
     let url = format!("{base}/v1/batch");
     eprintln!("acks without admin work ...");
-    let plain = ack_phase(&url, &auth, &bodies(&tail, 20, "plain"), &AtomicBool::new(false));
+    let plain = ack_phase(
+        &url,
+        &auth,
+        &bodies(&tail, 20, "plain"),
+        &AtomicBool::new(false),
+    );
     eprintln!("acks with the admin loop ...");
     let stop_admin = AtomicBool::new(false);
     let (busy, admin_done) = std::thread::scope(|scope| {

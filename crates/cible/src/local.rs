@@ -159,23 +159,17 @@ impl Remote {
 
     /// Opens a long-lived stream (Server-Sent Events) and returns its body.
     pub fn stream(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send + Sync>> {
-        match self.request("GET", path).call() {
-            Ok(response) => Ok(response.into_reader()),
-            Err(ureq::Error::Status(status, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                anyhow::bail!("{text} (HTTP {status} from the running server)")
-            }
-            Err(error) => Err(anyhow::anyhow!(
-                "the server in this data directory ({}) does not answer: {error}",
-                self.info.address
-            )),
-        }
+        Ok(self.get(path)?.into_reader())
     }
 
     /// Sends a request and returns the raw text answer.
     pub fn text(&self, path: &str) -> anyhow::Result<String> {
+        Ok(self.get(path)?.into_string()?)
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<ureq::Response> {
         match self.request("GET", path).call() {
-            Ok(response) => Ok(response.into_string()?),
+            Ok(response) => Ok(response),
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
                 anyhow::bail!("{text} (HTTP {status} from the running server)")
