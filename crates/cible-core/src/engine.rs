@@ -1323,6 +1323,19 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// Leaves no journal to replay: what is still only in memtables is written out to tables, so
+    /// the next open (a CLI command after another) does not replay it.
+    fn drop(&mut self) {
+        if self.store.db.write_buffer_size() > 0
+            && !self.poisoned.load(Ordering::Acquire)
+            && let Err(error) = self.store.checkpoint()
+        {
+            tracing::warn!(error = %error, "checkpoint on close failed; the next open replays the journal");
+        }
+    }
+}
+
 /// The result of [`Engine::lookup_profile`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lookup {

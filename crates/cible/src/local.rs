@@ -115,6 +115,15 @@ impl Remote {
         Self { info, agent }
     }
 
+    /// Whether the server answers `/healthz` (within a second).
+    pub fn is_up(&self) -> bool {
+        self.agent
+            .get(&format!("{}/healthz", self.info.address))
+            .timeout(std::time::Duration::from_secs(1))
+            .call()
+            .is_ok()
+    }
+
     fn request(&self, method: &str, path: &str) -> ureq::Request {
         self.agent
             .request(method, &format!("{}{path}", self.info.address))

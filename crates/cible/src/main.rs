@@ -98,6 +98,14 @@ impl Global {
                 self.data.display()
             );
         }
+        // A live server's file: go through it at once (trying the store's lock first would
+        // wait for it). A file left by a killed server does not answer and is ignored.
+        if let Some(info) = local::read(&self.data) {
+            let remote = local::Remote::new(info);
+            if remote.is_up() {
+                return Ok(Opened::Remote(remote));
+            }
+        }
         let opened = if light {
             cible_core::Engine::open_light(&self.data)
         } else {

@@ -216,7 +216,6 @@ pub async fn serve(
         limits,
     } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
-    engine.start_live_segments(now)?;
     let (feed_head, _) = tokio::sync::watch::channel(engine.feed_head());
     let feed_head = Arc::new(feed_head);
     {
@@ -238,6 +237,12 @@ pub async fn serve(
         std::thread::Builder::new()
             .name("cible-segments".into())
             .spawn(move || {
+                // The API answers meanwhile: batches committed during this first pass wait in
+                // the queue and are evaluated right after it.
+                engine.start_background_worker();
+                if let Err(error) = engine.start_live_segments(now) {
+                    tracing::error!(error = %error, "starting the live segments failed");
+                }
                 let clock = move || pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
                 engine.run_segment_worker(&stop, &clock)
             })?

@@ -205,7 +205,13 @@ impl Engine {
         work: impl FnOnce(&Engine, &mut LiveState, &mut FeedWriter) -> Result<T>,
     ) -> Result<T> {
         if state.live.is_none() {
-            state.live = Some(self.load_live(now)?);
+            let mut live = self.load_live(now)?;
+            if state.started {
+                // The drivers run but lost their state (a failed pass): evaluate everyone again,
+                // which also re-arms every timer.
+                self.evaluate_everyone(&mut live, &mut state.feed, now)?;
+            }
+            state.live = Some(live);
         }
         let live = state.live.as_mut().expect("just loaded");
         let outcome = work(self, live, &mut state.feed);
@@ -224,12 +230,23 @@ impl Engine {
         guard.started = true;
         let state = &mut *guard;
         let mut live = self.load_live(now)?;
+        self.evaluate_everyone(&mut live, &mut state.feed, now)?;
+        state.live = Some(live);
+        Ok(())
+    }
+
+    /// Every segment over every profile, timers armed; changes have cause `restart`.
+    fn evaluate_everyone(
+        &self,
+        live: &mut LiveState,
+        feed: &mut FeedWriter,
+        now: i64,
+    ) -> Result<()> {
         let everyone = self.live_profiles();
         let rounds: Vec<(usize, Vec<u32>)> = (0..live.segments.len())
             .map(|i| (i, everyone.clone()))
             .collect();
-        self.reevaluate(&mut live, &mut state.feed, &rounds, now, Cause::Restart)?;
-        state.live = Some(live);
+        self.reevaluate(live, feed, &rounds, now, Cause::Restart)?;
         Ok(())
     }
 

@@ -182,6 +182,12 @@ impl Engine {
         self.work.background.store(false, Ordering::Release);
     }
 
+    /// From now on a worker thread drains the queue: committing threads only hand off. Call it
+    /// before a long first evaluation pass, so batches committed meanwhile wait for it.
+    pub fn start_background_worker(&self) {
+        self.work.background.store(true, Ordering::Release);
+    }
+
     /// Wakes the worker (to see `stop`).
     pub fn wake_segment_worker(&self) {
         self.work.wake.notify_all();
