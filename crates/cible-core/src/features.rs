@@ -276,7 +276,7 @@ impl Engine {
         let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
         // By chunks, each under its own read guard: ingestion waits for one chunk at most, not
         // for the whole population (a scheduled retraining runs beside live traffic).
-        const CHUNK: usize = 16_384;
+        const CHUNK: usize = crate::hot::READ_CHUNK;
         let mut parts: Vec<([f64; FEATURES.len()], BTreeMap<String, f64>)> =
             Vec::with_capacity(profiles.len());
         for chunk in profiles.chunks(CHUNK) {

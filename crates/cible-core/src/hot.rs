@@ -162,6 +162,11 @@ impl Timeline<'_> {
     }
 }
 
+/// Profiles read per hot-store read guard in a whole-population pass (segment edits,
+/// recalibration, training, rebuilds): the writer, which needs the write guard for every batch,
+/// waits for one such chunk at most.
+pub const READ_CHUNK: usize = 512;
+
 /// Per-profile event timelines indexed by profile ordinal, and the property columns.
 #[derive(Debug, Default)]
 pub struct HotStore {

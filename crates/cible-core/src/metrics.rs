@@ -87,6 +87,8 @@ pub struct Metrics {
     pub batch_to_feed: Histogram,
     /// Profiles waiting for the segment worker.
     pub queue_depth: AtomicU64,
+    /// 1 once the live segments' first pass (at start) is done: memberships are current.
+    pub segments_ready: AtomicU64,
     /// Last sequence number of the change feed.
     pub feed_head: AtomicU64,
     /// Changes written since start.

@@ -394,8 +394,9 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     rows.push(Row {
         measure: "ack, 4 clients x 20-message batches (ms)",
         value: format!(
-            "p50 {:.2}, p99 {:.2} with the admin loop ({} rounds, slowest call {:.0} ms)",
+            "p50 {:.2}, p90 {:.2}, p99 {:.2} with the admin loop ({} rounds, slowest call {:.0} ms)",
             percentile(&busy, 0.5),
+            percentile(&busy, 0.9),
             p99_busy,
             admin_done.rounds,
             admin_done.slowest_ms
@@ -435,8 +436,9 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     rows.push(Row {
         measure: "event to change on the stream, 50k events/s (ms)",
         value: format!(
-            "p50 {:.2}, p99 {:.2} ({} probes)",
+            "p50 {:.2}, p90 {:.2}, p99 {:.2} ({} probes)",
             percentile(&paced, 0.5),
+            percentile(&paced, 0.9),
             percentile(&paced, 0.99),
             paced.len()
         ),

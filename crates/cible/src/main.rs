@@ -14,6 +14,7 @@ mod local;
 mod metrics_api;
 mod model;
 mod model_api;
+mod priority;
 mod segment_api;
 mod segments;
 mod server;
@@ -201,9 +202,15 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => args.parallel_threads(),
         _ => 0,
     };
+    let serving = threads > 0;
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("cible-cpu-{i}"))
+        .start_handler(move |_| {
+            if serving {
+                priority::lower();
+            }
+        })
         .build_global();
     let result = match cli.command {
         Command::Serve(args) => server::run(&cli.global, args),

@@ -86,6 +86,13 @@ fn render(engine: &cible_core::Engine) -> String {
     );
     scalar(
         &mut out,
+        "cible_segments_ready",
+        "gauge",
+        "1 once the first evaluation pass after start is done (memberships current).",
+        load(&metrics.segments_ready),
+    );
+    scalar(
+        &mut out,
         "cible_segment_queue_profiles",
         "gauge",
         "Profiles of committed batches waiting for the segment worker.",

@@ -12,7 +12,8 @@ use cible_core::models::{ClusterParams, ParamError};
 use serde::Deserialize;
 
 use crate::server::{
-    ApiError, ApiResult, AppState, blocking, cancellable, check_admin, error, read_body,
+    ApiError, ApiResult, AppState, admin_blocking, blocking, cancellable, check_admin, error,
+    read_body,
 };
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -223,7 +224,7 @@ pub async fn activate(
         .map_err(|e| invalid("version", format!("expected {{\"version\": N}}: {e}")))?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    blocking(move || {
+    admin_blocking(move || {
         engine.activate_model(&name, request.version, now)?;
         Ok(engine.model(&name)?.summary(true))
     })

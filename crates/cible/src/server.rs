@@ -937,8 +937,44 @@ pub(crate) async fn blocking<T: serde::Serialize + Send + 'static>(
     }
 }
 
-/// [`blocking`] for long admin work (training): when the client goes away, or the server stops,
-/// the work is cancelled at its next step and nothing it half-made is saved.
+/// Admin work (segment edits, previews, refreshes, training) on a thread of its own at a lower
+/// priority: ingestion keeps its CPU meanwhile.
+pub(crate) async fn admin_job<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (sender, receiver) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("cible-admin".into())
+        .spawn(move || {
+            crate::priority::lower();
+            let _ = sender.send(work());
+        })
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("starting an admin thread: {e}"),
+            )
+        })?;
+    receiver.await.map_err(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the admin thread panicked",
+        )
+    })?
+}
+
+/// [`admin_job`] answering JSON.
+pub(crate) async fn admin_blocking<T: serde::Serialize + Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> ApiResult {
+    let answer = admin_job(move || work().map_err(ApiError::from)).await?;
+    Ok(axum::Json(answer).into_response())
+}
+
+/// [`admin_blocking`] for long admin work (training): when the client goes away, or the server
+/// stops, the work is cancelled at its next step and nothing it half-made is saved.
 pub(crate) async fn cancellable<T: serde::Serialize + Send + 'static>(
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> ApiResult {
@@ -951,7 +987,7 @@ pub(crate) async fn cancellable<T: serde::Serialize + Send + 'static>(
     }
     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _cancel = CancelOnDrop(Arc::clone(&flag));
-    blocking(move || cible_core::cancel::scope(flag, work)).await
+    admin_blocking(move || cible_core::cancel::scope(flag, work)).await
 }
 
 async fn api_quality(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
@@ -1110,7 +1146,7 @@ async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) ->
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    blocking(move || engine.refresh_traits(now)).await
+    admin_blocking(move || engine.refresh_traits(now)).await
 }
 
 /// The profile a path names (number, userId, anonymousId or e-mail), or 404.
@@ -1141,7 +1177,7 @@ async fn api_unmerge(
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    blocking(move || engine.unmerge(id, now)).await
+    admin_blocking(move || engine.unmerge(id, now)).await
 }
 
 #[derive(Debug, Deserialize)]

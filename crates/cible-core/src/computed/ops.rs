@@ -157,7 +157,7 @@ impl Engine {
         let profiles = self.live_profiles();
         let mut traits = Vec::with_capacity(profiles.len());
         let mut raws = raws.into_iter();
-        for outer in profiles.chunks(65_536) {
+        for outer in profiles.chunks(crate::hot::READ_CHUNK) {
             let chunk_raws: Vec<_> = raws.by_ref().take(outer.len()).collect();
             let hot = self.hot.read();
             traits.par_extend(outer.par_iter().zip(chunk_raws).map(|(profile, raw)| {
@@ -183,7 +183,7 @@ impl Engine {
         let (mut hours, mut weekdays) = ([0u64; 24], [0u64; 7]);
         // The hot store's read guard is held for one outer chunk at a time: the writer waits
         // for one chunk at most while the whole population is read.
-        for outer in profiles.chunks(65_536) {
+        for outer in profiles.chunks(crate::hot::READ_CHUNK) {
             let hot = self.hot.read();
             let parts: Vec<Part> = outer
                 .par_chunks(4096)

@@ -122,7 +122,7 @@ impl Engine {
         let mut test = (Vec::new(), Vec::new());
         // By chunks, each under its own read guard (see `Engine::features`).
         let mut rows = table.rows.into_iter();
-        for chunk in table.profiles.chunks(16_384) {
+        for chunk in table.profiles.chunks(crate::hot::READ_CHUNK) {
             let hot = self.hot.read();
             for (profile, row) in chunk.iter().zip(rows.by_ref()) {
                 let events = hot.events(*profile);

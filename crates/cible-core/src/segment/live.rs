@@ -35,9 +35,12 @@ use crate::engine::{Engine, EngineError};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
-/// Profiles per chunk of a whole-population pass: the hot store's read guard is held for one
-/// chunk at a time.
-const CHUNK: usize = 8192;
+use crate::hot::READ_CHUNK as CHUNK;
+
+/// Changes past which a pass commits what it has (memberships and feed together, so each
+/// commit is consistent): a segment edit over a million profiles never writes one huge batch
+/// that the writer's next commit would wait behind.
+const CHANGES_PER_COMMIT: u64 = 4096;
 
 /// What a committed batch changed, for the live drivers.
 #[derive(Debug, Default, Clone)]
@@ -232,6 +235,9 @@ impl Engine {
         let mut live = self.load_live(now)?;
         self.evaluate_everyone(&mut live, &mut state.feed, now)?;
         state.live = Some(live);
+        self.metrics
+            .segments_ready
+            .store(1, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -539,6 +545,49 @@ impl Engine {
             .map(|Reverse((at, _, _))| i64::from(*at) * 1000))
     }
 
+    fn membership_batch(&self) -> fjall::OwnedWriteBatch {
+        self.store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll))
+    }
+
+    /// Commits a pass's changes with the memberships of the segments they changed, then moves
+    /// the feed on and wakes its readers.
+    fn commit_pass(
+        &self,
+        state: &mut LiveState,
+        feed: &mut FeedWriter,
+        mut batch: fjall::OwnedWriteBatch,
+        changes: super::feed::FeedBatch,
+        dirty: &mut FxHashSet<usize>,
+    ) -> Result<()> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        for index in dirty.drain() {
+            let segment = &mut state.segments[index];
+            let mut bytes = Vec::with_capacity(segment.members.serialized_size());
+            segment
+                .members
+                .serialize_into(&mut bytes)
+                .map_err(|e| crate::engine::corrupt("members", e))?;
+            batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
+            segment.record.size = segment.members.len();
+            batch.insert(
+                &self.store.segments,
+                segment.record.name.as_bytes(),
+                to_json(&segment.record),
+            );
+        }
+        batch.commit()?;
+        let written = changes.written;
+        feed.committed(changes);
+        self.metrics.feed_committed(feed.head(), written);
+        self.notify_feed(feed.head());
+        Ok(())
+    }
+
     /// Evaluates `profiles` for the segments at the given positions (in dependency order),
     /// records the enters and exits in the feed, arms timers; one store batch for all.
     fn reevaluate(
@@ -552,11 +601,7 @@ impl Engine {
         let started = Instant::now();
         let now_s = seconds(now);
         let dictionaries = self.name_dictionary();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.membership_batch();
         let mut changes = feed.begin();
         let mut names = Vec::new();
         for (index, _) in rounds {
@@ -657,26 +702,17 @@ impl Engine {
                 }
                 self.backfill_progress
                     .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if changes.written >= CHANGES_PER_COMMIT {
+                    let full = std::mem::replace(&mut batch, self.membership_batch());
+                    let written = std::mem::replace(&mut changes, feed.begin());
+                    self.commit_pass(state, feed, full, written, &mut dirty)?;
+                    changes = feed.begin();
+                }
             }
             self.metrics.segment_evaluated(
                 &state.segments[index].record.name,
                 profiles.len() as u64,
                 segment_started.elapsed(),
-            );
-        }
-        for index in &dirty {
-            let segment = &mut state.segments[*index];
-            let mut bytes = Vec::with_capacity(segment.members.serialized_size());
-            segment
-                .members
-                .serialize_into(&mut bytes)
-                .map_err(|e| crate::engine::corrupt("members", e))?;
-            batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
-            segment.record.size = segment.members.len();
-            batch.insert(
-                &self.store.segments,
-                segment.record.name.as_bytes(),
-                to_json(&segment.record),
             );
         }
         // Stale entries pile up as verdicts are re-armed; rebuild the heap when they dominate.
@@ -687,13 +723,7 @@ impl Engine {
                 .map(|(&(id, profile), &at)| Reverse((at, profile, id)))
                 .collect();
         }
-        if !dirty.is_empty() {
-            batch.commit()?;
-            let written = changes.written;
-            feed.committed(changes);
-            self.metrics.feed_committed(feed.head(), written);
-            self.notify_feed(feed.head());
-        }
+        self.commit_pass(state, feed, batch, changes, &mut dirty)?;
         tracing::debug!(
             cause = cause.as_str(),
             rounds = rounds.len(),

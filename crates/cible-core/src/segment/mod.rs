@@ -532,7 +532,7 @@ impl Engine {
         // needs its write guard for every batch) waits for one chunk at most. The trait columns
         // come after `hot` in the lock order.
         let mut chunks: Vec<Result<Vec<ChunkResult>>> = Vec::new();
-        for outer in profiles.chunks(16_384) {
+        for outer in profiles.chunks(crate::hot::READ_CHUNK) {
             let hot = self.hot.read();
             let trait_columns = self.trait_columns.read();
             chunks.extend(self.evaluate_chunk(

@@ -145,7 +145,7 @@ pub fn rebuilt_members(base: &str, admin: &str, rule: &str) -> BTreeSet<u64> {
         .collect()
 }
 
-/// Waits until the segment worker has evaluated every committed batch.
+/// Waits until the segment worker has done its first pass and evaluated every committed batch.
 pub fn settle(base: &str) {
     let started = Instant::now();
     loop {

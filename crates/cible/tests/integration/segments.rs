@@ -62,7 +62,8 @@ fn segments_over_http_stay_exact_as_events_arrive() {
         201
     );
 
-    // Two opens within the week: in the segment as soon as the batch is acknowledged.
+    // Two opens within the week: in the segment once the worker has evaluated the batch (right
+    // after it is acknowledged).
     let opens = json!({"batch": [
         {"type": "track", "userId": "ann", "event": "Email Opened", "timestamp": "2026-04-29T10:00:00Z", "traits": {}},
         {"type": "track", "userId": "ann", "event": "Email Opened", "timestamp": "2026-04-30T10:00:00Z"},
@@ -70,6 +71,7 @@ fn segments_over_http_stay_exact_as_events_arrive() {
         {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com"}},
     ]});
     assert_eq!(post(&server.url("/v1/batch"), &write, &opens).status, 200);
+    super::concurrency::settle(&server.base);
     let members = get(&server.url("/api/segments/openers/members"), &admin).body;
     assert_eq!(members["total"], 1);
     assert_eq!(members["members"][0]["primary_id"], "ann");
