@@ -230,6 +230,10 @@ fn every_answer_matches_the_openapi_document() {
     let shown = r.call("GET", "/api/models/purchase_30d?version=2", a(), None);
     assert_eq!(shown["model"]["active"], false);
     r.call("GET", "/api/models/nope", a(), None);
+    let feed = r.call("GET", "/api/changes?after=0&limit=5", a(), None);
+    assert_eq!(feed["changes"][0]["seq"], 1, "{feed}");
+    r.call("GET", "/api/changes?limit=0", a(), None);
+    r.call("GET", "/api/changes?after=x", a(), None);
     let traits = r.call("GET", "/api/profiles/m0/traits", a(), None);
     let p = traits["predicted"]["purchase_30d"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p), "{traits}");
