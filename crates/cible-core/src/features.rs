@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::computed::{ComputedTraits, DAY};
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::hot::Timeline;
 
 /// The features every profile gets, in column order (then one `category_<name>` column per

@@ -27,9 +27,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::ingest::{Durability, Incoming};
 use crate::message::{ParseContext, parse_message, parse_message_text};
 use crate::quality::Reason;
+use crate::records::BatchOutcome;
 
 /// Messages per chunk handed to the engine (one atomic batch each).
 const CHUNK_MESSAGES: usize = 20_000;

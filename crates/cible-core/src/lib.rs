@@ -7,11 +7,13 @@
 pub mod cancel;
 pub mod computed;
 pub mod engine;
+pub mod error;
 pub mod features;
 pub mod generate;
 pub mod hot;
 pub mod identity;
 pub mod import;
+pub mod ingest;
 pub mod keys;
 pub mod lock;
 pub mod message;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod models;
 pub mod normalize;
 pub mod quality;
+pub mod records;
 pub mod seen;
 pub mod segment;
 pub mod store;
@@ -26,8 +29,11 @@ pub mod time;
 pub mod trait_columns;
 pub mod view;
 
-pub use engine::{BatchOutcome, Durability, Engine, EngineError, Incoming};
+pub use engine::Engine;
+pub use error::EngineError;
+pub use ingest::{Durability, Incoming};
 pub use message::{Message, MessageType, ParseContext, Rejection};
+pub use records::BatchOutcome;
 
 #[cfg(test)]
 pub(crate) mod test_support {

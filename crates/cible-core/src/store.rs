@@ -7,9 +7,9 @@
 //! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes + 5 per other key |
 //! | `msgids`     | messageId                             | empty (dedup across restarts)       |
 //! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
-//! | `profiles`   | profile u32                           | [`crate::engine::ProfileRecord`]    |
-//! | `merges`     | merge id u64                          | [`crate::engine::MergeRecord`]      |
-//! | `quarantine` | quarantine id u64                     | [`crate::engine::QuarantineRecord`] |
+//! | `profiles`   | profile u32                           | [`crate::records::ProfileRecord`]    |
+//! | `merges`     | merge id u64                          | [`crate::records::MergeRecord`]      |
+//! | `quarantine` | quarantine id u64                     | [`crate::records::QuarantineRecord`] |
 //! | `qkeys`      | hash of a quarantined raw message     | quarantine id (dedup of bad input)  |
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
 //! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |

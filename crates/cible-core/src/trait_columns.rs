@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::TraitValue;
+use crate::records::TraitValue;
 
 #[derive(Debug, Default)]
 pub struct TraitColumns {

@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::engine::{Engine, EngineError, MergeRecord, StoredEvent};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::message::MessageType;
 use crate::quality::flags;
+use crate::records::{MergeRecord, StoredEvent};
 use crate::time::format_ms;
 
 /// A profile with a page of its timeline.

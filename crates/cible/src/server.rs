@@ -19,12 +19,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use cible_core::engine::BatchOutcome;
 use cible_core::keys::KeyKind;
 use cible_core::message::{
     MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, ParseContext, parse_message, parse_message_text,
 };
 use cible_core::quality::Reason;
+use cible_core::records::BatchOutcome;
 use cible_core::view::{TimelineQuery, profile_view};
 use cible_core::{Durability, Engine, EngineError, Incoming, MessageType};
 use clap::Args;

@@ -14,7 +14,8 @@ use super::recommend::{Activity, ModelCounts, ProductModel, Recommendation};
 use super::{
     CATEGORY_KEY, ComputedTraits, STAGES, Setup, TraitPlan, compute, raw_with_send_counts,
 };
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::segment::DictSnapshot;
 use crate::segment::plan::Plan;
 

@@ -4,7 +4,10 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::hot::HotEvent;
+use crate::message::ParseContext;
+use crate::{BatchOutcome, Durability};
 use crate::message::parse_message;
+use crate::quality::flags;
 
 const NOW: i64 = 1_777_636_800_000; // 2026-05-01T12:00:00Z
 

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::features::{FeatureTable, Scaling};
 use saved::{CLUSTER_MODEL, ModelKind, SavedModel};
 

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::logistic::{self, CalibrationBin};
 use super::saved::{ModelKind, SavedModel};
 use super::{Training, gbdt};
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 
 /// What a model predicts, over the `horizon` days after the cutoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::gbdt::Boosted;
 use super::propensity::Target;
 use crate::computed::ComputedTraits;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::features::FEATURES;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;

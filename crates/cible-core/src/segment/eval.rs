@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use serde_json::Value as Json;
 
 use super::plan::{Aggregate, Filter, Node, Plan, PropCondition, PropRef, PropTest, ValueNode};
-use crate::engine::TraitValue;
 use crate::hot::{ABSENT, HotEvent, NO_KEY, NOT_TEXT, Timeline};
+use crate::records::TraitValue;
 
 /// The hot rows cannot answer: evaluate on full messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Change;
-use crate::engine::EngineError;
+use crate::error::EngineError;
 use crate::store::Store;
 
 /// Why a membership changed.

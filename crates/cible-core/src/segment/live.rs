@@ -31,7 +31,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::feed::{Cause, FeedWriter};
 use super::plan::{self, Plan};
 use super::{BackfillReport, Change, RuleRun, SegmentRecord, to_json, uses_computed, uses_traits};
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -630,7 +631,7 @@ impl Engine {
                 // Liveness and traits first: the writer takes its lock before `hot`, so a
                 // reader holding `hot` must not ask for it (the lock order forbids it).
                 let alive = self.alive_flags(chunk);
-                let traits: FxHashMap<u32, BTreeMap<String, crate::engine::TraitValue>> =
+                let traits: FxHashMap<u32, BTreeMap<String, crate::records::TraitValue>> =
                     if state.segments[index].uses_traits {
                         let hot_free = self.trait_columns.read();
                         chunk.iter().map(|p| (*p, hot_free.traits_of(*p))).collect()

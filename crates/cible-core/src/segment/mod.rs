@@ -20,7 +20,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::computed::{Lazy, Setup};
-use crate::engine::{Engine, EngineError, TraitValue};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::records::TraitValue;
 use crate::store::profile_key;
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
 use plan::{Dictionaries, Plan, ValueNode};

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::feed::{Cause, FeedChange};
 use super::live::Touched;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::error::EngineError;
 use crate::lock::{Level, OrderedMutex};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;

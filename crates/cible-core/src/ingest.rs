@@ -1,0 +1,712 @@
+//! Ingestion: messages prepared off the writer ([`Incoming`], [`Prepared`]), then, under the
+//! writer lock, deduplicated, quarantined or accepted, identities resolved, dictionary ids and
+//! anomaly flags assigned, and everything written as one atomic fjall batch (`Tx`); the batch's
+//! touched profiles are handed to the segment worker once the lock is released.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::Ordering;
+
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use serde_json::Value;
+
+use crate::engine::{
+    COUNTERS_KEY, Engine, KEY_PREFIX, NAME_PREFIX, ProfileMeta, State, key_of, read_profile,
+    to_json,
+};
+use crate::error::{Result, corrupt};
+use crate::hot::{HotStore, NO_KEY, NO_NAME};
+use crate::identity::{self, Plan, Target};
+use crate::message::{
+    Message, MessageType, ParseContext, Rejection, is_column_property, parse_message_text,
+};
+use crate::quality::{self, Reason, flags};
+use crate::records::{BatchOutcome, MergeRecord, ProfileRecord, QuarantineNote, QuarantineRecord};
+use crate::store::{HotRecord, Store, event_key, profile_key};
+
+/// When a batch counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced to disk (fsync) before `ingest` returns: what an acknowledgement promises.
+    Sync,
+    /// Handed to the OS; survives a process crash but not a power loss. Bulk import uses it and
+    /// syncs at the end.
+    Buffered,
+}
+
+/// A message offered to [`Engine::ingest`].
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub parsed: std::result::Result<Prepared, Rejection>,
+    /// Set when the message is replayed from quarantine: the record to drop once it is accepted.
+    pub replay_of: Option<Replay>,
+}
+
+impl Incoming {
+    /// Wraps a parsed message, preparing it for the writer now: call this on parsing threads,
+    /// so that serialization and freeing the parsed JSON happen there, not on the one writer.
+    pub fn new(parsed: std::result::Result<Message, Rejection>, replay_of: Option<Replay>) -> Self {
+        Self {
+            parsed: parsed.map(Prepared::from_message),
+            replay_of,
+        }
+    }
+}
+
+/// What the writer needs of an accepted message, and its serialized form.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    kind: MessageType,
+    message_id: String,
+    timestamp: i64,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    previous_id: Option<String>,
+    email: Option<String>,
+    /// The behavioural event name.
+    event: Option<String>,
+    /// Identify traits (empty for other types).
+    traits: serde_json::Map<String, Value>,
+    /// Indexes in `KEY_PROPERTIES` of the key properties present, in that order, and their
+    /// text when it is text. The first is the hot row's key.
+    keys: Vec<(u8, Option<String>)>,
+    /// Index in `VALUE_PROPERTIES` of the numeric property, and its number when it reads as one.
+    value: Option<(u8, Option<f64>)>,
+    long_time_on_page: bool,
+    /// The message serialized for the store, without anomaly flags.
+    body: Vec<u8>,
+}
+
+impl Prepared {
+    fn from_message(mut message: Message) -> Self {
+        let body = to_json(&message);
+        let traits = if message.kind == MessageType::Identify {
+            std::mem::take(&mut message.traits)
+        } else {
+            serde_json::Map::new()
+        };
+        Self {
+            kind: message.kind,
+            event: message.behavioral_name().map(str::to_string),
+            keys: message
+                .key_properties()
+                .map(|(index, text)| (index, text.map(str::to_string)))
+                .collect(),
+            value: message.numeric_value(),
+            long_time_on_page: message.kind.is_behavioral()
+                && message
+                    .duration_s()
+                    .is_some_and(|d| d > quality::LONG_TIME_ON_PAGE_S),
+            timestamp: message.timestamp,
+            message_id: message.message_id,
+            user_id: message.user_id,
+            anonymous_id: message.anonymous_id,
+            previous_id: message.previous_id,
+            email: message.email,
+            traits,
+            body,
+        }
+    }
+}
+
+/// A quarantine record being replayed.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay {
+    pub id: u64,
+    /// Its [`quarantine_key`].
+    pub key: [u8; 16],
+}
+
+/// The dedup key of a quarantined message: a hash of its raw text, so that sending or importing
+/// the same bad message again does not quarantine it twice.
+pub fn quarantine_key(raw: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    digest[..16].try_into().expect("16 bytes of 32")
+}
+
+impl From<std::result::Result<Message, Rejection>> for Incoming {
+    fn from(parsed: std::result::Result<Message, Rejection>) -> Self {
+        Self::new(parsed, None)
+    }
+}
+
+/// Hash of a messageId for the in-memory dedup set.
+pub fn message_hash(message_id: &str) -> u64 {
+    let mut hasher = FxBuildHasher.build_hasher();
+    hasher.write(message_id.as_bytes());
+    hasher.finish()
+}
+
+/// Adds `"flags": N` to a serialized message (serialized before its flags were known).
+fn with_flags(mut body: Vec<u8>, flags: u8) -> Vec<u8> {
+    if flags != 0 && body.last() == Some(&b'}') {
+        body.pop();
+        body.extend_from_slice(format!(",\"flags\":{flags}}}").as_bytes());
+    }
+    body
+}
+
+struct PendingEvent {
+    profile: u32,
+    ts: i64,
+    seq: u64,
+    record: HotRecord,
+    body: Vec<u8>,
+    message_id: String,
+}
+
+/// One batch in the making.
+struct Tx<'a> {
+    store: &'a Store,
+    state: &'a mut State,
+    hot: &'a HotStore,
+    source: &'a str,
+    now: i64,
+    batch: fjall::OwnedWriteBatch,
+    dirty: FxHashMap<u32, ProfileRecord>,
+    pending: Vec<PendingEvent>,
+    batch_ids: FxHashSet<String>,
+    batch_quarantine: FxHashSet<[u8; 16]>,
+    /// Recent event times per profile within this batch, for burst detection.
+    batch_times: FxHashMap<u32, Vec<u32>>,
+    hot_merges: Vec<(u32, u32)>,
+    /// Profiles created by this batch: every segment must evaluate them once (a rule such as
+    /// `not did(...)` holds for people with no events of its names).
+    created: Vec<u32>,
+    outcome: BatchOutcome,
+}
+
+impl<'a> Tx<'a> {
+    fn new(
+        store: &'a Store,
+        state: &'a mut State,
+        hot: &'a HotStore,
+        source: &'a str,
+        now: i64,
+    ) -> Self {
+        Self {
+            store,
+            state,
+            hot,
+            source,
+            now,
+            batch: store.db.batch(),
+            dirty: FxHashMap::default(),
+            pending: Vec::new(),
+            batch_ids: FxHashSet::default(),
+            batch_quarantine: FxHashSet::default(),
+            batch_times: FxHashMap::default(),
+            hot_merges: Vec::new(),
+            created: Vec::new(),
+            outcome: BatchOutcome::default(),
+        }
+    }
+
+    fn offer(&mut self, index: usize, item: Incoming) -> Result<()> {
+        self.state.counters.quality.received(self.source);
+        let message = match item.parsed {
+            Ok(message) => message,
+            Err(rejection) => {
+                self.quarantine(index, rejection, item.replay_of)?;
+                return Ok(());
+            }
+        };
+        if self.is_duplicate(&message.message_id)? {
+            self.state.counters.quality.duplicate(self.source);
+            self.outcome.duplicates += 1;
+            self.drop_replayed(item.replay_of);
+            return Ok(());
+        }
+        let name = match &message.event {
+            Some(name) => match self.name_id(name) {
+                Some(id) => id,
+                None => {
+                    let detail = "the store already holds 65535 distinct event names".to_string();
+                    let raw = String::from_utf8_lossy(&message.body).into_owned();
+                    let rejection = Rejection {
+                        reason: Reason::TooManyEventNames,
+                        field: Some("event".into()),
+                        detail,
+                        raw,
+                    };
+                    self.quarantine(index, rejection, item.replay_of)?;
+                    return Ok(());
+                }
+            },
+            None => NO_NAME,
+        };
+        let profile = self.resolve(&message)?;
+        self.drop_replayed(item.replay_of);
+        self.accept(profile, name, message)
+    }
+
+    fn drop_replayed(&mut self, replay_of: Option<Replay>) {
+        if let Some(replay) = replay_of {
+            self.batch
+                .remove(&self.store.quarantine, replay.id.to_be_bytes());
+            self.batch.remove(&self.store.qkeys, replay.key);
+        }
+    }
+
+    fn quarantine(
+        &mut self,
+        index: usize,
+        rejection: Rejection,
+        replay_of: Option<Replay>,
+    ) -> Result<()> {
+        self.outcome.quarantined.push(QuarantineNote {
+            index,
+            reason: rejection.reason,
+            field: rejection.field.clone(),
+            detail: rejection.detail.clone(),
+        });
+        if replay_of.is_some() {
+            // Still rejected: the original record stays where it is.
+            return Ok(());
+        }
+        // Counted every time it is received (received = accepted + duplicates + quarantined),
+        // stored once: the same raw bad message already waiting in quarantine is not kept twice.
+        self.state
+            .counters
+            .quality
+            .quarantined(self.source, rejection.reason);
+        let key = quarantine_key(&rejection.raw);
+        if !self.batch_quarantine.insert(key) || self.store.qkeys.contains_key(key)? {
+            return Ok(());
+        }
+        let id = self.state.counters.next_quarantine;
+        self.state.counters.next_quarantine += 1;
+        let record = QuarantineRecord {
+            id,
+            reason: rejection.reason,
+            field: rejection.field,
+            detail: rejection.detail,
+            source: self.source.to_string(),
+            received_at: self.now,
+            raw: rejection.raw,
+        };
+        self.batch
+            .insert(&self.store.quarantine, id.to_be_bytes(), to_json(&record));
+        self.batch.insert(&self.store.qkeys, key, id.to_be_bytes());
+        Ok(())
+    }
+
+    fn is_duplicate(&mut self, message_id: &str) -> Result<bool> {
+        if self.batch_ids.contains(message_id) {
+            return Ok(true);
+        }
+        let seen = self.state.seen.contains(message_hash(message_id))
+            && self.store.msgids.contains_key(message_id.as_bytes())?;
+        Ok(seen)
+    }
+
+    fn name_id(&mut self, name: &str) -> Option<u16> {
+        if let Some(id) = self.state.names.ids.get(name) {
+            return Some(*id as u16);
+        }
+        let id = self.state.names.texts.len();
+        if id >= usize::from(NO_NAME) {
+            return None;
+        }
+        self.add_dict_entry(NAME_PREFIX, name, id as u32);
+        Some(id as u16)
+    }
+
+    fn key_id(&mut self, text: &str) -> u32 {
+        if let Some(id) = self.state.keys.ids.get(text) {
+            return *id;
+        }
+        let id = self.state.keys.texts.len() as u32;
+        self.add_dict_entry(KEY_PREFIX, text, id);
+        id
+    }
+
+    fn add_dict_entry(&mut self, prefix: u8, text: &str, id: u32) {
+        let dict = if prefix == NAME_PREFIX {
+            &mut self.state.names
+        } else {
+            &mut self.state.keys
+        };
+        dict.insert_loaded(text.to_string(), id);
+        let mut key = Vec::with_capacity(text.len() + 1);
+        key.push(prefix);
+        key.extend_from_slice(text.as_bytes());
+        self.batch.insert(&self.store.dict, key, id.to_be_bytes());
+    }
+
+    fn record(&mut self, profile: u32) -> Result<&mut ProfileRecord> {
+        if !self.dirty.contains_key(&profile) {
+            let record = read_profile(self.store, profile)?
+                .ok_or_else(|| corrupt("profiles", format!("profile {profile} has no record")))?;
+            self.dirty.insert(profile, record);
+        }
+        Ok(self.dirty.get_mut(&profile).expect("just inserted"))
+    }
+
+    /// Plans and carries out identity resolution; returns the message's profile.
+    fn resolve(&mut self, message: &Prepared) -> Result<u32> {
+        let plan = match (message.kind, &message.previous_id, &message.user_id) {
+            (MessageType::Alias, Some(previous), Some(user)) => {
+                identity::plan_alias(self.state, previous, user)
+            }
+            _ => identity::plan_message(
+                self.state,
+                message.user_id.as_deref(),
+                message.anonymous_id.as_deref(),
+                message.email.as_deref(),
+            ),
+        };
+        let Plan {
+            target,
+            merges,
+            attach,
+            conflicts,
+        } = plan;
+        self.outcome.identity_conflicts += conflicts.len() as u64;
+        self.state.counters.quality.identity_conflicts += conflicts.len() as u64;
+        for conflict in &conflicts {
+            tracing::debug!(conflict = conflict.as_str(), "identity link refused");
+        }
+        for merge in merges {
+            self.merge(merge.from, merge.into, merge.cause)?;
+        }
+        let profile = match target {
+            Target::Existing(profile) => self.state.find(profile),
+            Target::New => self.create_profile(),
+        };
+        for ident in attach {
+            self.state.idents.insert(ident.clone(), profile);
+            self.state.profiles[profile as usize].has_user |= ident.starts_with("u:");
+            self.batch
+                .insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
+            self.record(profile)?.identifiers.push(ident);
+        }
+        if message.kind == MessageType::Identify && !message.traits.is_empty() {
+            self.record(profile)?
+                .apply_traits(&message.traits, message.timestamp);
+        }
+        Ok(profile)
+    }
+
+    fn create_profile(&mut self) -> u32 {
+        let profile = self.state.counters.next_profile;
+        self.state.counters.next_profile += 1;
+        self.state.profiles.push(ProfileMeta {
+            alive: true,
+            ..ProfileMeta::default()
+        });
+        self.dirty.insert(
+            profile,
+            ProfileRecord {
+                id: profile,
+                created_at: self.now,
+                ..Default::default()
+            },
+        );
+        self.outcome.profiles_created += 1;
+        self.created.push(profile);
+        profile
+    }
+
+    fn merge(&mut self, from: u32, into: u32, cause: String) -> Result<()> {
+        let absorbed = std::mem::take(self.record(from)?);
+        let identifiers = absorbed.identifiers.clone();
+        for ident in &identifiers {
+            self.state.idents.insert(ident.clone(), into);
+            self.batch
+                .insert(&self.store.idents, ident.as_bytes(), into.to_be_bytes());
+        }
+        let from_has_user = self.state.profiles[from as usize].has_user;
+        self.state.profiles[from as usize].merged_into = Some(into);
+        self.state.profiles[from as usize].alive = false;
+        self.state.profiles[into as usize].has_user |= from_has_user;
+        let restored_id = absorbed.id;
+        let created_at = absorbed.created_at;
+        self.record(into)?.absorb(absorbed);
+        *self.record(from)? = ProfileRecord {
+            id: restored_id,
+            created_at,
+            merged_into: Some(into),
+            ..Default::default()
+        };
+        let id = self.state.counters.next_merge;
+        self.state.counters.next_merge += 1;
+        let record = MergeRecord {
+            id,
+            from,
+            into,
+            cause,
+            at: self.now,
+            identifiers,
+            unmerged_at: None,
+        };
+        self.batch
+            .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
+        self.hot_merges.push((from, into));
+        if let Some(times) = self.batch_times.remove(&from) {
+            self.batch_times.entry(into).or_default().extend(times);
+        }
+        self.outcome.profiles_merged += 1;
+        Ok(())
+    }
+
+    fn accept(&mut self, profile: u32, name: u16, message: Prepared) -> Result<()> {
+        let ts_s = message
+            .timestamp
+            .div_euclid(1000)
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        let mut flag_bits = 0;
+        if message.kind.is_behavioral() {
+            if message.long_time_on_page {
+                flag_bits |= flags::LONG_TIME_ON_PAGE;
+            }
+            let window_start = ts_s.saturating_sub(quality::BURST_WINDOW_S);
+            let times = self.batch_times.entry(profile).or_default();
+            let in_batch = times
+                .iter()
+                .filter(|t| (window_start..=ts_s).contains(*t))
+                .count();
+            times.push(ts_s);
+            if times.len() > 4 * quality::BURST_EVENTS {
+                times.drain(..times.len() - 2 * quality::BURST_EVENTS);
+            }
+            let stored = self.hot.count_between(profile, window_start, ts_s);
+            if stored + in_batch >= quality::BURST_EVENTS {
+                flag_bits |= flags::BURST;
+            }
+        }
+        let mut keys = message
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (index, text))| {
+                // The first is the hot row's key; others only when a column may want them.
+                if i > 0 && !is_column_property(usize::from(*index)) {
+                    return None;
+                }
+                let id = text.as_deref().map_or(NO_KEY, |text| self.key_id(text));
+                Some((*index, id))
+            });
+        let (key_index, key) = keys.next().unwrap_or((crate::hot::NO_PROPERTY, NO_KEY));
+        let mut others = crate::hot::OtherKeys::default();
+        for (index, id) in keys {
+            others.push(
+                index,
+                if id == NO_KEY {
+                    crate::hot::NOT_TEXT
+                } else {
+                    id
+                },
+            );
+        }
+        let (value_index, value) = match message.value {
+            Some((index, number)) => (index, number.map_or(f32::NAN, |v| v as f32)),
+            None => (crate::hot::NO_PROPERTY, f32::NAN),
+        };
+        let record = HotRecord {
+            name,
+            flags: crate::hot::pack_flags(flag_bits, value_index),
+            kind: crate::hot::pack_kind(message.kind.code(), key_index),
+            key,
+            value,
+            message_hash: message_hash(&message.message_id),
+            others,
+        };
+        let seq = self.state.counters.next_seq;
+        self.state.counters.next_seq += 1;
+        self.state.counters.quality.accepted(self.source, flag_bits);
+        self.state.seen.insert(record.message_hash);
+        self.batch_ids.insert(message.message_id.clone());
+        self.outcome.accepted += 1;
+        self.pending.push(PendingEvent {
+            profile,
+            ts: message.timestamp,
+            seq,
+            record,
+            body: with_flags(message.body, flag_bits),
+            message_id: message.message_id,
+        });
+        Ok(())
+    }
+
+    /// Writes everything into the batch: committed events of merged-away profiles move under
+    /// their survivor, new events go under their final profile.
+    fn finish(mut self) -> Result<Self> {
+        let mut moved = FxHashSet::default();
+        for &(from, _) in &self.hot_merges {
+            if !moved.insert(from) {
+                continue;
+            }
+            let survivor = self.state.find(from);
+            for entry in self.store.events.prefix(profile_key(from)) {
+                let (key, value) = entry.into_inner()?;
+                let (_, ts, seq) = key_of("events", &key)?;
+                let new_key = event_key(survivor, ts, seq);
+                self.batch.remove(&self.store.events, key.clone());
+                self.batch.insert(&self.store.events, new_key, value);
+            }
+            for entry in self.store.hot.prefix(profile_key(from)) {
+                let (key, value) = entry.into_inner()?;
+                let (_, ts, seq) = key_of("hot", &key)?;
+                self.batch.remove(&self.store.hot, key.clone());
+                self.batch
+                    .insert(&self.store.hot, event_key(survivor, ts, seq), value);
+            }
+        }
+        for event in &mut self.pending {
+            event.profile = self.state.find(event.profile);
+            let key = event_key(event.profile, event.ts, event.seq);
+            self.batch
+                .insert(&self.store.events, key, std::mem::take(&mut event.body));
+            self.batch
+                .insert(&self.store.hot, key, event.record.encode());
+            self.batch
+                .insert(&self.store.msgids, event.message_id.as_bytes(), []);
+        }
+        for (profile, record) in &self.dirty {
+            self.batch
+                .insert(&self.store.profiles, profile_key(*profile), to_json(record));
+        }
+        self.batch.insert(
+            &self.store.meta,
+            COUNTERS_KEY,
+            to_json(&self.state.counters),
+        );
+        Ok(self)
+    }
+}
+
+impl Engine {
+    /// Accepts, deduplicates or quarantines each message, resolves identities, and commits the
+    /// whole batch atomically.
+    pub fn ingest(
+        &self,
+        items: Vec<Incoming>,
+        source: &str,
+        durability: Durability,
+        now: i64,
+    ) -> Result<BatchOutcome> {
+        let mut outcomes = self.ingest_groups(vec![items], source, durability, now)?;
+        Ok(outcomes.pop().unwrap_or_default())
+    }
+
+    /// Group commit: several requests' messages in one atomic, durable batch (one fsync), with
+    /// an outcome per group. Quarantine indexes are relative to each group.
+    pub fn ingest_groups(
+        &self,
+        groups: Vec<Vec<Incoming>>,
+        source: &str,
+        durability: Durability,
+        now: i64,
+    ) -> Result<Vec<BatchOutcome>> {
+        self.check_poisoned()?;
+        let mut state = self.state.lock();
+        let hot = self.hot.read();
+        // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
+        let prepared = (|| -> Result<_> {
+            let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
+            let mut outcomes = Vec::with_capacity(groups.len());
+            for items in groups {
+                for (index, item) in items.into_iter().enumerate() {
+                    tx.offer(index, item)?;
+                }
+                outcomes.push(std::mem::take(&mut tx.outcome));
+            }
+            let Tx {
+                batch,
+                pending,
+                hot_merges,
+                created,
+                dirty,
+                ..
+            } = tx.finish()?;
+            let batch = batch.durability(Some(match durability {
+                Durability::Sync => fjall::PersistMode::SyncAll,
+                Durability::Buffered => fjall::PersistMode::Buffer,
+            }));
+            batch.commit()?;
+            Ok((outcomes, pending, hot_merges, created, dirty))
+        })();
+        let (outcomes, pending, hot_merges, created, dirty) = prepared.inspect_err(|_| {
+            self.poisoned.store(true, Ordering::Release);
+        })?;
+        drop(hot);
+        {
+            let mut columns = self.trait_columns.write();
+            if !columns.is_empty() {
+                for (profile, record) in &dirty {
+                    columns.update(*profile, &record.traits);
+                }
+            }
+        }
+        let mut touched = crate::segment::live::Touched::default();
+        touched.all.extend(created.iter().map(|p| state.find(*p)));
+        let mut hot = self.hot.write();
+        for (from, into) in hot_merges {
+            hot.merge(from, into);
+            touched.gone.insert(from);
+            touched.all.insert(state.find(into));
+        }
+        for event in pending {
+            let profile = state.find(event.profile);
+            hot.insert(profile, event.record.to_hot(event.ts), &event.record.others);
+            if event.record.name != NO_NAME {
+                touched
+                    .events
+                    .entry(profile)
+                    .or_default()
+                    .insert(event.record.name);
+            } else {
+                // Identify (traits), alias and group calls: no event name, but they are seen.
+                touched.traits.insert(profile);
+            }
+        }
+        drop(hot);
+        drop(state);
+        for outcome in &outcomes {
+            self.metrics
+                .events_accepted
+                .fetch_add(outcome.accepted, Ordering::Relaxed);
+            self.metrics
+                .events_duplicate
+                .fetch_add(outcome.duplicates, Ordering::Relaxed);
+            self.metrics
+                .events_quarantined
+                .fetch_add(outcome.quarantined.len() as u64, Ordering::Relaxed);
+        }
+        self.metrics
+            .batches_committed
+            .fetch_add(1, Ordering::Relaxed);
+        let cause = if source == "import" {
+            crate::segment::feed::Cause::Import
+        } else {
+            crate::segment::feed::Cause::Events
+        };
+        self.hand_off(touched, cause, now)?;
+        Ok(outcomes)
+    }
+
+    /// Re-offers quarantined messages (all, or those of one reason) under today's rules: a
+    /// message accepted now leaves the quarantine, in the same batch.
+    pub fn replay_quarantine(&self, reason: Option<Reason>, now: i64) -> Result<BatchOutcome> {
+        let records = self.quarantined(reason, usize::MAX)?;
+        let mut total = BatchOutcome::default();
+        for chunk in records.chunks(10_000) {
+            let items = chunk
+                .iter()
+                .map(|record| {
+                    let parsed = parse_message_text(&record.raw, &ParseContext::at(now));
+                    let replay = Replay {
+                        id: record.id,
+                        key: quarantine_key(&record.raw),
+                    };
+                    Incoming::new(parsed, Some(replay))
+                })
+                .collect();
+            let outcome = self.ingest(items, "replay", Durability::Sync, now)?;
+            total.absorb(&outcome);
+            total.quarantined.extend(outcome.quarantined);
+        }
+        Ok(total)
+    }
+}
