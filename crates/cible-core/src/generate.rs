@@ -69,6 +69,27 @@ enum Lifecycle {
 }
 
 /// Writes the messages; returns counts.
+/// [`generate`] into a file, gzip-compressed when its name ends in `.gz`.
+pub fn write_file(
+    options: &GenerateOptions,
+    out: &std::path::Path,
+) -> std::io::Result<GenerateStats> {
+    let file = std::fs::File::create(out).map_err(|error| {
+        std::io::Error::new(error.kind(), format!("creating {}: {error}", out.display()))
+    })?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    if out.extension().is_some_and(|e| e == "gz") {
+        let mut encoder = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
+        let stats = generate(options, &mut encoder)?;
+        encoder.finish()?.flush()?;
+        Ok(stats)
+    } else {
+        let stats = generate(options, &mut writer)?;
+        writer.flush()?;
+        Ok(stats)
+    }
+}
+
 pub fn generate(options: &GenerateOptions, out: &mut dyn Write) -> std::io::Result<GenerateStats> {
     const BLOCK: u64 = 2_000;
     let mut stats = GenerateStats::default();

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cible_core::generate::{GenerateOptions, generate as generate_messages};
+use cible_core::generate::GenerateOptions;
 use cible_core::import::{ImportSummary, Progress, import_files};
 use cible_core::keys::KeyKind;
 use cible_core::message::MessageType;
@@ -146,7 +146,7 @@ pub fn generate(global: &Global, args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         end_ms,
     };
-    let stats = write_generated(&options, &args.out)?;
+    let stats = cible_core::generate::write_file(&options, &args.out)?;
     eprintln!(
         "wrote {} messages for {} profiles over {} days ending {} to {} ({:.1} MB)",
         stats.messages,
@@ -157,26 +157,6 @@ pub fn generate(global: &Global, args: GenerateArgs) -> anyhow::Result<()> {
         stats.bytes as f64 / 1e6
     );
     Ok(())
-}
-
-/// Generates into a file, gzip-compressed when the name ends in `.gz`.
-pub fn write_generated(
-    options: &GenerateOptions,
-    out: &std::path::Path,
-) -> anyhow::Result<cible_core::generate::GenerateStats> {
-    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut writer = BufWriter::with_capacity(1 << 20, file);
-    let stats = if out.extension().is_some_and(|e| e == "gz") {
-        let mut encoder = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
-        let stats = generate_messages(options, &mut encoder)?;
-        encoder.finish()?.flush()?;
-        stats
-    } else {
-        let stats = generate_messages(options, &mut writer)?;
-        writer.flush()?;
-        stats
-    };
-    Ok(stats)
 }
 
 #[derive(Debug, Subcommand)]

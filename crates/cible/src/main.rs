@@ -1,10 +1,6 @@
 //! The `cible` binary: command-line parsing and dispatch. The only crate that knows the terminal
 //! and HTTP; everything it does with data it asks of `cible-core`.
 
-mod bench;
-mod bench_models;
-mod bench_spine;
-mod bench_traits;
 mod changes;
 mod changes_api;
 mod commands;
@@ -168,8 +164,6 @@ enum Command {
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
-    /// Benchmarks (collect, segments, traits, models, spine) against same-run baselines; prints a Markdown table.
-    Bench(bench::BenchArgs),
 }
 
 /// Restores the default SIGPIPE action so `cible ... | head` ends quietly like other Unix tools
@@ -220,7 +214,6 @@ fn main() -> std::process::ExitCode {
         Command::Profile(command) => commands::profile(&cli.global, command),
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),
-        Command::Bench(args) => bench::run(&cli.global, args),
         Command::Segment(command) => segments::run(&cli.global, command),
         Command::Traits(command) => traits::run(&cli.global, command),
         Command::Model(command) => model::run(&cli.global, command),

@@ -581,14 +581,6 @@ impl From<EngineError> for ApiError {
 
 pub(crate) type ApiResult = Result<Response, ApiError>;
 
-/// The `Authorization` header value Segment clients send for a write key.
-pub fn basic_auth(key: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
-    )
-}
-
 /// The key a request presents: HTTP Basic user name (Segment's way) or a Bearer token.
 fn presented_key(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
@@ -1288,7 +1280,7 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             seed: 42,
             end_ms: now,
         };
-        crate::commands::write_generated(&options, &path)?;
+        cible_core::generate::write_file(&options, &path)?;
         let progress = Arc::default();
         let summary = cible_core::import::import_files(engine, &[path], now, &progress)?;
         println!(

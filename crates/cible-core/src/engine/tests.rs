@@ -5,9 +5,9 @@ use serde_json::{Value, json};
 use super::*;
 use crate::hot::HotEvent;
 use crate::message::ParseContext;
-use crate::{BatchOutcome, Durability};
 use crate::message::parse_message;
 use crate::quality::flags;
+use crate::{BatchOutcome, Durability};
 
 const NOW: i64 = 1_777_636_800_000; // 2026-05-01T12:00:00Z
 

@@ -78,7 +78,8 @@ pub struct Preview {
 }
 
 /// Twenty varied rules over the data `cible generate` writes: the differential test against
-/// SQLite and the segment benchmark both use them.
+/// SQLite and the segment benchmark both use them (a test fixture: feature `fixtures`).
+#[cfg(any(test, feature = "fixtures"))]
 pub const BATTERY: [&str; 20] = [
     r#"count("Email Opened", 7d) >= 3 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,
     r#"count("Email Opened", 7d) >= 1 and did("Product Viewed" where product_id = "P123", 30d) and not did("Order Completed", 30d)"#,

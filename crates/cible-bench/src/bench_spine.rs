@@ -1,4 +1,4 @@
-//! `cible bench --suite spine`: the seam between acknowledging and acting, measured as a user
+//! `cible-bench --suite spine`: the seam between acknowledging and acting, measured as a user
 //! meets it, over HTTP on loopback and through the CLI binary:
 //!
 //! - acknowledgement latency of 4 clients sending 20-message batches, without and then with an
@@ -267,7 +267,7 @@ fn event_to_change(
 
 /// Median wall time of a CLI command, over 5 runs.
 fn cli_ms(data: &std::path::Path, now: i64, args: &[&str]) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe()?;
+    let exe = crate::bench::cible_exe()?;
     let mut times = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
@@ -335,26 +335,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     // The server, as a user runs it: `cible serve` on the same store, over loopback.
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("--data")
-        .arg(&data)
-        .arg("--now")
-        .arg((now / 1000).to_string())
-        .args(["serve", "--listen", "127.0.0.1:0", "--retrain-days", "0"])
-        .env("CIBLE_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().context("the server's output")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .context("the server stopped before listening")??;
-        if let Some(address) = line.strip_prefix("cible listening on http://") {
-            break address.to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut child, address) = crate::bench::spawn_server(&data, now)?;
     let base = format!("http://{address}");
     for (name, command) in CLI_COMMANDS {
         let beside = cli_ms(&data, now, command)?;
@@ -373,7 +354,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let tail = tail_lines(&file, 200_000)?;
-    let auth = crate::server::basic_auth(&write);
+    let auth = crate::bench::basic_auth(&write);
     let url = format!("{base}/v1/batch");
     eprintln!("acks without admin work ...");
     let plain = ack_phase(
@@ -446,10 +427,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         ratio: format!("{:.2}x the target", percentile(&paced, 0.99) / 10.0),
         target: "p99 <= 10 ms",
     });
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    anyhow::ensure!(child.wait()?.success(), "the server stopped cleanly");
+    crate::bench::stop_server(&mut child)?;
     print_header("spine", &generated, events, profiles, "", args.days);
     print_table("Acknowledgements, the change feed and the CLI", rows);
     Ok(())

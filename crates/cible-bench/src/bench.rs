@@ -1,4 +1,4 @@
-//! `cible bench`: measures what issue targets name, each beside a baseline measured in the same
+//! `cible-bench`: measures what issue targets name, each beside a baseline measured in the same
 //! run on the same data, and prints a Markdown table (the one kept in `docs/benchmarks.md`).
 //!
 //! | measure | baseline |
@@ -199,7 +199,7 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     });
 
     println!(
-        "cible bench: {n} messages, {} profiles, {} days, {} cores\n",
+        "cible-bench: {n} messages, {} profiles, {} days, {} cores\n",
         args.profiles,
         args.days,
         std::thread::available_parallelism().map_or(0, |p| p.get())
@@ -247,7 +247,7 @@ pub(crate) fn generate_data(
         "generating {} profiles over {} days ...",
         args.profiles, args.days
     );
-    let generated = crate::commands::write_generated(&options, &file)?;
+    let generated = cible_core::generate::write_file(&options, &file)?;
     Ok((work, file, generated, end_ms))
 }
 
@@ -298,34 +298,17 @@ fn http_ingest(
     clients: usize,
     now: i64,
 ) -> anyhow::Result<f64> {
-    let engine = Arc::new(Engine::open(dir)?);
-    let key = engine.create_key(KeyKind::Write, "bench", now)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let address = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(crate::server::serve(
-        Arc::clone(&engine),
-        listener,
-        crate::server::ServeOptions {
-            queue: 64,
-            pinned_now: Some(now),
-            retrain_days: 0,
-            data_dir: None,
-            limits: Default::default(),
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let key = {
+        let engine = Engine::open(dir)?;
+        engine.create_key(KeyKind::Write, "bench", now)?
+    };
+    let (mut server, address) = spawn_server(dir, now)?;
     let bodies: Vec<String> = batches
         .iter()
         .map(|batch| format!("{{\"batch\":[{}]}}", batch.join(",")))
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let auth = crate::server::basic_auth(&key);
+    let auth = basic_auth(&key);
     let url = format!("http://{address}/v1/batch");
     let started = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -363,10 +346,71 @@ fn http_ingest(
         Ok(())
     })?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    runtime.block_on(server)??;
-    anyhow::ensure!(engine.load_stats().events > 0);
+    stop_server(&mut server)?;
+    anyhow::ensure!(Engine::open(dir)?.load_stats().events > 0);
     Ok(rate)
+}
+
+/// The `cible` binary beside this one (`cargo build --release` builds both).
+pub(crate) fn cible_exe() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("cible"))
+        .context("the directory of cible-bench")?;
+    anyhow::ensure!(
+        exe.is_file(),
+        "{} not found: build it with `cargo build --release -p cible` (scripts/bench does)",
+        exe.display()
+    );
+    Ok(exe)
+}
+
+/// Starts `cible serve` on `data` with "now" pinned, as a user runs it; returns the child and
+/// the address it listens on.
+pub(crate) fn spawn_server(
+    data: &std::path::Path,
+    now: i64,
+) -> anyhow::Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(cible_exe()?)
+        .arg("--data")
+        .arg(data)
+        .arg("--now")
+        .arg((now / 1000).to_string())
+        .args(["serve", "--listen", "127.0.0.1:0", "--retrain-days", "0"])
+        .env("CIBLE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("the server's output")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .context("the server stopped before listening")??;
+        if let Some(address) = line.strip_prefix("cible listening on http://") {
+            break address.to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, address))
+}
+
+/// SIGTERM, and a clean exit.
+pub(crate) fn stop_server(child: &mut std::process::Child) -> anyhow::Result<()> {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    anyhow::ensure!(child.wait()?.success(), "the server stopped cleanly");
+    Ok(())
+}
+
+/// The `Authorization` header value Segment clients send for a write key.
+pub(crate) fn basic_auth(key: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
 }
 
 /// The line above a suite's table: the data measured and the machine.
@@ -379,7 +423,7 @@ pub(crate) fn print_header(
     days: u32,
 ) {
     println!(
-        "cible bench --suite {suite}: {} messages, {events} events, {profiles} profiles{what}, {days} days, {} cores\n",
+        "cible-bench --suite {suite}: {} messages, {events} events, {profiles} profiles{what}, {days} days, {} cores\n",
         generated.messages,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );

@@ -1,4 +1,4 @@
-"""The baselines of `cible bench --suite models`: scikit-learn (KMeans, DBSCAN,
+"""The baselines of `cible-bench --suite models`: scikit-learn (KMeans, DBSCAN,
 LogisticRegression) and LightGBM on the very rows cible trained on, written by the bench as raw
 little-endian arrays. Prints one JSON object: each baseline's training time and quality, and the
 quality of cible's own results measured by the same scikit-learn functions.

@@ -1,4 +1,4 @@
-//! `cible bench --suite models`: cible's k-means, DBSCAN, logistic regression and boosted trees
+//! `cible-bench --suite models`: cible's k-means, DBSCAN, logistic regression and boosted trees
 //! against scikit-learn and LightGBM on the same rows, in the same run. The rows (model inputs:
 //! log1p, z-scores) and cible's results are written as raw arrays; `bench_models.py` trains the
 //! baselines on them and scores both sides with the same scikit-learn metric functions.

@@ -1,4 +1,4 @@
-//! `cible bench --suite traits`: recomputing every computed trait of every profile, against
+//! `cible-bench --suite traits`: recomputing every computed trait of every profile, against
 //! DuckDB computing the engagement score and RFM in SQL on the same data in the same run, and
 //! the incremental cost of keeping computed-trait segments exact as events arrive.
 
