@@ -448,6 +448,11 @@ impl Engine {
             .collect()
     }
 
+    /// Bytes of the journal (writes not yet flushed to tables).
+    pub fn journal_bytes(&self) -> u64 {
+        self.store.db.journal_disk_space().unwrap_or(0)
+    }
+
     /// Bytes on disk per keyspace.
     pub fn store_sizes(&self) -> Vec<(&'static str, u64)> {
         self.store.disk_space()
@@ -653,6 +658,9 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
         let mut events = Vec::new();
+        if limit == 0 {
+            return Ok(events);
+        }
         let mut skipped = 0;
         for entry in self.store.events.prefix(profile_key(profile)).rev() {
             let (key, value) = entry.into_inner()?;

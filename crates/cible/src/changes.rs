@@ -34,15 +34,15 @@ fn print(out: &mut impl Write, change: &serde_json::Value, json: bool) -> std::i
     writeln!(
         out,
         "{:>8}  {at}  {:<5} {:<24} profile {:<8} size {:<8} {}",
-        change["seq"],
+        change["seq"].to_string(),
         if change["entered"].as_bool() == Some(true) {
             "enter"
         } else {
             "exit"
         },
         change["segment"].as_str().unwrap_or_default(),
-        change["profile"],
-        change["size"],
+        change["profile"].to_string(),
+        change["size"].to_string(),
         change["cause"].as_str().unwrap_or_default()
     )
 }

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -16,7 +16,7 @@ use cible_core::segment::feed::FeedChange;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::server::{ApiError, ApiResult, AppState, blocking, check_admin, error};
+use crate::server::{ApiError, ApiQuery, ApiResult, AppState, blocking, check_admin, error};
 
 /// Most changes in one page.
 pub const MAX_PAGE: usize = 10_000;
@@ -61,7 +61,7 @@ fn parse_limit(text: Option<&str>) -> Result<usize, ApiError> {
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ChangesQuery>,
+    ApiQuery(query): ApiQuery<ChangesQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let after = parse_after(query.after.as_deref(), "after")?;
@@ -89,7 +89,7 @@ struct Cursor {
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ChangesQuery>,
+    ApiQuery(query): ApiQuery<ChangesQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let last_event_id = headers

@@ -154,7 +154,17 @@ fn render(engine: &cible_core::Engine) -> String {
             timing.profiles
         );
     }
-    let _ = writeln!(out, "# HELP cible_store_bytes Bytes on disk per keyspace.");
+    scalar(
+        &mut out,
+        "cible_journal_bytes",
+        "gauge",
+        "Bytes of the store's journal (writes not yet in a keyspace's tables).",
+        engine.journal_bytes(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cible_store_bytes Bytes on disk per keyspace (tables; see cible_journal_bytes)."
+    );
     let _ = writeln!(out, "# TYPE cible_store_bytes gauge");
     for (name, bytes) in engine.store_sizes() {
         let _ = writeln!(out, "cible_store_bytes{{keyspace=\"{name}\"}} {bytes}");

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
@@ -12,8 +12,8 @@ use cible_core::models::{ClusterParams, ParamError};
 use serde::Deserialize;
 
 use crate::server::{
-    ApiError, ApiResult, AppState, admin_blocking, blocking, cancellable, check_admin, error,
-    read_body,
+    ApiError, ApiQuery, ApiResult, AppState, admin_blocking, blocking, cancellable, check_admin,
+    error, read_body,
 };
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -170,7 +170,7 @@ pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Query(query): Query<VersionQuery>,
+    ApiQuery(query): ApiQuery<VersionQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);

@@ -5,14 +5,15 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::server::{
-    ApiError, ApiResult, AppState, admin_job, blocking, check_admin, error, off_thread, read_body,
+    ApiError, ApiQuery, ApiResult, AppState, admin_job, blocking, check_admin, error, off_thread,
+    read_body,
 };
 
 #[derive(Debug, Deserialize)]
@@ -213,7 +214,7 @@ pub async fn members(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Query(query): Query<MembersQuery>,
+    ApiQuery(query): ApiQuery<MembersQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let csv = match query.format.as_deref() {

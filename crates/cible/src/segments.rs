@@ -283,7 +283,7 @@ fn run_remote(
                 println!(
                     "{}  size {:>8}  +{} -{}",
                     point["at"].as_str().unwrap_or_default(),
-                    point["size"],
+                    point["size"].to_string(),
                     point["entered"],
                     point["exited"]
                 );

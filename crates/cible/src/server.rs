@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -517,7 +517,7 @@ pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
-    field: Option<&'static str>,
+    field: Option<String>,
     retry_after: Option<&'static str>,
     /// Structured detail (e.g. the located diagnostics of a rule).
     pub(crate) details: Option<Value>,
@@ -539,8 +539,8 @@ pub(crate) fn error(
 }
 
 impl ApiError {
-    pub(crate) fn field(mut self, field: &'static str) -> Self {
-        self.field = Some(field);
+    pub(crate) fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
         self
     }
 
@@ -580,6 +580,39 @@ impl From<EngineError> for ApiError {
 }
 
 pub(crate) type ApiResult = Result<Response, ApiError>;
+
+/// The query string of a request, decoded into `T`; a parameter that does not decode (or is
+/// unknown) gets the API's JSON error naming it, not axum's plain text.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|failure| {
+                let field = failure.path().to_string();
+                let message = format!("query parameter {field}: {}", failure.inner());
+                let refusal = error(StatusCode::BAD_REQUEST, "invalid_request", message);
+                if field == "." {
+                    refusal
+                } else {
+                    refusal.field(field)
+                }
+            })
+    }
+}
 
 /// The key a request presents: HTTP Basic user name (Segment's way) or a Bearer token.
 fn presented_key(headers: &HeaderMap) -> Option<String> {
@@ -1011,7 +1044,7 @@ fn parse_reason(text: Option<&str>) -> Result<Option<Reason>, ApiError> {
 async fn api_quarantine(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<QuarantineQuery>,
+    ApiQuery(query): ApiQuery<QuarantineQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let reason = parse_reason(query.reason.as_deref())?;
@@ -1023,7 +1056,7 @@ async fn api_quarantine(
 async fn api_replay(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<QuarantineQuery>,
+    ApiQuery(query): ApiQuery<QuarantineQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let reason = parse_reason(query.reason.as_deref())?;
@@ -1044,7 +1077,7 @@ async fn api_profile(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(params): Query<TimelineParams>,
+    ApiQuery(params): ApiQuery<TimelineParams>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let kind = params
@@ -1093,7 +1126,7 @@ async fn api_recommendations(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(params): Query<RecommendParams>,
+    ApiQuery(params): ApiQuery<RecommendParams>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let n = params.n.unwrap_or(4);

@@ -234,6 +234,13 @@ fn every_answer_matches_the_openapi_document() {
     assert_eq!(feed["changes"][0]["seq"], 1, "{feed}");
     r.call("GET", "/api/changes?limit=0", a(), None);
     r.call("GET", "/api/changes?after=x", a(), None);
+    // A query parameter that does not decode, or is unknown, gets the JSON error naming it.
+    let bad = r.call("GET", "/api/quality/quarantine?limit=abc", a(), None);
+    assert_eq!(bad["error"]["field"], "limit", "{bad}");
+    let unknown = r.call("GET", "/api/changes?foo=1", a(), None);
+    assert_eq!(unknown["error"]["field"], "foo", "{unknown}");
+    let none = r.call("GET", "/api/profiles/u1?limit=0", a(), None);
+    assert_eq!(none["timeline"]["events"], json!([]), "limit=0 is an empty page");
     let traits = r.call("GET", "/api/profiles/m0/traits", a(), None);
     let p = traits["predicted"]["purchase_30d"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p), "{traits}");
