@@ -85,6 +85,8 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     /// Time from a batch's commit to its changes being in the feed.
     pub batch_to_feed: Histogram,
+    /// Admin calls running now (segment edits, previews, refreshes, trainings).
+    pub admin_jobs: AtomicU64,
     /// Profiles waiting for the segment worker.
     pub queue_depth: AtomicU64,
     /// 1 once the live segments' first pass (at start) is done: memberships are current.

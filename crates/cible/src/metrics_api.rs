@@ -86,6 +86,13 @@ fn render(engine: &cible_core::Engine) -> String {
     );
     scalar(
         &mut out,
+        "cible_admin_jobs",
+        "gauge",
+        "Admin calls running now (segment edits, previews, refreshes, trainings).",
+        load(&metrics.admin_jobs),
+    );
+    scalar(
+        &mut out,
         "cible_segments_ready",
         "gauge",
         "1 once the first evaluation pass after start is done (memberships current).",

@@ -146,7 +146,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
     let request = training(&bytes)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let answer = cancellable(move || {
+    let answer = cancellable(&state.engine, move || {
         let model = match request {
             Training::Cluster(params) => engine.cluster(now, &params)?.1,
             Training::Propensity(params) => engine.train_propensity(&params, now)?.1,
@@ -197,7 +197,7 @@ pub async fn retrain(
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let answer = cancellable(move || {
+    let answer = cancellable(&state.engine, move || {
         let version = engine.retrain(&name, now)?;
         engine.model_detail(&name, Some(version))
     })
@@ -224,7 +224,7 @@ pub async fn activate(
         .map_err(|e| invalid("version", format!("expected {{\"version\": N}}: {e}")))?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    admin_blocking(move || {
+    admin_blocking(&state.engine, move || {
         engine.activate_model(&name, request.version, now)?;
         Ok(engine.model(&name)?.summary(true))
     })

@@ -128,7 +128,7 @@ async fn save(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let created = existing.is_none();
-    let outcome = admin_job(move || -> Result<_, ApiError> {
+    let outcome = admin_job(&state.engine, move || -> Result<_, ApiError> {
         let warnings = checked(&engine, &expr, &source, Some(&name))?;
         let record = if created {
             engine.create_segment(&name, expr, &source, now)
@@ -185,7 +185,7 @@ pub async fn preview(State(state): State<AppState>, headers: HeaderMap, body: Bo
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let sample = request.sample.unwrap_or(10).min(1000);
-    let outcome = admin_job(move || -> Result<_, ApiError> {
+    let outcome = admin_job(&state.engine, move || -> Result<_, ApiError> {
         let warnings = checked(&engine, &expr, &source, None)?;
         let preview = engine.preview(&expr, now, sample).map_err(ApiError::from)?;
         let sample: Vec<Value> = preview

@@ -965,14 +965,19 @@ pub(crate) async fn blocking<T: serde::Serialize + Send + 'static>(
 /// Admin work (segment edits, previews, refreshes, training) on a thread of its own at a lower
 /// priority: ingestion keeps its CPU meanwhile.
 pub(crate) async fn admin_job<T: Send + 'static>(
+    engine: &Arc<Engine>,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let (sender, receiver) = oneshot::channel();
+    let engine = Arc::clone(engine);
     std::thread::Builder::new()
         .name("cible-admin".into())
         .spawn(move || {
             crate::priority::lower();
+            let running = &engine.metrics.admin_jobs;
+            running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = sender.send(work());
+            running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         })
         .map_err(|e| {
             error(
@@ -992,15 +997,17 @@ pub(crate) async fn admin_job<T: Send + 'static>(
 
 /// [`admin_job`] answering JSON.
 pub(crate) async fn admin_blocking<T: serde::Serialize + Send + 'static>(
+    engine: &Arc<Engine>,
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> ApiResult {
-    let answer = admin_job(move || work().map_err(ApiError::from)).await?;
+    let answer = admin_job(engine, move || work().map_err(ApiError::from)).await?;
     Ok(axum::Json(answer).into_response())
 }
 
 /// [`admin_blocking`] for long admin work (training): when the client goes away, or the server
 /// stops, the work is cancelled at its next step and nothing it half-made is saved.
 pub(crate) async fn cancellable<T: serde::Serialize + Send + 'static>(
+    engine: &Arc<Engine>,
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> ApiResult {
     /// Dropped with the request's future: when the client left, or when the answer is sent.
@@ -1012,7 +1019,7 @@ pub(crate) async fn cancellable<T: serde::Serialize + Send + 'static>(
     }
     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _cancel = CancelOnDrop(Arc::clone(&flag));
-    admin_blocking(move || cible_core::cancel::scope(flag, work)).await
+    admin_blocking(engine, move || cible_core::cancel::scope(flag, work)).await
 }
 
 async fn api_quality(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
@@ -1171,7 +1178,7 @@ async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) ->
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    admin_blocking(move || engine.refresh_traits(now)).await
+    admin_blocking(&state.engine, move || engine.refresh_traits(now)).await
 }
 
 /// The profile a path names (number, userId, anonymousId or e-mail), or 404.
@@ -1202,7 +1209,7 @@ async fn api_unmerge(
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    admin_blocking(move || engine.unmerge(id, now)).await
+    admin_blocking(&state.engine, move || engine.unmerge(id, now)).await
 }
 
 #[derive(Debug, Deserialize)]

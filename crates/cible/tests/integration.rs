@@ -10,4 +10,5 @@ mod integration {
     mod limits;
     mod openapi;
     mod segments;
+    mod shutdown;
 }

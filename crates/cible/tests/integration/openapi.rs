@@ -240,7 +240,11 @@ fn every_answer_matches_the_openapi_document() {
     let unknown = r.call("GET", "/api/changes?foo=1", a(), None);
     assert_eq!(unknown["error"]["field"], "foo", "{unknown}");
     let none = r.call("GET", "/api/profiles/u1?limit=0", a(), None);
-    assert_eq!(none["timeline"]["events"], json!([]), "limit=0 is an empty page");
+    assert_eq!(
+        none["timeline"]["events"],
+        json!([]),
+        "limit=0 is an empty page"
+    );
     let traits = r.call("GET", "/api/profiles/m0/traits", a(), None);
     let p = traits["predicted"]["purchase_30d"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p), "{traits}");
