@@ -32,6 +32,26 @@ pub fn cancelled() -> bool {
         })
 }
 
+/// The calling thread's cancellation, to check from other threads (a parallel loop's workers do
+/// not see the caller's scope).
+#[derive(Clone, Default)]
+pub struct Token(Option<Arc<AtomicBool>>);
+
+impl Token {
+    pub fn is_cancelled(&self) -> bool {
+        STOPPING.load(Ordering::Relaxed)
+            || self
+                .0
+                .as_ref()
+                .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+}
+
+/// The token of the work running on this thread.
+pub fn current() -> Token {
+    Token(FLAG.with(|f| f.borrow().clone()))
+}
+
 /// Cancels every scope, for good: the process is stopping.
 pub fn stop_all() {
     STOPPING.store(true, Ordering::Relaxed);

@@ -152,9 +152,9 @@ impl Timeline<'_> {
             .iter()
             .find(|c| usize::from(c.property) == property)?;
         Some(
-            column
-                .profiles
-                .get(self.profile as usize)
+            self.hot
+                .slot_index(self.profile)
+                .and_then(|slot| column.profiles.get(slot))
                 .and_then(|values| values.get(index))
                 .copied()
                 .unwrap_or(ABSENT),
@@ -176,6 +176,8 @@ pub struct HotStore {
     /// Per key property, how many events have it hidden behind another key (whether a column
     /// for it would help).
     hidden: [u64; 8],
+    /// The first profile ordinal held: 0, except in a [`HotStore::window`] (which is read-only).
+    offset: u32,
 }
 
 impl HotStore {
@@ -215,9 +217,36 @@ impl HotStore {
 
     /// The events of a profile, oldest first.
     pub fn events(&self, profile: u32) -> &[HotEvent] {
-        self.timelines
-            .get(profile as usize)
+        self.slot_index(profile)
+            .and_then(|slot| self.timelines.get(slot))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// Where a profile's timeline is kept (a window starts at its first ordinal).
+    fn slot_index(&self, profile: u32) -> Option<usize> {
+        profile.checked_sub(self.offset).map(|slot| slot as usize)
+    }
+
+    /// A copy of the timelines and columns of the profiles `first..=last`, to evaluate without
+    /// holding the store's read guard (the writer waits for the copy only). Read-only: the
+    /// profiles outside the window read as empty.
+    pub fn window(&self, first: u32, last: u32) -> HotStore {
+        let range = |len: usize| (first as usize).min(len)..(last as usize + 1).min(len);
+        let timelines: Vec<Vec<HotEvent>> = self.timelines[range(self.timelines.len())].to_vec();
+        HotStore {
+            n_events: timelines.iter().map(Vec::len).sum(),
+            timelines,
+            columns: self
+                .columns
+                .iter()
+                .map(|column| Column {
+                    property: column.property,
+                    profiles: column.profiles[range(column.profiles.len())].to_vec(),
+                })
+                .collect(),
+            hidden: self.hidden,
+            offset: first,
+        }
     }
 
     /// Number of events held.
@@ -238,6 +267,7 @@ impl HotStore {
     }
 
     fn slot(&mut self, profile: u32) -> &mut Vec<HotEvent> {
+        assert_eq!(self.offset, 0, "a window of the hot store is read-only");
         let index = profile as usize;
         if index >= self.timelines.len() {
             self.timelines.resize_with(index + 1, Vec::new);
@@ -414,6 +444,27 @@ mod tests {
         (0..timeline.events.len())
             .map(|i| (timeline.events[i].ts, timeline.column(i, 4).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_window_reads_its_profiles_as_the_store_does() {
+        let mut hot = HotStore::with_columns(&[4]);
+        for profile in 0..6u32 {
+            for ts in 0..profile {
+                let (event, others) = product(ts * 10, 7, (ts % 2 == 0).then_some(9));
+                hot.insert(profile, event, &others);
+            }
+        }
+        let window = hot.window(2, 4);
+        for profile in 0..6u32 {
+            if (2..=4).contains(&profile) {
+                assert_eq!(window.events(profile), hot.events(profile));
+                assert_eq!(categories(&window, profile), categories(&hot, profile));
+            } else {
+                assert!(window.events(profile).is_empty());
+            }
+        }
+        assert_eq!(window.n_events(), 2 + 3 + 4);
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn lloyd(
         let assigned = assign(&centroids);
         let changed = assigned != labels;
         labels = assigned;
-        if !changed || iterations >= max_iter {
+        if !changed || iterations >= max_iter || crate::cancel::cancelled() {
             break;
         }
         // Sums per cluster by fixed chunks, added in order: the same result on every run.
@@ -237,9 +237,14 @@ pub fn silhouette_of(data: &[Vec<f64>], labels: &[usize], k: usize, rows: &[usiz
     if k < 2 || rows.is_empty() {
         return 0.0;
     }
+    // A cancelled training skips the rest (its result is discarded).
+    let cancel = crate::cancel::current();
     let total: f64 = rows
         .par_iter()
         .map(|&i| {
+            if cancel.is_cancelled() {
+                return 0.0;
+            }
             let mut sums = vec![0.0; k];
             let mut counts = vec![0usize; k];
             for (j, row) in data.iter().enumerate() {

@@ -638,34 +638,50 @@ impl Engine {
                     } else {
                         FxHashMap::default()
                     };
-                let segment = &state.segments[index];
-                let hot = self.hot.read();
-                let run = RuleRun {
-                    plan: &segment.plan,
-                    hot: &hot,
-                    dictionaries: &dictionaries,
-                    now: now_s,
-                    traits: &traits,
-                    dependencies: &dependencies,
-                    computed: state.computed.as_ref().filter(|_| segment.uses_computed),
-                };
-                let evaluate = |(&profile, &alive): (&u32, &bool)| -> Result<_> {
-                    if !alive {
-                        return Ok((profile, false, None, false));
+                // The guard (or the window) lives only for this block.
+                let verdicts: Vec<Result<Verdict>> = {
+                    let segment = &state.segments[index];
+                    // A dense chunk (a whole-population pass) is evaluated on a copy of its
+                    // timelines: the read guard is held for the copy only, so the writer never waits
+                    // for an evaluation. A sparse one (a batch's few profiles) is quick to evaluate
+                    // under the guard, and copying its ordinal range would not be.
+                    let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+                    let dense = first <= last && (last - first) as usize <= 4 * chunk.len();
+                    let window;
+                    let guard;
+                    let hot: &crate::hot::HotStore = if dense {
+                        window = self.hot.read().window(first, last);
+                        &window
+                    } else {
+                        guard = self.hot.read();
+                        &guard
+                    };
+                    let run = RuleRun {
+                        plan: &segment.plan,
+                        hot,
+                        dictionaries: &dictionaries,
+                        now: now_s,
+                        traits: &traits,
+                        dependencies: &dependencies,
+                        computed: state.computed.as_ref().filter(|_| segment.uses_computed),
+                    };
+                    let evaluate = |(&profile, &alive): (&u32, &bool)| -> Result<_> {
+                        if !alive {
+                            return Ok((profile, false, None, false));
+                        }
+                        let (verdict, via) = self.evaluate_profile(&run, profile)?;
+                        Ok((profile, verdict.member, verdict.next_change, via))
+                    };
+                    if chunk.len() >= 256 {
+                        chunk
+                            .par_iter()
+                            .zip(alive.par_iter())
+                            .map(evaluate)
+                            .collect()
+                    } else {
+                        chunk.iter().zip(alive.iter()).map(evaluate).collect()
                     }
-                    let (verdict, via) = self.evaluate_profile(&run, profile)?;
-                    Ok((profile, verdict.member, verdict.next_change, via))
                 };
-                let verdicts: Vec<Result<Verdict>> = if chunk.len() >= 256 {
-                    chunk
-                        .par_iter()
-                        .zip(alive.par_iter())
-                        .map(evaluate)
-                        .collect()
-                } else {
-                    chunk.iter().zip(alive.iter()).map(evaluate).collect()
-                };
-                drop(hot);
                 let segment = &mut state.segments[index];
                 for verdict in verdicts {
                     let (profile, member, next, via) = verdict?;
