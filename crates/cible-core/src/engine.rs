@@ -407,6 +407,21 @@ impl Engine {
         }
     }
 
+    /// The hot store for one chunk of a whole-population pass (profiles ascending): a copy of
+    /// the chunk's timelines when the chunk is dense, so that the read guard is held only for
+    /// the copy and the writer never waits for an evaluation; the guard itself for a sparse
+    /// chunk (a batch's few profiles), quick to evaluate and costly to copy as a range.
+    pub(crate) fn hot_chunk(&self, profiles: &[u32]) -> HotChunk<'_> {
+        match (profiles.first(), profiles.last()) {
+            (Some(&first), Some(&last))
+                if first <= last && (last - first) as usize <= 4 * profiles.len() =>
+            {
+                HotChunk::Window(self.hot.read().window(first, last))
+            }
+            _ => HotChunk::Guard(self.hot.read()),
+        }
+    }
+
     /// Read access to the hot store.
     pub fn hot(&self) -> crate::lock::Ordered<parking_lot::RwLockReadGuard<'_, HotStore>> {
         self.hot.read()
@@ -940,6 +955,22 @@ impl Engine {
         let mut keys: Vec<KeyRecord> = self.api_keys.read().values().cloned().collect();
         keys.sort_by_key(|k| k.created_at);
         keys
+    }
+}
+
+/// See [`Engine::hot_chunk`].
+pub(crate) enum HotChunk<'a> {
+    Window(HotStore),
+    Guard(crate::lock::Ordered<parking_lot::RwLockReadGuard<'a, HotStore>>),
+}
+
+impl std::ops::Deref for HotChunk<'_> {
+    type Target = HotStore;
+    fn deref(&self) -> &HotStore {
+        match self {
+            HotChunk::Window(window) => window,
+            HotChunk::Guard(guard) => guard,
+        }
     }
 }
 

@@ -282,7 +282,7 @@ impl Engine {
             Vec::with_capacity(profiles.len());
         for chunk in profiles.chunks(CHUNK) {
             let traits = reader.base_of(chunk);
-            let hot = self.hot.read();
+            let hot = self.hot_chunk(chunk);
             parts.par_extend(chunk.par_iter().zip(traits).map(|(profile, traits)| {
                 let (base, _) = row(&hot.timeline(*profile), now_s, &traits, &plan);
                 (base, traits.affinity.categories)

@@ -160,7 +160,7 @@ impl Engine {
         let mut raws = raws.into_iter();
         for outer in profiles.chunks(crate::hot::READ_CHUNK) {
             let chunk_raws: Vec<_> = raws.by_ref().take(outer.len()).collect();
-            let hot = self.hot.read();
+            let hot = self.hot_chunk(outer);
             traits.par_extend(outer.par_iter().zip(chunk_raws).map(|(profile, raw)| {
                 super::compute_from_raw(
                     &hot.timeline(*profile),
@@ -185,7 +185,7 @@ impl Engine {
         // The hot store's read guard is held for one outer chunk at a time: the writer waits
         // for one chunk at most while the whole population is read.
         for outer in profiles.chunks(crate::hot::READ_CHUNK) {
-            let hot = self.hot.read();
+            let hot = self.hot_chunk(outer);
             let parts: Vec<Part> = outer
                 .par_chunks(4096)
                 .map(|chunk| {

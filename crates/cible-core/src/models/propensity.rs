@@ -124,7 +124,7 @@ impl Engine {
         // By chunks, each under its own read guard (see `Engine::features`).
         let mut rows = table.rows.into_iter();
         for chunk in table.profiles.chunks(crate::hot::READ_CHUNK) {
-            let hot = self.hot.read();
+            let hot = self.hot_chunk(chunk);
             for (profile, row) in chunk.iter().zip(rows.by_ref()) {
                 let events = hot.events(*profile);
                 // Only people known at the cutoff.

@@ -641,24 +641,11 @@ impl Engine {
                 // The guard (or the window) lives only for this block.
                 let verdicts: Vec<Result<Verdict>> = {
                     let segment = &state.segments[index];
-                    // A dense chunk (a whole-population pass) is evaluated on a copy of its
-                    // timelines: the read guard is held for the copy only, so the writer never waits
-                    // for an evaluation. A sparse one (a batch's few profiles) is quick to evaluate
-                    // under the guard, and copying its ordinal range would not be.
-                    let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
-                    let dense = first <= last && (last - first) as usize <= 4 * chunk.len();
-                    let window;
-                    let guard;
-                    let hot: &crate::hot::HotStore = if dense {
-                        window = self.hot.read().window(first, last);
-                        &window
-                    } else {
-                        guard = self.hot.read();
-                        &guard
-                    };
+                    // A copy for a dense chunk: the writer never waits for this evaluation.
+                    let hot = self.hot_chunk(chunk);
                     let run = RuleRun {
                         plan: &segment.plan,
-                        hot,
+                        hot: &hot,
                         dictionaries: &dictionaries,
                         now: now_s,
                         traits: &traits,

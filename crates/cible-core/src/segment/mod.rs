@@ -536,7 +536,7 @@ impl Engine {
         // come after `hot` in the lock order.
         let mut chunks: Vec<Result<Vec<ChunkResult>>> = Vec::new();
         for outer in profiles.chunks(crate::hot::READ_CHUNK) {
-            let hot = self.hot.read();
+            let hot = self.hot_chunk(outer);
             let trait_columns = self.trait_columns.read();
             chunks.extend(self.evaluate_chunk(
                 outer,
