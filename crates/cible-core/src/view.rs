@@ -53,6 +53,8 @@ pub struct TraitView {
 pub struct MergeView {
     pub id: u64,
     pub from: u32,
+    /// The profile it was merged into.
+    pub into: u32,
     pub cause: String,
     pub at: String,
     pub identifiers: Vec<String>,
@@ -177,6 +179,7 @@ pub fn merge_view(merge: MergeRecord) -> MergeView {
     MergeView {
         id: merge.id,
         from: merge.from,
+        into: merge.into,
         cause: merge.cause,
         at: format_ms(merge.at),
         identifiers: merge.identifiers,

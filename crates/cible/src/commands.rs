@@ -334,19 +334,7 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                 None => engine.all_merges()?,
             };
             for merge in merges {
-                let undone = merge
-                    .unmerged_at
-                    .map(|at| format!(" [undone {}]", format_ms(at)))
-                    .unwrap_or_default();
-                println!(
-                    "#{} {} -> {} at {}: {} ({}){undone}",
-                    merge.id,
-                    merge.from,
-                    merge.into,
-                    format_ms(merge.at),
-                    merge.cause,
-                    merge.identifiers.join(", ")
-                );
+                print_merge(&serde_json::to_value(cible_core::view::merge_view(merge))?);
             }
         }
         ProfileCommand::Delete { id, yes } => {
@@ -357,12 +345,7 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                 bail!("removing profile {profile} cannot be undone; run again with --yes");
             }
             let outcome = engine.remove_profile(profile)?;
-            println!(
-                "profile {} removed: {} event(s), identifiers {}",
-                outcome.profile,
-                outcome.events_removed,
-                outcome.identifiers_removed.join(", ")
-            );
+            print_removal(&serde_json::to_value(&outcome)?);
         }
         ProfileCommand::Recommend { id, n, json } => {
             let profile = engine
@@ -370,32 +353,11 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no profile {id:?}"))?
                 .profile;
             let items = engine.recommend(profile, n, global.now_ms()?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&items)?);
-                return Ok(());
-            }
-            for item in &items {
-                let because = item
-                    .because
-                    .as_deref()
-                    .map(|b| format!(" ({b})"))
-                    .unwrap_or_default();
-                println!("{:<12} {}{because}", item.product_id, item.reason);
-            }
-            if items.is_empty() {
-                println!("no recommendation: no product activity and no best sellers yet");
-            }
+            print_recommendations(&serde_json::to_value(&items)?, json)?;
         }
         ProfileCommand::Unmerge { merge } => {
             let outcome = engine.unmerge(merge, global.now_ms()?)?;
-            println!(
-                "merge #{} undone: profile {} is back with {} event(s) and {}; profile {} keeps the rest",
-                outcome.merge,
-                outcome.restored_profile,
-                outcome.events_moved,
-                outcome.identifiers.join(", "),
-                outcome.survivor
-            );
+            print_unmerge(&serde_json::to_value(&outcome)?);
         }
     }
     Ok(())
@@ -782,10 +744,108 @@ fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> any
                 print_profile(&view, offset);
             }
         }
-        _ => anyhow::bail!(
-            "a server holds this data directory ({}): use its admin API for this command, or stop it",
-            remote.info.address
-        ),
+        ProfileCommand::Merges { id } => {
+            let merges = match id {
+                Some(id) => {
+                    let path = format!("/api/profiles/{}?limit=0", crate::local::escape(&id));
+                    remote.call("GET", &path, None)?["merges"].clone()
+                }
+                None => remote.call("GET", "/api/merges", None)?,
+            };
+            for merge in merges.as_array().into_iter().flatten() {
+                print_merge(merge);
+            }
+        }
+        ProfileCommand::Delete { id, yes } => {
+            if !yes {
+                bail!("removing profile {id} cannot be undone; run again with --yes");
+            }
+            let path = format!("/api/profiles/{}", crate::local::escape(&id));
+            print_removal(&remote.call("DELETE", &path, None)?);
+        }
+        ProfileCommand::Recommend { id, n, json } => {
+            let path = format!(
+                "/api/profiles/{}/recommendations?n={n}",
+                crate::local::escape(&id)
+            );
+            print_recommendations(&remote.call("GET", &path, None)?["items"], json)?;
+        }
+        ProfileCommand::Unmerge { merge } => {
+            let path = format!("/api/merges/{merge}/unmerge");
+            print_unmerge(&remote.call("POST", &path, None)?);
+        }
+    }
+    Ok(())
+}
+
+fn list_of(value: &serde_json::Value) -> String {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn print_merge(merge: &serde_json::Value) {
+    let undone = merge["unmerged_at"]
+        .as_str()
+        .map(|at| format!(" [undone {at}]"))
+        .unwrap_or_default();
+    println!(
+        "#{} {} -> {} at {}: {} ({}){undone}",
+        merge["id"],
+        merge["from"],
+        merge["into"],
+        merge["at"].as_str().unwrap_or_default(),
+        merge["cause"].as_str().unwrap_or_default(),
+        list_of(&merge["identifiers"])
+    );
+}
+
+fn print_removal(outcome: &serde_json::Value) {
+    println!(
+        "profile {} removed: {} event(s), identifiers {}",
+        outcome["profile"],
+        outcome["events_removed"],
+        list_of(&outcome["identifiers_removed"])
+    );
+}
+
+fn print_unmerge(outcome: &serde_json::Value) {
+    println!(
+        "merge #{} undone: profile {} is back with {} event(s) and {}; profile {} keeps the rest",
+        outcome["merge"],
+        outcome["restored_profile"],
+        outcome["events_moved"],
+        list_of(&outcome["identifiers"]),
+        outcome["survivor"]
+    );
+}
+
+fn print_recommendations(items: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+        return Ok(());
+    }
+    let items = items.as_array().cloned().unwrap_or_default();
+    for item in &items {
+        let because = item["because"]
+            .as_str()
+            .map(|b| format!(" ({b})"))
+            .unwrap_or_default();
+        println!(
+            "{:<12} {}{because}",
+            item["product_id"].as_str().unwrap_or_default(),
+            item["reason"].as_str().unwrap_or_default()
+        );
+    }
+    if items.is_empty() {
+        println!("no recommendation: no product activity and no best sellers yet");
     }
     Ok(())
 }

@@ -97,11 +97,8 @@ impl Global {
         }
         // A live server's file: go through it at once (trying the store's lock first would
         // wait for it). A file left by a killed server does not answer and is ignored.
-        if let Some(info) = local::read(&self.data) {
-            let remote = local::Remote::new(info);
-            if remote.is_up() {
-                return Ok(Opened::Remote(remote));
-            }
+        if let Some(remote) = self.running_server() {
+            return Ok(Opened::Remote(remote));
         }
         let opened = if light {
             cible_core::Engine::open_light(&self.data)
@@ -119,6 +116,12 @@ impl Global {
             Err(error) => Err(anyhow::Error::new(error)
                 .context(format!("opening the store in {}", self.data.display()))),
         }
+    }
+
+    /// The server holding the data directory, when one runs and answers.
+    pub fn running_server(&self) -> Option<local::Remote> {
+        let remote = local::Remote::new(local::read(&self.data)?);
+        remote.is_up().then_some(remote)
     }
 
     /// Opens (or creates) the engine on the data directory.
