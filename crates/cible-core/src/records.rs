@@ -168,7 +168,7 @@ pub struct StoredEvent {
 }
 
 /// `GET /api/quality` and `cible quality`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QualityReport {
     pub events: u64,
     pub profiles: u64,

@@ -400,81 +400,126 @@ fn parse_reason(text: &str) -> Result<Reason, String> {
 }
 
 pub fn quality(global: &Global, args: QualityArgs) -> anyhow::Result<()> {
+    if let Some(remote) = global.running_server() {
+        return quality_remote(&remote, args);
+    }
     let engine = global.open_existing()?;
     match args.command {
-        None => {
-            let report = engine.quality()?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-                return Ok(());
-            }
-            let c = &report.counters;
-            println!("events stored       {}", report.events);
-            println!(
-                "profiles            {} ({} merged away)",
-                report.profiles, report.merged_profiles
-            );
-            println!("messages received   {}", c.received);
-            println!("  accepted          {}", c.accepted);
-            println!("  duplicates        {}", c.duplicates);
-            println!(
-                "  quarantined       {}",
-                c.quarantined_by_reason.values().sum::<u64>()
-            );
-            for (reason, n) in &c.quarantined_by_reason {
-                let waiting = report.in_quarantine.get(reason).copied().unwrap_or(0);
-                println!(
-                    "    {:<22}{n} ({waiting} still in quarantine)",
-                    reason.code()
-                );
-            }
-            println!("anomalies flagged");
-            for (flag, n) in &c.anomalies_by_flag {
-                println!("  {flag:<24}{n}");
-            }
-            println!("identity links refused  {}", c.identity_conflicts);
-            println!("by source");
-            for (source, s) in &c.by_source {
-                println!(
-                    "  {source:<10} received {} accepted {} duplicates {} quarantined {}",
-                    s.received, s.accepted, s.duplicates, s.quarantined
-                );
-            }
-        }
+        None => print_quality(&engine.quality()?, args.json)?,
         Some(QualityCommand::List { reason, limit }) => {
-            for record in engine.quarantined(reason, limit)? {
-                if args.json {
-                    println!("{}", serde_json::to_string(&record)?);
-                } else {
-                    let field = record
-                        .field
-                        .as_deref()
-                        .map(|f| format!(" [{f}]"))
-                        .unwrap_or_default();
-                    println!(
-                        "#{} {} {}{field}: {}",
-                        record.id,
-                        format_ms(record.received_at),
-                        record.reason.code(),
-                        record.detail
-                    );
-                    println!("    {}", record.raw);
-                }
-            }
+            print_quarantined(&engine.quarantined(reason, limit)?, args.json)?;
         }
         Some(QualityCommand::Replay { reason }) => {
             let outcome = engine.replay_quarantine(reason, global.now_ms()?)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&outcome)?);
-            } else {
-                println!(
-                    "replayed: {} accepted, {} duplicates, {} still quarantined",
-                    outcome.accepted,
-                    outcome.duplicates,
-                    outcome.quarantined.len()
-                );
-            }
+            print_replay(&serde_json::to_value(&outcome)?, args.json)?;
         }
+    }
+    Ok(())
+}
+
+/// `cible quality ...` through the running server.
+fn quality_remote(remote: &crate::local::Remote, args: QualityArgs) -> anyhow::Result<()> {
+    let reason_query =
+        |reason: Option<Reason>| reason.map_or(String::new(), |r| format!("reason={}", r.code()));
+    match args.command {
+        None => {
+            let report: cible_core::records::QualityReport =
+                serde_json::from_value(remote.call("GET", "/api/quality", None)?)?;
+            print_quality(&report, args.json)?;
+        }
+        Some(QualityCommand::List { reason, limit }) => {
+            let path = format!(
+                "/api/quality/quarantine?limit={limit}&{}",
+                reason_query(reason)
+            );
+            let records: Vec<cible_core::records::QuarantineRecord> =
+                serde_json::from_value(remote.call("GET", &path, None)?)?;
+            print_quarantined(&records, args.json)?;
+        }
+        Some(QualityCommand::Replay { reason }) => {
+            let path = format!("/api/quality/replay?{}", reason_query(reason));
+            print_replay(&remote.call("POST", &path, None)?, args.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_replay(outcome: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcome)?);
+    } else {
+        println!(
+            "replayed: {} accepted, {} duplicates, {} still quarantined",
+            outcome["accepted"],
+            outcome["duplicates"],
+            outcome["quarantined"].as_array().map_or(0, Vec::len)
+        );
+    }
+    Ok(())
+}
+
+fn print_quarantined(
+    records: &[cible_core::records::QuarantineRecord],
+    json: bool,
+) -> anyhow::Result<()> {
+    for record in records {
+        if json {
+            println!("{}", serde_json::to_string(&record)?);
+        } else {
+            let field = record
+                .field
+                .as_deref()
+                .map(|f| format!(" [{f}]"))
+                .unwrap_or_default();
+            println!(
+                "#{} {} {}{field}: {}",
+                record.id,
+                format_ms(record.received_at),
+                record.reason.code(),
+                record.detail
+            );
+            println!("    {}", record.raw);
+        }
+    }
+    Ok(())
+}
+
+fn print_quality(report: &cible_core::records::QualityReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let c = &report.counters;
+    println!("events stored       {}", report.events);
+    println!(
+        "profiles            {} ({} merged away)",
+        report.profiles, report.merged_profiles
+    );
+    println!("messages received   {}", c.received);
+    println!("  accepted          {}", c.accepted);
+    println!("  duplicates        {}", c.duplicates);
+    println!(
+        "  quarantined       {}",
+        c.quarantined_by_reason.values().sum::<u64>()
+    );
+    for (reason, n) in &c.quarantined_by_reason {
+        let waiting = report.in_quarantine.get(reason).copied().unwrap_or(0);
+        println!(
+            "    {:<22}{n} ({waiting} still in quarantine)",
+            reason.code()
+        );
+    }
+    println!("anomalies flagged");
+    for (flag, n) in &c.anomalies_by_flag {
+        println!("  {flag:<24}{n}");
+    }
+    println!("identity links refused  {}", c.identity_conflicts);
+    println!("by source");
+    for (source, s) in &c.by_source {
+        println!(
+            "  {source:<10} received {} accepted {} duplicates {} quarantined {}",
+            s.received, s.accepted, s.duplicates, s.quarantined
+        );
     }
     Ok(())
 }
