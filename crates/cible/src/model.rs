@@ -106,6 +106,17 @@ pub enum TargetArg {
 
 pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
     use cible_core::models::propensity::{Algorithm, PropensityParams, Target};
+    if let Some(remote) = global.running_server()
+        && matches!(
+            command,
+            ModelCommand::List { .. }
+                | ModelCommand::Report { .. }
+                | ModelCommand::Retrain { .. }
+                | ModelCommand::Activate { .. }
+        )
+    {
+        return run_remote(&remote, command);
+    }
     match command {
         ModelCommand::Train {
             target,
@@ -152,25 +163,7 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::List { name, json } => {
             let engine = global.open_existing()?;
             let rows = engine.model_summaries(name.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-                return Ok(());
-            }
-            if rows.is_empty() {
-                println!("no models yet: try `cible model cluster` or `cible model train`");
-            }
-            for row in rows {
-                println!(
-                    "{:<16} v{:<3} {:<14} trained {}  {:<28} {}{}",
-                    row.name,
-                    row.version,
-                    row.algorithm,
-                    row.trained_at,
-                    row.quality,
-                    row.traits.join(", "),
-                    if row.active { "  (active)" } else { "" },
-                );
-            }
+            print_summaries(&serde_json::to_value(&rows)?, json)?;
         }
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
@@ -191,12 +184,9 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             };
             anyhow::ensure!(!names.is_empty(), "no models to retrain");
             for name in names {
-                let version = engine.retrain(&name, now)?;
+                engine.retrain(&name, now)?;
                 let summary = engine.model(&name)?.summary(true);
-                println!(
-                    "{name}: version {version}, {}, trained in {:.1} s",
-                    summary.quality, summary.training_seconds
-                );
+                print_retrained(&serde_json::to_value(&summary)?);
             }
         }
         ModelCommand::Activate { name, version } => {
@@ -313,4 +303,106 @@ fn print_propensity(report: &cible_core::models::propensity::PropensityReport) {
     for (name, weight) in report.importance.iter().take(8) {
         println!("  {name:<24} {weight:+.3}");
     }
+}
+
+fn print_summaries(rows: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no models yet: try `cible model cluster` or `cible model train`");
+    }
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
+    for row in rows {
+        let traits: Vec<String> = row["traits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        println!(
+            "{:<16} v{:<3} {:<14} trained {}  {:<28} {}{}",
+            text(&row["name"]),
+            row["version"].to_string(),
+            text(&row["algorithm"]),
+            text(&row["trained_at"]),
+            text(&row["quality"]),
+            traits.join(", "),
+            if row["active"] == true {
+                "  (active)"
+            } else {
+                ""
+            },
+        );
+    }
+    Ok(())
+}
+
+fn print_retrained(summary: &serde_json::Value) {
+    println!(
+        "{}: version {}, {}, trained in {:.1} s",
+        summary["name"].as_str().unwrap_or_default(),
+        summary["version"],
+        summary["quality"].as_str().unwrap_or_default(),
+        summary["training_seconds"].as_f64().unwrap_or_default()
+    );
+}
+
+/// `cible model list|report|retrain|activate` through the running server (training and
+/// clustering, long and with reports of their own, run through `POST /api/models`).
+fn run_remote(remote: &crate::local::Remote, command: ModelCommand) -> anyhow::Result<()> {
+    let escape = crate::local::escape;
+    match command {
+        ModelCommand::List { name, json } => {
+            let path = match &name {
+                Some(name) => format!("/api/models/{}/versions", escape(name)),
+                None => "/api/models".to_string(),
+            };
+            print_summaries(&remote.call("GET", &path, None)?, json)?;
+        }
+        ModelCommand::Report { name, version } => {
+            let mut path = format!("/api/models/{}", escape(&name));
+            if let Some(version) = version {
+                path.push_str(&format!("?version={version}"));
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&remote.call("GET", &path, None)?)?
+            );
+        }
+        ModelCommand::Retrain { names } => {
+            let names: Vec<String> = if names.is_empty() {
+                remote
+                    .call("GET", "/api/models", None)?
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m["name"].as_str().map(str::to_string))
+                    .collect()
+            } else {
+                names
+            };
+            anyhow::ensure!(!names.is_empty(), "no models to retrain");
+            for name in names {
+                let path = format!("/api/models/{}/retrain", escape(&name));
+                print_retrained(&remote.call("POST", &path, None)?["model"]);
+            }
+        }
+        ModelCommand::Activate { name, version } => {
+            let path = format!("/api/models/{}/activate", escape(&name));
+            remote.call(
+                "POST",
+                &path,
+                Some(&serde_json::json!({"version": version})),
+            )?;
+            println!("{name}: version {version} is active");
+        }
+        _ => anyhow::bail!(
+            "a server holds this data directory ({}): train through POST /api/models, or stop it",
+            remote.info.address
+        ),
+    }
+    Ok(())
 }
