@@ -168,7 +168,10 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
             let detail = engine.model_detail(&name, version)?;
-            println!("{}", serde_json::to_string_pretty(&detail)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::to_value(&detail)?)?
+            );
         }
         ModelCommand::Retrain { names } => {
             let engine = global.open_existing()?;

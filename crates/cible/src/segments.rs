@@ -419,7 +419,10 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
         SegmentCommand::Show { name, json } => {
             let record = engine.segment(&name)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::to_value(&record)?)?
+                );
             } else {
                 print_record(&record);
             }
@@ -471,7 +474,10 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("no profile {profile:?}"))?;
             let why = engine.explain(&name, ordinal, now)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&why)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::to_value(&why)?)?
+                );
                 return Ok(());
             }
             print_explanation(&why);

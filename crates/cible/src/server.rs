@@ -178,7 +178,6 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        println!("cible listening on http://{}", listener.local_addr()?);
         let options = ServeOptions {
             queue: args.queue,
             pinned_now,
@@ -261,6 +260,9 @@ pub async fn serve(
         )?),
         None => None,
     };
+    // Said once `server.json` is written: a CLI command run after this line finds the server.
+    println!("cible listening on http://{}", listener.local_addr()?);
+    std::io::Write::flush(&mut std::io::stdout())?;
     let stop_writer = jobs.clone();
     let state = AppState {
         engine,

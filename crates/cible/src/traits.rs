@@ -49,7 +49,11 @@ pub fn run(global: &Global, command: TraitsCommand) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no profile {id:?}"))?
                 .profile;
             let traits = engine.computed_traits(profile, global.now_ms()?)?;
-            println!("{}", serde_json::to_string_pretty(&traits)?);
+            // As a JSON value, like the server's answer: the same output either way.
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::to_value(&traits)?)?
+            );
         }
     }
     Ok(())
