@@ -265,6 +265,32 @@ fn event_to_change(
     Ok(latencies)
 }
 
+/// The cumulative bucket counts of a histogram in the server's `/metrics`.
+fn histogram(base: &str, name: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()?
+        .into_string()?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&format!("{name}_bucket{{le=\""))?;
+            let (bound, count) = rest.split_once("\"} ")?;
+            Some((bound.to_string(), count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// The bucket bound under which `p` of the observations made between two readings fall.
+fn bucket_percentile(before: &[(String, f64)], after: &[(String, f64)], p: f64) -> String {
+    let total = after.last().map_or(0.0, |b| b.1) - before.last().map_or(0.0, |b| b.1);
+    for ((bound, a), (_, b)) in after.iter().zip(before) {
+        if total > 0.0 && a - b >= p * total {
+            return format!("<= {bound} s");
+        }
+    }
+    "-".into()
+}
+
 /// Median wall time of a CLI command, over 5 runs.
 fn cli_ms(data: &std::path::Path, now: i64, args: &[&str]) -> anyhow::Result<f64> {
     let exe = crate::bench::cible_exe()?;
@@ -405,6 +431,8 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             .set("Authorization", &format!("Bearer {admin}"))
             .send_json(json!({"name": "bench-probes", "rule": rule}))?;
     }
+    let feed_before = histogram(&base, "cible_batch_to_feed_seconds")?;
+    let ack_before = histogram(&base, "cible_ack_seconds")?;
     let paced = event_to_change(
         &base,
         &auth,
@@ -413,6 +441,17 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         50_000.0,
         10.0,
     )?;
+    let (feed_after, ack_after) = (
+        histogram(&base, "cible_batch_to_feed_seconds")?,
+        histogram(&base, "cible_ack_seconds")?,
+    );
+    eprintln!(
+        "paced phase, server side: ack p50 {} p99 {}; commit to feed p50 {} p99 {}",
+        bucket_percentile(&ack_before, &ack_after, 0.5),
+        bucket_percentile(&ack_before, &ack_after, 0.99),
+        bucket_percentile(&feed_before, &feed_after, 0.5),
+        bucket_percentile(&feed_before, &feed_after, 0.99),
+    );
     let ack_p99 = percentile(&plain, 0.99);
     rows.push(Row {
         measure: "event to change on the stream, 50k events/s (ms)",
