@@ -26,7 +26,7 @@ use crate::seen::SeenSet;
 use crate::store::{HotRecord, Store, StoreError, decode_event_key, event_key, profile_key};
 use rayon::prelude::*;
 
-pub(crate) use crate::error::corrupt;
+use crate::error::corrupt;
 use crate::error::{EngineError, Result};
 use crate::ingest::message_hash;
 use crate::records::{
@@ -197,32 +197,9 @@ impl Engine {
             names: Dict::default(),
             keys: Dict::default(),
         };
-        for entry in store.idents.iter().take(if light { 0 } else { usize::MAX }) {
-            let (key, value) = entry.into_inner()?;
-            let ident = String::from_utf8_lossy(&key).into_owned();
-            let profile = u32::from_be_bytes(
-                value
-                    .as_ref()
-                    .try_into()
-                    .map_err(|e| corrupt("idents", e))?,
-            );
-            if let Some(meta) = state.profiles.get_mut(profile as usize) {
-                meta.has_user |= ident.starts_with("u:");
-                meta.alive = true;
-            }
-            state.idents.insert(ident, profile);
-        }
-        for entry in store.merges.iter().take(if light { 0 } else { usize::MAX }) {
-            let (_, value) = entry.into_inner()?;
-            let merge: MergeRecord =
-                serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
-            if let Some(meta) = state.profiles.get_mut(merge.from as usize) {
-                meta.merged_into = if merge.unmerged_at.is_none() {
-                    Some(merge.into)
-                } else {
-                    None
-                };
-            }
+        // A light open looks identifiers and merges up in the store when asked.
+        if !light {
+            load_identities(&store, &mut state)?;
         }
         for entry in store.dict.iter() {
             let (key, value) = entry.into_inner()?;
@@ -1056,6 +1033,38 @@ pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u6
 /// A stored message.
 fn message_of(value: &[u8]) -> Result<Message> {
     serde_json::from_slice(value).map_err(|e| corrupt("events", e))
+}
+
+/// The identity graph (identifiers, merges) from the store into the writer's state.
+fn load_identities(store: &Store, state: &mut State) -> Result<()> {
+    for entry in store.idents.iter() {
+        let (key, value) = entry.into_inner()?;
+        let ident = String::from_utf8_lossy(&key).into_owned();
+        let profile = u32::from_be_bytes(
+            value
+                .as_ref()
+                .try_into()
+                .map_err(|e| corrupt("idents", e))?,
+        );
+        if let Some(meta) = state.profiles.get_mut(profile as usize) {
+            meta.has_user |= ident.starts_with("u:");
+            meta.alive = true;
+        }
+        state.idents.insert(ident, profile);
+    }
+    for entry in store.merges.iter() {
+        let (_, value) = entry.into_inner()?;
+        let merge: MergeRecord =
+            serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
+        if let Some(meta) = state.profiles.get_mut(merge.from as usize) {
+            meta.merged_into = if merge.unmerged_at.is_none() {
+                Some(merge.into)
+            } else {
+                None
+            };
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a store written by a newer cible; stamps an older or new one with this layout

@@ -14,9 +14,7 @@
 
 use std::cell::RefCell;
 
-use parking_lot::{
-    Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockUpgradableReadGuard, RwLockWriteGuard,
-};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Lock levels, lowest first: a thread holding a level may only take higher ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,8 +58,9 @@ fn leave(level: Level) {
     });
 }
 
-/// Levels this thread holds now (for tests and assertions).
-pub fn held() -> Vec<Level> {
+/// Levels this thread holds now.
+#[cfg(test)]
+fn held() -> Vec<Level> {
     HELD.with(|held| held.borrow().clone())
 }
 
@@ -147,15 +146,6 @@ impl<T> OrderedRwLock<T> {
         enter(self.level);
         Ordered {
             guard: self.inner.write(),
-            level: self.level,
-        }
-    }
-
-    /// A read guard that can later become a write guard without letting another writer in.
-    pub fn upgradable_read(&self) -> Ordered<RwLockUpgradableReadGuard<'_, T>> {
-        enter(self.level);
-        Ordered {
-            guard: self.inner.upgradable_read(),
             level: self.level,
         }
     }

@@ -116,7 +116,7 @@ impl Engine {
         };
         let value: Arc<T> = Arc::new(
             serde_json::from_slice(&bytes)
-                .map_err(|e| crate::engine::corrupt("meta", format!("stored {key}: {e}")))?,
+                .map_err(|e| crate::error::corrupt("meta", format!("stored {key}: {e}")))?,
         );
         *slot.write() = Some(value.clone());
         Ok(Some(value))

@@ -339,7 +339,7 @@ impl Engine {
                     )));
                 };
                 Ok(Arc::new(serde_json::from_slice(&bytes).map_err(|e| {
-                    crate::engine::corrupt("meta", format!("stored model {name}: {e}"))
+                    crate::error::corrupt("meta", format!("stored model {name}: {e}"))
                 })?))
             }
         }
@@ -412,7 +412,7 @@ impl Engine {
                 continue;
             };
             let model: SavedModel = serde_json::from_slice(&bytes)
-                .map_err(|e| crate::engine::corrupt("meta", format!("stored model {name}: {e}")))?;
+                .map_err(|e| crate::error::corrupt("meta", format!("stored model {name}: {e}")))?;
             active.push(Arc::new(model));
         }
         let set = Arc::new(ModelSet::new(active));

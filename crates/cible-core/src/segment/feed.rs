@@ -76,7 +76,7 @@ impl FeedWriter {
         let next_seq = match store.changes.last_key_value() {
             Some(entry) => {
                 let key = entry.key()?;
-                decode_seq(&key).ok_or_else(|| crate::engine::corrupt("changes", "bad key"))? + 1
+                decode_seq(&key).ok_or_else(|| crate::error::corrupt("changes", "bad key"))? + 1
             }
             None => 1,
         };
@@ -163,9 +163,8 @@ pub(crate) fn read_after(
     let start = after.saturating_add(1).to_be_bytes();
     for entry in store.changes.range(start..) {
         let (_, value) = entry.into_inner()?;
-        changes.push(
-            serde_json::from_slice(&value).map_err(|e| crate::engine::corrupt("changes", e))?,
-        );
+        changes
+            .push(serde_json::from_slice(&value).map_err(|e| crate::error::corrupt("changes", e))?);
         if changes.len() >= limit {
             break;
         }

@@ -257,11 +257,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether the live drivers run.
-    pub fn live_started(&self) -> bool {
-        self.segments.lock().started
-    }
-
     fn load_live(&self, now: i64) -> Result<LiveState> {
         let list = self.segments()?;
         let dependencies = super::dependencies_of(&list);
@@ -572,7 +567,7 @@ impl Engine {
             segment
                 .members
                 .serialize_into(&mut bytes)
-                .map_err(|e| crate::engine::corrupt("members", e))?;
+                .map_err(|e| crate::error::corrupt("members", e))?;
             batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
             segment.record.size = segment.members.len();
             batch.insert(

@@ -254,7 +254,7 @@ impl Engine {
     pub fn segment(&self, name: &str) -> Result<SegmentRecord> {
         match self.store.segments.get(name.as_bytes())? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                crate::engine::corrupt(
+                crate::error::corrupt(
                     "segments",
                     format!("segment {name:?} is unreadable ({e}); `cible segment delete {name}` removes it"),
                 )
@@ -276,7 +276,7 @@ impl Engine {
     pub fn members(&self, name: &str) -> Result<RoaringBitmap> {
         match self.store.members.get(name.as_bytes())? {
             Some(bytes) => RoaringBitmap::deserialize_from(bytes.as_ref())
-                .map_err(|e| crate::engine::corrupt("members", e)),
+                .map_err(|e| crate::error::corrupt("members", e)),
             None => Ok(RoaringBitmap::new()),
         }
     }
@@ -292,7 +292,7 @@ impl Engine {
             let (_, value) = entry.into_inner()?;
             changes.push(
                 serde_json::from_slice(&value)
-                    .map_err(|e| crate::engine::corrupt("segment_log", e))?,
+                    .map_err(|e| crate::error::corrupt("segment_log", e))?,
             );
         }
         Ok(changes)
@@ -740,7 +740,7 @@ impl Engine {
             let (key, value) = entry.into_inner()?;
             // Only what evaluation reads; the rest of the message is skipped, not built.
             let message: EventPart =
-                serde_json::from_slice(&value).map_err(|e| crate::engine::corrupt("events", e))?;
+                serde_json::from_slice(&value).map_err(|e| crate::error::corrupt("events", e))?;
             let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
             let name = message
                 .event

@@ -145,11 +145,6 @@ impl Engine {
         }
     }
 
-    /// Whether batches wait for the worker.
-    pub fn segments_pending(&self) -> bool {
-        !self.work.pending.lock().is_empty()
-    }
-
     /// The segment worker of `cible serve`: drains committed batches as they come and follows
     /// the timers, until `stop`. Batches committed meanwhile are evaluated before it returns.
     pub fn run_segment_worker(&self, stop: &AtomicBool, clock: &(dyn Fn() -> i64 + Sync)) {
