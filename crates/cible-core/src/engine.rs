@@ -888,8 +888,8 @@ impl Engine {
         }
         drop(state);
         let mut touched = crate::segment::live::Touched::default();
-        touched.gone.insert(profile);
-        touched.gone.extend(merged_profiles.iter().copied());
+        touched.all.insert(profile);
+        touched.all.extend(merged_profiles.iter().copied());
         self.hand_off(
             touched,
             crate::segment::feed::Cause::ProfileEdit,

@@ -644,7 +644,7 @@ impl Engine {
         let mut hot = self.hot.write();
         for (from, into) in hot_merges {
             hot.merge(from, into);
-            touched.gone.insert(from);
+            touched.all.insert(from);
             touched.all.insert(state.find(into));
         }
         for event in pending {

@@ -112,7 +112,11 @@ impl Default for Segments {
 impl Metrics {
     pub(crate) fn segment_evaluated(&self, name: &str, profiles: u64, elapsed: Duration) {
         let mut table = self.segments.0.lock();
-        let timing = table.entry(name.to_string()).or_default();
+        // Called for every segment of every batch: allocate a key only the first time.
+        if !table.contains_key(name) {
+            table.insert(name.to_string(), SegmentTiming::default());
+        }
+        let timing = table.get_mut(name).expect("just inserted");
         timing.passes += 1;
         timing.profiles += profiles;
         timing.seconds += elapsed.as_secs_f64();

@@ -97,8 +97,10 @@ impl FeedWriter {
         }
     }
 
-    pub(crate) fn committed(&mut self, batch: FeedBatch) {
+    /// Moves the writer on once `batch` is on disk; the batch goes on from there, empty.
+    pub(crate) fn committed(&mut self, batch: &mut FeedBatch) {
         self.next_seq = batch.next_seq;
+        batch.written = 0;
     }
 }
 

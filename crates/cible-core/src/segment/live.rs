@@ -51,19 +51,14 @@ pub struct Touched {
     /// Profiles that received calls without an event name (identify, alias, group): their
     /// traits or first/last seen may have changed.
     pub traits: FxHashSet<u32>,
-    /// Profiles that may no longer exist (merged away or removed): evaluated for every
-    /// segment, they leave those they were in.
-    pub gone: FxHashSet<u32>,
-    /// Profiles to re-evaluate for every segment (merge survivors, unmerged profiles).
+    /// Profiles to re-evaluate for every segment: merge survivors, unmerged profiles, and
+    /// profiles merged away or removed (no longer live, they leave every segment they were in).
     pub all: FxHashSet<u32>,
 }
 
 impl Touched {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-            && self.traits.is_empty()
-            && self.gone.is_empty()
-            && self.all.is_empty()
+        self.events.is_empty() && self.traits.is_empty() && self.all.is_empty()
     }
 
     /// Adds a later batch's changes.
@@ -72,13 +67,12 @@ impl Touched {
             self.events.entry(profile).or_default().extend(names);
         }
         self.traits.extend(other.traits);
-        self.gone.extend(other.gone);
         self.all.extend(other.all);
     }
 
     /// How many profiles it names (an upper bound: one may be named twice).
     pub fn len(&self) -> usize {
-        self.events.len() + self.traits.len() + self.gone.len() + self.all.len()
+        self.events.len() + self.traits.len() + self.all.len()
     }
 }
 
@@ -174,18 +168,27 @@ impl LiveState {
         self.segments.iter().position(|s| s.id == id)
     }
 
-    /// Positions of the segments built (directly or not) on the one at `position`, in order.
-    fn dependants(&self, position: usize) -> Vec<usize> {
-        let mut names: FxHashSet<String> = FxHashSet::default();
-        names.insert(self.segments[position].record.name.clone());
-        let mut found = Vec::new();
-        for (index, segment) in self.segments.iter().enumerate().skip(position + 1) {
-            if segment.plan.segments.iter().any(|n| names.contains(n)) {
-                names.insert(segment.record.name.clone());
-                found.push(index);
+    /// These positions and those of the segments built (directly or not) on them, ascending:
+    /// dependency order.
+    fn with_dependants(&self, positions: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut chosen = vec![false; self.segments.len()];
+        for position in positions {
+            chosen[position] = true;
+        }
+        let mut names: FxHashSet<&str> = FxHashSet::default();
+        for (index, segment) in self.segments.iter().enumerate() {
+            if chosen[index]
+                || segment
+                    .plan
+                    .segments
+                    .iter()
+                    .any(|n| names.contains(n.as_str()))
+            {
+                chosen[index] = true;
+                names.insert(&segment.record.name);
             }
         }
-        found
+        (0..self.segments.len()).filter(|i| chosen[*i]).collect()
     }
 }
 
@@ -249,12 +252,27 @@ impl Engine {
         feed: &mut FeedWriter,
         now: i64,
     ) -> Result<()> {
-        let everyone = self.live_profiles();
-        let rounds: Vec<(usize, Vec<u32>)> = (0..live.segments.len())
-            .map(|i| (i, everyone.clone()))
-            .collect();
-        self.reevaluate(live, feed, &rounds, now, Cause::Restart)?;
+        let positions: Vec<usize> = (0..live.segments.len()).collect();
+        self.evaluate_over_everyone(live, feed, positions, now, Cause::Restart)?;
         Ok(())
+    }
+
+    /// The segments at these positions, and those built on them, over every live profile.
+    fn evaluate_over_everyone(
+        &self,
+        live: &mut LiveState,
+        feed: &mut FeedWriter,
+        positions: impl IntoIterator<Item = usize>,
+        now: i64,
+        cause: Cause,
+    ) -> Result<FxHashMap<usize, PassStats>> {
+        let everyone = self.live_profiles();
+        let rounds: Vec<(usize, &[u32])> = live
+            .with_dependants(positions)
+            .into_iter()
+            .map(|i| (i, everyone.as_slice()))
+            .collect();
+        self.reevaluate(live, feed, &rounds, now, cause)
     }
 
     fn load_live(&self, now: i64) -> Result<LiveState> {
@@ -369,14 +387,8 @@ impl Engine {
             engine
                 .backfill_progress
                 .store(0, std::sync::atomic::Ordering::Relaxed);
-            let everyone = engine.live_profiles();
-            let mut rounds = vec![(position, everyone.clone())];
-            rounds.extend(
-                live.dependants(position)
-                    .into_iter()
-                    .map(|i| (i, everyone.clone())),
-            );
-            let stats = engine.reevaluate(live, feed, &rounds, now, Cause::SegmentEdit)?;
+            let stats =
+                engine.evaluate_over_everyone(live, feed, [position], now, Cause::SegmentEdit)?;
             let stat = stats.get(&position).copied().unwrap_or_default();
             let segment = &mut live.segments[position];
             segment.record.size = segment.members.len();
@@ -405,21 +417,10 @@ impl Engine {
             let dictionaries = engine.dictionaries();
             live.computed =
                 engine.computed_setup(live.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
-            let mut positions: Vec<usize> = Vec::new();
-            for (index, segment) in live.segments.iter().enumerate() {
-                if segment.uses_computed {
-                    positions.push(index);
-                    positions.extend(live.dependants(index));
-                }
-            }
-            positions.sort_unstable();
-            positions.dedup();
-            let everyone = engine.live_profiles();
-            let rounds: Vec<(usize, Vec<u32>)> = positions
-                .into_iter()
-                .map(|i| (i, everyone.clone()))
+            let positions: Vec<usize> = (0..live.segments.len())
+                .filter(|i| live.segments[*i].uses_computed)
                 .collect();
-            engine.reevaluate(live, feed, &rounds, now, cause)?;
+            engine.evaluate_over_everyone(live, feed, positions, now, cause)?;
             Ok(())
         })
     }
@@ -465,7 +466,6 @@ impl Engine {
                 if segment.uses_traits || segment.any_event {
                     profiles.extend(touched.traits.iter().copied());
                 }
-                profiles.extend(touched.gone.iter().copied());
                 profiles.extend(touched.all.iter().copied());
                 changed_profiles.extend(profiles.iter().copied());
                 round.push((index, profiles.into_iter().collect()));
@@ -479,6 +479,8 @@ impl Engine {
                 profiles.dedup();
             }
             round.retain(|(_, profiles)| !profiles.is_empty());
+            let round: Vec<(usize, &[u32])> =
+                round.iter().map(|(i, p)| (*i, p.as_slice())).collect();
             engine.reevaluate(state, feed, &round, now, cause)?;
             Ok(())
         })
@@ -510,7 +512,7 @@ impl Engine {
         let mut rounds: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
         for (position, profiles) in due {
             // Segments built on this one may change with it: evaluate them for the same people.
-            for index in std::iter::once(position).chain(state.dependants(position)) {
+            for index in state.with_dependants([position]) {
                 rounds
                     .entry(index)
                     .or_default()
@@ -525,6 +527,7 @@ impl Engine {
                 (index, profiles)
             })
             .collect();
+        let rounds: Vec<(usize, &[u32])> = rounds.iter().map(|(i, p)| (*i, p.as_slice())).collect();
         if !rounds.is_empty() {
             let outcome = self.reevaluate(state, &mut guard.feed, &rounds, now, Cause::Timer);
             if let Err(error) = outcome {
@@ -555,7 +558,7 @@ impl Engine {
         state: &mut LiveState,
         feed: &mut FeedWriter,
         mut batch: fjall::OwnedWriteBatch,
-        changes: super::feed::FeedBatch,
+        changes: &mut super::feed::FeedBatch,
         dirty: &mut FxHashSet<usize>,
     ) -> Result<()> {
         if dirty.is_empty() {
@@ -590,7 +593,7 @@ impl Engine {
         &self,
         state: &mut LiveState,
         feed: &mut FeedWriter,
-        rounds: &[(usize, Vec<u32>)],
+        rounds: &[(usize, &[u32])],
         now: i64,
         cause: Cause,
     ) -> Result<FxHashMap<usize, PassStats>> {
@@ -703,9 +706,7 @@ impl Engine {
                     .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if changes.written >= CHANGES_PER_COMMIT {
                     let full = std::mem::replace(&mut batch, self.membership_batch());
-                    let written = std::mem::replace(&mut changes, feed.begin());
-                    self.commit_pass(state, feed, full, written, &mut dirty)?;
-                    changes = feed.begin();
+                    self.commit_pass(state, feed, full, &mut changes, &mut dirty)?;
                 }
             }
             self.metrics.segment_evaluated(
@@ -722,7 +723,7 @@ impl Engine {
                 .map(|(&(id, profile), &at)| Reverse((at, profile, id)))
                 .collect();
         }
-        self.commit_pass(state, feed, batch, changes, &mut dirty)?;
+        self.commit_pass(state, feed, batch, &mut changes, &mut dirty)?;
         tracing::debug!(
             cause = cause.as_str(),
             rounds = rounds.len(),
