@@ -318,7 +318,7 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
             )?;
             let view = serde_json::to_value(&view)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                crate::print_json(&view)?;
                 return Ok(());
             }
             print_profile(&view, offset);
@@ -446,7 +446,7 @@ fn quality_remote(remote: &crate::local::Remote, args: QualityArgs) -> anyhow::R
 
 fn print_replay(outcome: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(outcome)?);
+        crate::print_json(outcome)?;
     } else {
         println!(
             "replayed: {} accepted, {} duplicates, {} still quarantined",
@@ -486,7 +486,7 @@ fn print_quarantined(
 
 fn print_quality(report: &cible_core::records::QualityReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::print_json(&report)?;
         return Ok(());
     }
     let c = &report.counters;
@@ -784,7 +784,7 @@ fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> any
             }
             let view = remote.call("GET", &path, None)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                crate::print_json(&view)?;
             } else {
                 print_profile(&view, offset);
             }
@@ -874,7 +874,7 @@ fn print_unmerge(outcome: &serde_json::Value) {
 
 fn print_recommendations(items: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(items)?);
+        crate::print_json(items)?;
         return Ok(());
     }
     let items = items.as_array().cloned().unwrap_or_default();

@@ -138,19 +138,25 @@ impl Remote {
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
         let request = self.request(method, path);
-        let response = match body {
+        let response = self.answer(match body {
             Some(body) => request.send_json(body.clone()),
             None => request.call(),
-        };
-        match response {
-            Ok(response) => {
-                let text = response.into_string()?;
-                if text.trim().is_empty() {
-                    return Ok(serde_json::Value::Null);
-                }
-                serde_json::from_str(&text)
-                    .with_context(|| format!("the server's answer to {method} {path}"))
-            }
+        })?;
+        let text = response.into_string()?;
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("the server's answer to {method} {path}"))
+    }
+
+    /// The server's answer, or its error message (or why it did not answer) as an error.
+    fn answer(
+        &self,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> anyhow::Result<ureq::Response> {
+        match result {
+            Ok(response) => Ok(response),
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
                 let message = serde_json::from_str::<serde_json::Value>(&text)
@@ -177,17 +183,7 @@ impl Remote {
     }
 
     fn get(&self, path: &str) -> anyhow::Result<ureq::Response> {
-        match self.request("GET", path).call() {
-            Ok(response) => Ok(response),
-            Err(ureq::Error::Status(status, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                anyhow::bail!("{text} (HTTP {status} from the running server)")
-            }
-            Err(error) => Err(anyhow::anyhow!(
-                "the server in this data directory ({}) does not answer: {error}",
-                self.info.address
-            )),
-        }
+        self.answer(self.request("GET", path).call())
     }
 }
 

@@ -131,6 +131,16 @@ impl Global {
     }
 }
 
+/// Prints JSON as the server answers it (a JSON value: keys in the same order), so that a
+/// command prints the same on the store alone and through a server.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::to_value(value)?)?
+    );
+    Ok(())
+}
+
 /// Where a command runs: on the store itself, or through the server holding it.
 pub enum Opened {
     Local(Box<cible_core::Engine>),

@@ -168,10 +168,7 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
             let detail = engine.model_detail(&name, version)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::to_value(&detail)?)?
-            );
+            crate::print_json(&detail)?;
         }
         ModelCommand::Retrain { names } => {
             let engine = global.open_existing()?;
@@ -310,7 +307,7 @@ fn print_propensity(report: &cible_core::models::propensity::PropensityReport) {
 
 fn print_summaries(rows: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        crate::print_json(rows)?;
         return Ok(());
     }
     let rows = rows.as_array().cloned().unwrap_or_default();
@@ -370,10 +367,7 @@ fn run_remote(remote: &crate::local::Remote, command: ModelCommand) -> anyhow::R
             if let Some(version) = version {
                 path.push_str(&format!("?version={version}"));
             }
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&remote.call("GET", &path, None)?)?
-            );
+            crate::print_json(&remote.call("GET", &path, None)?)?;
         }
         ModelCommand::Retrain { names } => {
             let names: Vec<String> = if names.is_empty() {

@@ -218,7 +218,7 @@ fn run_remote(
         SegmentCommand::Show { name, json } => {
             let answer = remote.call("GET", &path(&name), None)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                crate::print_json(&answer)?;
             } else {
                 print_record(&record_of(answer)?);
             }
@@ -300,7 +300,7 @@ fn run_remote(
                 None,
             )?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&why)?);
+                crate::print_json(&why)?;
                 return Ok(());
             }
             let why: cible_core::segment::Explanation = serde_json::from_value(why)?;
@@ -419,10 +419,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
         SegmentCommand::Show { name, json } => {
             let record = engine.segment(&name)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::to_value(&record)?)?
-                );
+                crate::print_json(&record)?;
             } else {
                 print_record(&record);
             }
@@ -474,10 +471,7 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("no profile {profile:?}"))?;
             let why = engine.explain(&name, ordinal, now)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::to_value(&why)?)?
-                );
+                crate::print_json(&why)?;
                 return Ok(());
             }
             print_explanation(&why);

@@ -37,7 +37,7 @@ pub fn run(global: &Global, command: TraitsCommand) -> anyhow::Result<()> {
             let engine = global.open_existing()?;
             let report = engine.refresh_traits(global.now_ms()?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::print_json(&report)?;
                 return Ok(());
             }
             print_refresh(&serde_json::to_value(&report)?);
@@ -50,10 +50,7 @@ pub fn run(global: &Global, command: TraitsCommand) -> anyhow::Result<()> {
                 .profile;
             let traits = engine.computed_traits(profile, global.now_ms()?)?;
             // As a JSON value, like the server's answer: the same output either way.
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::to_value(&traits)?)?
-            );
+            crate::print_json(&traits)?;
         }
     }
     Ok(())
@@ -109,17 +106,14 @@ fn run_remote(remote: &crate::local::Remote, command: TraitsCommand) -> anyhow::
         TraitsCommand::Refresh { json } => {
             let report = remote.call("POST", "/api/traits/refresh", None)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::print_json(&report)?;
             } else {
                 print_refresh(&report);
             }
         }
         TraitsCommand::Show { id } => {
             let path = format!("/api/profiles/{}/traits", crate::local::escape(&id));
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&remote.call("GET", &path, None)?)?
-            );
+            crate::print_json(&remote.call("GET", &path, None)?)?;
         }
     }
     Ok(())
