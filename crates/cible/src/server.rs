@@ -230,6 +230,9 @@ pub async fn serve(
             .name("cible-jobs".into())
             .spawn(move || jobs_loop(&engine, &stop, pinned_now, retrain_days))?
     };
+    // Before the writer exists: no acknowledgement may evaluate segments inline, not even the
+    // first ones, while the worker thread starts.
+    engine.start_background_worker();
     let stop_worker = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = {
         let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop_worker));
@@ -238,7 +241,6 @@ pub async fn serve(
             .spawn(move || {
                 // The API answers meanwhile: batches committed during this first pass wait in
                 // the queue and are evaluated right after it.
-                engine.start_background_worker();
                 if let Err(error) = engine.start_live_segments(now) {
                     tracing::error!(error = %error, "starting the live segments failed");
                 }

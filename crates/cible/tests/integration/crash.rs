@@ -179,11 +179,21 @@ fn the_change_feed_survives_sigkill_with_every_change_once() {
     for (name, rule) in rules {
         let stored = stored_members(&server.base, &admin, name);
         assert!(!stored.is_empty(), "{name} has members");
-        assert_eq!(
-            stored,
-            rebuilt_members(&server.base, &admin, rule),
-            "{name}"
-        );
+        let rebuilt = rebuilt_members(&server.base, &admin, rule);
+        if stored != rebuilt {
+            eprintln!(
+                "{name}: only stored {:?}, only rebuilt {:?}, feed head {}",
+                stored.difference(&rebuilt).collect::<Vec<_>>(),
+                rebuilt.difference(&stored).collect::<Vec<_>>(),
+                changes.len()
+            );
+            let first = *rebuilt.difference(&stored).next().unwrap_or(&0);
+            for change in changes.iter().filter(|c| c["profile"] == first) {
+                eprintln!("  {change}");
+            }
+            eprintln!("  last: {:?}", changes.last());
+        }
+        assert_eq!(stored, rebuilt, "{name}");
         assert_eq!(replayed[name], stored, "{name}: the feed replayed");
     }
     server.stop();
