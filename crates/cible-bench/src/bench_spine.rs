@@ -198,7 +198,7 @@ fn event_to_change(
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    let sent: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
+    let sent: Mutex<Vec<(String, Instant, Instant)>> = Mutex::new(Vec::new());
     let started = Instant::now();
     // Four senders share the pace: batch i leaves at started + i * interval.
     std::thread::scope(|scope| {
@@ -229,7 +229,7 @@ fn event_to_change(
                         .send_string(&body)
                         .is_ok()
                     {
-                        sent.lock().push((probe, at));
+                        sent.lock().push((probe, at, Instant::now()));
                     }
                     i += 4;
                 }
@@ -247,7 +247,8 @@ fn event_to_change(
     let arrived: std::collections::HashMap<u32, Instant> =
         arrivals.lock().iter().copied().collect();
     let mut latencies = Vec::new();
-    for (probe, at) in sent.into_inner() {
+    let (mut to_ack, mut ack_to_arrival) = (Vec::new(), Vec::new());
+    for (probe, at, acked) in sent.into_inner() {
         let profile = ureq::get(&format!("{base}/api/profiles/{probe}?limit=1"))
             .set("Authorization", &bearer)
             .call()
@@ -259,10 +260,51 @@ fn event_to_change(
             .get(&profile)
             .with_context(|| format!("{probe} never entered bench-probes"))?;
         latencies.push(arrival.duration_since(at).as_secs_f64() * 1000.0);
+        to_ack.push(acked.duration_since(at).as_secs_f64() * 1000.0);
+        ack_to_arrival.push(arrival.saturating_duration_since(acked).as_secs_f64() * 1000.0);
     }
+    to_ack.sort_by(f64::total_cmp);
+    ack_to_arrival.sort_by(f64::total_cmp);
+    eprintln!(
+        "paced phase, client side: send to ack p50 {:.2} p99 {:.2} ms; ack to stream p50 {:.2} p99 {:.2} ms",
+        percentile(&to_ack, 0.5),
+        percentile(&to_ack, 0.99),
+        percentile(&ack_to_arrival, 0.5),
+        percentile(&ack_to_arrival, 0.99),
+    );
     drop(reader);
     latencies.sort_by(f64::total_cmp);
     Ok(latencies)
+}
+
+/// A gauge's value in the server's `/metrics`.
+fn gauge(base: &str, name: &str) -> anyhow::Result<f64> {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()?
+        .into_string()?;
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("{name} in /metrics"))
+}
+
+/// Waits until no admin job runs and the segment worker has caught up (what the admin loop
+/// started finishes before the next phase measures).
+fn settle(base: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while gauge(base, "cible_admin_jobs")? > 0.0 || gauge(base, "cible_feed_lag_batches")? > 0.0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "the server did not settle in 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// The cumulative bucket counts of a histogram in the server's `/metrics`.
@@ -418,6 +460,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
         target: "p99 <= 1.5x",
     });
 
+    settle(&base)?;
     eprintln!("event to change at 50k events/s ...");
     {
         let rule = r#"did("Bench Probe", 1d)"#;
