@@ -17,6 +17,7 @@ use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use crate::eventlog::Location;
 use crate::hot::HotStore;
 use crate::identity::{self, Graph};
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
@@ -656,7 +657,7 @@ impl Engine {
         let mut skipped = 0;
         for entry in self.store.events.prefix(profile_key(profile)).rev() {
             let (key, value) = entry.into_inner()?;
-            let message: Message = message_of(&value)?;
+            let message: Message = message_of(&self.store, &value)?;
             if kind.is_some_and(|k| k != message.kind) {
                 continue;
             }
@@ -682,7 +683,7 @@ impl Engine {
         for entry in self.store.events.iter() {
             let (key, value) = entry.into_inner()?;
             let (profile, _, seq) = key_of("events", &key)?;
-            let message: Message = message_of(&value)?;
+            let message: Message = message_of(&self.store, &value)?;
             visit(StoredEvent {
                 profile,
                 seq,
@@ -726,7 +727,7 @@ impl Engine {
         let mut survivor_events = Vec::new();
         for entry in self.store.events.prefix(profile_key(survivor)) {
             let (key, value) = entry.into_inner()?;
-            let message: Message = message_of(&value)?;
+            let message: Message = message_of(&self.store, &value)?;
             let sent_under = match (&message.user_id, &message.anonymous_id) {
                 (Some(user), _) => identity::user_ident(user),
                 (None, Some(anonymous)) => identity::anonymous_ident(anonymous),
@@ -845,9 +846,11 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         let mut removed_hashes = Vec::new();
+        let mut bodies = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            let message: Message = message_of(&value)?;
+            let message: Message = message_of(&self.store, &value)?;
+            bodies.extend(Location::decode(&value));
             batch.remove(&self.store.msgids, message.message_id.as_bytes());
             removed_hashes.push(message_hash(&message.message_id));
             batch.remove(&self.store.hot, key.clone());
@@ -870,6 +873,11 @@ impl Engine {
         batch
             .commit()
             .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        // Nothing points at the bodies any more: overwrite them in the log.
+        for location in bodies {
+            self.store.log.erase(location)?;
+        }
+        self.store.log.sync()?;
         for ident in &record.identifiers {
             state.idents.remove(ident);
         }
@@ -1030,9 +1038,11 @@ pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u6
     decode_event_key(key).ok_or_else(|| corrupt(keyspace, "bad key"))
 }
 
-/// A stored message.
-fn message_of(value: &[u8]) -> Result<Message> {
-    serde_json::from_slice(value).map_err(|e| corrupt("events", e))
+/// The stored message an `events` index entry points at.
+pub(crate) fn message_of(store: &Store, value: &[u8]) -> Result<Message> {
+    let location = Location::decode(value).ok_or_else(|| corrupt("events", "bad location"))?;
+    let body = store.log.read(location)?;
+    crate::codec::decode(&body).map_err(|e| corrupt("events", e))
 }
 
 /// The identity graph (identifiers, merges) from the store into the writer's state.
@@ -1067,8 +1077,9 @@ fn load_identities(store: &Store, state: &mut State) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a store written by a newer cible; stamps an older or new one with this layout
-/// (version 1 stores only lack the `changes` keyspace, which opens empty).
+/// Refuses a store written by a newer cible; brings an older one to this layout (version 1
+/// stores only lack the `changes` keyspace, which opens empty; version 2 stores hold event
+/// bodies as JSON in `events`, moved into the event log here) and stamps it.
 fn check_schema(store: &Store) -> Result<()> {
     use crate::store::{SCHEMA_KEY, SCHEMA_VERSION};
     let found = match store.meta.get(SCHEMA_KEY)? {
@@ -1076,6 +1087,7 @@ fn check_schema(store: &Store) -> Result<()> {
             .ok()
             .and_then(|text| text.parse::<u32>().ok())
             .ok_or_else(|| corrupt("meta", "schema_version is not a number"))?,
+        // A store without the key is new (nothing in it) or of version 1.
         None => 1,
     };
     if found > SCHEMA_VERSION {
@@ -1086,10 +1098,62 @@ fn check_schema(store: &Store) -> Result<()> {
             ),
         }));
     }
+    if found < 3 {
+        move_bodies_to_log(store)?;
+    }
     if found < SCHEMA_VERSION {
         store
             .meta
             .insert(SCHEMA_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Layout 2 to 3: every JSON body in `events` goes to the event log, and its entry becomes the
+/// body's location. Done in chunks, each committed with the log's new end after the log is
+/// synced, so an interrupted migration goes on where it stopped at the next open (an entry
+/// that is already a location is not JSON, which starts with `{`).
+fn move_bodies_to_log(store: &Store) -> Result<()> {
+    const CHUNK: usize = 16_384;
+    let started = std::time::Instant::now();
+    let mut moved = 0u64;
+    let mut chunk: Vec<(fjall::Slice, Vec<u8>)> = Vec::with_capacity(CHUNK);
+    let flush = |chunk: &mut Vec<(fjall::Slice, Vec<u8>)>| -> Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let (locations, head) = store.log.append(chunk.iter().map(|(_, b)| b.as_slice()))?;
+        store.log.sync()?;
+        let mut batch = store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        for ((key, _), location) in chunk.drain(..).zip(locations) {
+            batch.insert(&store.events, key, location.encode());
+        }
+        batch.insert(&store.meta, crate::eventlog::HEAD_KEY, head.encode());
+        batch.commit()?;
+        Ok(())
+    };
+    for entry in store.events.iter() {
+        let (key, value) = entry.into_inner()?;
+        if value.first() != Some(&b'{') {
+            continue;
+        }
+        let message: Message = serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
+        chunk.push((key, crate::codec::encode(&message)));
+        moved += 1;
+        if chunk.len() >= CHUNK {
+            flush(&mut chunk)?;
+        }
+    }
+    flush(&mut chunk)?;
+    if moved > 0 {
+        tracing::info!(
+            events = moved,
+            seconds = started.elapsed().as_secs_f64(),
+            "moved event bodies into the event log (store layout 3)"
+        );
     }
     Ok(())
 }

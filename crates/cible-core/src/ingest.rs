@@ -78,7 +78,7 @@ pub struct Prepared {
 
 impl Prepared {
     fn from_message(mut message: Message) -> Self {
-        let body = to_json(&message);
+        let body = crate::codec::encode(&message);
         let traits = if message.kind == MessageType::Identify {
             std::mem::take(&mut message.traits)
         } else {
@@ -139,9 +139,8 @@ pub fn message_hash(message_id: &str) -> u64 {
 
 /// Adds `"flags": N` to a serialized message (serialized before its flags were known).
 fn with_flags(mut body: Vec<u8>, flags: u8) -> Vec<u8> {
-    if flags != 0 && body.last() == Some(&b'}') {
-        body.pop();
-        body.extend_from_slice(format!(",\"flags\":{flags}}}").as_bytes());
+    if let Some(byte) = body.get_mut(crate::codec::FLAGS_OFFSET) {
+        *byte = flags;
     }
     body
 }
@@ -222,7 +221,9 @@ impl<'a> Tx<'a> {
                 Some(id) => id,
                 None => {
                     let detail = "the store already holds 65535 distinct event names".to_string();
-                    let raw = String::from_utf8_lossy(&message.body).into_owned();
+                    let raw = crate::codec::decode(&message.body)
+                        .map(|m| String::from_utf8_lossy(&to_json(&m)).into_owned())
+                        .unwrap_or_default();
                     let rejection = Rejection {
                         reason: Reason::TooManyEventNames,
                         field: Some("event".into()),
@@ -553,11 +554,21 @@ impl<'a> Tx<'a> {
                     .insert(&self.store.hot, event_key(survivor, ts, seq), value);
             }
         }
-        for event in &mut self.pending {
+        // Bodies go to the event log once; the index entries point at them.
+        let (locations, head) = self
+            .store
+            .log
+            .append(self.pending.iter().map(|e| e.body.as_slice()))?;
+        if !self.pending.is_empty() {
+            self.batch
+                .insert(&self.store.meta, crate::eventlog::HEAD_KEY, head.encode());
+        }
+        for (event, location) in self.pending.iter_mut().zip(locations) {
             event.profile = self.state.find(event.profile);
+            event.body = Vec::new();
             let key = event_key(event.profile, event.ts, event.seq);
             self.batch
-                .insert(&self.store.events, key, std::mem::take(&mut event.body));
+                .insert(&self.store.events, key, location.encode());
             self.batch
                 .insert(&self.store.hot, key, event.record.encode());
             self.batch
@@ -624,6 +635,8 @@ impl Engine {
                 Durability::Sync => fjall::PersistMode::SyncAll,
                 Durability::Buffered => fjall::PersistMode::Buffer,
             }));
+            // The bodies the batch points at are durable before it commits.
+            self.store.log.sync()?;
             batch.commit()?;
             Ok((outcomes, pending, hot_merges, created, dirty))
         })();

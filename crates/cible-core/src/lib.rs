@@ -5,9 +5,11 @@
 //! durable [`store`] and the in-memory [`hot`] store. Nothing here knows HTTP or the terminal.
 
 pub mod cancel;
+pub mod codec;
 pub mod computed;
 pub mod engine;
 pub mod error;
+pub mod eventlog;
 pub mod features;
 pub mod generate;
 pub mod hot;

@@ -6,7 +6,8 @@
 //!
 //! `Segments` (the segment worker and the change feed) → `Writer` (identity graph, counters,
 //! dictionaries) → `Hot` (hot store) → `TraitColumns` → `Cache` (calibration, product model,
-//! models, API keys) → `Queue` (work handed from the writer to the segment worker).
+//! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
+//! (the event log's end and open files).
 //!
 //! The checks are per thread (a thread-local list of the levels held), so they cost a few
 //! nanoseconds per acquisition and catch an inversion on the first run that takes it, whatever
@@ -31,6 +32,8 @@ pub enum Level {
     Cache,
     /// Batches committed by the writer, waiting for the segment worker.
     Queue,
+    /// The event log's end and its open segment files (held for a write or a handle's clone).
+    EventLog,
 }
 
 thread_local! {

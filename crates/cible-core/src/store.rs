@@ -1,9 +1,10 @@
-//! The durable store on fjall (an embedded LSM-tree engine): keyspaces, key layouts and the
-//! fixed binary records. See `docs/architecture.md` for why fjall.
+//! The durable store: the event log (event bodies, appended once: [`crate::eventlog`]) and
+//! fjall (an embedded LSM-tree engine) for everything else, the log's index included:
+//! keyspaces, key layouts and the fixed binary records. See `docs/architecture.md` for why.
 //!
 //! | keyspace     | key                                   | value                               |
 //! |--------------|---------------------------------------|-------------------------------------|
-//! | `events`     | profile u32 · time i64 · seq u64 (BE) | the normalized message, JSON        |
+//! | `events`     | profile u32 · time i64 · seq u64 (BE) | [`crate::eventlog::Location`] of the body (12 bytes) |
 //! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes + 5 per other key |
 //! | `msgids`     | messageId                             | empty (dedup across restarts)       |
 //! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
@@ -13,7 +14,7 @@
 //! | `qkeys`      | hash of a quarantined raw message     | quarantine id (dedup of bad input)  |
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
 //! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |
-//! | `meta`       | name                                  | counters, JSON                      |
+//! | `meta`       | name                                  | counters, JSON; the log's end       |
 //! | `segments`   | segment name                          | [`crate::segment::SegmentRecord`]   |
 //! | `members`    | segment name                          | roaring bitmap of profile ordinals  |
 //! | `segment_log`| name · 0 · time i64 · feed seq u64    | [`crate::segment::Change`]          |
@@ -24,12 +25,15 @@
 //! cible is refused instead of misread. [`PER_PROFILE`] lists every keyspace that holds data
 //! about a person, for erasure to walk.
 //!
-//! **Every change of a batch (events, identities, profiles, counters) is one atomic fjall batch;
-//! acknowledged means committed with `PersistMode::SyncAll`.**
+//! **Every change of a batch (event index entries, identities, profiles, counters, the log's
+//! end) is one atomic fjall batch, committed after the log was synced; acknowledged means
+//! committed with `PersistMode::SyncAll`.**
 
 use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+use crate::eventlog::{EventLog, Position};
 
 use crate::hot::{HotEvent, OtherKeys};
 
@@ -58,21 +62,31 @@ pub enum StoreError {
 /// `Store::NAMES` all come from this list.
 macro_rules! keyspaces {
     ($($name:ident),+ $(,)?) => {
-        /// The open store: one fjall database and its keyspaces.
+        /// The open store: one fjall database and its keyspaces, and the event log.
         pub struct Store {
             pub db: Database,
             $(pub $name: Keyspace,)+
+            pub log: EventLog,
         }
 
         impl Store {
             /// Names of every keyspace, in [`Store::keyspaces`] order.
             pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),+];
 
-            fn open_keyspaces(db: Database) -> Result<Self, StoreError> {
-                Ok(Self {
-                    $($name: db.keyspace(stringify!($name), KeyspaceCreateOptions::default)?,)+
-                    db,
-                })
+            fn open_keyspaces(db: Database, log_dir: &Path) -> Result<Self, StoreError> {
+                $(let $name = db.keyspace(stringify!($name), KeyspaceCreateOptions::default)?;)+
+                let head = match db
+                    .keyspace("meta", KeyspaceCreateOptions::default)?
+                    .get(crate::eventlog::HEAD_KEY)?
+                {
+                    Some(bytes) => Some(Position::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
+                        keyspace: "meta",
+                        detail: format!("{} is not a log position", crate::eventlog::HEAD_KEY),
+                    })?),
+                    None => None,
+                };
+                let log = EventLog::open(log_dir, head)?;
+                Ok(Self { $($name,)+ db, log })
             }
 
             /// Every keyspace.
@@ -104,8 +118,9 @@ keyspaces!(
 
 /// The `meta` key holding the store's layout version.
 pub const SCHEMA_KEY: &str = "schema_version";
-/// The layout this build writes: 2 added the change feed (`changes`).
-pub const SCHEMA_VERSION: u32 = 2;
+/// The layout this build writes: 2 added the change feed (`changes`); 3 moved event bodies
+/// out of fjall into the event log (`events` holds their locations).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
@@ -151,22 +166,25 @@ impl Store {
                 },
                 other => StoreError::Engine(other),
             })?;
-        Self::open_keyspaces(db)
+        Self::open_keyspaces(db, &dir.join("events"))
     }
 }
 
 impl Store {
     /// Bytes on disk of each keyspace, by name.
     pub fn disk_space(&self) -> Vec<(&'static str, u64)> {
-        Self::NAMES
+        let mut sizes: Vec<(&'static str, u64)> = Self::NAMES
             .iter()
             .zip(self.keyspaces())
             .map(|(name, keyspace)| (*name, keyspace.disk_space()))
-            .collect()
+            .collect();
+        sizes.push(("event_log", self.log.disk_space()));
+        sizes
     }
 
     /// Writes every memtable out to tables, so that the next start does not replay the journal.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.log.sync()?;
         for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait()?;
         }

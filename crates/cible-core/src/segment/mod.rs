@@ -133,17 +133,6 @@ impl Dictionaries for DictSnapshot {
     }
 }
 
-/// The parts of a stored message that rule evaluation reads.
-#[derive(Deserialize)]
-struct EventPart {
-    #[serde(rename = "type")]
-    kind: crate::message::MessageType,
-    #[serde(default)]
-    event: Option<String>,
-    #[serde(default)]
-    properties: serde_json::Map<String, serde_json::Value>,
-}
-
 /// One rule's members within a chunk of profiles, and its full-message evaluations.
 type ChunkResult = (Vec<u32>, u64);
 
@@ -738,9 +727,7 @@ impl Engine {
         let mut events = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            // Only what evaluation reads; the rest of the message is skipped, not built.
-            let message: EventPart =
-                serde_json::from_slice(&value).map_err(|e| crate::error::corrupt("events", e))?;
+            let message = crate::engine::message_of(&self.store, &value)?;
             let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
             let name = message
                 .event

@@ -162,7 +162,11 @@ pub fn settle(base: &str) {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .unwrap_or(-1.0)
         };
-        if value("cible_feed_lag_batches") == 0.0 && value("cible_segment_queue_profiles") == 0.0 {
+        // The first evaluation after a start runs while the server already answers.
+        if value("cible_segments_ready") == 1.0
+            && value("cible_feed_lag_batches") == 0.0
+            && value("cible_segment_queue_profiles") == 0.0
+        {
             return;
         }
         assert!(

@@ -1,0 +1,523 @@
+//! The event log: every accepted event's body, written once, appended to segment files of our
+//! own framing, never rewritten by compaction. The `events` keyspace indexes it: its key is
+//! `profile · time · seq` (as before) and its value a [`Location`] here (12 bytes), so a merge or
+//! an unmerge moves index entries and never copies a body.
+//!
+//! Files: `DATA/events/NNNNNNNN.events`, each up to [`SEGMENT_BYTES`] (a record is never split).
+//! A record is `u32 length · u32 CRC-32 of the body · body` (little-endian), the body being a
+//! message in [`crate::codec`]'s binary form.
+//!
+//! **Durability.** The writer appends a batch's records, syncs the log, then commits the fjall
+//! batch that holds their index entries and the new [`Position`] of the log's end (the meta key
+//! [`HEAD_KEY`]), and only then acknowledges. So every location an index entry holds points at
+//! bytes synced before the entry was committed. Bytes past the committed head belong to a batch
+//! that never committed (a crash between the two steps, or a failed commit): [`EventLog::open`]
+//! cuts them off. A segment shorter than the committed head is real corruption and is refused.
+//!
+//! **Erasure.** [`EventLog::erase`] overwrites a record's body with zeros in place (the file is
+//! not rewritten): once its index entry is gone, nothing of it is left to read.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::lock::{Level, OrderedMutex};
+use crate::store::StoreError;
+
+/// The meta key holding the log's committed end.
+pub const HEAD_KEY: &str = "event_log_head";
+
+/// Largest segment file (a record that would cross it starts the next segment).
+pub const SEGMENT_BYTES: u64 = 256 << 20;
+
+const HEADER: usize = 8;
+
+/// Where a record is: its segment, the offset of its header, and its body's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub segment: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl Location {
+    pub const ENCODED_LEN: usize = 12;
+
+    pub fn encode(self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[..4].copy_from_slice(&self.segment.to_be_bytes());
+        out[4..8].copy_from_slice(&self.offset.to_be_bytes());
+        out[8..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::ENCODED_LEN] = bytes.try_into().ok()?;
+        Some(Self {
+            segment: u32::from_be_bytes(bytes[..4].try_into().ok()?),
+            offset: u32::from_be_bytes(bytes[4..8].try_into().ok()?),
+            len: u32::from_be_bytes(bytes[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// The end of the log: the segment being appended to and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub segment: u32,
+    pub offset: u64,
+}
+
+impl Position {
+    pub fn encode(self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..4].copy_from_slice(&self.segment.to_be_bytes());
+        out[4..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; 12] = bytes.try_into().ok()?;
+        Some(Self {
+            segment: u32::from_be_bytes(bytes[..4].try_into().ok()?),
+            offset: u64::from_be_bytes(bytes[4..].try_into().ok()?),
+        })
+    }
+}
+
+struct Inner {
+    /// Open segments by id (readers clone a handle and read without the lock).
+    files: Vec<Option<Arc<File>>>,
+    head: Position,
+    /// Segments written since the last sync, and whether a segment was created since.
+    unsynced: Vec<u32>,
+    created: bool,
+}
+
+/// The open event log (see the module documentation).
+pub struct EventLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    inner: OrderedMutex<Inner>,
+}
+
+fn corrupt(detail: String) -> StoreError {
+    StoreError::Corrupt {
+        keyspace: "event log",
+        detail,
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl EventLog {
+    /// Opens the log in `dir` at its committed end `head` (`None`: nothing committed yet),
+    /// cutting off what lies past it.
+    pub fn open(dir: &Path, head: Option<Position>) -> Result<Self, StoreError> {
+        Self::open_with(dir, head, SEGMENT_BYTES)
+    }
+
+    pub(crate) fn open_with(
+        dir: &Path,
+        head: Option<Position>,
+        segment_bytes: u64,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let head = head.unwrap_or_default();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let entry = entry.map_err(|e| io(dir, e))?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".events"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            found.push(id);
+        }
+        found.sort_unstable();
+        let mut files: Vec<Option<Arc<File>>> = Vec::new();
+        let mut cut = false;
+        for id in found {
+            let path = segment_path(dir, id);
+            if id > head.segment {
+                // Written by a batch that never committed.
+                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+                cut = true;
+                continue;
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io(&path, e))?;
+            if id == head.segment {
+                let len = file.metadata().map_err(|e| io(&path, e))?.len();
+                if len < head.offset {
+                    return Err(corrupt(format!(
+                        "{} holds {len} bytes, the store committed {}: events are missing",
+                        path.display(),
+                        head.offset
+                    )));
+                }
+                if len > head.offset {
+                    file.set_len(head.offset).map_err(|e| io(&path, e))?;
+                    file.sync_all().map_err(|e| io(&path, e))?;
+                }
+            }
+            if files.len() <= id as usize {
+                files.resize(id as usize + 1, None);
+            }
+            files[id as usize] = Some(Arc::new(file));
+        }
+        let log = Self {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            inner: OrderedMutex::new(
+                Level::EventLog,
+                Inner {
+                    files,
+                    head,
+                    unsynced: Vec::new(),
+                    created: cut,
+                },
+            ),
+        };
+        {
+            let mut inner = log.inner.lock();
+            if head.offset > 0 && inner.file(head.segment).is_none() {
+                return Err(corrupt(format!(
+                    "{} is missing: the store committed {} bytes in it",
+                    segment_path(dir, head.segment).display(),
+                    head.offset
+                )));
+            }
+            if inner.file(head.segment).is_none() {
+                log.create_segment(&mut inner, head.segment)?;
+            }
+        }
+        if cut {
+            log.sync()?;
+        }
+        Ok(log)
+    }
+
+    fn create_segment(&self, inner: &mut Inner, id: u32) -> Result<Arc<File>, StoreError> {
+        let path = segment_path(&self.dir, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let file = Arc::new(file);
+        if inner.files.len() <= id as usize {
+            inner.files.resize(id as usize + 1, None);
+        }
+        inner.files[id as usize] = Some(Arc::clone(&file));
+        inner.created = true;
+        Ok(file)
+    }
+
+    /// Appends one record per body; returns their locations and the log's new end. Not yet
+    /// durable: call [`EventLog::sync`] before committing anything that points at them.
+    pub fn append<'b>(
+        &self,
+        bodies: impl IntoIterator<Item = &'b [u8]>,
+    ) -> Result<(Vec<Location>, Position), StoreError> {
+        let mut inner = self.inner.lock();
+        let mut locations = Vec::new();
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut start = inner.head;
+        for body in bodies {
+            let len = u32::try_from(body.len())
+                .map_err(|_| corrupt(format!("an event body of {} bytes", body.len())))?;
+            let record = (HEADER + body.len()) as u64;
+            let offset = start.offset + buffer.len() as u64;
+            if offset > 0 && offset + record > self.segment_bytes {
+                self.write_at(&mut inner, start, &buffer)?;
+                buffer.clear();
+                let next = inner.head.segment + 1;
+                self.create_segment(&mut inner, next)?;
+                inner.head = Position {
+                    segment: next,
+                    offset: 0,
+                };
+                start = inner.head;
+            }
+            let offset = start.offset + buffer.len() as u64;
+            locations.push(Location {
+                segment: start.segment,
+                offset: offset as u32,
+                len,
+            });
+            buffer.extend_from_slice(&len.to_le_bytes());
+            buffer.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+            buffer.extend_from_slice(body);
+        }
+        self.write_at(&mut inner, start, &buffer)?;
+        Ok((locations, inner.head))
+    }
+
+    fn write_at(&self, inner: &mut Inner, at: Position, bytes: &[u8]) -> Result<(), StoreError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let file = inner
+            .file(at.segment)
+            .ok_or_else(|| corrupt(format!("segment {} is not open", at.segment)))?;
+        file.write_all_at(bytes, at.offset)
+            .map_err(|e| io(&segment_path(&self.dir, at.segment), e))?;
+        inner.head = Position {
+            segment: at.segment,
+            offset: at.offset + bytes.len() as u64,
+        };
+        if !inner.unsynced.contains(&at.segment) {
+            inner.unsynced.push(at.segment);
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (the segments written, and the directory when
+    /// a segment was created or removed).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let (files, created) = {
+            let mut inner = self.inner.lock();
+            let ids = std::mem::take(&mut inner.unsynced);
+            let files: Vec<(u32, Arc<File>)> = ids
+                .into_iter()
+                .filter_map(|id| inner.file(id).map(|f| (id, f)))
+                .collect();
+            (files, std::mem::take(&mut inner.created))
+        };
+        for (id, file) in files {
+            file.sync_data()
+                .map_err(|e| io(&segment_path(&self.dir, id), e))?;
+        }
+        if created {
+            File::open(&self.dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| io(&self.dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// The body at `location`, checked against its CRC.
+    pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
+        let file = self.inner.lock().file(location.segment).ok_or_else(|| {
+            corrupt(format!(
+                "an index entry points into segment {}, which does not exist",
+                location.segment
+            ))
+        })?;
+        let mut record = vec![0u8; HEADER + location.len as usize];
+        let path = || segment_path(&self.dir, location.segment);
+        file.read_exact_at(&mut record, u64::from(location.offset))
+            .map_err(|e| corrupt(format!("{} at {}: {e}", path().display(), location.offset)))?;
+        let len = u32::from_le_bytes(record[..4].try_into().expect("four bytes"));
+        let crc = u32::from_le_bytes(record[4..8].try_into().expect("four bytes"));
+        let body = record.split_off(HEADER);
+        if len != location.len || crc32fast::hash(&body) != crc {
+            return Err(corrupt(format!(
+                "{} at {}: the record does not match its checksum",
+                path().display(),
+                location.offset
+            )));
+        }
+        Ok(body)
+    }
+
+    /// Overwrites the body at `location` with zeros (see the module documentation); durable
+    /// after the next [`EventLog::sync`].
+    pub fn erase(&self, location: Location) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        let file = inner
+            .file(location.segment)
+            .ok_or_else(|| corrupt(format!("segment {} does not exist", location.segment)))?;
+        let zeros = vec![0u8; location.len as usize];
+        file.write_all_at(&zeros, u64::from(location.offset) + HEADER as u64)
+            .map_err(|e| io(&segment_path(&self.dir, location.segment), e))?;
+        if !inner.unsynced.contains(&location.segment) {
+            inner.unsynced.push(location.segment);
+        }
+        Ok(())
+    }
+
+    /// The end of what was appended.
+    pub fn head(&self) -> Position {
+        self.inner.lock().head
+    }
+
+    /// Bytes on disk.
+    pub fn disk_space(&self) -> u64 {
+        let files: Vec<Arc<File>> = self.inner.lock().files.iter().flatten().cloned().collect();
+        files
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+impl Inner {
+    fn file(&self, id: u32) -> Option<Arc<File>> {
+        self.files.get(id as usize).and_then(Clone::clone)
+    }
+}
+
+fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:08}.events"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bodies(n: usize, tag: &str) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("{tag}-{i}-{}", "x".repeat(i % 50)).into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn appended_records_read_back_across_segments_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), None, 1000).unwrap();
+        let first = bodies(100, "a");
+        let (locations, head) = log.append(first.iter().map(Vec::as_slice)).unwrap();
+        log.sync().unwrap();
+        assert!(head.segment > 2, "small segments roll: {head:?}");
+        for (location, body) in locations.iter().zip(&first) {
+            assert_eq!(&log.read(*location).unwrap(), body);
+        }
+        drop(log);
+        let log = EventLog::open_with(dir.path(), Some(head), 1000).unwrap();
+        for (location, body) in locations.iter().zip(&first) {
+            assert_eq!(&log.read(*location).unwrap(), body);
+        }
+        assert_eq!(log.head(), head);
+    }
+
+    /// What a batch appended but never committed is cut off at the next open, in the same
+    /// segment and in segments it created.
+    #[test]
+    fn an_uncommitted_tail_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), None, 1000).unwrap();
+        let (kept, head) = log
+            .append(bodies(10, "k").iter().map(Vec::as_slice))
+            .unwrap();
+        log.append(bodies(200, "lost").iter().map(Vec::as_slice))
+            .unwrap();
+        log.sync().unwrap();
+        assert!(log.head().segment > head.segment);
+        drop(log);
+        let log = EventLog::open_with(dir.path(), Some(head), 1000).unwrap();
+        assert_eq!(log.head(), head);
+        assert_eq!(log.read(kept[9]).unwrap(), bodies(10, "k")[9]);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, head.segment as usize + 1);
+        let (next, _) = log.append([b"after".as_slice()]).unwrap();
+        assert_eq!(log.read(next[0]).unwrap(), b"after");
+    }
+
+    #[test]
+    fn missing_bytes_and_damaged_records_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), None, 1 << 20).unwrap();
+        let (locations, head) = log.append([b"one".as_slice(), b"two"]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let ahead = Position {
+            segment: head.segment,
+            offset: head.offset + 1,
+        };
+        let error = EventLog::open_with(dir.path(), Some(ahead), 1 << 20)
+            .err()
+            .expect("a segment shorter than committed is refused")
+            .to_string();
+        assert!(
+            error.contains("00000000.events") && error.contains("missing"),
+            "{error}"
+        );
+
+        let path = dir.path().join("00000000.events");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER + 1] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let log = EventLog::open_with(dir.path(), Some(head), 1 << 20).unwrap();
+        let error = log.read(locations[0]).unwrap_err().to_string();
+        assert!(error.contains("checksum"), "{error}");
+        assert_eq!(log.read(locations[1]).unwrap(), b"two");
+    }
+
+    #[test]
+    fn erased_records_leave_no_byte_of_their_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), None).unwrap();
+        let secret = b"jane.doe@example.com".as_slice();
+        let (locations, _) = log.append([secret, b"kept"]).unwrap();
+        log.erase(locations[0]).unwrap();
+        log.sync().unwrap();
+        let bytes = std::fs::read(dir.path().join("00000000.events")).unwrap();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret));
+        assert!(log.read(locations[0]).is_err());
+        assert_eq!(log.read(locations[1]).unwrap(), b"kept");
+    }
+
+    /// One appender and three readers at once, bounded in time: every record read while
+    /// appends go on is intact.
+    #[test]
+    fn readers_and_an_appender_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EventLog::open_with(dir.path(), None, 64 << 10).unwrap());
+        let written = Arc::new(parking_lot::Mutex::new(Vec::<(Location, Vec<u8>)>::new()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        std::thread::scope(|scope| {
+            let appender = {
+                let (log, written) = (Arc::clone(&log), Arc::clone(&written));
+                scope.spawn(move || {
+                    for round in 0..300 {
+                        let batch = bodies(20, &format!("r{round}"));
+                        let (locations, _) = log.append(batch.iter().map(Vec::as_slice)).unwrap();
+                        log.sync().unwrap();
+                        written.lock().extend(locations.into_iter().zip(batch));
+                        assert!(std::time::Instant::now() < deadline, "appends hang");
+                    }
+                })
+            };
+            for reader in 0..3 {
+                let (log, written) = (Arc::clone(&log), Arc::clone(&written));
+                scope.spawn(move || {
+                    let mut i = reader;
+                    while !appender_done(&written) {
+                        let pick = {
+                            let written = written.lock();
+                            (!written.is_empty()).then(|| written[i % written.len()].clone())
+                        };
+                        if let Some((location, body)) = pick {
+                            assert_eq!(log.read(location).unwrap(), body);
+                        }
+                        i += 7;
+                        assert!(std::time::Instant::now() < deadline, "reads hang");
+                    }
+                });
+            }
+            appender.join().unwrap();
+        });
+        assert_eq!(written.lock().len(), 6000);
+    }
+
+    fn appender_done(written: &parking_lot::Mutex<Vec<(Location, Vec<u8>)>>) -> bool {
+        written.lock().len() >= 6000
+    }
+}
