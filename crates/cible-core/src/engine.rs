@@ -17,14 +17,13 @@ use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::eventlog::Location;
 use crate::hot::HotStore;
 use crate::identity::{self, Graph};
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, is_column_property};
 use crate::quality::{QualityCounters, Reason};
 use crate::seen::SeenSet;
-use crate::store::{HotRecord, Store, StoreError, decode_event_key, event_key, profile_key};
+use crate::store::{EventEntry, Store, StoreError, decode_event_key, event_key, profile_key};
 use rayon::prelude::*;
 
 use crate::error::corrupt;
@@ -601,10 +600,10 @@ impl Engine {
     /// Loads one profile's hot rows into a light engine.
     fn load_light_profile(&self, profile: u32) -> Result<()> {
         let mut events = Vec::new();
-        for entry in self.store.hot.prefix(profile_key(profile)) {
+        for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            let (_, ts, _) = key_of("hot", &key)?;
-            let record = HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
+            let (_, ts, _) = key_of("events", &key)?;
+            let record = entry_of(&value)?.record;
             events.push((record.to_hot(ts), record.others));
         }
         {
@@ -734,19 +733,11 @@ impl Engine {
                 (None, None) => String::new(),
             };
             let (_, ts, seq) = key_of("events", &key)?;
-            let hot_value = self
-                .store
-                .hot
-                .get(key.as_ref())?
-                .ok_or_else(|| corrupt("hot", "missing"))?;
-            let record =
-                HotRecord::decode(&hot_value).ok_or_else(|| corrupt("hot", "bad record"))?;
+            let record = entry_of(&value)?.record;
             if moved.contains(&sent_under) {
-                batch.remove(&self.store.events, key.clone());
-                batch.remove(&self.store.hot, key);
+                batch.remove(&self.store.events, key);
                 let new_key = event_key(merge.from, ts, seq);
                 batch.insert(&self.store.events, new_key, value);
-                batch.insert(&self.store.hot, new_key, record.encode());
                 back.push((message, (record.to_hot(ts), record.others)));
             } else {
                 survivor_events.push((message, (record.to_hot(ts), record.others)));
@@ -850,10 +841,9 @@ impl Engine {
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
             let message: Message = message_of(&self.store, &value)?;
-            bodies.extend(Location::decode(&value));
+            bodies.push(entry_of(&value)?.location);
             batch.remove(&self.store.msgids, message.message_id.as_bytes());
             removed_hashes.push(message_hash(&message.message_id));
-            batch.remove(&self.store.hot, key.clone());
             batch.remove(&self.store.events, key);
         }
         for ident in &record.identifiers {
@@ -1001,11 +991,10 @@ fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(Hot
         .into_par_iter()
         .map(|(start, end)| {
             let (mut timelines, mut hashes): ScannedRange = (Vec::new(), Vec::new());
-            for entry in store.hot.range(profile_key(start)..profile_key(end)) {
+            for entry in store.events.range(profile_key(start)..profile_key(end)) {
                 let (key, value) = entry.into_inner()?;
-                let (profile, ts, _) = key_of("hot", &key)?;
-                let record =
-                    HotRecord::decode(&value).ok_or_else(|| corrupt("hot", "bad record"))?;
+                let (profile, ts, _) = key_of("events", &key)?;
+                let record = entry_of(&value)?.record;
                 hashes.push(record.message_hash);
                 let row = (record.to_hot(ts), record.others);
                 match timelines.last_mut() {
@@ -1038,10 +1027,14 @@ pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u6
     decode_event_key(key).ok_or_else(|| corrupt(keyspace, "bad key"))
 }
 
-/// The stored message an `events` index entry points at.
+/// An `events` entry.
+pub(crate) fn entry_of(value: &[u8]) -> Result<EventEntry> {
+    EventEntry::decode(value).ok_or_else(|| corrupt("events", "bad entry"))
+}
+
+/// The stored message an `events` entry points at.
 pub(crate) fn message_of(store: &Store, value: &[u8]) -> Result<Message> {
-    let location = Location::decode(value).ok_or_else(|| corrupt("events", "bad location"))?;
-    let body = store.log.read(location)?;
+    let body = store.log.read(entry_of(value)?.location)?;
     crate::codec::decode(&body).map_err(|e| corrupt("events", e))
 }
 
@@ -1110,26 +1103,37 @@ fn check_schema(store: &Store) -> Result<()> {
 }
 
 /// Layout 2 to 3: every JSON body in `events` goes to the event log, and its entry becomes the
-/// body's location. Done in chunks, each committed with the log's new end after the log is
-/// synced, so an interrupted migration goes on where it stopped at the next open (an entry
-/// that is already a location is not JSON, which starts with `{`).
+/// body's location followed by its hot row (read from the old `hot` keyspace, deleted at the
+/// end). Done in chunks, each committed with the log's new end after the log is synced, so an
+/// interrupted migration goes on where it stopped at the next open (an entry already moved
+/// does not start with `{`, as JSON does).
 fn move_bodies_to_log(store: &Store) -> Result<()> {
     const CHUNK: usize = 16_384;
+    if !store.db.keyspace_exists("hot") {
+        // A new store, or one whose migration finished.
+        return Ok(());
+    }
+    let hot = store
+        .db
+        .keyspace("hot", fjall::KeyspaceCreateOptions::default)?;
     let started = std::time::Instant::now();
     let mut moved = 0u64;
-    let mut chunk: Vec<(fjall::Slice, Vec<u8>)> = Vec::with_capacity(CHUNK);
-    let flush = |chunk: &mut Vec<(fjall::Slice, Vec<u8>)>| -> Result<()> {
+    type Chunk = Vec<(fjall::Slice, Vec<u8>, crate::store::HotRecord)>;
+    let mut chunk: Chunk = Vec::with_capacity(CHUNK);
+    let flush = |chunk: &mut Chunk| -> Result<()> {
         if chunk.is_empty() {
             return Ok(());
         }
-        let (locations, head) = store.log.append(chunk.iter().map(|(_, b)| b.as_slice()))?;
+        let (locations, head) = store
+            .log
+            .append(chunk.iter().map(|(_, b, _)| b.as_slice()))?;
         store.log.sync()?;
         let mut batch = store
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
-        for ((key, _), location) in chunk.drain(..).zip(locations) {
-            batch.insert(&store.events, key, location.encode());
+        for ((key, _, record), location) in chunk.drain(..).zip(locations) {
+            batch.insert(&store.events, key, EventEntry { location, record }.encode());
         }
         batch.insert(&store.meta, crate::eventlog::HEAD_KEY, head.encode());
         batch.commit()?;
@@ -1141,13 +1145,18 @@ fn move_bodies_to_log(store: &Store) -> Result<()> {
             continue;
         }
         let message: Message = serde_json::from_slice(&value).map_err(|e| corrupt("events", e))?;
-        chunk.push((key, crate::codec::encode(&message)));
+        let record = hot
+            .get(&key)?
+            .and_then(|v| crate::store::HotRecord::decode(&v))
+            .ok_or_else(|| corrupt("hot", "an event without its hot row"))?;
+        chunk.push((key, crate::codec::encode(&message), record));
         moved += 1;
         if chunk.len() >= CHUNK {
             flush(&mut chunk)?;
         }
     }
     flush(&mut chunk)?;
+    store.db.delete_keyspace(hot)?;
     if moved > 0 {
         tracing::info!(
             events = moved,

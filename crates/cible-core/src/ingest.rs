@@ -21,7 +21,7 @@ use crate::message::{
 };
 use crate::quality::{self, Reason, flags};
 use crate::records::{BatchOutcome, MergeRecord, ProfileRecord, QuarantineNote, QuarantineRecord};
-use crate::store::{HotRecord, Store, event_key, profile_key};
+use crate::store::{EventEntry, HotRecord, Store, event_key, profile_key};
 
 /// When a batch counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,13 +546,6 @@ impl<'a> Tx<'a> {
                 self.batch.remove(&self.store.events, key.clone());
                 self.batch.insert(&self.store.events, new_key, value);
             }
-            for entry in self.store.hot.prefix(profile_key(from)) {
-                let (key, value) = entry.into_inner()?;
-                let (_, ts, seq) = key_of("hot", &key)?;
-                self.batch.remove(&self.store.hot, key.clone());
-                self.batch
-                    .insert(&self.store.hot, event_key(survivor, ts, seq), value);
-            }
         }
         // Bodies go to the event log once; the index entries point at them.
         let (locations, head) = self
@@ -567,10 +560,11 @@ impl<'a> Tx<'a> {
             event.profile = self.state.find(event.profile);
             event.body = Vec::new();
             let key = event_key(event.profile, event.ts, event.seq);
-            self.batch
-                .insert(&self.store.events, key, location.encode());
-            self.batch
-                .insert(&self.store.hot, key, event.record.encode());
+            let entry = EventEntry {
+                location,
+                record: event.record,
+            };
+            self.batch.insert(&self.store.events, key, entry.encode());
             self.batch
                 .insert(&self.store.msgids, event.message_id.as_bytes(), []);
         }

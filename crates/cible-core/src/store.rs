@@ -4,8 +4,7 @@
 //!
 //! | keyspace     | key                                   | value                               |
 //! |--------------|---------------------------------------|-------------------------------------|
-//! | `events`     | profile u32 · time i64 · seq u64 (BE) | [`crate::eventlog::Location`] of the body (12 bytes) |
-//! | `hot`        | same key as `events`                  | [`HotRecord`], 20 bytes + 5 per other key |
+//! | `events`     | profile u32 · time i64 · seq u64 (BE) | [`EventEntry`]: the body's [`crate::eventlog::Location`] (12 bytes) and the [`HotRecord`] (20 bytes + 5 per other key) |
 //! | `msgids`     | messageId                             | empty (dedup across restarts)       |
 //! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
 //! | `profiles`   | profile u32                           | [`crate::records::ProfileRecord`]    |
@@ -33,7 +32,7 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use crate::eventlog::{EventLog, Position};
+use crate::eventlog::{EventLog, Location, Position};
 
 use crate::hot::{HotEvent, OtherKeys};
 
@@ -74,7 +73,7 @@ macro_rules! keyspaces {
             pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),+];
 
             fn open_keyspaces(db: Database, log_dir: &Path) -> Result<Self, StoreError> {
-                $(let $name = db.keyspace(stringify!($name), KeyspaceCreateOptions::default)?;)+
+                $(let $name = db.keyspace(stringify!($name), keyspace_options)?;)+
                 let head = match db
                     .keyspace("meta", KeyspaceCreateOptions::default)?
                     .get(crate::eventlog::HEAD_KEY)?
@@ -99,7 +98,6 @@ macro_rules! keyspaces {
 
 keyspaces!(
     events,
-    hot,
     msgids,
     idents,
     profiles,
@@ -119,14 +117,14 @@ keyspaces!(
 /// The `meta` key holding the store's layout version.
 pub const SCHEMA_KEY: &str = "schema_version";
 /// The layout this build writes: 2 added the change feed (`changes`); 3 moved event bodies
-/// out of fjall into the event log (`events` holds their locations).
+/// out of fjall into the event log, and `events` holds their locations with the hot rows (the
+/// `hot` keyspace is gone).
 pub const SCHEMA_VERSION: u32 = 3;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
-pub const PER_PROFILE: [(&str, &str); 8] = [
-    ("events", "profile prefix"),
-    ("hot", "profile prefix"),
+pub const PER_PROFILE: [(&str, &str); 7] = [
+    ("events", "profile prefix (the bodies are in the event log)"),
     ("msgids", "the messageIds of the profile's events"),
     ("idents", "the profile's identifiers"),
     ("profiles", "profile ordinal"),
@@ -150,6 +148,15 @@ pub const GLOBAL: [&str; 8] = [
     "members",
     "segment_log",
 ];
+
+/// Options of a keyspace created by this build (an existing keyspace keeps the options it was
+/// created with): LZ4 on every level's data blocks (fjall's default leaves the first two
+/// levels uncompressed, where most of a young store's bytes are).
+fn keyspace_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().data_block_compression_policy(
+        fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
+    )
+}
 
 impl Store {
     /// Opens (or creates) the store under `dir`.
@@ -214,6 +221,28 @@ pub fn decode_event_key(key: &[u8]) -> Option<(u32, i64, u64)> {
     let ts = (u64::from_be_bytes(key[4..12].try_into().ok()?) ^ (1 << 63)) as i64;
     let seq = u64::from_be_bytes(key[12..].try_into().ok()?);
     Some((profile, ts, seq))
+}
+
+/// An `events` entry: where the event's body is in the event log, then its hot row.
+#[derive(Debug, Clone)]
+pub struct EventEntry {
+    pub location: Location,
+    pub record: HotRecord,
+}
+
+impl EventEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.location.encode().to_vec();
+        out.extend(self.record.encode());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(Self {
+            location: Location::decode(bytes.get(..Location::ENCODED_LEN)?)?,
+            record: HotRecord::decode(&bytes[Location::ENCODED_LEN..])?,
+        })
+    }
 }
 
 /// What the `hot` keyspace holds per event: the hot-store fields, the message-id hash, and

@@ -396,9 +396,15 @@ fn a_layout_2_store_moves_its_bodies_into_the_event_log() {
         let before = engine.timeline(profile, None, 0, 10).unwrap();
         // Rewrite the store as layout 2 wrote it.
         let store = &engine.store;
+        let hot = store
+            .db
+            .keyspace("hot", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
         for entry in store.events.iter() {
             let (key, value) = entry.into_inner().unwrap();
             let message = message_of(store, &value).unwrap();
+            hot.insert(key.clone(), entry_of(&value).unwrap().record.encode())
+                .unwrap();
             store.events.insert(key, to_json(&message)).unwrap();
         }
         store.meta.remove(crate::eventlog::HEAD_KEY).unwrap();
@@ -436,8 +442,12 @@ fn a_layout_2_store_moves_its_bodies_into_the_event_log() {
         );
         for entry in engine.store.events.iter() {
             let (_, value) = entry.into_inner().unwrap();
-            assert_eq!(value.len(), Location::ENCODED_LEN);
+            assert!(EventEntry::decode(&value).is_some());
         }
+        assert!(
+            !engine.store.db.keyspace_exists("hot"),
+            "the old keyspace is gone"
+        );
         let outcome = ingest(&engine, &messages);
         assert_eq!((outcome.accepted, outcome.duplicates), (0, 3));
     }
