@@ -75,6 +75,10 @@ pub(crate) struct State {
     pub(crate) profiles: Vec<ProfileMeta>,
     /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
     pub(crate) seen: SeenSet,
+    /// A bulk import's index entries not yet written.
+    pub(crate) bulk: crate::ingest::Bulk,
+    /// Buffers of the last batch, for the next one.
+    pub(crate) scratch: crate::ingest::Scratch,
     pub(crate) names: Dict,
     pub(crate) keys: Dict,
 }
@@ -185,6 +189,7 @@ impl Engine {
             };
         let store = Store::open(dir)?;
         check_schema(&store)?;
+        recover_bulk(&store)?;
         let counters: Counters = match store.meta.get(COUNTERS_KEY)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?,
             None => Counters::default(),
@@ -194,6 +199,8 @@ impl Engine {
             counters,
             idents: FxHashMap::default(),
             seen: SeenSet::default(),
+            bulk: Default::default(),
+            scratch: Default::default(),
             names: Dict::default(),
             keys: Dict::default(),
         };
@@ -459,7 +466,10 @@ impl Engine {
     /// After a bulk load or before a clean stop: tables written (fast next start) and the hot
     /// store's spare capacity released.
     pub fn checkpoint(&self) -> Result<()> {
-        let _writer = self.state.lock();
+        let mut state = self.state.lock();
+        if !state.bulk.is_empty() {
+            self.flush_bulk(&mut state)?;
+        }
         self.store.checkpoint()?;
         self.hot.write().shrink_to_fit();
         Ok(())
@@ -953,8 +963,19 @@ impl Drop for Engine {
     /// Leaves no journal to replay: what is still only in memtables is written out to tables, so
     /// the next open (a CLI command after another) does not replay it.
     fn drop(&mut self) {
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut state = self.state.lock();
+            if !state.bulk.is_empty()
+                && let Err(error) = self.flush_bulk(&mut state)
+            {
+                tracing::warn!(error = %error, "writing an import's last entries on close failed; the next open drops its last events");
+                return;
+            }
+        }
         if self.store.db.write_buffer_size() > 0
-            && !self.poisoned.load(Ordering::Acquire)
             && let Err(error) = self.store.checkpoint()
         {
             tracing::warn!(error = %error, "checkpoint on close failed; the next open replays the journal");
@@ -1099,6 +1120,48 @@ fn check_schema(store: &Store) -> Result<()> {
             .meta
             .insert(SCHEMA_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
     }
+    Ok(())
+}
+
+/// Finishes or undoes a bulk import cut short (see [`crate::ingest::Bulk`]).
+fn recover_bulk(store: &Store) -> Result<()> {
+    let Some(marker) = store.meta.get(crate::ingest::BULK_KEY)? else {
+        return Ok(());
+    };
+    let from = crate::eventlog::Position::decode(marker.get(..12).unwrap_or_default())
+        .ok_or_else(|| corrupt("meta", "bulk marker"))?;
+    let probe = &marker[12..];
+    let written = !probe.is_empty() && store.events.contains_key(probe)?;
+    let records = store.log.records_between(from, store.log.head())?;
+    let mut batch = store
+        .db
+        .batch()
+        .durability(Some(fjall::PersistMode::SyncAll));
+    for (_, body) in &records {
+        // A body already zeroed by an earlier attempt had its messageId forgotten then.
+        let Some(body) = body else { continue };
+        let message = crate::codec::decode(body).map_err(|e| corrupt("event log", e))?;
+        if written {
+            batch.insert(&store.msgids, message.message_id.as_bytes(), []);
+        } else {
+            batch.remove(&store.msgids, message.message_id.as_bytes());
+        }
+    }
+    batch.commit()?;
+    if !written {
+        for (location, _) in &records {
+            store.log.erase(*location)?;
+        }
+        store.log.sync()?;
+    }
+    store.meta.remove(crate::ingest::BULK_KEY)?;
+    store.db.persist(fjall::PersistMode::SyncAll)?;
+    // Kept: the tables were written; otherwise the events are dropped: import the file again.
+    tracing::warn!(
+        events = records.len(),
+        kept = written,
+        "an import cut short was recovered"
+    );
     Ok(())
 }
 

@@ -86,6 +86,9 @@ impl Position {
     }
 }
 
+/// A record found by a scan: where it is, and its body unless it fails its checksum.
+pub type Record = (Location, Option<Vec<u8>>);
+
 struct Inner {
     /// Open segments by id (readers clone a handle and read without the lock).
     files: Vec<Option<Arc<File>>>,
@@ -93,6 +96,8 @@ struct Inner {
     /// Segments written since the last sync, and whether a segment was created since.
     unsynced: Vec<u32>,
     created: bool,
+    /// Records being appended (kept between appends for its capacity).
+    buffer: Vec<u8>,
 }
 
 /// The open event log (see the module documentation).
@@ -188,6 +193,7 @@ impl EventLog {
                     head,
                     unsynced: Vec::new(),
                     created: cut,
+                    buffer: Vec::new(),
                 },
             ),
         };
@@ -236,7 +242,8 @@ impl EventLog {
     ) -> Result<(Vec<Location>, Position), StoreError> {
         let mut inner = self.inner.lock();
         let mut locations = Vec::new();
-        let mut buffer: Vec<u8> = Vec::new();
+        let mut buffer = std::mem::take(&mut inner.buffer);
+        buffer.clear();
         let mut start = inner.head;
         for body in bodies {
             let len = u32::try_from(body.len())
@@ -265,6 +272,7 @@ impl EventLog {
             buffer.extend_from_slice(body);
         }
         self.write_at(&mut inner, start, &buffer)?;
+        inner.buffer = buffer;
         Ok((locations, inner.head))
     }
 
@@ -350,6 +358,48 @@ impl EventLog {
             inner.unsynced.push(location.segment);
         }
         Ok(())
+    }
+
+    /// Every record from `from` to `to`, in order: its location and its body, or `None` when
+    /// the body does not match its checksum (an erased record).
+    pub fn records_between(&self, from: Position, to: Position) -> Result<Vec<Record>, StoreError> {
+        let mut records = Vec::new();
+        for segment in from.segment..=to.segment {
+            let Some(file) = self.inner.lock().file(segment) else {
+                continue;
+            };
+            let path = segment_path(&self.dir, segment);
+            let mut at = if segment == from.segment {
+                from.offset
+            } else {
+                0
+            };
+            let end = if segment == to.segment {
+                to.offset
+            } else {
+                file.metadata().map_err(|e| io(&path, e))?.len()
+            };
+            while at + HEADER as u64 <= end {
+                let mut header = [0u8; HEADER];
+                file.read_exact_at(&mut header, at)
+                    .map_err(|e| io(&path, e))?;
+                let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+                if at + (HEADER as u64) + u64::from(len) > end {
+                    return Err(corrupt(format!(
+                        "{} at {at}: a record runs past the end",
+                        path.display()
+                    )));
+                }
+                let location = Location {
+                    segment,
+                    offset: at as u32,
+                    len,
+                };
+                records.push((location, self.read(location).ok()));
+                at += HEADER as u64 + u64::from(len);
+            }
+        }
+        Ok(records)
     }
 
     /// The end of what was appended.

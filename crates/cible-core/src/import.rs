@@ -143,6 +143,7 @@ pub fn import_files(
             summary.files.push(file);
         }
     }
+    engine.finish_bulk()?;
     engine.drain_segments()?;
     engine.checkpoint()?;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -247,7 +248,7 @@ fn import_file(
             }
         };
         let n = items.len() as u64;
-        let outcome = engine.ingest(items, "import", Durability::Buffered, now)?;
+        let outcome = engine.ingest(items, "import", Durability::Bulk, now)?;
         record(summary, &mut file, n, &outcome);
         progress.messages.fetch_add(n, Ordering::Relaxed);
     }

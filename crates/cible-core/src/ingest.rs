@@ -28,9 +28,11 @@ use crate::store::{EventEntry, HotRecord, Store, event_key, profile_key};
 pub enum Durability {
     /// Synced to disk (fsync) before `ingest` returns: what an acknowledgement promises.
     Sync,
-    /// Handed to the OS; survives a process crash but not a power loss. Bulk import uses it and
-    /// syncs at the end.
+    /// Handed to the OS; survives a process crash but not a power loss; synced at the end.
     Buffered,
+    /// [`Durability::Buffered`], and the events' entries and messageIds are written as sorted
+    /// tables after the batch commits, around fjall's journal and memtables (bulk import).
+    Bulk,
 }
 
 /// A message offered to [`Engine::ingest`].
@@ -173,6 +175,58 @@ struct Tx<'a> {
     /// `not did(...)` holds for people with no events of its names).
     created: Vec<u32>,
     outcome: BatchOutcome,
+    /// Bulk mode (imports): new events' entries and messageIds wait in [`Bulk`] instead of
+    /// going through the batch.
+    bulk: bool,
+}
+
+/// Bulk import's index entries, written around fjall's journal and memtables as large sorted
+/// tables ([`Engine::flush_bulk`]) instead of one journal item each.
+///
+/// **Crash safety.** The bodies and everything else of a bulk batch (profiles, identities,
+/// counters, the log's end) commit as usual; only their `events` and `msgids` entries wait here,
+/// in memory. The first bulk batch after a flush commits [`BULK_KEY`] with the log position
+/// where the waiting bodies start. Before the tables are written the key gets the first entry's
+/// key too; it is removed once both are written. At open, a key left by a crash means the
+/// bodies past that position were never acknowledged (an import acknowledges at its end): if
+/// the probe entry is in `events` the tables were written and only the messageIds are redone;
+/// otherwise the bodies are zeroed and their messageIds forgotten, so that importing the file
+/// again adds them once. Only `cible import` writes bulk batches, holding the store alone, and
+/// any other batch flushes the waiting entries first: the range holds bulk bodies only.
+#[derive(Default)]
+pub(crate) struct Bulk {
+    /// (profile as resolved when written, time, seq, `events` value).
+    events: Vec<(u32, i64, u64, Vec<u8>)>,
+    msgids: FxHashSet<String>,
+    /// Where the waiting bodies start in the log.
+    from: Option<crate::eventlog::Position>,
+}
+
+/// A batch's buffers, kept between batches for their capacity: allocated afresh for every
+/// batch, they faulted in new pages for a quarter of an import's writer time.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pending: Vec<PendingEvent>,
+    batch_ids: FxHashSet<String>,
+}
+
+/// The meta key of a bulk import's entries not yet written (see [`Bulk`]).
+pub const BULK_KEY: &str = "bulk_pending";
+
+/// Waiting bulk entries beyond this are written out.
+const BULK_EVENTS: usize = 2 << 20;
+
+impl Bulk {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.from.is_none()
+    }
+}
+
+/// [`BULK_KEY`]'s value: the log position, and the probe entry's key once tables are written.
+pub(crate) fn bulk_marker(from: crate::eventlog::Position, probe: Option<&[u8]>) -> Vec<u8> {
+    let mut out = from.encode().to_vec();
+    out.extend_from_slice(probe.unwrap_or_default());
+    out
 }
 
 impl<'a> Tx<'a> {
@@ -183,6 +237,7 @@ impl<'a> Tx<'a> {
         source: &'a str,
         now: i64,
     ) -> Self {
+        let Scratch { pending, batch_ids } = std::mem::take(&mut state.scratch);
         Self {
             store,
             state,
@@ -191,13 +246,14 @@ impl<'a> Tx<'a> {
             now,
             batch: store.db.batch(),
             dirty: FxHashMap::default(),
-            pending: Vec::new(),
-            batch_ids: FxHashSet::default(),
+            pending,
+            batch_ids,
             batch_quarantine: FxHashSet::default(),
             batch_times: FxHashMap::default(),
             hot_merges: Vec::new(),
             created: Vec::new(),
             outcome: BatchOutcome::default(),
+            bulk: false,
         }
     }
 
@@ -297,7 +353,8 @@ impl<'a> Tx<'a> {
             return Ok(true);
         }
         let seen = self.state.seen.contains(message_hash(message_id))
-            && self.store.msgids.contains_key(message_id.as_bytes())?;
+            && (self.state.bulk.msgids.contains(message_id)
+                || self.store.msgids.contains_key(message_id.as_bytes())?);
         Ok(seen)
     }
 
@@ -548,6 +605,17 @@ impl<'a> Tx<'a> {
             }
         }
         // Bodies go to the event log once; the index entries point at them.
+        if self.bulk && self.state.bulk.from.is_none() && !self.pending.is_empty() {
+            let from = self.store.log.head();
+            let bulk = &mut self.state.bulk;
+            bulk.from = Some(from);
+            // Sized once per import: growing these by doubling faulted in fresh pages for a
+            // fifth of the writer's time.
+            bulk.events.reserve(BULK_EVENTS);
+            bulk.msgids.reserve(BULK_EVENTS);
+            self.batch
+                .insert(&self.store.meta, BULK_KEY, bulk_marker(from, None));
+        }
         let (locations, head) = self
             .store
             .log
@@ -564,9 +632,16 @@ impl<'a> Tx<'a> {
                 location,
                 record: event.record,
             };
-            self.batch.insert(&self.store.events, key, entry.encode());
-            self.batch
-                .insert(&self.store.msgids, event.message_id.as_bytes(), []);
+            if self.bulk {
+                let bulk = &mut self.state.bulk;
+                bulk.events
+                    .push((event.profile, event.ts, event.seq, entry.encode()));
+                bulk.msgids.insert(std::mem::take(&mut event.message_id));
+            } else {
+                self.batch.insert(&self.store.events, key, entry.encode());
+                self.batch
+                    .insert(&self.store.msgids, event.message_id.as_bytes(), []);
+            }
         }
         for (profile, record) in &self.dirty {
             self.batch
@@ -606,10 +681,14 @@ impl Engine {
     ) -> Result<Vec<BatchOutcome>> {
         self.check_poisoned()?;
         let mut state = self.state.lock();
+        if durability != Durability::Bulk && !state.bulk.is_empty() {
+            self.flush_bulk(&mut state)?;
+        }
         let hot = self.hot.read();
         // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
         let prepared = (|| -> Result<_> {
             let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
+            tx.bulk = durability == Durability::Bulk;
             let mut outcomes = Vec::with_capacity(groups.len());
             for items in groups {
                 for (index, item) in items.into_iter().enumerate() {
@@ -620,18 +699,24 @@ impl Engine {
             let Tx {
                 batch,
                 pending,
+                mut batch_ids,
                 hot_merges,
                 created,
                 dirty,
                 ..
             } = tx.finish()?;
+            batch_ids.clear();
+            state.scratch.batch_ids = batch_ids;
             let batch = batch.durability(Some(match durability {
                 Durability::Sync => fjall::PersistMode::SyncAll,
-                Durability::Buffered => fjall::PersistMode::Buffer,
+                Durability::Buffered | Durability::Bulk => fjall::PersistMode::Buffer,
             }));
             // The bodies the batch points at are durable before it commits.
             self.store.log.sync()?;
             batch.commit()?;
+            if state.bulk.events.len() >= BULK_EVENTS {
+                self.flush_bulk(&mut state)?;
+            }
             Ok((outcomes, pending, hot_merges, created, dirty))
         })();
         let (outcomes, pending, hot_merges, created, dirty) = prepared.inspect_err(|_| {
@@ -654,7 +739,8 @@ impl Engine {
             touched.all.insert(from);
             touched.all.insert(state.find(into));
         }
-        for event in pending {
+        let mut pending = pending;
+        for event in pending.drain(..) {
             let profile = state.find(event.profile);
             hot.insert(profile, event.record.to_hot(event.ts), &event.record.others);
             if event.record.name != NO_NAME {
@@ -669,6 +755,7 @@ impl Engine {
             }
         }
         drop(hot);
+        state.scratch.pending = pending;
         drop(state);
         for outcome in &outcomes {
             self.metrics
@@ -691,6 +778,53 @@ impl Engine {
         };
         self.hand_off(touched, cause, now)?;
         Ok(outcomes)
+    }
+
+    /// Writes the bulk entries waiting (see [`Bulk`]) as sorted tables; the caller holds the
+    /// writer lock. Called when they grow large, before any other batch, at the end of an
+    /// import and on close.
+    pub(crate) fn flush_bulk(&self, state: &mut State) -> Result<()> {
+        let Some(from) = state.bulk.from.take() else {
+            return Ok(());
+        };
+        let outcome = (|| -> Result<()> {
+            // Under the profile each event lives in now (merges since it was written), in key
+            // order: (profile, time, seq) sorts as `event_key`'s bytes do. Drained, not taken:
+            // the buffers keep their capacity for the next round.
+            let mut events = std::mem::take(&mut state.bulk.events);
+            for event in &mut events {
+                event.0 = state.find(event.0);
+            }
+            events.sort_unstable_by_key(|(profile, ts, seq, _)| (*profile, *ts, *seq));
+            if let Some((profile, ts, seq, _)) = events.first() {
+                let marker = bulk_marker(from, Some(&event_key(*profile, *ts, *seq)));
+                self.store.meta.insert(BULK_KEY, marker)?;
+                self.store.db.persist(fjall::PersistMode::SyncAll)?;
+            }
+            let mut ingestion = self.store.events.start_ingestion()?;
+            for (profile, ts, seq, value) in events.drain(..) {
+                ingestion.write(event_key(profile, ts, seq).to_vec(), value)?;
+            }
+            ingestion.finish()?;
+            state.bulk.events = events;
+            let mut msgids: Vec<String> = state.bulk.msgids.drain().collect();
+            msgids.sort_unstable();
+            let mut ingestion = self.store.msgids.start_ingestion()?;
+            for id in msgids {
+                ingestion.write(id.into_bytes(), Vec::new())?;
+            }
+            ingestion.finish()?;
+            self.store.meta.remove(BULK_KEY)?;
+            self.store.db.persist(fjall::PersistMode::SyncAll)?;
+            Ok(())
+        })();
+        outcome.inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+    }
+
+    /// Writes out a bulk import's waiting entries (the end of an import).
+    pub fn finish_bulk(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        self.flush_bulk(&mut state)
     }
 
     /// Re-offers quarantined messages (all, or those of one reason) under today's rules: a

@@ -198,3 +198,52 @@ fn the_change_feed_survives_sigkill_with_every_change_once() {
     }
     server.stop();
 }
+
+/// `cible import` killed at different points, then run again: the store ends with every
+/// message of the file once, as a clean import does.
+#[test]
+fn an_import_killed_midway_and_run_again_holds_every_message_once() {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    run_ok(cible(&work.path().join("unused")).args([
+        "generate",
+        "--profiles",
+        "2000",
+        "--days",
+        "30",
+        "--out",
+        file.to_str().unwrap(),
+    ]));
+    let ids = |data: &std::path::Path| -> Vec<String> {
+        let mut ids: Vec<String> = export_events(data)
+            .iter()
+            .map(|e| e["messageId"].as_str().expect("messageId").to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let clean = work.path().join("clean");
+    run_ok(cible(&clean).arg("import").arg(&file));
+    let expected = ids(&clean);
+    assert!(expected.len() > 40_000, "{} events", expected.len());
+    for delay_ms in [300, 1500] {
+        let data = work.path().join(format!("killed-{delay_ms}"));
+        let mut child = cible(&data)
+            .arg("import")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        run_ok(cible(&data).arg("import").arg(&file));
+        let found = ids(&data);
+        assert_eq!(found.len(), expected.len(), "killed after {delay_ms} ms");
+        assert!(
+            found == expected,
+            "killed after {delay_ms} ms: other messages"
+        );
+    }
+}
