@@ -41,8 +41,10 @@ pub struct BenchArgs {
     /// What to measure: collect (import, HTTP, memory, restart), segments (batch rebuild
     /// against an SQL engine, event-to-membership latency), traits (recomputing computed
     /// traits against DuckDB, incremental cost), models (k-means, DBSCAN, logistic regression
-    /// and boosted trees against scikit-learn and LightGBM) or spine (acks with and without admin
-    /// work, event to change on the feed's stream, CLI latency alone and beside a server).
+    /// and boosted trees against scikit-learn and LightGBM), spine (acks with and without admin
+    /// work, event to change on the feed's stream, CLI latency alone and beside a server) or
+    /// storage (`cible import` beside DuckDB loading the same file: speed, bytes written, size
+    /// on disk; commands after the import; restart).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -68,6 +70,7 @@ pub enum Suite {
     Traits,
     Models,
     Spine,
+    Storage,
 }
 
 pub(crate) struct Row {
@@ -90,6 +93,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Spine {
         return crate::bench_spine::run(global, &args);
+    }
+    if args.suite == Suite::Storage {
+        return crate::bench_storage::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;

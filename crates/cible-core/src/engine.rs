@@ -1114,6 +1114,7 @@ fn check_schema(store: &Store) -> Result<()> {
     }
     if found < 3 {
         move_bodies_to_log(store)?;
+        members_to_entries(store)?;
     }
     if found < SCHEMA_VERSION {
         store
@@ -1162,6 +1163,37 @@ fn recover_bulk(store: &Store) -> Result<()> {
         kept = written,
         "an import cut short was recovered"
     );
+    Ok(())
+}
+
+/// Layout 2 to 3, memberships: a store of layout 2 kept each segment's members as a bitmap in
+/// a `members` keyspace, beside one `entries` key per member; layout 3 keeps the entries only.
+/// A member missing its entry gets one (entered at 0: unknown), then the keyspace is deleted.
+fn members_to_entries(store: &Store) -> Result<()> {
+    if !store.db.keyspace_exists("members") {
+        return Ok(());
+    }
+    let members = store
+        .db
+        .keyspace("members", fjall::KeyspaceCreateOptions::default)?;
+    let mut batch = store
+        .db
+        .batch()
+        .durability(Some(fjall::PersistMode::SyncAll));
+    for entry in members.iter() {
+        let (name, bytes) = entry.into_inner()?;
+        let name = std::str::from_utf8(&name).map_err(|e| corrupt("members", e))?;
+        let bitmap = roaring::RoaringBitmap::deserialize_from(bytes.as_ref())
+            .map_err(|e| corrupt("members", e))?;
+        for profile in bitmap {
+            let key = crate::store::entry_key(name, profile);
+            if !store.entries.contains_key(&key)? {
+                batch.insert(&store.entries, key, 0i64.to_be_bytes());
+            }
+        }
+    }
+    batch.commit()?;
+    store.db.delete_keyspace(members)?;
     Ok(())
 }
 

@@ -409,6 +409,16 @@ fn a_layout_2_store_moves_its_bodies_into_the_event_log() {
         }
         store.meta.remove(crate::eventlog::HEAD_KEY).unwrap();
         store.meta.insert(crate::store::SCHEMA_KEY, "2").unwrap();
+        // Layout 2 kept memberships as bitmaps too; this one lost its entry.
+        let members = store
+            .db
+            .keyspace("members", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let mut bitmap = roaring::RoaringBitmap::new();
+        bitmap.insert(profile);
+        let mut bytes = Vec::new();
+        bitmap.serialize_into(&mut bytes).unwrap();
+        members.insert("vip", bytes).unwrap();
         engine.checkpoint().unwrap();
         (
             before.into_iter().map(|e| e.message).collect::<Vec<_>>(),
@@ -448,6 +458,8 @@ fn a_layout_2_store_moves_its_bodies_into_the_event_log() {
             !engine.store.db.keyspace_exists("hot"),
             "the old keyspace is gone"
         );
+        assert!(!engine.store.db.keyspace_exists("members"));
+        assert!(engine.members("vip").unwrap().contains(profile));
         let outcome = ingest(&engine, &messages);
         assert_eq!((outcome.accepted, outcome.duplicates), (0, 3));
     }

@@ -566,12 +566,6 @@ impl Engine {
         }
         for index in dirty.drain() {
             let segment = &mut state.segments[index];
-            let mut bytes = Vec::with_capacity(segment.members.serialized_size());
-            segment
-                .members
-                .serialize_into(&mut bytes)
-                .map_err(|e| crate::error::corrupt("members", e))?;
-            batch.insert(&self.store.members, segment.record.name.as_bytes(), bytes);
             segment.record.size = segment.members.len();
             batch.insert(
                 &self.store.segments,

@@ -261,13 +261,21 @@ impl Engine {
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
-    /// The stored membership of a segment.
+    /// The stored membership of a segment: its `entries`, one per member (each change writes
+    /// its own entry; no commit rewrites a whole membership).
     pub fn members(&self, name: &str) -> Result<RoaringBitmap> {
-        match self.store.members.get(name.as_bytes())? {
-            Some(bytes) => RoaringBitmap::deserialize_from(bytes.as_ref())
-                .map_err(|e| crate::error::corrupt("members", e)),
-            None => Ok(RoaringBitmap::new()),
+        let prefix = crate::store::segment_prefix(name);
+        let mut members = Vec::new();
+        for entry in self.store.entries.prefix(&prefix) {
+            let key = entry.key()?;
+            let profile = key
+                .get(prefix.len()..)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .ok_or_else(|| crate::error::corrupt("entries", "bad key"))?;
+            members.push(u32::from_be_bytes(profile));
         }
+        // Keys are in profile order.
+        RoaringBitmap::from_sorted_iter(members).map_err(|e| crate::error::corrupt("entries", e))
     }
 
     /// Every enter and exit of a segment, oldest first.
@@ -441,7 +449,6 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         batch.remove(&self.store.segments, name.as_bytes());
-        batch.remove(&self.store.members, name.as_bytes());
         let prefix = crate::store::segment_prefix(name);
         for entry in self.store.segment_log.prefix(&prefix) {
             batch.remove(&self.store.segment_log, entry.key()?);
