@@ -237,7 +237,17 @@ fn event_to_change(
         }
     });
     let achieved = (n_batches * batch_size) as f64 / started.elapsed().as_secs_f64();
-    eprintln!("paced load: {achieved:.0} events/s over {n_batches} batches");
+    let head_after = ureq::get(&format!("{base}/api/changes?limit=1"))
+        .set("Authorization", &bearer)
+        .call()?
+        .into_json::<Value>()?["head"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "paced load: {achieved:.0} events/s over {n_batches} batches; {} changes written meanwhile ({:.0}/s)",
+        head_after - head,
+        (head_after - head) as f64 / started.elapsed().as_secs_f64()
+    );
     // Let the last changes arrive.
     let waited = Instant::now();
     while arrivals.lock().len() < sent.lock().len() && waited.elapsed() < Duration::from_secs(10) {

@@ -990,7 +990,7 @@ type ScannedRange = (
 );
 
 /// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
-/// hashes from the `hot` keyspace, scanning ranges of profiles in parallel (timelines of
+/// hashes from the hot rows of the `events` entries, scanning ranges of profiles in parallel (timelines of
 /// different profiles are disjoint).
 fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(HotStore, Vec<u64>)> {
     let n_parts = (rayon::current_num_threads() * 4).max(1) as u32;

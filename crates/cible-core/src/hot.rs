@@ -1,7 +1,7 @@
 //! The hot store: every event of every profile in a compact in-memory columnar form, sorted by
 //! time, which is what segment evaluation and scores read. 16 bytes an event.
 //!
-//! It is derived state: rebuilt at start from the durable store's `hot` keyspace (see
+//! It is derived state: rebuilt at start from the hot rows of the durable store's `events` (see
 //! [`crate::store`]), updated after each committed batch, never written to directly by callers.
 
 /// Sentinel for "no dictionary id" in [`HotEvent::key`] and [`HotEvent::name`].
