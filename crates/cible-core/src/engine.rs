@@ -983,11 +983,17 @@ impl Drop for Engine {
     }
 }
 
+/// The rows of a range of profiles, in key order, and where each profile's rows end.
+#[derive(Default)]
+struct Scanned {
+    rows: Vec<crate::hot::HotEvent>,
+    /// The other keys of the rows that have some (most have none), by row index.
+    others: Vec<(usize, crate::hot::OtherKeys)>,
+    ends: Vec<(u32, usize)>,
+}
+
 /// Timelines of a range of profiles and the messageId hashes seen while scanning it.
-type ScannedRange = (
-    Vec<(u32, Vec<(crate::hot::HotEvent, crate::hot::OtherKeys)>)>,
-    Vec<u64>,
-);
+type ScannedRange = (Scanned, Vec<u64>);
 
 /// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
 /// hashes from the hot rows of the `events` entries, scanning ranges of profiles in parallel (timelines of
@@ -1011,27 +1017,45 @@ fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(Hot
     let scanned: Vec<Result<ScannedRange>> = parts
         .into_par_iter()
         .map(|(start, end)| {
-            let (mut timelines, mut hashes): ScannedRange = (Vec::new(), Vec::new());
+            // One vector of rows for the range and each profile's end in it: a vector per
+            // profile, grown row by row, had the kernel zeroing fresh pages for two thirds of
+            // an open's time.
+            let (mut scanned, mut hashes): ScannedRange = (Scanned::default(), Vec::new());
             for entry in store.events.range(profile_key(start)..profile_key(end)) {
                 let (key, value) = entry.into_inner()?;
                 let (profile, ts, _) = key_of("events", &key)?;
                 let record = entry_of(&value)?.record;
                 hashes.push(record.message_hash);
-                let row = (record.to_hot(ts), record.others);
-                match timelines.last_mut() {
-                    Some((current, events)) if *current == profile => events.push(row),
-                    _ => timelines.push((profile, vec![row])),
+                if scanned.ends.last().is_none_or(|(p, _)| *p != profile) {
+                    scanned.ends.push((profile, scanned.rows.len()));
+                }
+                if !record.others.is_empty() {
+                    scanned.others.push((scanned.rows.len(), record.others));
+                }
+                scanned.rows.push(record.to_hot(ts));
+                if let Some(last) = scanned.ends.last_mut() {
+                    last.1 = scanned.rows.len();
                 }
             }
-            Ok((timelines, hashes))
+            Ok((scanned, hashes))
         })
         .collect();
     let mut hot = HotStore::with_columns(columns);
     let mut all_hashes = Vec::new();
     for part in scanned {
-        let (timelines, hashes) = part?;
-        for (profile, events) in timelines {
-            hot.replace(profile, events);
+        let (scanned, hashes) = part?;
+        let (mut start, mut others_start) = (0, 0);
+        let mut others: Vec<(usize, crate::hot::OtherKeys)> = Vec::new();
+        for (profile, end) in scanned.ends {
+            others.clear();
+            while let Some((row, keys)) = scanned.others.get(others_start)
+                && *row < end
+            {
+                others.push((row - start, *keys));
+                others_start += 1;
+            }
+            hot.replace_sorted(profile, &scanned.rows[start..end], &others);
+            start = end;
         }
         all_hashes.extend(hashes);
     }

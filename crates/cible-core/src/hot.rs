@@ -345,15 +345,46 @@ impl HotStore {
     /// the same second keep their order.
     pub fn replace(&mut self, profile: u32, mut events: Vec<(HotEvent, OtherKeys)>) {
         events.sort_by_key(|(e, _)| e.ts);
-        for (_, others) in &events {
+        let others: Vec<(usize, OtherKeys)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, others))| !others.is_empty())
+            .map(|(i, (_, others))| (i, *others))
+            .collect();
+        let events: Vec<HotEvent> = events.into_iter().map(|(e, _)| e).collect();
+        self.replace_sorted(profile, &events, &others);
+    }
+
+    /// [`HotStore::replace`] with rows already in time order (as the store keys them) and the
+    /// other keys of those that have some, by row index in increasing order.
+    pub fn replace_sorted(
+        &mut self,
+        profile: u32,
+        events: &[HotEvent],
+        others: &[(usize, OtherKeys)],
+    ) {
+        debug_assert!(events.windows(2).all(|w| w[0].ts <= w[1].ts));
+        for (_, others) in others {
             for (index, _) in others.iter() {
                 self.hidden[usize::from(index & 7)] += 1;
             }
         }
+        let none = OtherKeys::default();
         for column in &mut self.columns {
+            let mut next = others.iter().peekable();
             let values: Vec<u32> = events
                 .iter()
-                .map(|(event, others)| column_value(event, others, column.property))
+                .enumerate()
+                .map(|(i, event)| {
+                    let keys = match next.peek() {
+                        Some((at, keys)) if *at == i => {
+                            next.next();
+                            keys
+                        }
+                        _ => &none,
+                    };
+                    column_value(event, keys, column.property)
+                })
                 .collect();
             *column.values_mut(profile) = if values.iter().all(|v| *v == ABSENT) {
                 Vec::new()
@@ -361,8 +392,7 @@ impl HotStore {
                 values
             };
         }
-        let events: Vec<HotEvent> = events.into_iter().map(|(e, _)| e).collect();
-        let previous = std::mem::replace(self.slot(profile), events);
+        let previous = std::mem::replace(self.slot(profile), events.to_vec());
         self.n_events = self.n_events - previous.len() + self.events(profile).len();
     }
 

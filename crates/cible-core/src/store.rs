@@ -13,7 +13,7 @@
 //! | `qkeys`      | hash of a quarantined raw message     | quarantine id (dedup of bad input)  |
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
 //! | `keys`       | SHA-256 of an API key, hex            | [`crate::keys::KeyRecord`]          |
-//! | `meta`       | name                                  | counters, JSON; the log's end       |
+//! | `meta`       | name                                  | counters, JSON; the log's end; each segment's size ([`segment_size_key`], u64) |
 //! | `segments`   | segment name                          | [`crate::segment::SegmentRecord`]   |
 //! | `segment_log`| name · 0 · time i64 · feed seq u64    | [`crate::segment::Change`]          |
 //! | `entries`    | name · 0 · profile u32                | when the member entered, i64: one entry per member, the membership itself |
@@ -316,6 +316,14 @@ impl HotRecord {
             value: self.value,
         }
     }
+}
+
+/// The `meta` key of a segment's current size (u64, big-endian), written with every commit that
+/// changes its membership (its JSON record is rewritten only when the segment is edited).
+pub fn segment_size_key(segment: &str) -> Vec<u8> {
+    let mut key = b"segment_size\0".to_vec();
+    key.extend_from_slice(segment.as_bytes());
+    key
 }
 
 /// `segment · 0 · profile`: a member's entry time in `entries`.

@@ -568,9 +568,9 @@ impl Engine {
             let segment = &mut state.segments[index];
             segment.record.size = segment.members.len();
             batch.insert(
-                &self.store.segments,
-                segment.record.name.as_bytes(),
-                to_json(&segment.record),
+                &self.store.meta,
+                crate::store::segment_size_key(&segment.record.name),
+                segment.record.size.to_be_bytes(),
             );
         }
         batch.commit()?;

@@ -227,7 +227,7 @@ impl Engine {
         for entry in self.store.segments.iter() {
             let (key, value) = entry.into_inner()?;
             match serde_json::from_slice::<SegmentRecord>(&value) {
-                Ok(record) => segments.push(record),
+                Ok(record) => segments.push(self.with_size(record)?),
                 // One unreadable rule must not take every segment down: it is skipped (and
                 // can be deleted by name).
                 Err(error) => tracing::error!(
@@ -242,14 +242,31 @@ impl Engine {
 
     pub fn segment(&self, name: &str) -> Result<SegmentRecord> {
         match self.store.segments.get(name.as_bytes())? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Some(bytes) => self.with_size(serde_json::from_slice(&bytes).map_err(|e| {
                 crate::error::corrupt(
                     "segments",
                     format!("segment {name:?} is unreadable ({e}); `cible segment delete {name}` removes it"),
                 )
-            }),
+            })?),
             None => Err(EngineError::NotFound(format!("segment {name:?}"))),
         }
+    }
+
+    /// A stored record with its current size (kept apart from the record, see
+    /// [`crate::store::segment_size_key`]).
+    fn with_size(&self, mut record: SegmentRecord) -> Result<SegmentRecord> {
+        if let Some(bytes) = self
+            .store
+            .meta
+            .get(crate::store::segment_size_key(&record.name))?
+        {
+            let bytes: [u8; 8] = bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| crate::error::corrupt("meta", "segment size"))?;
+            record.size = u64::from_be_bytes(bytes);
+        }
+        Ok(record)
     }
 
     /// When a member last entered a segment (`None` for non-members).
@@ -449,6 +466,7 @@ impl Engine {
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
         batch.remove(&self.store.segments, name.as_bytes());
+        batch.remove(&self.store.meta, crate::store::segment_size_key(name));
         let prefix = crate::store::segment_prefix(name);
         for entry in self.store.segment_log.prefix(&prefix) {
             batch.remove(&self.store.segment_log, entry.key()?);
