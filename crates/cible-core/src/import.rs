@@ -192,7 +192,8 @@ fn open_reader(path: &Path, progress: &Arc<Progress>) -> Result<Box<dyn Read + S
 /// A chunk of raw records with the line (or row) number of the first one.
 enum RawChunk {
     Lines(Vec<String>, u64),
-    Objects(Vec<Value>, u64),
+    /// Messages built from rows, or the rejection of a row that could not be read.
+    Objects(Vec<Result<Value, crate::Rejection>>, u64),
 }
 
 fn import_file(
@@ -300,7 +301,10 @@ fn parse_chunk(chunk: RawChunk, file: &str, ctx: &ParseContext) -> Vec<Incoming>
         RawChunk::Objects(objects, first) => objects
             .into_par_iter()
             .enumerate()
-            .map(|(i, object)| locate(first + i as u64, parse_message(object, None, ctx)))
+            .map(|(i, object)| {
+                let parsed = object.and_then(|object| parse_message(object, None, ctx));
+                locate(first + i as u64, parsed)
+            })
             .collect(),
     }
 }
@@ -350,9 +354,9 @@ fn read_csv(
         path: path.to_path_buf(),
         source,
     };
-    let mut csv = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_reader(reader);
+    // Flexible: a row with another number of fields than the header is quarantined whole
+    // (below), not the end of the import.
+    let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
     let headers: Vec<String> = csv
         .headers()
         .map_err(csv_error)?
@@ -366,7 +370,20 @@ fn read_csv(
         if chunk.is_empty() {
             first_row = index as u64 + 2;
         }
-        chunk.push(csv_row_to_message(&headers, &row));
+        if row.len() == headers.len() {
+            chunk.push(Ok(csv_row_to_message(&headers, &row)));
+        } else {
+            chunk.push(Err(crate::Rejection {
+                reason: crate::quality::Reason::MalformedRow,
+                field: None,
+                detail: format!(
+                    "the row has {} fields, the header {}",
+                    row.len(),
+                    headers.len()
+                ),
+                raw: row.iter().collect::<Vec<_>>().join(","),
+            }));
+        }
         if chunk.len() >= CHUNK_MESSAGES
             && !send(RawChunk::Objects(std::mem::take(&mut chunk), first_row))
         {
@@ -403,7 +420,7 @@ fn read_parquet(
         if chunk.is_empty() {
             first_row = index as u64 + 1;
         }
-        chunk.push(flat_to_message(row.to_json_value()));
+        chunk.push(Ok(flat_to_message(row.to_json_value())));
         if chunk.len() >= CHUNK_MESSAGES {
             progress
                 .bytes_read
@@ -630,6 +647,43 @@ mod tests {
         assert_eq!(order.properties["currency"], "EUR");
         let again = import_files(&engine, &[path], 1_777_100_000_000, &Arc::default()).unwrap();
         assert_eq!(again.accepted, 0);
+    }
+
+    /// A row with too few or too many fields is quarantined with its line; the other rows of
+    /// the file are imported.
+    #[test]
+    fn a_malformed_csv_row_is_quarantined_not_the_end_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.csv");
+        std::fs::write(
+            &path,
+            "type,messageId,timestamp,userId,event\n\
+             track,c1,2026-04-01T10:00:00Z,u9,Order Completed\n\
+             track,c2,2026-04-02T10:00:00Z,u9\n\
+             track,c3,2026-04-03T10:00:00Z,u9,Order Completed,extra\n\
+             track,c4,2026-04-04T10:00:00Z,u9,Page Scrolled\n",
+        )
+        .unwrap();
+        let engine = Engine::open(&dir.path().join("data")).unwrap();
+        let summary = import_files(&engine, &[path], 1_777_100_000_000, &Arc::default()).unwrap();
+        assert_eq!(
+            (summary.accepted, summary.quarantined),
+            (2, 2),
+            "{summary:?}"
+        );
+        assert_eq!(summary.quarantined_by_reason[&Reason::MalformedRow], 2);
+        let details: Vec<String> = engine
+            .quarantined(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|q| q.detail)
+            .collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("events.csv:3") && d.contains("4 fields, the header 5")),
+            "{details:?}"
+        );
     }
 
     #[test]

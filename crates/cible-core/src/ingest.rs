@@ -200,6 +200,9 @@ pub(crate) struct Bulk {
     msgids: FxHashSet<String>,
     /// Where the waiting bodies start in the log.
     from: Option<crate::eventlog::Position>,
+    /// The quality counters when the waiting entries started: what bulk batches store until
+    /// the flush stores the current ones.
+    quality: Option<crate::quality::QualityCounters>,
 }
 
 /// A batch's buffers, kept between batches for their capacity: allocated afresh for every
@@ -218,7 +221,7 @@ const BULK_EVENTS: usize = 2 << 20;
 
 impl Bulk {
     pub(crate) fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.from.is_none()
+        self.events.is_empty() && self.from.is_none() && self.quality.is_none()
     }
 }
 
@@ -647,11 +650,16 @@ impl<'a> Tx<'a> {
             self.batch
                 .insert(&self.store.profiles, profile_key(*profile), to_json(record));
         }
-        self.batch.insert(
-            &self.store.meta,
-            COUNTERS_KEY,
-            to_json(&self.state.counters),
-        );
+        let counters = match &self.state.bulk.quality {
+            // The quality counts as of the last flush: an import cut short before the next
+            // one drops its events and must not leave them counted as accepted.
+            Some(quality) => to_json(&crate::engine::Counters {
+                quality: quality.clone(),
+                ..self.state.counters.clone()
+            }),
+            None => to_json(&self.state.counters),
+        };
+        self.batch.insert(&self.store.meta, COUNTERS_KEY, counters);
         Ok(self)
     }
 }
@@ -689,6 +697,9 @@ impl Engine {
         let prepared = (|| -> Result<_> {
             let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
             tx.bulk = durability == Durability::Bulk;
+            if tx.bulk && tx.state.bulk.quality.is_none() {
+                tx.state.bulk.quality = Some(tx.state.counters.quality.clone());
+            }
             let mut outcomes = Vec::with_capacity(groups.len());
             for items in groups {
                 for (index, item) in items.into_iter().enumerate() {
@@ -785,6 +796,12 @@ impl Engine {
     /// import and on close.
     pub(crate) fn flush_bulk(&self, state: &mut State) -> Result<()> {
         let Some(from) = state.bulk.from.take() else {
+            // Bulk batches without events (duplicates only) stored the old quality counts.
+            if state.bulk.quality.take().is_some() {
+                self.store
+                    .meta
+                    .insert(COUNTERS_KEY, to_json(&state.counters))?;
+            }
             return Ok(());
         };
         let outcome = (|| -> Result<()> {
@@ -814,8 +831,15 @@ impl Engine {
                 ingestion.write(id.into_bytes(), Vec::new())?;
             }
             ingestion.finish()?;
-            self.store.meta.remove(BULK_KEY)?;
-            self.store.db.persist(fjall::PersistMode::SyncAll)?;
+            let mut batch = self
+                .store
+                .db
+                .batch()
+                .durability(Some(fjall::PersistMode::SyncAll));
+            batch.remove(&self.store.meta, BULK_KEY);
+            batch.insert(&self.store.meta, COUNTERS_KEY, to_json(&state.counters));
+            batch.commit()?;
+            state.bulk.quality = None;
             Ok(())
         })();
         outcome.inspect_err(|_| self.poisoned.store(true, Ordering::Release))

@@ -33,6 +33,8 @@ pub enum Reason {
     MessageTooLarge,
     /// The store already holds 65,535 distinct event names.
     TooManyEventNames,
+    /// A CSV row with another number of fields than the header.
+    MalformedRow,
 }
 
 impl Reason {
@@ -51,6 +53,7 @@ impl Reason {
             Self::FutureTimestamp => "future_timestamp",
             Self::MessageTooLarge => "message_too_large",
             Self::TooManyEventNames => "too_many_event_names",
+            Self::MalformedRow => "malformed_row",
         }
     }
 }

@@ -235,7 +235,13 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            let text = format!("{error:#}");
+            // Rule diagnostics carry their own `error[E...]` heading.
+            if text.starts_with("error[") {
+                eprintln!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

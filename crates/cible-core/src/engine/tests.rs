@@ -595,11 +595,22 @@ fn an_import_cut_short_is_undone_or_kept_at_open() {
             !bytes.windows(8).any(|w| w == b"s3cr3t-1"),
             "the dropped body is zeroed"
         );
+        let quality = engine.quality().unwrap();
+        assert_eq!(
+            (quality.counters.received, quality.counters.accepted),
+            (1, 1),
+            "the dropped part is not counted"
+        );
         let again = ingest_bulk(&engine, &messages);
         assert_eq!((again.accepted, again.duplicates), (1, 1));
     }
     let engine = Engine::open(dir.path()).unwrap();
     assert_eq!(events_of(&engine, "u1"), ["k1", "s3cr3t-1"]);
+    let quality = engine.quality().unwrap();
+    assert_eq!(
+        (quality.counters.accepted, quality.counters.duplicates),
+        (2, 1)
+    );
     drop(engine);
 
     // Cut short after the tables, before the marker was removed.

@@ -554,3 +554,31 @@ fn model_parameters_are_bounded_on_the_command_line() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// The README's first command, `cargo run --release -- serve --demo`, needs `cargo run` at the
+/// workspace root to find one binary: the default members hold exactly one, `cible` (the
+/// benchmarks' binary is a member apart).
+#[test]
+fn cargo_run_at_the_root_runs_cible() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- serve --demo"));
+    let output = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let defaults = metadata["workspace_default_members"].as_array().unwrap();
+    let binaries: Vec<&str> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| defaults.contains(&p["id"]))
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(binaries, ["cible"]);
+}

@@ -222,6 +222,11 @@ fn an_import_killed_midway_and_run_again_holds_every_message_once() {
         ids.sort();
         ids
     };
+    let accepted = |data: &std::path::Path| -> u64 {
+        let report: serde_json::Value =
+            serde_json::from_str(&run_ok(cible(data).args(["quality", "--json"]))).unwrap();
+        report["accepted"].as_u64().expect("accepted")
+    };
     let clean = work.path().join("clean");
     run_ok(cible(&clean).arg("import").arg(&file));
     let expected = ids(&clean);
@@ -244,6 +249,11 @@ fn an_import_killed_midway_and_run_again_holds_every_message_once() {
         assert!(
             found == expected,
             "killed after {delay_ms} ms: other messages"
+        );
+        assert_eq!(
+            accepted(&data),
+            expected.len() as u64,
+            "killed after {delay_ms} ms: accepted counts what is stored"
         );
     }
 }
