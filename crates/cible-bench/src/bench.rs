@@ -401,6 +401,35 @@ pub(crate) fn spawn_server(
     Ok((child, address))
 }
 
+/// Median wall time (ms) of a CLI command over 5 runs, process start included, after one run
+/// that is not counted (a first open may do one-time work: recovery, a calibration).
+pub(crate) fn cli_ms(data: &std::path::Path, now: i64, args: &[&str]) -> anyhow::Result<f64> {
+    let exe = cible_exe()?;
+    let mut times = Vec::new();
+    for run in 0..6 {
+        let started = Instant::now();
+        let output = std::process::Command::new(&exe)
+            .arg("--data")
+            .arg(data)
+            .arg("--now")
+            .arg((now / 1000).to_string())
+            .args(args)
+            .env("CIBLE_LOG", "warn")
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "cible {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if run > 0 {
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
 /// SIGTERM, and a clean exit.
 pub(crate) fn stop_server(child: &mut std::process::Child) -> anyhow::Result<()> {
     std::process::Command::new("kill")

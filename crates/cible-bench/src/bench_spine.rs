@@ -343,32 +343,6 @@ fn bucket_percentile(before: &[(String, f64)], after: &[(String, f64)], p: f64) 
     "-".into()
 }
 
-/// Median wall time of a CLI command, over 5 runs.
-fn cli_ms(data: &std::path::Path, now: i64, args: &[&str]) -> anyhow::Result<f64> {
-    let exe = crate::bench::cible_exe()?;
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        let output = std::process::Command::new(&exe)
-            .arg("--data")
-            .arg(data)
-            .arg("--now")
-            .arg((now / 1000).to_string())
-            .args(args)
-            .env("CIBLE_LOG", "warn")
-            .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "cible {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[2])
-}
-
 const CLI_COMMANDS: [(&str, &[&str]); 3] = [
     ("`segment list`", &["segment", "list"]),
     ("`segment show`", &["segment", "show", "b00"]),
@@ -409,14 +383,14 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut alone = Vec::new();
     for (name, command) in CLI_COMMANDS {
-        alone.push((name, cli_ms(&data, now, command)?));
+        alone.push((name, crate::bench::cli_ms(&data, now, command)?));
     }
 
     // The server, as a user runs it: `cible serve` on the same store, over loopback.
     let (mut child, address) = crate::bench::spawn_server(&data, now)?;
     let base = format!("http://{address}");
     for (name, command) in CLI_COMMANDS {
-        let beside = cli_ms(&data, now, command)?;
+        let beside = crate::bench::cli_ms(&data, now, command)?;
         let (_, without) = alone.iter().find(|(n, _)| *n == name).expect("same list");
         rows.push(Row {
             measure: name,

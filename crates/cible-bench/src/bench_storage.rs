@@ -69,28 +69,6 @@ db.execute("CHECKPOINT")
 print(db.execute("SELECT count(*) FROM events").fetchone()[0])
 "#;
 
-/// Median wall time (ms) of a CLI command over 5 runs, after one that is not counted.
-fn cli_ms(data: &Path, now: i64, args: &[&str]) -> anyhow::Result<f64> {
-    let mut times = Vec::new();
-    for run in 0..6 {
-        let started = Instant::now();
-        let output = Command::new(cible_exe()?)
-            .arg("--data")
-            .arg(data)
-            .arg("--now")
-            .arg((now / 1000).to_string())
-            .args(args)
-            .env("CIBLE_LOG", "warn")
-            .output()?;
-        anyhow::ensure!(output.status.success(), "cible {}", args.join(" "));
-        if run > 0 {
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[2])
-}
-
 pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let (work, file, generated, now) = generate_data(global, args, false)?;
     let input = file.metadata()?.len();
@@ -179,7 +157,7 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             &["profile", "show", "user-7"][..],
         ),
     ] {
-        let ms = cli_ms(&data, now, command)?;
+        let ms = crate::bench::cli_ms(&data, now, command)?;
         rows.push(Row {
             measure,
             value: format!("{ms:.0} ms"),
