@@ -1155,8 +1155,10 @@ fn recover_bulk(store: &Store) -> Result<()> {
     };
     let from = crate::eventlog::Position::decode(marker.get(..12).unwrap_or_default())
         .ok_or_else(|| corrupt("meta", "bulk marker"))?;
-    let probe = &marker[12..];
-    let written = !probe.is_empty() && store.events.contains_key(probe)?;
+    let records_written = marker.get(12) == Some(&1);
+    let probe = marker.get(13..).unwrap_or_default();
+    // The index tables are written after the records, in one step each: the probe entry says.
+    let written = records_written && (probe.is_empty() || store.events.contains_key(probe)?);
     let records = store.log.records_between(from, store.log.head())?;
     let mut batch = store
         .db
@@ -1172,6 +1174,9 @@ fn recover_bulk(store: &Store) -> Result<()> {
             batch.remove(&store.msgids, message.message_id.as_bytes());
         }
     }
+    if written && let Some(counters) = store.meta.get(crate::ingest::BULK_COUNTERS_KEY)? {
+        batch.insert(&store.meta, COUNTERS_KEY, counters);
+    }
     batch.commit()?;
     if !written {
         for (location, _) in &records {
@@ -1179,8 +1184,13 @@ fn recover_bulk(store: &Store) -> Result<()> {
         }
         store.log.sync()?;
     }
-    store.meta.remove(crate::ingest::BULK_KEY)?;
-    store.db.persist(fjall::PersistMode::SyncAll)?;
+    let mut batch = store
+        .db
+        .batch()
+        .durability(Some(fjall::PersistMode::SyncAll));
+    batch.remove(&store.meta, crate::ingest::BULK_KEY);
+    batch.remove(&store.meta, crate::ingest::BULK_COUNTERS_KEY);
+    batch.commit()?;
     // Kept: the tables were written; otherwise the events are dropped: import the file again.
     tracing::warn!(
         events = records.len(),

@@ -180,19 +180,23 @@ struct Tx<'a> {
     bulk: bool,
 }
 
-/// Bulk import's index entries, written around fjall's journal and memtables as large sorted
-/// tables ([`Engine::flush_bulk`]) instead of one journal item each.
+/// What a bulk import (`Durability::Bulk`) writes in large steps instead of per batch: its
+/// index entries (as sorted tables, around fjall's journal and memtables) and its profile
+/// records, identifier links and merges (in one batch), every [`BULK_EVENTS`] events and at the
+/// end ([`Engine::flush_bulk`]). Per batch, only the bodies (in the log), dictionaries,
+/// quarantine records and counters are committed. Dedup, identity resolution and merges read
+/// what waits here.
 ///
-/// **Crash safety.** The bodies and everything else of a bulk batch (profiles, identities,
-/// counters, the log's end) commit as usual; only their `events` and `msgids` entries wait here,
-/// in memory. The first bulk batch after a flush commits [`BULK_KEY`] with the log position
-/// where the waiting bodies start. Before the tables are written the key gets the first entry's
-/// key too; it is removed once both are written. At open, a key left by a crash means the
-/// bodies past that position were never acknowledged (an import acknowledges at its end): if
-/// the probe entry is in `events` the tables were written and only the messageIds are redone;
-/// otherwise the bodies are zeroed and their messageIds forgotten, so that importing the file
-/// again adds them once. Only `cible import` writes bulk batches, holding the store alone, and
-/// any other batch flushes the waiting entries first: the range holds bulk bodies only.
+/// **Crash safety.** The first bulk batch after a flush commits [`BULK_KEY`] with the log
+/// position where the waiting bodies start. A flush then commits, in one batch, the records,
+/// the counters with the quality counts of the previous flush (the current ones under
+/// [`BULK_COUNTERS_KEY`]) and the marker saying so with the first index entry's key; writes the
+/// index tables; and removes the marker. At open, a marker left by a crash is resolved: index
+/// written (its first entry is there) → the messageIds are redone and the current counters
+/// stored; otherwise the bodies past the position are zeroed and their messageIds forgotten, so
+/// that importing the file again adds each message once and counts it once (an import
+/// acknowledges at its end). Only `cible import` writes bulk batches, holding the store alone,
+/// and any other batch flushes first: the range holds bulk bodies only.
 #[derive(Default)]
 pub(crate) struct Bulk {
     /// (profile as resolved when written, time, seq, `events` value).
@@ -203,6 +207,13 @@ pub(crate) struct Bulk {
     /// The quality counters when the waiting entries started: what bulk batches store until
     /// the flush stores the current ones.
     quality: Option<crate::quality::QualityCounters>,
+    /// Profile records, identifier links and merge records changed since the last flush, and
+    /// the merged-away profiles whose stored entries move to their survivor: written by the
+    /// flush, so that an import's journal holds almost nothing.
+    profiles: FxHashMap<u32, ProfileRecord>,
+    idents: FxHashMap<String, u32>,
+    merges: Vec<(u64, Vec<u8>)>,
+    moves: Vec<u32>,
 }
 
 /// A batch's buffers, kept between batches for their capacity: allocated afresh for every
@@ -221,13 +232,29 @@ const BULK_EVENTS: usize = 2 << 20;
 
 impl Bulk {
     pub(crate) fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.from.is_none() && self.quality.is_none()
+        self.events.is_empty()
+            && self.from.is_none()
+            && self.quality.is_none()
+            && self.profiles.is_empty()
+            && self.idents.is_empty()
+            && self.merges.is_empty()
+            && self.moves.is_empty()
     }
 }
 
-/// [`BULK_KEY`]'s value: the log position, and the probe entry's key once tables are written.
-pub(crate) fn bulk_marker(from: crate::eventlog::Position, probe: Option<&[u8]>) -> Vec<u8> {
+/// The meta key of the counters a flush stores once its tables are written (see [`Bulk`]).
+pub const BULK_COUNTERS_KEY: &str = "bulk_counters";
+
+/// [`BULK_KEY`]'s value: the log position; whether the flush committed the records (profiles,
+/// identities, merges); and the first index entry's key, whose presence says the index tables
+/// were written.
+pub(crate) fn bulk_marker(
+    from: crate::eventlog::Position,
+    records_written: bool,
+    probe: Option<&[u8]>,
+) -> Vec<u8> {
     let mut out = from.encode().to_vec();
+    out.push(u8::from(records_written));
     out.extend_from_slice(probe.unwrap_or_default());
     out
 }
@@ -397,8 +424,14 @@ impl<'a> Tx<'a> {
 
     fn record(&mut self, profile: u32) -> Result<&mut ProfileRecord> {
         if !self.dirty.contains_key(&profile) {
-            let record = read_profile(self.store, profile)?
-                .ok_or_else(|| corrupt("profiles", format!("profile {profile} has no record")))?;
+            // A bulk import's newest records wait in memory until the flush.
+            let waiting = self.state.bulk.profiles.remove(&profile);
+            let record = match waiting {
+                Some(record) => record,
+                None => read_profile(self.store, profile)?.ok_or_else(|| {
+                    corrupt("profiles", format!("profile {profile} has no record"))
+                })?,
+            };
             self.dirty.insert(profile, record);
         }
         Ok(self.dirty.get_mut(&profile).expect("just inserted"))
@@ -438,8 +471,7 @@ impl<'a> Tx<'a> {
         for ident in attach {
             self.state.idents.insert(ident.clone(), profile);
             self.state.profiles[profile as usize].has_user |= ident.starts_with("u:");
-            self.batch
-                .insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
+            self.link(&ident, profile);
             self.record(profile)?.identifiers.push(ident);
         }
         if message.kind == MessageType::Identify && !message.traits.is_empty() {
@@ -447,6 +479,16 @@ impl<'a> Tx<'a> {
                 .apply_traits(&message.traits, message.timestamp);
         }
         Ok(profile)
+    }
+
+    /// Records that `ident` leads to `profile` (in the batch, or for a bulk import's flush).
+    fn link(&mut self, ident: &str, profile: u32) {
+        if self.bulk {
+            self.state.bulk.idents.insert(ident.to_string(), profile);
+        } else {
+            self.batch
+                .insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
+        }
     }
 
     fn create_profile(&mut self) -> u32 {
@@ -474,8 +516,7 @@ impl<'a> Tx<'a> {
         let identifiers = absorbed.identifiers.clone();
         for ident in &identifiers {
             self.state.idents.insert(ident.clone(), into);
-            self.batch
-                .insert(&self.store.idents, ident.as_bytes(), into.to_be_bytes());
+            self.link(ident, into);
         }
         let from_has_user = self.state.profiles[from as usize].has_user;
         self.state.profiles[from as usize].merged_into = Some(into);
@@ -501,8 +542,12 @@ impl<'a> Tx<'a> {
             identifiers,
             unmerged_at: None,
         };
-        self.batch
-            .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
+        if self.bulk {
+            self.state.bulk.merges.push((id, to_json(&record)));
+        } else {
+            self.batch
+                .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
+        }
         self.hot_merges.push((from, into));
         if let Some(times) = self.batch_times.remove(&from) {
             self.batch_times.entry(into).or_default().extend(times);
@@ -598,6 +643,10 @@ impl<'a> Tx<'a> {
             if !moved.insert(from) {
                 continue;
             }
+            if self.bulk {
+                self.state.bulk.moves.push(from);
+                continue;
+            }
             let survivor = self.state.find(from);
             for entry in self.store.events.prefix(profile_key(from)) {
                 let (key, value) = entry.into_inner()?;
@@ -608,7 +657,10 @@ impl<'a> Tx<'a> {
             }
         }
         // Bodies go to the event log once; the index entries point at them.
-        if self.bulk && self.state.bulk.from.is_none() && !self.pending.is_empty() {
+        if self.bulk
+            && self.state.bulk.from.is_none()
+            && !(self.pending.is_empty() && self.dirty.is_empty() && self.hot_merges.is_empty())
+        {
             let from = self.store.log.head();
             let bulk = &mut self.state.bulk;
             bulk.from = Some(from);
@@ -617,7 +669,7 @@ impl<'a> Tx<'a> {
             bulk.events.reserve(BULK_EVENTS);
             bulk.msgids.reserve(BULK_EVENTS);
             self.batch
-                .insert(&self.store.meta, BULK_KEY, bulk_marker(from, None));
+                .insert(&self.store.meta, BULK_KEY, bulk_marker(from, false, None));
         }
         let (locations, head) = self
             .store
@@ -647,8 +699,12 @@ impl<'a> Tx<'a> {
             }
         }
         for (profile, record) in &self.dirty {
-            self.batch
-                .insert(&self.store.profiles, profile_key(*profile), to_json(record));
+            if self.bulk {
+                self.state.bulk.profiles.insert(*profile, record.clone());
+            } else {
+                self.batch
+                    .insert(&self.store.profiles, profile_key(*profile), to_json(record));
+            }
         }
         let counters = match &self.state.bulk.quality {
             // The quality counts as of the last flush: an import cut short before the next
@@ -813,11 +869,61 @@ impl Engine {
                 event.0 = state.find(event.0);
             }
             events.sort_unstable_by_key(|(profile, ts, seq, _)| (*profile, *ts, *seq));
-            if let Some((profile, ts, seq, _)) = events.first() {
-                let marker = bulk_marker(from, Some(&event_key(*profile, *ts, *seq)));
-                self.store.meta.insert(BULK_KEY, marker)?;
-                self.store.db.persist(fjall::PersistMode::SyncAll)?;
+            let probe = events
+                .first()
+                .map(|(profile, ts, seq, _)| event_key(*profile, *ts, *seq));
+
+            // 1. One batch: profile records, identifier links, merge records, stored entries of
+            // merged-away profiles moved to their survivor, the counters (quality as of the last
+            // flush; the current ones wait under BULK_COUNTERS_KEY) and the marker.
+            let mut batch = self
+                .store
+                .db
+                .batch()
+                .durability(Some(fjall::PersistMode::SyncAll));
+            for (profile, record) in state.bulk.profiles.drain() {
+                batch.insert(&self.store.profiles, profile_key(profile), to_json(&record));
             }
+            for (ident, profile) in state.bulk.idents.drain() {
+                batch.insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
+            }
+            for (id, record) in state.bulk.merges.drain(..) {
+                batch.insert(&self.store.merges, id.to_be_bytes(), record);
+            }
+            let mut moves = std::mem::take(&mut state.bulk.moves);
+            moves.sort_unstable();
+            moves.dedup();
+            for moved in moves {
+                let survivor = state.find(moved);
+                for entry in self.store.events.prefix(profile_key(moved)) {
+                    let (key, value) = entry.into_inner()?;
+                    let (_, ts, seq) = key_of("events", &key)?;
+                    batch.remove(&self.store.events, key);
+                    batch.insert(&self.store.events, event_key(survivor, ts, seq), value);
+                }
+            }
+            let old_quality = state.bulk.quality.take().unwrap_or_default();
+            batch.insert(
+                &self.store.meta,
+                COUNTERS_KEY,
+                to_json(&crate::engine::Counters {
+                    quality: old_quality,
+                    ..state.counters.clone()
+                }),
+            );
+            batch.insert(
+                &self.store.meta,
+                BULK_COUNTERS_KEY,
+                to_json(&state.counters),
+            );
+            batch.insert(
+                &self.store.meta,
+                BULK_KEY,
+                bulk_marker(from, true, probe.as_ref().map(|k| k.as_slice())),
+            );
+            batch.commit()?;
+
+            // 2. The index entries and messageIds as sorted tables.
             let mut ingestion = self.store.events.start_ingestion()?;
             for (profile, ts, seq, value) in events.drain(..) {
                 ingestion.write(event_key(profile, ts, seq).to_vec(), value)?;
@@ -831,15 +937,17 @@ impl Engine {
                 ingestion.write(id.into_bytes(), Vec::new())?;
             }
             ingestion.finish()?;
+
+            // 3. Done: the current counters, and no marker.
             let mut batch = self
                 .store
                 .db
                 .batch()
                 .durability(Some(fjall::PersistMode::SyncAll));
             batch.remove(&self.store.meta, BULK_KEY);
+            batch.remove(&self.store.meta, BULK_COUNTERS_KEY);
             batch.insert(&self.store.meta, COUNTERS_KEY, to_json(&state.counters));
             batch.commit()?;
-            state.bulk.quality = None;
             Ok(())
         })();
         outcome.inspect_err(|_| self.poisoned.store(true, Ordering::Release))

@@ -626,7 +626,7 @@ fn an_import_cut_short_is_undone_or_kept_at_open() {
             .meta
             .insert(
                 crate::ingest::BULK_KEY,
-                crate::ingest::bulk_marker(from, Some(&probe)),
+                crate::ingest::bulk_marker(from, true, Some(&probe)),
             )
             .unwrap();
         engine.store.msgids.remove("s3cr3t-1").unwrap();
