@@ -76,7 +76,7 @@ pub enum ImportError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: cannot tell the format from the name; use .jsonl, .ndjson, .json or .csv (optionally .gz)"
+        "{path}: cannot tell the format from the name; use .jsonl, .ndjson, .json or .csv (optionally .gz), or .parquet"
     )]
     UnknownFormat { path: PathBuf },
     #[error("{path}: Parquet error: {source}")]

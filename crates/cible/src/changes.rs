@@ -80,14 +80,20 @@ pub fn run(global: &Global, args: ChangesArgs) -> anyhow::Result<()> {
         crate::Opened::Remote(remote) => {
             // Server-Sent Events: `id:` and `data:` lines, a blank line ends an event.
             let reader = remote.stream(&format!("/api/changes/stream?after={}", args.after))?;
+            let mut last = args.after;
             for line in BufReader::new(reader).lines() {
                 let line = line?;
                 if let Some(data) = line.strip_prefix("data:") {
                     let change: serde_json::Value = serde_json::from_str(data.trim())?;
+                    last = change["seq"].as_u64().unwrap_or(last);
                     print(&mut out, &change, args.json)?;
                     out.flush()?;
                 }
             }
+            // The server closed the stream (it stops, or restarts): say where to resume.
+            anyhow::bail!(
+                "the server ended the stream (stopping?); resume with `cible changes --after {last} --follow`"
+            );
         }
     }
     Ok(())

@@ -80,3 +80,42 @@ fn a_stale_server_file_is_ignored() {
     assert!(listed.contains("admin"), "{listed}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// `cible changes --follow` prints changes as they come; when the server stops it says so,
+/// with the sequence number to resume from, and exits with an error.
+#[test]
+fn following_changes_ends_with_where_to_resume_when_the_server_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let write = create_key(data, "--write");
+    let server = Server::start(data, &[]);
+    run_ok(cible(data).args([
+        "segment",
+        "create",
+        "buyers",
+        "--rule",
+        r#"did("Order Completed", 30d)"#,
+    ]));
+    let follower = cible(data)
+        .args(["changes", "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let batch = json!({"batch": [
+        {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "f1"},
+    ]});
+    assert_eq!(post(&server.url("/v1/batch"), &write, &batch).status, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    server.stop();
+    let output = follower.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stdout.contains("\"buyers\""), "{stdout}");
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("ended the stream") && stderr.contains("--after 1 --follow"),
+        "{stderr}"
+    );
+}
