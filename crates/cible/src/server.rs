@@ -1313,7 +1313,8 @@ fn train_demo_models(engine: &Engine, days: u32, now: i64) -> anyhow::Result<Str
     Ok(report.model)
 }
 
-/// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed.
+/// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed (once:
+/// a later `--demo` start on the same directory names the keys it made and makes no more).
 fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> {
     if engine.load_stats().events == 0 {
         let dir = tempfile::tempdir()?;
@@ -1352,6 +1353,21 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             let record = engine.create_segment(name, expr, rule, now)?;
             println!("demo segment {name}: {} members  ({rule})", record.size);
         }
+    }
+    let demo_keys: Vec<String> = engine
+        .list_keys()
+        .into_iter()
+        .filter(|k| k.name.starts_with("demo "))
+        .map(|k| format!("{} ({}...)", k.name, k.prefix))
+        .collect();
+    if !demo_keys.is_empty() {
+        // Keys are stored hashed: they were shown once, at the first demo start.
+        println!(
+            "demo data and keys already here: {} (printed at the first start; `cible key create --admin` beside this server makes another)",
+            demo_keys.join(", ")
+        );
+        std::io::Write::flush(&mut std::io::stdout())?;
+        return Ok(());
     }
     let write = engine.create_key(KeyKind::Write, "demo write key", now)?;
     let admin = engine.create_key(KeyKind::Admin, "demo admin key", now)?;

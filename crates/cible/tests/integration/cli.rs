@@ -286,33 +286,38 @@ fn segment_commands_keys_and_exports() {
 #[test]
 fn serve_demo_loads_data_segments_and_prints_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = cible(dir.path())
-        .args([
-            "serve",
-            "--demo",
-            "--demo-profiles",
-            "300",
-            "--demo-days",
-            "30",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line.starts_with("cible listening on");
-        seen.push(line);
-        if done {
-            break;
+    // What `serve --demo` prints until it listens.
+    let start = || {
+        let mut child = cible(dir.path())
+            .args([
+                "serve",
+                "--demo",
+                "--demo-profiles",
+                "300",
+                "--demo-days",
+                "30",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let done = line.starts_with("cible listening on");
+            seen.push(line);
+            if done {
+                break;
+            }
         }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = seen.join("\n");
+        let _ = child.kill();
+        let _ = child.wait();
+        seen.join("\n")
+    };
+    let text = start();
     assert!(text.contains("demo data: "), "{text}");
     assert_eq!(text.matches("demo segment ").count(), 7, "{text}");
     // 30 days of history: the purchase model predicts the next 15.
@@ -329,6 +334,18 @@ fn serve_demo_loads_data_segments_and_prints_keys() {
     assert!(
         text.contains("write key: cible_w_") && text.contains("admin key: cible_a_"),
         "{text}"
+    );
+    // Started again: the same data, and no second pair of keys.
+    let again = start();
+    assert!(
+        again.contains("demo data and keys already here") && !again.contains("write key:"),
+        "{again}"
+    );
+    assert_eq!(
+        run_ok(cible(dir.path()).args(["key", "list"]))
+            .lines()
+            .count(),
+        2
     );
 }
 
