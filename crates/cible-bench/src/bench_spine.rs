@@ -165,12 +165,15 @@ fn event_to_change(
     let interval = Duration::from_secs_f64(batch_size as f64 / rate);
     let n_batches = (seconds / interval.as_secs_f64()) as usize;
     let bearer = format!("Bearer {admin}");
-    let head = ureq::get(&format!("{base}/api/changes?limit=1"))
-        .set("Authorization", &bearer)
-        .call()?
-        .into_json::<Value>()?["head"]
-        .as_u64()
-        .unwrap_or(0);
+    let feed_head = || -> anyhow::Result<u64> {
+        Ok(ureq::get(&format!("{base}/api/changes?limit=1"))
+            .set("Authorization", &bearer)
+            .call()?
+            .into_json::<Value>()?["head"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let head = feed_head()?;
     let arrivals: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
     let streaming = Arc::new(AtomicBool::new(true));
     let reader = {
@@ -237,12 +240,7 @@ fn event_to_change(
         }
     });
     let achieved = (n_batches * batch_size) as f64 / started.elapsed().as_secs_f64();
-    let head_after = ureq::get(&format!("{base}/api/changes?limit=1"))
-        .set("Authorization", &bearer)
-        .call()?
-        .into_json::<Value>()?["head"]
-        .as_u64()
-        .unwrap_or(0);
+    let head_after = feed_head()?;
     eprintln!(
         "paced load: {achieved:.0} events/s over {n_batches} batches; {} changes written meanwhile ({:.0}/s)",
         head_after - head,
