@@ -395,3 +395,124 @@ fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_reb
     );
     server.stop();
 }
+
+/// Reads the change stream (from the start, or from `Last-Event-ID` when `resume` is given)
+/// until `enough` says so after a change; returns what it read.
+fn read_stream(
+    base: &str,
+    admin: &str,
+    resume: Option<u64>,
+    enough: impl Fn(&[Value]) -> bool,
+    deadline: Instant,
+) -> Vec<Value> {
+    use std::io::BufRead;
+    let mut request = ureq::get(&format!("{base}/api/changes/stream?after=0"))
+        .set("Authorization", &format!("Bearer {admin}"));
+    if let Some(seq) = resume {
+        request = request.set("Last-Event-ID", &seq.to_string());
+    }
+    let response = request
+        .timeout(HANG * 6)
+        .call()
+        .expect("the stream answers");
+    let mut changes = Vec::new();
+    for line in std::io::BufReader::new(response.into_reader()).lines() {
+        let Ok(line) = line else { break };
+        if let Some(data) = line.strip_prefix("data:") {
+            changes.push(serde_json::from_str::<Value>(data.trim()).unwrap());
+            if enough(&changes) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stream stalls");
+    }
+    changes
+}
+
+/// The change stream read while 4 clients ingest, by one reader straight through and one that
+/// disconnects midway and resumes with `Last-Event-ID`: both read exactly the feed (same
+/// changes, same order, none twice), bounded in time.
+#[test]
+fn the_change_stream_under_concurrent_ingestion_is_the_feed_resumed_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = create_key(dir.path(), "--write");
+    let admin = create_key(dir.path(), "--admin");
+    let server = Server::start_unpinned(dir.path());
+    let base = server.base.clone();
+    let seed = post(&format!("{base}/v1/batch"), &write, &client_batch(9, 0));
+    assert_eq!(seed.status, 200, "{}", seed.body);
+    for (name, rule) in STABLE {
+        admin_ok(
+            "POST",
+            &format!("{base}/api/segments"),
+            &admin,
+            Some(&json!({"name": name, "rule": rule})),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // How many changes the readers must read: known once ingestion is over (0 until then).
+    let target = Arc::new(AtomicU64::new(0));
+    let done = {
+        let target = Arc::clone(&target);
+        move |changes: &[Value]| {
+            let target = target.load(Ordering::Acquire) as usize;
+            target > 0 && changes.len() >= target
+        }
+    };
+    let straight = {
+        let (base, admin) = (base.clone(), admin.clone());
+        std::thread::spawn(move || read_stream(&base, &admin, None, done, deadline))
+    };
+    let resumed = {
+        let (base, admin, target) = (base.clone(), admin.clone(), Arc::clone(&target));
+        std::thread::spawn(move || {
+            let mut first = read_stream(&base, &admin, None, |c| c.len() >= 30, deadline);
+            let last = first.last().unwrap()["seq"].as_u64().unwrap();
+            let skip = first.len();
+            let rest = read_stream(
+                &base,
+                &admin,
+                Some(last),
+                move |c: &[Value]| {
+                    let target = target.load(Ordering::Acquire) as usize;
+                    target > 0 && skip + c.len() >= target
+                },
+                deadline,
+            );
+            first.extend(rest);
+            first
+        })
+    };
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (base, write) = (base.clone(), write.clone());
+            std::thread::spawn(move || {
+                for batch in 1..=40 {
+                    let answer = post(
+                        &format!("{base}/v1/batch"),
+                        &write,
+                        &client_batch(client, batch),
+                    );
+                    assert_eq!(answer.status, 200, "{}", answer.body);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client");
+    }
+    settle(&base);
+    let feed = all_changes(&base, &admin);
+    assert!(feed.len() > 100, "{} changes", feed.len());
+    target.store(feed.len() as u64, Ordering::Release);
+    // One more change wakes readers that already read the whole feed.
+    let poke = json!({"batch": [{"type": "track", "userId": "poke", "event": "Ping",
+        "messageId": "poke"}]});
+    assert_eq!(post(&format!("{base}/v1/batch"), &write, &poke).status, 200);
+    for reader in [straight, resumed] {
+        let mut read = reader.join().expect("reader");
+        read.truncate(feed.len());
+        assert_eq!(read, feed);
+    }
+    server.stop();
+}
