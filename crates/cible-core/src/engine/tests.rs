@@ -743,3 +743,49 @@ fn a_numeric_user_id_wins_over_a_profile_number() {
     let view = crate::view::profile_view(&engine, "1", Default::default(), NOW).unwrap();
     assert!(view.requested_merged_profile.is_none());
 }
+
+/// A store written by a newer cible (a layout this build does not know) is refused with a
+/// message saying so, and left as it is.
+#[test]
+fn a_store_of_a_newer_layout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        ingest(
+            &engine,
+            &[track("t1", Some("u1"), None, "Order Completed", 20)],
+        );
+        engine
+            .store
+            .meta
+            .insert(crate::store::SCHEMA_KEY, "99")
+            .unwrap();
+    }
+    for open in [Engine::open, Engine::open_light] {
+        let error = open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            error.contains("layout version 99") && error.contains("upgrade cible"),
+            "{error}"
+        );
+    }
+}
+
+/// Closing an engine writes its memtables out: the next open replays nothing into memory.
+#[test]
+fn closing_leaves_nothing_to_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        ingest(
+            &engine,
+            &[track("t1", Some("u1"), None, "Order Completed", 20)],
+        );
+        assert!(
+            engine.store.db.write_buffer_size() > 0,
+            "written, not flushed"
+        );
+    }
+    let engine = Engine::open(dir.path()).unwrap();
+    assert_eq!(engine.store.db.write_buffer_size(), 0);
+    assert_eq!(events_of(&engine, "u1"), ["t1"]);
+}
