@@ -193,7 +193,6 @@ fn restore_sigpipe() {
 }
 
 fn main() -> std::process::ExitCode {
-    restore_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CIBLE_LOG")
@@ -202,6 +201,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // A command whose output goes to `head` ends quietly when the pipe closes. Not the server:
+    // with the default action, a write to a socket its client had closed (hyper writes with
+    // writev, which cannot ask for no signal) killed the whole process without a word.
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     // Named threads make profiles readable (the writer is the main thread during imports). A
     // server keeps a core free of parallel work (segment edits, recalibration, training): the
     // writer and the HTTP handlers answer on it while admin work runs (`--parallel-threads`).

@@ -426,3 +426,59 @@ fn model_parameters_are_bounded_with_the_field_and_range_named() {
         "nothing was trained"
     );
 }
+
+/// `/metrics` is valid Prometheus text (every family typed, every sample a number), and its
+/// families are exactly those the README's Observability table documents.
+#[test]
+fn metrics_are_prometheus_text_and_the_readme_lists_every_family() {
+    let (_dir, server, write, admin) = started();
+    let batch = json!({"batch": [
+        {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "m1"},
+    ]});
+    assert_eq!(post(&server.url("/v1/batch"), &write, &batch).status, 200);
+    let created = ureq::post(&server.url("/api/segments"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .send_json(json!({"name": "buyers", "rule": r#"did("Order Completed", 30d)"#}));
+    assert!(created.is_ok());
+    let text = ureq::get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let mut typed = std::collections::BTreeSet::new();
+    let mut sampled = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split_whitespace().next().unwrap().to_string());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (series, value) = line.rsplit_once(' ').expect("name value");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = series.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| typed.contains(*base))
+                })
+                .unwrap_or(name);
+            assert!(typed.contains(family), "{family} has no # TYPE");
+            sampled.insert(family.to_string());
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `cible_"))
+        .flat_map(|l| {
+            let first_cell = l.split('|').nth(1).unwrap_or_default().to_string();
+            first_cell
+                .split('`')
+                .filter(|s| s.starts_with("cible_"))
+                .map(|s| s.split('{').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(typed, documented, "README table vs /metrics families");
+    assert_eq!(sampled, typed, "every family has a sample");
+}
