@@ -220,14 +220,14 @@ const EDITED: [&str; 2] = [
     r#"did("Order Completed", 1d) and not did("Ping", 1m)"#,
 ];
 
-#[test]
-fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_rebuild() {
+/// A server on the wall clock with a write and an admin key and the `STABLE` segments (their
+/// names known first, from one batch).
+fn started_with_segments() -> (tempfile::TempDir, Server, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let write = create_key(dir.path(), "--write");
     let admin = create_key(dir.path(), "--admin");
     let server = Server::start_unpinned(dir.path());
     let base = server.base.clone();
-    // Names must be known for the rules to be checked; one batch first.
     let seed = post(&format!("{base}/v1/batch"), &write, &client_batch(9, 0));
     assert_eq!(seed.status, 200, "{}", seed.body);
     for (name, rule) in STABLE {
@@ -238,6 +238,13 @@ fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_reb
             Some(&json!({"name": name, "rule": rule})),
         );
     }
+    (dir, server, write, admin)
+}
+
+#[test]
+fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_rebuild() {
+    let (_dir, server, write, admin) = started_with_segments();
+    let base = server.base.clone();
     admin_ok(
         "POST",
         &format!("{base}/api/segments"),
@@ -434,21 +441,8 @@ fn read_stream(
 /// changes, same order, none twice), bounded in time.
 #[test]
 fn the_change_stream_under_concurrent_ingestion_is_the_feed_resumed_or_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let write = create_key(dir.path(), "--write");
-    let admin = create_key(dir.path(), "--admin");
-    let server = Server::start_unpinned(dir.path());
+    let (_dir, server, write, admin) = started_with_segments();
     let base = server.base.clone();
-    let seed = post(&format!("{base}/v1/batch"), &write, &client_batch(9, 0));
-    assert_eq!(seed.status, 200, "{}", seed.body);
-    for (name, rule) in STABLE {
-        admin_ok(
-            "POST",
-            &format!("{base}/api/segments"),
-            &admin,
-            Some(&json!({"name": name, "rule": rule})),
-        );
-    }
     let deadline = Instant::now() + Duration::from_secs(60);
     // How many changes the readers must read: known once ingestion is over (0 until then).
     let target = Arc::new(AtomicU64::new(0));
