@@ -21,7 +21,8 @@ use serde_json::{Map, Number, Value};
 
 use crate::message::{Message, MessageType};
 
-const VERSION: u8 = 1;
+/// The first byte of every body in this form ([`crate::packing`] packs bodies under another).
+pub const VERSION: u8 = 1;
 /// Where the anomaly flags are in an encoded body.
 pub const FLAGS_OFFSET: usize = 1;
 

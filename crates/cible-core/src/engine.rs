@@ -150,6 +150,12 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// How event bodies are packed (see [`crate::packing`]): callers that prepare messages on
+    /// their own threads pack them there ([`crate::Incoming::pack`]).
+    pub fn packer(&self) -> &std::sync::Arc<crate::packing::Packer> {
+        self.store.log.packer()
+    }
+
     /// Opens the store in `dir` and rebuilds the in-memory state from it.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_with(dir, false)

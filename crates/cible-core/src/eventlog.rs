@@ -5,7 +5,8 @@
 //!
 //! Files: `DATA/events/NNNNNNNN.events`, each up to [`SEGMENT_BYTES`] (a record is never split).
 //! A record is `u32 length · u32 CRC-32 of the body · body` (little-endian), the body being a
-//! message in [`crate::codec`]'s binary form.
+//! message in [`crate::codec`]'s binary form, packed by [`crate::packing`] once the log has a
+//! dictionary. `DATA/events/dict-NNN.zstd` are those dictionaries.
 //!
 //! **Durability.** The writer appends a batch's records, syncs the log, then commits the fjall
 //! batch that holds their index entries and the new [`Position`] of the log's end (the meta key
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::lock::{Level, OrderedMutex};
+use crate::packing::Packer;
 use crate::store::StoreError;
 
 /// The meta key holding the log's committed end.
@@ -103,6 +105,7 @@ struct Inner {
 /// The open event log (see the module documentation).
 pub struct EventLog {
     dir: PathBuf,
+    packer: Arc<Packer>,
     segment_bytes: u64,
     inner: OrderedMutex<Inner>,
 }
@@ -184,6 +187,7 @@ impl EventLog {
             files[id as usize] = Some(Arc::new(file));
         }
         let log = Self {
+            packer: Arc::new(Packer::open(dir)?),
             dir: dir.to_path_buf(),
             segment_bytes,
             inner: OrderedMutex::new(
@@ -319,7 +323,12 @@ impl EventLog {
         Ok(())
     }
 
-    /// The body at `location`, checked against its CRC.
+    /// How bodies are packed: [`Packer::pack`] a body before appending it.
+    pub fn packer(&self) -> &Arc<Packer> {
+        &self.packer
+    }
+
+    /// The codec body at `location`, checked against its CRC and unpacked.
     pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
         let file = self.inner.lock().file(location.segment).ok_or_else(|| {
             corrupt(format!(
@@ -341,7 +350,16 @@ impl EventLog {
                 location.offset
             )));
         }
-        Ok(body)
+        self.unpacked(body)
+    }
+
+    /// A stored body's codec form (the same bytes when it was not packed).
+    fn unpacked(&self, stored: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let unpacked = match self.packer.unpack(&stored)? {
+            std::borrow::Cow::Owned(body) => Some(body),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        Ok(unpacked.unwrap_or(stored))
     }
 
     /// Overwrites the body at `location` with zeros (see the module documentation); durable
@@ -360,7 +378,7 @@ impl EventLog {
         Ok(())
     }
 
-    /// Every record from `from` to `to`, in order: its location and its body, or `None` when
+    /// Every record from `from` to `to`, in order: its location and its codec body, or `None` when
     /// the body does not match its checksum (an erased record).
     pub fn records_between(&self, from: Position, to: Position) -> Result<Vec<Record>, StoreError> {
         let mut records = Vec::new();
@@ -400,7 +418,11 @@ impl EventLog {
                 let mut body = vec![0u8; len as usize];
                 file.read_exact_at(&mut body, at + HEADER as u64)
                     .map_err(|e| io(&path, e))?;
-                records.push((location, (crc32fast::hash(&body) == crc).then_some(body)));
+                let body = match crc32fast::hash(&body) == crc {
+                    true => Some(self.unpacked(body)?),
+                    false => None,
+                };
+                records.push((location, body));
                 at += HEADER as u64 + u64::from(len);
             }
         }

@@ -218,13 +218,14 @@ fn import_file(
     let owned_path = path.to_path_buf();
     let reader_name = name.clone();
     let progress_for_reader = Arc::clone(progress);
+    let packer = Arc::clone(engine.packer());
     let producer = std::thread::Builder::new()
         .name("cible-reader".into())
         .spawn(move || {
             let ctx = ParseContext::at(now);
             let send = |chunk: RawChunk| {
                 sender
-                    .send(Ok(parse_chunk(chunk, &reader_name, &ctx)))
+                    .send(Ok(parse_chunk(chunk, &reader_name, &ctx, &packer)))
                     .is_ok()
             };
             let result = match format {
@@ -288,14 +289,22 @@ fn record(summary: &mut ImportSummary, file: &mut FileSummary, n: u64, outcome: 
     }
 }
 
-fn parse_chunk(chunk: RawChunk, file: &str, ctx: &ParseContext) -> Vec<Incoming> {
+/// Parses and packs a chunk on the parsing threads.
+fn parse_chunk(
+    chunk: RawChunk,
+    file: &str,
+    ctx: &ParseContext,
+    packer: &crate::packing::Packer,
+) -> Vec<Incoming> {
     let locate = |line: u64, parsed: Result<crate::Message, crate::Rejection>| -> Incoming {
-        parsed
+        let mut incoming: Incoming = parsed
             .map_err(|mut rejection| {
                 rejection.detail = format!("{file}:{line}: {}", rejection.detail);
                 rejection
             })
-            .into()
+            .into();
+        incoming.pack(packer);
+        incoming
     };
     match chunk {
         RawChunk::Lines(lines, first) => lines

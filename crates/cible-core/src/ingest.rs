@@ -74,8 +74,10 @@ pub struct Prepared {
     /// Index in `VALUE_PROPERTIES` of the numeric property, and its number when it reads as one.
     value: Option<(u8, Option<f64>)>,
     long_time_on_page: bool,
-    /// The message serialized for the store, without anomaly flags.
+    /// The message serialized for the store, without anomaly flags: its codec form, or packed.
     body: Vec<u8>,
+    /// Whether `body` was offered to the packer already (packed, or kept as a sample).
+    offered: bool,
 }
 
 impl Prepared {
@@ -106,6 +108,7 @@ impl Prepared {
             email: message.email,
             traits,
             body,
+            offered: false,
         }
     }
 }
@@ -124,6 +127,19 @@ pub fn quarantine_key(raw: &str) -> [u8; 16] {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(raw.as_bytes());
     digest[..16].try_into().expect("16 bytes of 32")
+}
+
+impl Incoming {
+    /// Packs the stored form of an accepted message (see [`crate::packing`]). The writer packs
+    /// what was not, outside its lock; parsing threads that call this spare it that work.
+    pub fn pack(&mut self, packer: &crate::packing::Packer) {
+        if let Ok(prepared) = &mut self.parsed
+            && !prepared.offered
+        {
+            packer.pack(&mut prepared.body);
+            prepared.offered = true;
+        }
+    }
 }
 
 impl From<std::result::Result<Message, Rejection>> for Incoming {
@@ -307,7 +323,8 @@ impl<'a> Tx<'a> {
                 Some(id) => id,
                 None => {
                     let detail = "the store already holds 65535 distinct event names".to_string();
-                    let raw = crate::codec::decode(&message.body)
+                    let raw = (self.store.log.packer().unpack(&message.body).ok())
+                        .and_then(|body| crate::codec::decode(&body).ok())
                         .map(|m| String::from_utf8_lossy(&to_json(&m)).into_owned())
                         .unwrap_or_default();
                     let rejection = Rejection {
@@ -744,6 +761,11 @@ impl Engine {
         now: i64,
     ) -> Result<Vec<BatchOutcome>> {
         self.check_poisoned()?;
+        let mut groups = groups;
+        let packer = self.packer();
+        for item in groups.iter_mut().flatten() {
+            item.pack(packer);
+        }
         let mut state = self.state.lock();
         if durability != Durability::Bulk && !state.bulk.is_empty() {
             self.flush_bulk(&mut state)?;

@@ -22,6 +22,7 @@ pub mod message;
 pub mod metrics;
 pub mod models;
 pub mod normalize;
+pub mod packing;
 pub mod quality;
 pub mod records;
 pub mod seen;

@@ -7,7 +7,7 @@
 //! `Segments` (the segment worker and the change feed) → `Writer` (identity graph, counters,
 //! dictionaries) → `Hot` (hot store) → `TraitColumns` → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
-//! (the event log's end and open files).
+//! (the event log's end and open files) → `Dictionaries` (how bodies are packed).
 //!
 //! The checks are per thread (a thread-local list of the levels held), so they cost a few
 //! nanoseconds per acquisition and catch an inversion on the first run that takes it, whatever
@@ -34,6 +34,8 @@ pub enum Level {
     Queue,
     /// The event log's end and its open segment files (held for a write or a handle's clone).
     EventLog,
+    /// The event log's compression dictionaries and their training samples.
+    Dictionaries,
 }
 
 thread_local! {

@@ -899,8 +899,13 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
 }
 
 /// Queues the messages for the writer and answers once they are durable.
-async fn submit(state: &AppState, items: Vec<Incoming>) -> ApiResult {
+async fn submit(state: &AppState, mut items: Vec<Incoming>) -> ApiResult {
     let received = std::time::Instant::now();
+    // Packed here, on the request's thread, not on the one writer.
+    let packer = state.engine.packer();
+    for item in &mut items {
+        item.pack(packer);
+    }
     let answer = submit_inner(state, items).await;
     state.engine.metrics.ack_latency.observe(received.elapsed());
     answer

@@ -789,3 +789,43 @@ fn closing_leaves_nothing_to_replay() {
     assert_eq!(engine.store.db.write_buffer_size(), 0);
     assert_eq!(events_of(&engine, "u1"), ["t1"]);
 }
+
+#[test]
+fn packed_bodies_read_back_as_imported_after_a_reopen() {
+    let end = 1_795_000_000_000;
+    let (dir, engine) = crate::test_support::generated_store(2_000, 30, 3, end);
+    assert!(
+        engine.store.log.packer().trained(),
+        "a dictionary was trained"
+    );
+    drop(engine);
+    let engine = Engine::open(&dir.path().join("data")).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let ctx = ParseContext::at(end);
+    let mut originals: std::collections::HashMap<String, Message> = text
+        .lines()
+        .filter_map(|line| crate::message::parse_message_text(line, &ctx).ok())
+        .map(|m| (m.message_id.clone(), m))
+        .collect();
+    let mut codec_bytes = 0;
+    let mut read = 0;
+    for entry in engine.store.events.iter() {
+        let (_, value) = entry.into_inner().unwrap();
+        let mut message = message_of(&engine.store, &value).unwrap();
+        codec_bytes += crate::codec::encode(&message).len() as u64;
+        message.flags = 0;
+        let original = originals
+            .remove(&message.message_id)
+            .expect("every stored event was imported once");
+        assert_eq!(message, original);
+        read += 1;
+    }
+    assert!(read > 50_000, "{read} events");
+    // The first bodies, written while samples were gathered, stay unpacked.
+    let log_bytes = engine.store.log.disk_space();
+    let unpacked = codec_bytes + 8 * read;
+    assert!(
+        log_bytes * 100 < unpacked * 92,
+        "the log holds {log_bytes} bytes, {unpacked} unpacked"
+    );
+}
