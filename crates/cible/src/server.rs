@@ -175,6 +175,9 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = runtime.block_on(async {
+        // Installed before the address is printed: a SIGTERM sent as soon as the server
+        // listens must stop it cleanly, not kill it with the default action.
+        let signal = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -190,7 +193,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
                 max_connections_per_ip: args.max_connections_per_ip,
             },
         };
-        serve(engine, listener, options, shutdown_signal()).await
+        serve(engine, listener, options, signal).await
     });
     // Blocking work an admin call started (a training whose client left) does not hold the
     // process: what was acknowledged is already committed and checkpointed.
@@ -336,14 +339,19 @@ pub async fn serve(
 /// How long connections may stay open after a stop was asked for.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    tracing::info!("shutting down");
+/// Installs the SIGTERM and SIGINT handlers now; the future ends at the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
 }
 
 /// Daily recalibration and scheduled retraining, checked once a second (the segment worker,

@@ -120,3 +120,34 @@ fn sigterm_ends_the_server_within_seconds_while_a_training_runs() {
         assert_eq!((status, code.as_str()), (503, "cancelled"));
     }
 }
+
+#[test]
+fn sigterm_right_after_the_address_is_printed_is_a_clean_stop() {
+    // The handler must be in place before the address line: a supervisor (or a benchmark)
+    // that stops the server as soon as it listens used to kill it with the default action.
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for round in 0..20 {
+        let mut child = cible(&data)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if line.starts_with("cible listening on ") {
+                break;
+            }
+        }
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "round {round}: the server exited with {status}"
+        );
+    }
+}
