@@ -44,7 +44,9 @@ pub struct BenchArgs {
     /// and boosted trees against scikit-learn and LightGBM), spine (acks with and without admin
     /// work, event to change on the feed's stream, CLI latency alone and beside a server) or
     /// storage (`cible import` beside DuckDB loading the same file: speed, bytes written, size
-    /// on disk; commands after the import; restart).
+    /// on disk; commands after the import; restart) or ingest (`cible serve`'s `/v1/batch` with
+    /// 20 live segments beside a sink on the same cores: 400 KB and 20-message batches, ack
+    /// latency at 50,000 messages/s).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -71,6 +73,7 @@ pub enum Suite {
     Models,
     Spine,
     Storage,
+    Ingest,
 }
 
 pub(crate) struct Row {
@@ -96,6 +99,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Storage {
         return crate::bench_storage::run(global, &args);
+    }
+    if args.suite == Suite::Ingest {
+        return crate::bench_ingest::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;
