@@ -346,7 +346,10 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             own_half.percentile(0.99),
             own_half.rate()
         ),
-        baseline: format!("ack p99 {:.2} at 50,000 messages/s (row above)", ours.percentile(0.99)),
+        baseline: format!(
+            "ack p99 {:.2} at 50,000 messages/s (row above)",
+            ours.percentile(0.99)
+        ),
         ratio: format!("{:.2}x the target", own_half.percentile(0.99) / 20.0),
         target: "p99 <= 20 ms",
     });

@@ -240,9 +240,15 @@ pub struct EventEntry {
 
 impl EventEntry {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = self.location.encode().to_vec();
-        out.extend(self.record.encode());
+        let mut out = Vec::with_capacity(Location::ENCODED_LEN + HotRecord::LEN + 10);
+        self.encode_into(&mut out);
         out
+    }
+
+    /// Appends the encoded entry to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.location.encode());
+        self.record.encode_into(out);
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
@@ -273,6 +279,12 @@ impl HotRecord {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN + 10);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded record to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.name.to_le_bytes());
         out.push(self.flags);
         out.push(self.kind);
@@ -283,7 +295,6 @@ impl HotRecord {
             out.push(index);
             out.extend_from_slice(&id.to_le_bytes());
         }
-        out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
