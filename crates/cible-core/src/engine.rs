@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
@@ -141,10 +140,10 @@ pub struct Engine {
     light: bool,
     /// Computed traits: the configuration, and the calibration and product model once known.
     pub(crate) trait_config: crate::computed::config::TraitConfig,
-    pub(crate) calibration: OrderedRwLock<Option<Arc<crate::computed::calibrate::Calibration>>>,
-    pub(crate) product_model: OrderedRwLock<Option<Arc<crate::computed::recommend::ProductModel>>>,
-    /// The active trained models, loaded from `meta` on first use.
-    pub(crate) models: OrderedRwLock<Option<Arc<crate::models::saved::ModelSet>>>,
+    pub(crate) calibration: crate::lock::Cached<crate::computed::calibrate::Calibration>,
+    pub(crate) product_model: crate::lock::Cached<crate::computed::recommend::ProductModel>,
+    /// The stored models and the active set (a component: [`crate::models::saved::ModelRegistry`]).
+    pub(crate) models: crate::models::saved::ModelRegistry,
     /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
     pub(crate) trait_columns: OrderedRwLock<crate::trait_columns::TraitColumns>,
 }
@@ -253,6 +252,7 @@ impl Engine {
         let feed = crate::segment::feed::FeedWriter::open(&store)?;
         let metrics = crate::metrics::Metrics::default();
         metrics.feed_head.store(feed.head(), Ordering::Relaxed);
+        let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
         Ok(Self {
             store,
             state: OrderedMutex::new(Level::Writer, state),
@@ -269,9 +269,9 @@ impl Engine {
             columns_supported,
             light,
             trait_config,
-            calibration: OrderedRwLock::new(Level::Cache, None),
-            product_model: OrderedRwLock::new(Level::Cache, None),
-            models: OrderedRwLock::new(Level::Cache, None),
+            calibration: crate::lock::Cached::new(Level::Cache),
+            product_model: crate::lock::Cached::new(Level::Cache),
+            models,
             trait_columns: OrderedRwLock::new(Level::TraitColumns, Default::default()),
         })
     }

@@ -156,9 +156,91 @@ impl<T> OrderedRwLock<T> {
     }
 }
 
+/// A value kept in memory that is loaded from the store on first use and replaced by writers.
+///
+/// A writer stores the new value durably first, then calls [`Cached::set`]. A load keeps what
+/// it read only if no `set` happened while it read: otherwise a load racing a write could put
+/// the old value back for good (found by the model registry's concurrency test).
+pub struct Cached<T> {
+    /// How many `set`s there were, and the value once known.
+    slot: OrderedRwLock<(u64, Option<std::sync::Arc<T>>)>,
+}
+
+impl<T> Cached<T> {
+    pub fn new(level: Level) -> Self {
+        Self {
+            slot: OrderedRwLock::new(level, (0, None)),
+        }
+    }
+
+    /// The value in memory, if loaded.
+    pub fn get(&self) -> Option<std::sync::Arc<T>> {
+        self.slot.read().1.clone()
+    }
+
+    /// The value in memory, or what `load` reads from the store (kept unless a `set` happened
+    /// meanwhile). No lock is held while `load` runs.
+    pub fn get_or_load<E>(
+        &self,
+        load: impl FnOnce() -> Result<Option<T>, E>,
+    ) -> Result<Option<std::sync::Arc<T>>, E> {
+        let generation = {
+            let slot = self.slot.read();
+            if let Some(value) = &slot.1 {
+                return Ok(Some(std::sync::Arc::clone(value)));
+            }
+            slot.0
+        };
+        let Some(value) = load()? else {
+            return Ok(None);
+        };
+        let value = std::sync::Arc::new(value);
+        let mut slot = self.slot.write();
+        if slot.0 == generation {
+            slot.1 = Some(std::sync::Arc::clone(&value));
+        }
+        Ok(Some(value))
+    }
+
+    /// Replaces the value (`None`: forget it, the next read loads it), after the store holds it.
+    pub fn set(&self, value: Option<std::sync::Arc<T>>) {
+        let mut slot = self.slot.write();
+        *slot = (slot.0 + 1, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_that_raced_a_write_is_not_kept() {
+        let cached = Cached::<u32>::new(Level::Cache);
+        // A writer stores 2 while the load is reading the old 1.
+        let loaded = cached
+            .get_or_load(|| -> Result<_, ()> {
+                cached.set(Some(std::sync::Arc::new(2)));
+                Ok(Some(1))
+            })
+            .unwrap();
+        assert_eq!(loaded.as_deref(), Some(&1), "the caller gets what it read");
+        assert_eq!(cached.get().as_deref(), Some(&2), "the write wins");
+        // An invalidation during a load leaves nothing: the next read loads again.
+        cached.set(None);
+        let _ = cached.get_or_load(|| -> Result<_, ()> {
+            cached.set(None);
+            Ok(Some(3))
+        });
+        assert_eq!(cached.get(), None);
+        assert_eq!(
+            cached
+                .get_or_load(|| -> Result<_, ()> { Ok(Some(4)) })
+                .unwrap()
+                .as_deref(),
+            Some(&4)
+        );
+        assert_eq!(cached.get().as_deref(), Some(&4));
+    }
 
     #[test]
     fn locks_in_order_are_fine_and_released_levels_can_be_taken_again() {

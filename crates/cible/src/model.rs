@@ -162,12 +162,12 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
         }
         ModelCommand::List { name, json } => {
             let engine = global.open_existing()?;
-            let rows = engine.model_summaries(name.as_deref())?;
+            let rows = engine.models().summaries(name.as_deref())?;
             print_summaries(&serde_json::to_value(&rows)?, json)?;
         }
         ModelCommand::Report { name, version } => {
             let engine = global.open_existing()?;
-            let detail = engine.model_detail(&name, version)?;
+            let detail = engine.models().detail(&name, version)?;
             crate::print_json(&detail)?;
         }
         ModelCommand::Retrain { names } => {
@@ -185,7 +185,7 @@ pub fn run(global: &Global, command: ModelCommand) -> anyhow::Result<()> {
             anyhow::ensure!(!names.is_empty(), "no models to retrain");
             for name in names {
                 engine.retrain(&name, now)?;
-                let summary = engine.model(&name)?.summary(true);
+                let summary = engine.models().active_model(&name)?.summary(true);
                 print_retrained(&serde_json::to_value(&summary)?);
             }
         }

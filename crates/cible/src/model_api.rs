@@ -136,7 +136,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    blocking(move || engine.model_summaries(None)).await
+    blocking(move || engine.models().summaries(None)).await
 }
 
 /// `POST /api/models`: trains, stores as the next version and activates; 201 with the report.
@@ -153,7 +153,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
         };
         let name = model.name.clone();
         let version = engine.save_model(model, now)?;
-        engine.model_detail(&name, Some(version))
+        engine.models().detail(&name, Some(version))
     })
     .await?;
     Ok((StatusCode::CREATED, answer).into_response())
@@ -174,7 +174,7 @@ pub async fn show(
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    blocking(move || engine.model_detail(&name, query.version)).await
+    blocking(move || engine.models().detail(&name, query.version)).await
 }
 
 /// `GET /api/models/{name}/versions`: every stored version, oldest first.
@@ -185,7 +185,7 @@ pub async fn versions(
 ) -> ApiResult {
     check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
-    blocking(move || engine.model_summaries(Some(&name))).await
+    blocking(move || engine.models().summaries(Some(&name))).await
 }
 
 /// `POST /api/models/{name}/retrain`: a new version with the same settings; 201.
@@ -199,7 +199,7 @@ pub async fn retrain(
     let now = state.now();
     let answer = cancellable(&state.engine, move || {
         let version = engine.retrain(&name, now)?;
-        engine.model_detail(&name, Some(version))
+        engine.models().detail(&name, Some(version))
     })
     .await?;
     Ok((StatusCode::CREATED, answer).into_response())
@@ -226,7 +226,7 @@ pub async fn activate(
     let now = state.now();
     admin_blocking(&state.engine, move || {
         engine.activate_model(&name, request.version, now)?;
-        Ok(engine.model(&name)?.summary(true))
+        Ok(engine.models().active_model(&name)?.summary(true))
     })
     .await
 }

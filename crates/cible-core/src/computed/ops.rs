@@ -98,34 +98,30 @@ impl Engine {
 
     /// Whether a calibration is stored (a light open cannot compute one: it sees no population).
     pub fn has_calibration(&self) -> Result<bool> {
-        Ok(self.calibration.read().is_some() || self.store.meta.contains_key(CALIBRATION_KEY)?)
+        Ok(self.calibration.get().is_some() || self.store.meta.contains_key(CALIBRATION_KEY)?)
     }
 
     /// A derived value kept in memory and in `meta`: the one in memory, else the stored one
     /// (then kept in memory), else `None`.
     fn loaded<T: serde::de::DeserializeOwned>(
         &self,
-        slot: &crate::lock::OrderedRwLock<Option<Arc<T>>>,
+        slot: &crate::lock::Cached<T>,
         key: &str,
     ) -> Result<Option<Arc<T>>> {
-        if let Some(value) = slot.read().clone() {
-            return Ok(Some(value));
-        }
-        let Some(bytes) = self.store.meta.get(key)? else {
-            return Ok(None);
-        };
-        let value: Arc<T> = Arc::new(
-            serde_json::from_slice(&bytes)
-                .map_err(|e| crate::error::corrupt("meta", format!("stored {key}: {e}")))?,
-        );
-        *slot.write() = Some(value.clone());
-        Ok(Some(value))
+        slot.get_or_load(|| {
+            let Some(bytes) = self.store.meta.get(key)? else {
+                return Ok(None);
+            };
+            let value = serde_json::from_slice(&bytes)
+                .map_err(|e| crate::error::corrupt("meta", format!("stored {key}: {e}")))?;
+            Ok(Some(value))
+        })
     }
 
     /// Stores a derived value in `meta` and keeps it in memory.
     fn keep<T: Serialize>(
         &self,
-        slot: &crate::lock::OrderedRwLock<Option<Arc<T>>>,
+        slot: &crate::lock::Cached<T>,
         key: &str,
         value: T,
     ) -> Result<Arc<T>> {
@@ -139,7 +135,7 @@ impl Engine {
             serde_json::to_vec(&value).expect("derived values serialize"),
         )?;
         let value = Arc::new(value);
-        *slot.write() = Some(value.clone());
+        slot.set(Some(Arc::clone(&value)));
         Ok(value)
     }
 
@@ -293,7 +289,7 @@ impl Engine {
     /// Recalibrates (and rebuilds the product model) when the calibration is older than
     /// `max_age_ms`; returns whether it did. Nothing happens before a first calibration.
     pub fn refresh_traits_if_older(&self, now: i64, max_age_ms: i64) -> Result<bool> {
-        let Some(calibration) = self.calibration.read().clone() else {
+        let Some(calibration) = self.calibration.get() else {
             return Ok(false);
         };
         if i64::from(calibration.at) * 1000 + max_age_ms > now {

@@ -280,7 +280,7 @@ impl Engine {
     /// Trains a new version of a stored model with the recipe it was trained with, at `now`,
     /// and makes it active; returns the version. A recipe outside [`bounds`] is refused.
     pub fn retrain(&self, name: &str, now: i64) -> Result<u32, EngineError> {
-        let training = self.model(name)?.training;
+        let training = self.models.active_model(name)?.training;
         training.validate().map_err(|e| {
             EngineError::Invalid(format!(
                 "{name} was trained with settings out of bounds ({e}); train it again with new ones"

@@ -14,6 +14,7 @@ use crate::computed::ComputedTraits;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::features::FEATURES;
+use crate::lock::{Cached, Level};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -281,44 +282,57 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-impl Engine {
+/// The stored models, a component of its own: every version of each in `meta`, which one is
+/// active, and the active set, loaded on first use and dropped when it changes. It owns that
+/// cache and reads only its own keys; the engine's facade re-evaluates segments after a change.
+pub struct ModelRegistry {
+    meta: fjall::Keyspace,
+    /// The active set once loaded (a load racing an activation used to keep the old set for
+    /// good: the concurrency test below found it).
+    active: Cached<ModelSet>,
+}
+
+impl ModelRegistry {
+    pub(crate) fn new(meta: fjall::Keyspace) -> Self {
+        Self {
+            meta,
+            active: Cached::new(Level::Cache),
+        }
+    }
+
     /// Stores `model` as the next version of its name and makes it active; returns the version.
-    /// The live segments are re-evaluated (a new model may move profiles in or out).
-    pub fn save_model(&self, mut model: SavedModel, now: i64) -> Result<u32> {
+    pub fn save(&self, mut model: SavedModel) -> Result<u32> {
         check_name(&model.name)?;
         model.version = self.last_version(&model.name)?.map_or(1, |v| v + 1);
         let bytes = serde_json::to_vec(&model).expect("models serialize");
-        self.store
-            .meta
+        self.meta
             .insert(version_key(&model.name, model.version), bytes)?;
-        self.activate_model(&model.name, model.version, now)?;
+        self.activate(&model.name, model.version)?;
         Ok(model.version)
     }
 
     /// Makes a stored version the one scored.
-    pub fn activate_model(&self, name: &str, version: u32, now: i64) -> Result<()> {
-        if self.store.meta.get(version_key(name, version))?.is_none() {
+    pub fn activate(&self, name: &str, version: u32) -> Result<()> {
+        if self.meta.get(version_key(name, version))?.is_none() {
             return Err(EngineError::NotFound(format!(
                 "model {name} version {version}"
             )));
         }
-        self.store
-            .meta
-            .insert(active_key(name), version.to_le_bytes())?;
-        *self.models.write() = None;
-        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)
+        self.meta.insert(active_key(name), version.to_le_bytes())?;
+        self.active.set(None);
+        Ok(())
     }
 
     /// Summaries of the active models, or of every version of one.
-    pub fn model_summaries(&self, name: Option<&str>) -> Result<Vec<ModelSummary>> {
-        let set = self.model_set()?;
+    pub fn summaries(&self, name: Option<&str>) -> Result<Vec<ModelSummary>> {
+        let set = self.active_set()?;
         let active = |m: &SavedModel| {
             set.models()
                 .any(|a| a.name == m.name && a.version == m.version)
         };
         Ok(match name {
             Some(name) => {
-                let versions = self.model_versions(name)?;
+                let versions = self.versions(name)?;
                 if versions.is_empty() {
                     return Err(EngineError::NotFound(format!("model {name}")));
                 }
@@ -329,11 +343,11 @@ impl Engine {
     }
 
     /// One stored version of a model (the active one when `version` is `None`).
-    pub fn model_version(&self, name: &str, version: Option<u32>) -> Result<Arc<SavedModel>> {
+    pub fn version(&self, name: &str, version: Option<u32>) -> Result<Arc<SavedModel>> {
         match version {
-            None => self.model(name),
+            None => self.active_model(name),
             Some(version) => {
-                let Some(bytes) = self.store.meta.get(version_key(name, version))? else {
+                let Some(bytes) = self.meta.get(version_key(name, version))? else {
                     return Err(EngineError::NotFound(format!(
                         "model {name} version {version}"
                     )));
@@ -346,9 +360,9 @@ impl Engine {
     }
 
     /// A stored version (the active one when `version` is `None`) with its settings and report.
-    pub fn model_detail(&self, name: &str, version: Option<u32>) -> Result<ModelDetail> {
-        let model = self.model_version(name, version)?;
-        let active = self.model(name)?.version == model.version;
+    pub fn detail(&self, name: &str, version: Option<u32>) -> Result<ModelDetail> {
+        let model = self.version(name, version)?;
+        let active = self.active_model(name)?.version == model.version;
         Ok(ModelDetail {
             model: model.summary(active),
             training: model.training,
@@ -358,12 +372,7 @@ impl Engine {
 
     /// The newest stored version number of a model (read from the key, not the model).
     fn last_version(&self, name: &str) -> Result<Option<u32>> {
-        let Some(entry) = self
-            .store
-            .meta
-            .prefix(format!("model/{name}/v"))
-            .next_back()
-        else {
+        let Some(entry) = self.meta.prefix(format!("model/{name}/v")).next_back() else {
             return Ok(None);
         };
         let (key, _) = entry.into_inner()?;
@@ -375,9 +384,9 @@ impl Engine {
     }
 
     /// Every stored version of a model, oldest first.
-    pub fn model_versions(&self, name: &str) -> Result<Vec<SavedModel>> {
+    pub fn versions(&self, name: &str) -> Result<Vec<SavedModel>> {
         let mut versions = Vec::new();
-        for entry in self.store.meta.prefix(format!("model/{name}/v")) {
+        for entry in self.meta.prefix(format!("model/{name}/v")) {
             let (key, value) = entry.into_inner()?;
             let model: SavedModel = serde_json::from_slice(&value).map_err(|e| {
                 EngineError::Invalid(format!("stored {}: {e}", String::from_utf8_lossy(&key)))
@@ -388,8 +397,8 @@ impl Engine {
     }
 
     /// The active version of a model.
-    pub fn model(&self, name: &str) -> Result<Arc<SavedModel>> {
-        self.model_set()?
+    pub fn active_model(&self, name: &str) -> Result<Arc<SavedModel>> {
+        self.active_set()?
             .models()
             .find(|m| m.name == name)
             .cloned()
@@ -397,27 +406,53 @@ impl Engine {
     }
 
     /// The active version of every model (loaded from `meta` on first use).
+    pub fn active_set(&self) -> Result<Arc<ModelSet>> {
+        let set = self.active.get_or_load(|| -> Result<_> {
+            let mut active = Vec::new();
+            for entry in self.meta.prefix(ACTIVE_PREFIX) {
+                let (key, version) = entry.into_inner()?;
+                let name = String::from_utf8_lossy(&key[ACTIVE_PREFIX.len()..]).into_owned();
+                let version = u32::from_le_bytes(version.as_ref().try_into().map_err(|_| {
+                    EngineError::Invalid(format!("stored active version of model {name}"))
+                })?);
+                let Some(bytes) = self.meta.get(version_key(&name, version))? else {
+                    continue;
+                };
+                let model: SavedModel = serde_json::from_slice(&bytes).map_err(|e| {
+                    crate::error::corrupt("meta", format!("stored model {name}: {e}"))
+                })?;
+                active.push(Arc::new(model));
+            }
+            Ok(Some(ModelSet::new(active)))
+        })?;
+        Ok(set.expect("the loader always finds a set"))
+    }
+}
+
+/// The engine's facade: a change of the active models re-evaluates what reads them.
+impl Engine {
+    /// Stores `model` as the next version of its name and makes it active; returns the version.
+    /// The live segments are re-evaluated (a new model may move profiles in or out).
+    pub fn save_model(&self, model: SavedModel, now: i64) -> Result<u32> {
+        let version = self.models.save(model)?;
+        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)?;
+        Ok(version)
+    }
+
+    /// Makes a stored version the one scored, and re-evaluates the live segments.
+    pub fn activate_model(&self, name: &str, version: u32, now: i64) -> Result<()> {
+        self.models.activate(name, version)?;
+        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)
+    }
+
+    /// The stored models.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.models
+    }
+
+    /// The active version of every model.
     pub fn model_set(&self) -> Result<Arc<ModelSet>> {
-        if let Some(set) = self.models.read().clone() {
-            return Ok(set);
-        }
-        let mut active = Vec::new();
-        for entry in self.store.meta.prefix(ACTIVE_PREFIX) {
-            let (key, version) = entry.into_inner()?;
-            let name = String::from_utf8_lossy(&key[ACTIVE_PREFIX.len()..]).into_owned();
-            let version = u32::from_le_bytes(version.as_ref().try_into().map_err(|_| {
-                EngineError::Invalid(format!("stored active version of model {name}"))
-            })?);
-            let Some(bytes) = self.store.meta.get(version_key(&name, version))? else {
-                continue;
-            };
-            let model: SavedModel = serde_json::from_slice(&bytes)
-                .map_err(|e| crate::error::corrupt("meta", format!("stored model {name}: {e}")))?;
-            active.push(Arc::new(model));
-        }
-        let set = Arc::new(ModelSet::new(active));
-        *self.models.write() = Some(set.clone());
-        Ok(set)
+        self.models.active_set()
     }
 }
 
@@ -431,6 +466,74 @@ mod tests {
         assert_eq!(nearest(&centroids, &[1.9, 0.1]), 1);
         assert_eq!(nearest(&centroids, &[1.0, 0.0]), 0);
         assert_eq!(nearest(&centroids, &[0.0, 2.0]), 2);
+    }
+
+    fn kmeans(name: &str, tag: f64) -> SavedModel {
+        SavedModel {
+            name: name.into(),
+            version: 0,
+            trained_at: 0,
+            training_seconds: 0.0,
+            features: vec!["a".into()],
+            scales: vec![(0.0, 1.0)],
+            kind: ModelKind::KMeans {
+                centroids: vec![vec![tag]],
+                names: vec![format!("c{tag}")],
+            },
+            training: crate::models::Training::KMeans(crate::models::ClusterParams {
+                min_k: 1,
+                max_k: 1,
+                restarts: 1,
+                sample: 10,
+                seed: 1,
+            }),
+            report: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn the_registry_under_concurrent_saves_activations_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let registry = Arc::new(ModelRegistry::new(store.meta.clone()));
+        let (done, finished) = std::sync::mpsc::channel();
+        for writer in 0..2 {
+            let (registry, done) = (Arc::clone(&registry), done.clone());
+            std::thread::spawn(move || {
+                let name = format!("m{writer}");
+                for round in 0..50 {
+                    let version = registry.save(kmeans(&name, f64::from(round))).unwrap();
+                    assert_eq!(version, round + 1);
+                    registry.activate(&name, 1 + round / 2).unwrap();
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..2 {
+            let (registry, done) = (Arc::clone(&registry), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..500 {
+                    for model in registry.active_set().unwrap().models() {
+                        // The active set holds a stored version, whole.
+                        let stored = registry.version(&model.name, Some(model.version)).unwrap();
+                        assert_eq!(stored.trained_at, model.trained_at);
+                        assert_eq!(stored.version, model.version);
+                    }
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every thread finished in time (a hang or a panic otherwise)");
+        }
+        for name in ["m0", "m1"] {
+            assert_eq!(registry.active_model(name).unwrap().version, 25);
+            assert_eq!(registry.versions(name).unwrap().len(), 50);
+        }
+        let set = registry.active_set().unwrap();
+        assert_eq!(set.models().count(), 2);
     }
 
     const NOW: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
@@ -484,13 +587,31 @@ mod tests {
 
         // Versions: a retrain adds version 2; activating 1 again scores version 1.
         assert_eq!(engine.retrain("purchase_30d", NOW + 86_400_000).unwrap(), 2);
-        assert_eq!(engine.model("purchase_30d").unwrap().version, 2);
         assert_eq!(
-            engine.model_summaries(Some("purchase_30d")).unwrap().len(),
+            engine
+                .models()
+                .active_model("purchase_30d")
+                .unwrap()
+                .version,
+            2
+        );
+        assert_eq!(
+            engine
+                .models()
+                .summaries(Some("purchase_30d"))
+                .unwrap()
+                .len(),
             2
         );
         engine.activate_model("purchase_30d", 1, NOW).unwrap();
-        assert_eq!(engine.model("purchase_30d").unwrap().version, 1);
+        assert_eq!(
+            engine
+                .models()
+                .active_model("purchase_30d")
+                .unwrap()
+                .version,
+            1
+        );
         assert!(engine.activate_model("purchase_30d", 7, NOW).is_err());
 
         // The schedule retrains what is older than the age given, and only that.
@@ -500,7 +621,7 @@ mod tests {
             .unwrap();
         due.sort();
         assert_eq!(due, ["cluster", "purchase_30d"]);
-        assert_eq!(engine.model("cluster").unwrap().version, 2);
+        assert_eq!(engine.models().active_model("cluster").unwrap().version, 2);
 
         // Reopened, the active versions are read back from the store.
         drop(engine);
