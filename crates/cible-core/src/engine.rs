@@ -239,7 +239,8 @@ impl Engine {
         let (hot, hashes) = if light {
             (HotStore::with_columns(&columns), Vec::new())
         } else {
-            load_hot(&store, &[(0, state.counters.next_profile)], &columns)?
+            let everyone = (state.counters.next_seq, state.counters.next_profile);
+            load_hot(&store, &[(0, everyone.1)], &columns, Some(everyone))?
         };
         state.seen = SeenSet::from_hashes(hashes);
         let mut api_keys = FxHashMap::default();
@@ -377,11 +378,12 @@ impl Engine {
             // Only the profiles loaded so far, and nothing written.
             let loaded = self.hot.read().loaded_profiles();
             let ranges: Vec<(u32, u32)> = loaded.iter().map(|p| (*p, p + 1)).collect();
-            let (hot, _) = load_hot(&self.store, &ranges, &columns)?;
+            let (hot, _) = load_hot(&self.store, &ranges, &columns, None)?;
             *self.hot.write() = hot;
             return Ok(());
         }
-        let (hot, _) = load_hot(&self.store, &[(0, state.counters.next_profile)], &columns)?;
+        let everyone = (state.counters.next_seq, state.counters.next_profile);
+        let (hot, _) = load_hot(&self.store, &[(0, everyone.1)], &columns, Some(everyone))?;
         self.store.meta.insert(COLUMNS_KEY, to_json(&columns))?;
         *self.hot.write() = hot;
         Ok(())
@@ -1004,7 +1006,22 @@ type ScannedRange = (Scanned, Vec<u64>);
 /// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
 /// hashes from the hot rows of the `events` entries, scanning ranges of profiles in parallel (timelines of
 /// different profiles are disjoint).
-fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(HotStore, Vec<u64>)> {
+/// The hot store of the profiles in `ranges`, and the messageId hashes of their events.
+/// `population` (events, profiles), when the ranges cover every profile, sizes the buffers
+/// ahead: grown by doubling, they had the kernel zeroing pages for most of an open.
+fn load_hot(
+    store: &Store,
+    ranges: &[(u32, u32)],
+    columns: &[u8],
+    population: Option<(u64, u32)>,
+) -> Result<(HotStore, Vec<u64>)> {
+    let expected = |start: u32, end: u32| -> usize {
+        population.map_or(0, |(events, profiles)| {
+            let share = events as u128 * u128::from(end - start) / u128::from(profiles.max(1));
+            // Activity varies between ranges of profiles: a quarter more, then doubling.
+            (share + share / 4) as usize
+        })
+    };
     let n_parts = (rayon::current_num_threads() * 4).max(1) as u32;
     let mut parts: Vec<(u32, u32)> = Vec::new();
     for &(first, end) in ranges {
@@ -1027,6 +1044,8 @@ fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(Hot
             // profile, grown row by row, had the kernel zeroing fresh pages for two thirds of
             // an open's time.
             let (mut scanned, mut hashes): ScannedRange = (Scanned::default(), Vec::new());
+            scanned.rows.reserve(expected(start, end));
+            hashes.reserve(expected(start, end));
             for entry in store.events.range(profile_key(start)..profile_key(end)) {
                 let (key, value) = entry.into_inner()?;
                 let (profile, ts, _) = key_of("events", &key)?;
@@ -1047,7 +1066,7 @@ fn load_hot(store: &Store, ranges: &[(u32, u32)], columns: &[u8]) -> Result<(Hot
         })
         .collect();
     let mut hot = HotStore::with_columns(columns);
-    let mut all_hashes = Vec::new();
+    let mut all_hashes = Vec::with_capacity(population.map_or(0, |(events, _)| events as usize));
     for part in scanned {
         let (scanned, hashes) = part?;
         let (mut start, mut others_start) = (0, 0);
