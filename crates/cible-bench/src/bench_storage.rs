@@ -173,10 +173,23 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let restart = started.elapsed().as_secs_f64();
     crate::bench::stop_server(&mut child)?;
     rows.push(Row {
-        measure: "restart: `cible serve` until it listens (s)",
-        value: format!("{restart:.2}"),
+        measure: "restart after a clean stop: `cible serve` until it listens (s)",
+        value: format!("{restart:.2} (the hot store from its snapshot)"),
         baseline: format!("DuckDB load {duck_s:.1} s"),
         ratio: format!("{:.2}x the DuckDB load", restart / duck_s),
+        target: "<= 15 s at 100M events",
+    });
+    // As after a crash: no snapshot, the open scans the store.
+    std::fs::remove_file(cible_core::snapshot::path(&data))?;
+    let started = Instant::now();
+    let (mut child, _) = crate::bench::spawn_server(&data, now)?;
+    let scanned = started.elapsed().as_secs_f64();
+    crate::bench::stop_server(&mut child)?;
+    rows.push(Row {
+        measure: "restart after a crash: `cible serve` until it listens (s)",
+        value: format!("{scanned:.2} (the hot store from a scan of the store)"),
+        baseline: format!("DuckDB load {duck_s:.1} s"),
+        ratio: format!("{:.2}x the DuckDB load", scanned / duck_s),
         target: "<= 15 s at 100M events",
     });
 

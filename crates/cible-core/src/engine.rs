@@ -138,6 +138,10 @@ pub struct Engine {
     columns_supported: bool,
     /// Opened with [`Engine::open_light`]: read-only, profiles loaded on demand.
     light: bool,
+    /// The data directory (the hot store's snapshot is written there on close).
+    data_dir: std::path::PathBuf,
+    /// Whether this open loaded the hot store from a snapshot (see [`crate::snapshot`]).
+    from_snapshot: bool,
     /// Computed traits: the configuration, and the calibration and product model once known.
     pub(crate) trait_config: crate::computed::config::TraitConfig,
     pub(crate) calibration: crate::lock::Cached<crate::computed::calibrate::Calibration>,
@@ -236,11 +240,38 @@ impl Engine {
             }
             _ => Vec::new(),
         };
+        let mut from_snapshot = false;
         let (hot, hashes) = if light {
             (HotStore::with_columns(&columns), Vec::new())
         } else {
-            let everyone = (state.counters.next_seq, state.counters.next_profile);
-            load_hot(&store, &[(0, everyone.1)], &columns, Some(everyone))?
+            let token = match store.meta.get(crate::snapshot::TOKEN_KEY)? {
+                Some(bytes) => Some(u64::from_le_bytes(
+                    bytes.as_ref().try_into().map_err(|e| corrupt("meta", e))?,
+                )),
+                None => None,
+            };
+            let loaded = token.and_then(|token| crate::snapshot::read(dir, token, &columns));
+            if token.is_some() {
+                // From here on the store may change: the snapshot no longer matches it, and
+                // holds what an erasure may remove. The next clean close writes another.
+                let mut batch = store
+                    .db
+                    .batch()
+                    .durability(Some(fjall::PersistMode::SyncAll));
+                batch.remove(&store.meta, crate::snapshot::TOKEN_KEY);
+                batch.commit()?;
+                crate::snapshot::remove(dir)?;
+            }
+            match loaded {
+                Some((hot, hashes)) => {
+                    from_snapshot = true;
+                    (hot, hashes)
+                }
+                None => {
+                    let everyone = (state.counters.next_seq, state.counters.next_profile);
+                    load_hot(&store, &[(0, everyone.1)], &columns, Some(everyone))?
+                }
+            }
         };
         state.seen = SeenSet::from_hashes(hashes);
         let mut api_keys = FxHashMap::default();
@@ -269,6 +300,8 @@ impl Engine {
             backfill_progress: std::sync::atomic::AtomicU64::new(0),
             columns_supported,
             light,
+            data_dir: dir.to_path_buf(),
+            from_snapshot,
             trait_config,
             calibration: crate::lock::Cached::new(Level::Cache),
             product_model: crate::lock::Cached::new(Level::Cache),
@@ -396,6 +429,7 @@ impl Engine {
             events: self.hot.read().n_events(),
             profiles: live_profiles(&state),
             identifiers: state.idents.len(),
+            from_snapshot: self.from_snapshot,
         }
     }
 
@@ -967,6 +1001,33 @@ impl std::ops::Deref for HotChunk<'_> {
     }
 }
 
+impl Engine {
+    /// On close, once nothing can write any more: the hot store's snapshot and its token (see
+    /// [`crate::snapshot`]).
+    fn write_snapshot(&mut self) -> Result<()> {
+        let token = {
+            // The lock order: the writer's state (the dedup hashes), then the hot store.
+            let state = self.state.lock();
+            let hot = self.hot.read();
+            let token = rand::random::<u64>();
+            crate::snapshot::write(&self.data_dir, token, &hot, &state.seen.all())?;
+            token
+        };
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        batch.insert(
+            &self.store.meta,
+            crate::snapshot::TOKEN_KEY,
+            token.to_le_bytes(),
+        );
+        batch.commit()?;
+        Ok(())
+    }
+}
+
 impl Drop for Engine {
     /// Leaves no journal to replay: what is still only in memtables is written out to tables, so
     /// the next open (a CLI command after another) does not replay it.
@@ -982,6 +1043,12 @@ impl Drop for Engine {
                 tracing::warn!(error = %error, "writing an import's last entries on close failed; the next open drops its last events");
                 return;
             }
+        }
+        // Before the checkpoint, so that its token goes to a table rather than the journal.
+        if !self.light
+            && let Err(error) = self.write_snapshot()
+        {
+            tracing::warn!(error = %error, "writing the hot store's snapshot failed; the next open scans the store");
         }
         if self.store.db.write_buffer_size() > 0
             && let Err(error) = self.store.checkpoint()

@@ -196,6 +196,87 @@ impl HotStore {
         }
     }
 
+    /// Appends the content to `out` (the snapshot's form: [`HotStore::decode`] reads it back).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        assert_eq!(self.offset, 0, "a window is not snapshotted");
+        out.push(self.columns.len() as u8);
+        out.extend(self.columns.iter().map(|c| c.property));
+        for hidden in self.hidden {
+            out.extend_from_slice(&hidden.to_le_bytes());
+        }
+        let profiles: Vec<u32> = (0..self.timelines.len() as u32)
+            .filter(|p| !self.timelines[*p as usize].is_empty())
+            .collect();
+        out.extend_from_slice(&(profiles.len() as u32).to_le_bytes());
+        for profile in profiles {
+            let events = &self.timelines[profile as usize];
+            out.extend_from_slice(&profile.to_le_bytes());
+            out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+            for event in events {
+                out.extend_from_slice(&event.ts.to_le_bytes());
+                out.extend_from_slice(&event.name.to_le_bytes());
+                out.push(event.flags);
+                out.push(event.kind);
+                out.extend_from_slice(&event.key.to_le_bytes());
+                out.extend_from_slice(&event.value.to_le_bytes());
+            }
+            for column in &self.columns {
+                let values = column
+                    .profiles
+                    .get(profile as usize)
+                    .map_or(&[][..], Vec::as_slice);
+                out.push(u8::from(!values.is_empty()));
+                for value in values {
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// The store [`HotStore::encode_into`] wrote, and the bytes after it; `None` if the bytes
+    /// are not one.
+    pub fn decode(bytes: &[u8]) -> Option<(HotStore, &[u8])> {
+        let mut reader = Reader(bytes);
+        let n_columns = usize::from(reader.u8()?);
+        let properties = reader.take(n_columns)?.to_vec();
+        let mut hot = HotStore::with_columns(&properties);
+        for hidden in &mut hot.hidden {
+            *hidden = reader.u64()?;
+        }
+        let n_profiles = reader.u32()?;
+        for _ in 0..n_profiles {
+            let profile = reader.u32()?;
+            let n = reader.u32()? as usize;
+            let rows = reader.take(n.checked_mul(16)?)?;
+            let events: Vec<HotEvent> = rows
+                .chunks_exact(16)
+                .map(|row| HotEvent {
+                    ts: u32::from_le_bytes(row[0..4].try_into().expect("4 bytes")),
+                    name: u16::from_le_bytes(row[4..6].try_into().expect("2 bytes")),
+                    flags: row[6],
+                    kind: row[7],
+                    key: u32::from_le_bytes(row[8..12].try_into().expect("4 bytes")),
+                    value: f32::from_le_bytes(row[12..16].try_into().expect("4 bytes")),
+                })
+                .collect();
+            if profile as usize >= hot.timelines.len() {
+                hot.timelines.resize_with(profile as usize + 1, Vec::new);
+            }
+            hot.n_events += events.len();
+            hot.timelines[profile as usize] = events;
+            for column in &mut hot.columns {
+                if reader.u8()? == 1 {
+                    let values = reader.take(n.checked_mul(4)?)?;
+                    *column.values_mut(profile) = values
+                        .chunks_exact(4)
+                        .map(|v| u32::from_le_bytes(v.try_into().expect("4 bytes")))
+                        .collect();
+                }
+            }
+        }
+        Some((hot, reader.0))
+    }
+
     /// The key properties with a column.
     pub fn columns(&self) -> Vec<u8> {
         self.columns.iter().map(|c| c.property).collect()
@@ -436,6 +517,34 @@ impl HotStore {
             .map(|t| t.capacity() * size_of::<HotEvent>())
             .sum();
         events + self.timelines.capacity() * size_of::<Vec<HotEvent>>()
+    }
+}
+
+/// Reads little-endian numbers off the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 }
 

@@ -27,6 +27,7 @@ pub mod quality;
 pub mod records;
 pub mod seen;
 pub mod segment;
+pub mod snapshot;
 pub mod store;
 pub mod time;
 pub mod trait_columns;

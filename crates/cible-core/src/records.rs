@@ -130,6 +130,9 @@ pub struct LoadStats {
     pub events: usize,
     pub profiles: usize,
     pub identifiers: usize,
+    /// Whether the hot store came from the snapshot of a clean close ([`crate::snapshot`]),
+    /// not from a scan of the store.
+    pub from_snapshot: bool,
 }
 
 /// The result of [`Engine::lookup_profile`].

@@ -51,6 +51,15 @@ impl SeenSet {
         self.base.dedup();
     }
 
+    /// Every hash, sorted.
+    pub fn all(&self) -> Vec<u64> {
+        let mut all = self.base.clone();
+        all.extend(self.recent.iter().copied());
+        all.par_sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
         self.base.capacity() * 8 + self.recent.capacity() * 9

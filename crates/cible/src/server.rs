@@ -150,6 +150,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         events = loaded.events,
         profiles = loaded.profiles,
+        from_snapshot = loaded.from_snapshot,
         "store loaded"
     );
     if args.demo {

@@ -786,7 +786,10 @@ fn closing_leaves_nothing_to_replay() {
         );
     }
     let engine = Engine::open(dir.path()).unwrap();
-    assert_eq!(engine.store.db.write_buffer_size(), 0);
+    // Only the open's own write: spending the hot store snapshot's token.
+    assert!(engine.from_snapshot);
+    let replayed = engine.store.db.write_buffer_size();
+    assert!(replayed < 128, "{replayed} bytes in memory after the open");
     assert_eq!(events_of(&engine, "u1"), ["t1"]);
 }
 
@@ -828,4 +831,96 @@ fn packed_bodies_read_back_as_imported_after_a_reopen() {
         log_bytes * 100 < unpacked * 92,
         "the log holds {log_bytes} bytes, {unpacked} unpacked"
     );
+}
+
+/// The hot store and dedup hashes as a scan of the store builds them, encoded.
+fn scanned_hot(engine: &Engine) -> (Vec<u8>, Vec<u64>) {
+    let state = engine.state.lock();
+    let columns = engine.hot().columns();
+    let (hot, mut hashes) = load_hot(
+        &engine.store,
+        &[(0, state.counters.next_profile)],
+        &columns,
+        None,
+    )
+    .unwrap();
+    hashes.sort_unstable();
+    hashes.dedup();
+    let mut bytes = Vec::new();
+    hot.encode_into(&mut bytes);
+    (bytes, hashes)
+}
+
+fn loaded_hot(engine: &Engine) -> (Vec<u8>, Vec<u64>) {
+    let mut bytes = Vec::new();
+    engine.hot().encode_into(&mut bytes);
+    (bytes, engine.state.lock().seen.all())
+}
+
+#[test]
+fn a_clean_close_leaves_a_snapshot_that_the_next_open_loads_as_a_scan_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let engine = Engine::open(&data).unwrap();
+        let mut batch = Vec::new();
+        for i in 0..300 {
+            let anonymous = format!("anon-{}", i % 40);
+            batch.push(track(
+                &format!("t{i}"),
+                None,
+                Some(&anonymous),
+                "Page Viewed",
+                i,
+            ));
+        }
+        ingest(&engine, &batch);
+        assert!(!engine.from_snapshot, "a new store has no snapshot");
+    }
+    assert!(crate::snapshot::path(&data).exists());
+    // Reopened from the snapshot: the same as a scan; the token is gone until the next close.
+    {
+        let engine = Engine::open(&data).unwrap();
+        assert!(engine.from_snapshot, "loaded from the snapshot");
+        assert!(
+            engine
+                .store
+                .meta
+                .get(crate::snapshot::TOKEN_KEY)
+                .unwrap()
+                .is_none(),
+            "a crash from here on finds no token"
+        );
+        assert!(!crate::snapshot::path(&data).exists(), "nor a file");
+        assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
+        // Changes of every kind: new events, a merge (anonymous to user), a removal.
+        ingest(
+            &engine,
+            &[
+                identify("i1", "user-1", Some("anon-1"), json!({"plan": "pro"}), 5),
+                track("t-late", Some("user-1"), None, "Order Completed", 2000),
+            ],
+        );
+        engine
+            .remove_profile(engine.find_profile("anon-2").unwrap())
+            .unwrap();
+    }
+    {
+        let engine = Engine::open(&data).unwrap();
+        assert!(engine.from_snapshot);
+        assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
+        assert_eq!(events_of(&engine, "user-1").len(), 10);
+    }
+    // A light open neither uses nor spends it.
+    drop(Engine::open_light(&data).unwrap());
+    assert!(Engine::open(&data).unwrap().from_snapshot);
+    // A damaged snapshot is not used: the open scans the store.
+    let path = crate::snapshot::path(&data);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let engine = Engine::open(&data).unwrap();
+    assert!(!engine.from_snapshot, "the damaged snapshot was not loaded");
+    assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
 }

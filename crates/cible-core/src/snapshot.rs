@@ -1,0 +1,113 @@
+//! A snapshot of the hot store and the dedup filter, written when a full engine closes and read
+//! at the next open instead of scanning every `events` entry (the open's cost at scale).
+//!
+//! File `DATA/hot.snapshot`: `MAGIC · token u64 · payload length u64 · CRC-32 of the payload ·
+//! payload` (little-endian), the payload being [`HotStore::encode_into`] followed by the
+//! messageId hashes (count u64, then each u64).
+//!
+//! **Valid only with its token.** Closing (`Engine`'s drop: nothing can write any more) writes
+//! the file (synced, renamed into place, the directory synced), then commits the file's random
+//! token under [`TOKEN_KEY`] in `meta`. A full open that finds the key and a file with the same
+//! token and a good CRC uses the file; either way it removes the key (synced) and then the file
+//! before it accepts any write. So a snapshot exists only between a clean close and the next
+//! full open, while the store holds exactly what it does (a light open writes nothing and
+//! leaves both). After a crash there is no token, and the open scans the store. Anything that
+//! does not match (another token, a damaged or missing file, other property columns) is not an
+//! error: the open scans the store.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::hot::HotStore;
+use crate::store::StoreError;
+
+/// The `meta` key holding the token of the snapshot that matches the store.
+pub const TOKEN_KEY: &str = "hot_snapshot";
+
+const MAGIC: &[u8; 8] = b"CIBLEHS1";
+const HEADER: usize = 8 + 8 + 8 + 4;
+
+/// Where the snapshot lives in a data directory.
+pub fn path(data: &Path) -> PathBuf {
+    data.join("hot.snapshot")
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Removes the snapshot (once its token is gone), if there is one.
+pub fn remove(data: &Path) -> Result<(), StoreError> {
+    let path = path(data);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(io(&path, error)),
+    }
+}
+
+/// Writes the snapshot of `hot` and `hashes` under `token` (synced, then renamed into place).
+pub fn write(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
+    write_file(data, token, hot, hashes).map_err(|e| io(&path(data), e))
+}
+
+fn write_file(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> std::io::Result<()> {
+    let mut payload = Vec::with_capacity(hot.n_events() * 17 + hashes.len() * 8 + 1024);
+    hot.encode_into(&mut payload);
+    payload.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+    for hash in hashes {
+        payload.extend_from_slice(&hash.to_le_bytes());
+    }
+    let path = path(data);
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(MAGIC)?;
+    file.write_all(&token.to_le_bytes())?;
+    file.write_all(&(payload.len() as u64).to_le_bytes())?;
+    file.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
+    file.write_all(&payload)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &path)?;
+    std::fs::File::open(data)?.sync_all()
+}
+
+/// The hot store and hashes of the snapshot in `data`, if it carries `token`, is whole, and
+/// keeps the property columns `columns`.
+pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u64>)> {
+    let bytes = match std::fs::read(path(data)) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            tracing::warn!(%error, "the hot store's snapshot cannot be read; scanning the store");
+            return None;
+        }
+    };
+    let header = bytes.get(..HEADER)?;
+    let number = |range: std::ops::Range<usize>| {
+        u64::from_le_bytes(header[range].try_into().expect("8 bytes"))
+    };
+    let crc = u32::from_le_bytes(header[24..28].try_into().expect("4 bytes"));
+    let payload = bytes.get(HEADER..)?;
+    let whole = &header[..8] == MAGIC
+        && number(8..16) == token
+        && number(16..24) == payload.len() as u64
+        && crc32fast::hash(payload) == crc;
+    if !whole {
+        tracing::warn!("the hot store's snapshot does not match the store; scanning the store");
+        return None;
+    }
+    let (hot, rest) = HotStore::decode(payload)?;
+    let mut rest = rest;
+    let n = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
+    rest = &rest[8..];
+    if rest.len() != n.checked_mul(8)? || hot.columns() != columns {
+        return None;
+    }
+    let hashes = rest
+        .chunks_exact(8)
+        .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
+        .collect();
+    Some((hot, hashes))
+}
