@@ -233,10 +233,9 @@ impl HotStore {
         }
     }
 
-    /// The store [`HotStore::encode_into`] wrote, and the bytes after it; `None` if the bytes
-    /// are not one.
-    pub fn decode(bytes: &[u8]) -> Option<(HotStore, &[u8])> {
-        let mut reader = Reader(bytes);
+    /// The store [`HotStore::encode_into`] wrote, read from `reader` as it streams (no copy of
+    /// the whole encoding in memory); `None` if the bytes are not one.
+    pub fn decode(reader: &mut impl SnapshotRead) -> Option<HotStore> {
         let n_columns = usize::from(reader.u8()?);
         let properties = reader.take(n_columns)?.to_vec();
         let mut hot = HotStore::with_columns(&properties);
@@ -274,7 +273,7 @@ impl HotStore {
                 }
             }
         }
-        Some((hot, reader.0))
+        Some(hot)
     }
 
     /// The key properties with a column.
@@ -520,18 +519,10 @@ impl HotStore {
     }
 }
 
-/// Reads little-endian numbers off the front of a byte slice.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
+/// What [`HotStore::decode`] reads from: bytes in order, `None` past the end.
+pub trait SnapshotRead {
+    /// The next `n` bytes (valid until the next call).
+    fn take(&mut self, n: usize) -> Option<&[u8]>;
 
     fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])

@@ -74,40 +74,79 @@ fn write_file(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> std::i
     std::fs::File::open(data)?.sync_all()
 }
 
+/// Reads a snapshot's payload as it streams: bounded by the length the header gives, with the
+/// CRC computed on the way.
+struct Payload<R> {
+    inner: R,
+    left: u64,
+    crc: crc32fast::Hasher,
+    buffer: Vec<u8>,
+}
+
+impl<R: std::io::Read> crate::hot::SnapshotRead for Payload<R> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if n as u64 > self.left {
+            return None;
+        }
+        self.buffer.resize(n, 0);
+        self.inner.read_exact(&mut self.buffer).ok()?;
+        self.left -= n as u64;
+        self.crc.update(&self.buffer);
+        Some(&self.buffer)
+    }
+}
+
 /// The hot store and hashes of the snapshot in `data`, if it carries `token`, is whole, and
 /// keeps the property columns `columns`.
 pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u64>)> {
-    let bytes = match std::fs::read(path(data)) {
-        Ok(bytes) => bytes,
+    use crate::hot::SnapshotRead;
+    use std::io::Read;
+    let file = match std::fs::File::open(path(data)) {
+        Ok(file) => file,
         Err(error) => {
             tracing::warn!(%error, "the hot store's snapshot cannot be read; scanning the store");
             return None;
         }
     };
-    let header = bytes.get(..HEADER)?;
+    let mut file = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; HEADER];
+    file.read_exact(&mut header).ok()?;
     let number = |range: std::ops::Range<usize>| {
         u64::from_le_bytes(header[range].try_into().expect("8 bytes"))
     };
     let crc = u32::from_le_bytes(header[24..28].try_into().expect("4 bytes"));
-    let payload = bytes.get(HEADER..)?;
-    let whole = &header[..8] == MAGIC
-        && number(8..16) == token
-        && number(16..24) == payload.len() as u64
-        && crc32fast::hash(payload) == crc;
-    if !whole {
-        tracing::warn!("the hot store's snapshot does not match the store; scanning the store");
+    if &header[..8] != MAGIC || number(8..16) != token {
+        tracing::warn!("the hot store's snapshot is not this store's; scanning the store");
         return None;
     }
-    let (hot, rest) = HotStore::decode(payload)?;
-    let mut rest = rest;
-    let n = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
-    rest = &rest[8..];
-    if rest.len() != n.checked_mul(8)? || hot.columns() != columns {
-        return None;
+    let mut payload = Payload {
+        inner: file,
+        left: number(16..24),
+        crc: crc32fast::Hasher::new(),
+        buffer: Vec::new(),
+    };
+    let decoded = (|| {
+        let hot = HotStore::decode(&mut payload)?;
+        let n = usize::try_from(payload.u64()?).ok()?;
+        if (n as u64).checked_mul(8)? != payload.left {
+            return None;
+        }
+        let mut hashes = Vec::with_capacity(n);
+        for _ in 0..n {
+            hashes.push(payload.u64()?);
+        }
+        Some((hot, hashes))
+    })();
+    let mut rest = [0u8; 1];
+    let whole = decoded.is_some()
+        && payload.left == 0
+        && matches!(payload.inner.read(&mut rest), Ok(0))
+        && payload.crc.clone().finalize() == crc;
+    match decoded {
+        Some((hot, hashes)) if whole && hot.columns() == columns => Some((hot, hashes)),
+        _ => {
+            tracing::warn!("the hot store's snapshot is damaged; scanning the store");
+            None
+        }
     }
-    let hashes = rest
-        .chunks_exact(8)
-        .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
-        .collect();
-    Some((hot, hashes))
 }
