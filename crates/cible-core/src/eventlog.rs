@@ -110,20 +110,6 @@ pub struct EventLog {
     inner: OrderedMutex<Inner>,
 }
 
-fn corrupt(detail: String) -> StoreError {
-    StoreError::Corrupt {
-        keyspace: "event log",
-        detail,
-    }
-}
-
-fn io(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 impl EventLog {
     /// Opens the log in `dir` at its committed end `head` (`None`: nothing committed yet),
     /// cutting off what lies past it.
@@ -136,11 +122,11 @@ impl EventLog {
         head: Option<Position>,
         segment_bytes: u64,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let head = head.unwrap_or_default();
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-            let entry = entry.map_err(|e| io(dir, e))?;
+        for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(dir, e))?;
             let name = entry.file_name();
             let Some(id) = name
                 .to_str()
@@ -158,7 +144,7 @@ impl EventLog {
             let path = segment_path(dir, id);
             if id > head.segment {
                 // Written by a batch that never committed.
-                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+                std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
                 cut = true;
                 continue;
             }
@@ -166,19 +152,20 @@ impl EventLog {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|e| io(&path, e))?;
+                .map_err(|e| StoreError::io(&path, e))?;
             if id == head.segment {
-                let len = file.metadata().map_err(|e| io(&path, e))?.len();
+                let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
                 if len < head.offset {
-                    return Err(corrupt(format!(
+                    return Err(StoreError::event_log(format!(
                         "{} holds {len} bytes, the store committed {}: events are missing",
                         path.display(),
                         head.offset
                     )));
                 }
                 if len > head.offset {
-                    file.set_len(head.offset).map_err(|e| io(&path, e))?;
-                    file.sync_all().map_err(|e| io(&path, e))?;
+                    file.set_len(head.offset)
+                        .map_err(|e| StoreError::io(&path, e))?;
+                    file.sync_all().map_err(|e| StoreError::io(&path, e))?;
                 }
             }
             if files.len() <= id as usize {
@@ -204,7 +191,7 @@ impl EventLog {
         {
             let mut inner = log.inner.lock();
             if head.offset > 0 && inner.file(head.segment).is_none() {
-                return Err(corrupt(format!(
+                return Err(StoreError::event_log(format!(
                     "{} is missing: the store committed {} bytes in it",
                     segment_path(dir, head.segment).display(),
                     head.offset
@@ -228,7 +215,7 @@ impl EventLog {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| io(&path, e))?;
+            .map_err(|e| StoreError::io(&path, e))?;
         let file = Arc::new(file);
         if inner.files.len() <= id as usize {
             inner.files.resize(id as usize + 1, None);
@@ -250,8 +237,9 @@ impl EventLog {
         buffer.clear();
         let mut start = inner.head;
         for body in bodies {
-            let len = u32::try_from(body.len())
-                .map_err(|_| corrupt(format!("an event body of {} bytes", body.len())))?;
+            let len = u32::try_from(body.len()).map_err(|_| {
+                StoreError::event_log(format!("an event body of {} bytes", body.len()))
+            })?;
             let record = (HEADER + body.len()) as u64;
             let offset = start.offset + buffer.len() as u64;
             if offset > 0 && offset + record > self.segment_bytes {
@@ -286,9 +274,9 @@ impl EventLog {
         }
         let file = inner
             .file(at.segment)
-            .ok_or_else(|| corrupt(format!("segment {} is not open", at.segment)))?;
+            .ok_or_else(|| StoreError::event_log(format!("segment {} is not open", at.segment)))?;
         file.write_all_at(bytes, at.offset)
-            .map_err(|e| io(&segment_path(&self.dir, at.segment), e))?;
+            .map_err(|e| StoreError::io(&segment_path(&self.dir, at.segment), e))?;
         inner.head = Position {
             segment: at.segment,
             offset: at.offset + bytes.len() as u64,
@@ -313,12 +301,12 @@ impl EventLog {
         };
         for (id, file) in files {
             file.sync_data()
-                .map_err(|e| io(&segment_path(&self.dir, id), e))?;
+                .map_err(|e| StoreError::io(&segment_path(&self.dir, id), e))?;
         }
         if created {
             File::open(&self.dir)
                 .and_then(|dir| dir.sync_all())
-                .map_err(|e| io(&self.dir, e))?;
+                .map_err(|e| StoreError::io(&self.dir, e))?;
         }
         Ok(())
     }
@@ -331,7 +319,7 @@ impl EventLog {
     /// The codec body at `location`, checked against its CRC and unpacked.
     pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
         let file = self.inner.lock().file(location.segment).ok_or_else(|| {
-            corrupt(format!(
+            StoreError::event_log(format!(
                 "an index entry points into segment {}, which does not exist",
                 location.segment
             ))
@@ -339,12 +327,14 @@ impl EventLog {
         let mut record = vec![0u8; HEADER + location.len as usize];
         let path = || segment_path(&self.dir, location.segment);
         file.read_exact_at(&mut record, u64::from(location.offset))
-            .map_err(|e| corrupt(format!("{} at {}: {e}", path().display(), location.offset)))?;
+            .map_err(|e| {
+                StoreError::event_log(format!("{} at {}: {e}", path().display(), location.offset))
+            })?;
         let len = u32::from_le_bytes(record[..4].try_into().expect("four bytes"));
         let crc = u32::from_le_bytes(record[4..8].try_into().expect("four bytes"));
         let body = record.split_off(HEADER);
         if len != location.len || crc32fast::hash(&body) != crc {
-            return Err(corrupt(format!(
+            return Err(StoreError::event_log(format!(
                 "{} at {}: the record does not match its checksum",
                 path().display(),
                 location.offset
@@ -366,12 +356,12 @@ impl EventLog {
     /// after the next [`EventLog::sync`].
     pub fn erase(&self, location: Location) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
-        let file = inner
-            .file(location.segment)
-            .ok_or_else(|| corrupt(format!("segment {} does not exist", location.segment)))?;
+        let file = inner.file(location.segment).ok_or_else(|| {
+            StoreError::event_log(format!("segment {} does not exist", location.segment))
+        })?;
         let zeros = vec![0u8; location.len as usize];
         file.write_all_at(&zeros, u64::from(location.offset) + HEADER as u64)
-            .map_err(|e| io(&segment_path(&self.dir, location.segment), e))?;
+            .map_err(|e| StoreError::io(&segment_path(&self.dir, location.segment), e))?;
         if !inner.unsynced.contains(&location.segment) {
             inner.unsynced.push(location.segment);
         }
@@ -395,15 +385,15 @@ impl EventLog {
             let end = if segment == to.segment {
                 to.offset
             } else {
-                file.metadata().map_err(|e| io(&path, e))?.len()
+                file.metadata().map_err(|e| StoreError::io(&path, e))?.len()
             };
             while at + HEADER as u64 <= end {
                 let mut header = [0u8; HEADER];
                 file.read_exact_at(&mut header, at)
-                    .map_err(|e| io(&path, e))?;
+                    .map_err(|e| StoreError::io(&path, e))?;
                 let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
                 if at + (HEADER as u64) + u64::from(len) > end {
-                    return Err(corrupt(format!(
+                    return Err(StoreError::event_log(format!(
                         "{} at {at}: a record runs past the end",
                         path.display()
                     )));
@@ -417,7 +407,7 @@ impl EventLog {
                 let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
                 let mut body = vec![0u8; len as usize];
                 file.read_exact_at(&mut body, at + HEADER as u64)
-                    .map_err(|e| io(&path, e))?;
+                    .map_err(|e| StoreError::io(&path, e))?;
                 let body = match crc32fast::hash(&body) == crc {
                     true => Some(self.unpacked(body)?),
                     false => None,

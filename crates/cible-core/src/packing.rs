@@ -82,20 +82,6 @@ thread_local! {
     static DECOMPRESSOR: RefCell<DCtx<'static>> = RefCell::new(DCtx::create());
 }
 
-fn corrupt(detail: String) -> StoreError {
-    StoreError::Corrupt {
-        keyspace: "event log",
-        detail,
-    }
-}
-
-fn io(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 fn dictionary_path(dir: &Path, id: u8) -> PathBuf {
     dir.join(format!("dict-{id:03}.zstd"))
 }
@@ -113,7 +99,7 @@ impl Packer {
             match std::fs::read(&path) {
                 Ok(bytes) => dictionaries.push(Arc::new(Dictionary::new(id, &bytes))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) => return Err(io(&path, e)),
+                Err(e) => return Err(StoreError::io(&path, e)),
             }
         }
         let sampler = if dictionaries.is_empty() {
@@ -155,7 +141,7 @@ impl Packer {
         if stored.first() != Some(&PACKED) {
             return Ok(Cow::Borrowed(stored));
         }
-        let bad = |what: &str| corrupt(format!("a packed event body {what}"));
+        let bad = |what: &str| StoreError::event_log(format!("a packed event body {what}"));
         let (&flags, rest) = stored
             .get(1..)
             .and_then(<[u8]>::split_first)
@@ -251,9 +237,11 @@ impl Packer {
 
     /// Trains, writes and syncs a dictionary, then packs with it.
     fn train(&self, samples: &[Vec<u8>]) -> Result<(), StoreError> {
-        let bytes = zstd::dict::from_samples(samples, DICT_BYTES).map_err(|e| io(&self.dir, e))?;
-        let id = u8::try_from(self.dictionaries.read().len() + 1)
-            .map_err(|_| corrupt("the event log has 255 dictionaries already".into()))?;
+        let bytes = zstd::dict::from_samples(samples, DICT_BYTES)
+            .map_err(|e| StoreError::io(&self.dir, e))?;
+        let id = u8::try_from(self.dictionaries.read().len() + 1).map_err(|_| {
+            StoreError::event_log("the event log has 255 dictionaries already".into())
+        })?;
         let path = dictionary_path(&self.dir, id);
         let temporary = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
@@ -263,7 +251,7 @@ impl Packer {
             std::fs::rename(&temporary, &path)?;
             std::fs::File::open(&self.dir)?.sync_all()
         };
-        write().map_err(|e| io(&path, e))?;
+        write().map_err(|e| StoreError::io(&path, e))?;
         let dictionary = Arc::new(Dictionary::new(id, &bytes));
         self.dictionaries.write().push(dictionary);
         tracing::info!(

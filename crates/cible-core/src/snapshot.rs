@@ -32,26 +32,19 @@ pub fn path(data: &Path) -> PathBuf {
     data.join("hot.snapshot")
 }
 
-fn io(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 /// Removes the snapshot (once its token is gone), if there is one.
 pub fn remove(data: &Path) -> Result<(), StoreError> {
     let path = path(data);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(io(&path, error)),
+        Err(error) => Err(StoreError::io(&path, error)),
     }
 }
 
 /// Writes the snapshot of `hot` and `hashes` under `token` (synced, then renamed into place).
 pub fn write(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
-    write_file(data, token, hot, hashes).map_err(|e| io(&path(data), e))
+    write_file(data, token, hot, hashes).map_err(|e| StoreError::io(&path(data), e))
 }
 
 fn write_file(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> std::io::Result<()> {

@@ -56,6 +56,24 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Damage in the event log (its records, packed bodies or dictionaries).
+    pub fn event_log(detail: String) -> Self {
+        Self::Corrupt {
+            keyspace: "event log",
+            detail,
+        }
+    }
+}
+
 /// Declares every keyspace once: the `Store` fields, their opening, `Store::keyspaces` and
 /// `Store::NAMES` all come from this list.
 macro_rules! keyspaces {
