@@ -142,10 +142,9 @@ pub struct Engine {
     data_dir: std::path::PathBuf,
     /// Whether this open loaded the hot store from a snapshot (see [`crate::snapshot`]).
     from_snapshot: bool,
-    /// Computed traits: the configuration, and the calibration and product model once known.
-    pub(crate) trait_config: crate::computed::config::TraitConfig,
-    pub(crate) calibration: crate::lock::Cached<crate::computed::calibrate::Calibration>,
-    pub(crate) product_model: crate::lock::Cached<crate::computed::recommend::ProductModel>,
+    /// What the computed traits keep: the configuration, the calibration and product model (a
+    /// component: [`crate::computed::ops::TraitStore`]).
+    pub(crate) traits: crate::computed::ops::TraitStore,
     /// The stored models and the active set (a component: [`crate::models::saved::ModelRegistry`]).
     pub(crate) models: crate::models::saved::ModelRegistry,
     /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
@@ -285,6 +284,7 @@ impl Engine {
         let metrics = crate::metrics::Metrics::default();
         metrics.feed_head.store(feed.head(), Ordering::Relaxed);
         let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
+        let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
         Ok(Self {
             store,
             state: OrderedMutex::new(Level::Writer, state),
@@ -302,9 +302,7 @@ impl Engine {
             light,
             data_dir: dir.to_path_buf(),
             from_snapshot,
-            trait_config,
-            calibration: crate::lock::Cached::new(Level::Cache),
-            product_model: crate::lock::Cached::new(Level::Cache),
+            traits,
             models,
             trait_columns: OrderedRwLock::new(Level::TraitColumns, Default::default()),
         })

@@ -68,48 +68,70 @@ impl TraitsReader<'_> {
     }
 }
 
-/// The name of the segment that holds the profiles at a lifecycle stage.
-pub fn lifecycle_segment(stage: &str) -> String {
-    format!("lifecycle-{}", stage.replace('_', "-"))
+/// What the computed traits keep, a component of its own: the configuration, and the
+/// population's calibration and product model, each stored in `meta` and cached (a load racing
+/// a recalibration never puts the old value back: [`crate::lock::Cached`]). It computes
+/// nothing: the engine's facade computes over the population and hands the results here.
+pub struct TraitStore {
+    meta: fjall::Keyspace,
+    config: TraitConfig,
+    calibration: crate::lock::Cached<Calibration>,
+    product_model: crate::lock::Cached<ProductModel>,
 }
 
-impl Engine {
-    /// The configuration (`traits.toml` in the data directory, or the defaults).
-    pub fn trait_config(&self) -> &TraitConfig {
-        &self.trait_config
-    }
-
-    /// The configuration resolved against the dictionaries.
-    pub fn trait_plan(&self, dictionaries: &DictSnapshot) -> TraitPlan {
-        TraitPlan::new(
-            &self.trait_config,
-            &|name| dictionaries.names.get(name).copied(),
-            dictionaries.keys.clone(),
-        )
-    }
-
-    /// The current calibration; computed (and stored) at `now` if there is none yet.
-    pub fn calibration(&self, now: i64) -> Result<Arc<Calibration>> {
-        match self.loaded(&self.calibration, CALIBRATION_KEY)? {
-            Some(calibration) => Ok(calibration),
-            None => self.calibrate(now),
+impl TraitStore {
+    pub(crate) fn new(meta: fjall::Keyspace, config: TraitConfig) -> Self {
+        Self {
+            meta,
+            config,
+            calibration: crate::lock::Cached::new(crate::lock::Level::Cache),
+            product_model: crate::lock::Cached::new(crate::lock::Level::Cache),
         }
     }
 
-    /// Whether a calibration is stored (a light open cannot compute one: it sees no population).
-    pub fn has_calibration(&self) -> Result<bool> {
-        Ok(self.calibration.get().is_some() || self.store.meta.contains_key(CALIBRATION_KEY)?)
+    /// The configuration (`traits.toml` in the data directory, or the defaults).
+    pub fn config(&self) -> &TraitConfig {
+        &self.config
     }
 
-    /// A derived value kept in memory and in `meta`: the one in memory, else the stored one
-    /// (then kept in memory), else `None`.
+    /// The stored calibration, if there is one.
+    pub fn calibration(&self) -> Result<Option<Arc<Calibration>>> {
+        self.loaded(&self.calibration, CALIBRATION_KEY)
+    }
+
+    /// The calibration if it is in memory already (no store read).
+    pub fn cached_calibration(&self) -> Option<Arc<Calibration>> {
+        self.calibration.get()
+    }
+
+    /// Whether a calibration is stored.
+    pub fn has_calibration(&self) -> Result<bool> {
+        Ok(self.calibration.get().is_some() || self.meta.contains_key(CALIBRATION_KEY)?)
+    }
+
+    /// The stored product model, if there is one.
+    pub fn product_model(&self) -> Result<Option<Arc<ProductModel>>> {
+        self.loaded(&self.product_model, PRODUCT_MODEL_KEY)
+    }
+
+    /// Stores a new calibration and serves it from now on.
+    pub(crate) fn keep_calibration(&self, calibration: Calibration) -> Result<Arc<Calibration>> {
+        Self::keep(&self.meta, &self.calibration, CALIBRATION_KEY, calibration)
+    }
+
+    /// Stores a new product model and serves it from now on.
+    pub(crate) fn keep_product_model(&self, model: ProductModel) -> Result<Arc<ProductModel>> {
+        Self::keep(&self.meta, &self.product_model, PRODUCT_MODEL_KEY, model)
+    }
+
+    /// A derived value: the one in memory, else the stored one (then kept in memory).
     fn loaded<T: serde::de::DeserializeOwned>(
         &self,
         slot: &crate::lock::Cached<T>,
         key: &str,
     ) -> Result<Option<Arc<T>>> {
         slot.get_or_load(|| {
-            let Some(bytes) = self.store.meta.get(key)? else {
+            let Some(bytes) = self.meta.get(key)? else {
                 return Ok(None);
             };
             let value = serde_json::from_slice(&bytes)
@@ -118,25 +140,69 @@ impl Engine {
         })
     }
 
-    /// Stores a derived value in `meta` and keeps it in memory.
+    /// Stores a derived value in `meta`, then keeps it in memory.
     fn keep<T: Serialize>(
-        &self,
+        meta: &fjall::Keyspace,
         slot: &crate::lock::Cached<T>,
         key: &str,
         value: T,
     ) -> Result<Arc<T>> {
-        if self.is_light() {
-            return Err(EngineError::Invalid(format!(
-                "{key} must be computed over every profile: not on a light open"
-            )));
-        }
-        self.store.meta.insert(
+        meta.insert(
             key,
             serde_json::to_vec(&value).expect("derived values serialize"),
         )?;
         let value = Arc::new(value);
         slot.set(Some(Arc::clone(&value)));
         Ok(value)
+    }
+}
+
+/// The name of the segment that holds the profiles at a lifecycle stage.
+pub fn lifecycle_segment(stage: &str) -> String {
+    format!("lifecycle-{}", stage.replace('_', "-"))
+}
+
+impl Engine {
+    /// The configuration (`traits.toml` in the data directory, or the defaults).
+    pub fn trait_config(&self) -> &TraitConfig {
+        self.traits.config()
+    }
+
+    /// What the computed traits keep (configuration, calibration, product model).
+    pub fn trait_store(&self) -> &TraitStore {
+        &self.traits
+    }
+
+    /// Refuses to compute a population-wide value on a light open (it sees no population).
+    fn population_wide(&self, what: &str) -> Result<()> {
+        if self.is_light() {
+            return Err(EngineError::Invalid(format!(
+                "{what} must be computed over every profile: not on a light open"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The configuration resolved against the dictionaries.
+    pub fn trait_plan(&self, dictionaries: &DictSnapshot) -> TraitPlan {
+        TraitPlan::new(
+            self.traits.config(),
+            &|name| dictionaries.names.get(name).copied(),
+            dictionaries.keys.clone(),
+        )
+    }
+
+    /// The current calibration; computed (and stored) at `now` if there is none yet.
+    pub fn calibration(&self, now: i64) -> Result<Arc<Calibration>> {
+        match self.traits.calibration()? {
+            Some(calibration) => Ok(calibration),
+            None => self.calibrate(now),
+        }
+    }
+
+    /// Whether a calibration is stored (a light open cannot compute one: it sees no population).
+    pub fn has_calibration(&self) -> Result<bool> {
+        self.traits.has_calibration()
     }
 
     /// Computes the population calibration at `now` over every live profile and stores it.
@@ -212,10 +278,8 @@ impl Engine {
             }
         }
         let calibration = Calibration::from_raw(at, &raws, &hours, &weekdays);
-        Ok((
-            self.keep(&self.calibration, CALIBRATION_KEY, calibration)?,
-            raws,
-        ))
+        self.population_wide(CALIBRATION_KEY)?;
+        Ok((self.traits.keep_calibration(calibration)?, raws))
     }
 
     /// The plan and calibration for evaluating `plans`, when one of them reads computed traits
@@ -289,7 +353,7 @@ impl Engine {
     /// Recalibrates (and rebuilds the product model) when the calibration is older than
     /// `max_age_ms`; returns whether it did. Nothing happens before a first calibration.
     pub fn refresh_traits_if_older(&self, now: i64, max_age_ms: i64) -> Result<bool> {
-        let Some(calibration) = self.calibration.get() else {
+        let Some(calibration) = self.traits.cached_calibration() else {
             return Ok(false);
         };
         if i64::from(calibration.at) * 1000 + max_age_ms > now {
@@ -322,7 +386,7 @@ impl Engine {
 
     /// The product model; built at `now` if there is none yet.
     pub fn product_model(&self, now: i64) -> Result<Arc<ProductModel>> {
-        match self.loaded(&self.product_model, PRODUCT_MODEL_KEY)? {
+        match self.traits.product_model()? {
             Some(model) => Ok(model),
             None => self.build_product_model(now),
         }
@@ -345,7 +409,8 @@ impl Engine {
                 Ok(counts)
             })
             .try_reduce(ModelCounts::default, |a, b| Ok(a.merge(b)))?;
-        self.keep(&self.product_model, PRODUCT_MODEL_KEY, counts.finish(now))
+        self.population_wide(PRODUCT_MODEL_KEY)?;
+        self.traits.keep_product_model(counts.finish(now))
     }
 
     fn activity(
@@ -386,4 +451,49 @@ fn names_by_id(dictionaries: &DictSnapshot) -> Vec<String> {
         names[id] = name.clone();
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trait_store_under_concurrent_recalibrations_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let traits = Arc::new(TraitStore::new(store.meta.clone(), TraitConfig::default()));
+        let (done, finished) = std::sync::mpsc::channel();
+        {
+            let (traits, done) = (Arc::clone(&traits), done.clone());
+            std::thread::spawn(move || {
+                for at in 1..=200 {
+                    let calibration = Calibration::from_raw(at, &[], &[0; 24], &[0; 7]);
+                    assert_eq!(traits.keep_calibration(calibration).unwrap().at, at);
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..3 {
+            let (traits, done) = (Arc::clone(&traits), done.clone());
+            std::thread::spawn(move || {
+                let mut last = 0;
+                for _ in 0..2_000 {
+                    // What is served never goes back in time.
+                    if let Some(calibration) = traits.calibration().unwrap() {
+                        assert!(calibration.at >= last, "{} after {last}", calibration.at);
+                        last = calibration.at;
+                    }
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every thread finished in time (a hang or a panic otherwise)");
+        }
+        assert_eq!(traits.calibration().unwrap().unwrap().at, 200);
+        let reopened = TraitStore::new(store.meta.clone(), TraitConfig::default());
+        assert_eq!(reopened.calibration().unwrap().unwrap().at, 200);
+    }
 }
