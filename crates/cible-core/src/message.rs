@@ -281,7 +281,7 @@ fn build(object: &mut Map<String, Value>, ctx: &ParseContext) -> Result<Message,
     }
     let message_id = match identifier(object, "messageId")? {
         Some(id) => id,
-        None => content_id(object),
+        None => content_id(object, timestamp),
     };
 
     // Nothing can fail from here on: take the maps and normalize them.
@@ -449,10 +449,18 @@ fn take_object(object: &mut Map<String, Value>, field: &str) -> Map<String, Valu
 }
 
 /// A message id derived from the content, for sources that send none: the same message imported
-/// twice gets the same id. `sentAt` is left out because resends change it.
-fn content_id(object: &Map<String, Value>) -> String {
+/// twice gets the same id. `sentAt` is left out because resends change it. A message without a
+/// time is dated by its arrival (`at`), and so is the id: the same undated call sent twice (an
+/// e-mail opened twice) is two events, not a duplicate.
+fn content_id(object: &Map<String, Value>, at: i64) -> String {
     let mut canonical = object.clone();
     canonical.remove("sentAt");
+    let dated = ["timestamp", "originalTimestamp"]
+        .iter()
+        .any(|field| object.get(*field).is_some_and(|v| !v.is_null()));
+    if !dated {
+        canonical.insert("timestamp".into(), Value::from(at));
+    }
     let digest = Sha256::digest(Value::Object(canonical).to_string().as_bytes());
     format!("content-{}", hex::encode(&digest[..16]))
 }
@@ -541,6 +549,34 @@ pub fn number_of(value: &Value) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_ids_repeat_for_the_same_dated_message_and_not_for_an_undated_one_sent_again() {
+        let id = |message: Value, at: i64| {
+            parse_message(message, None, &ParseContext::at(at))
+                .unwrap()
+                .message_id
+        };
+        let undated = json!({"type": "track", "userId": "u1", "event": "Email Opened"});
+        assert_ne!(
+            id(undated.clone(), 1_790_000_000_000),
+            id(undated.clone(), 1_790_000_005_000),
+            "opened twice, seconds apart: two events"
+        );
+        assert_eq!(
+            id(undated.clone(), 1_790_000_000_000),
+            id(undated, 1_790_000_000_000)
+        );
+        let dated = json!({"type": "track", "userId": "u1", "event": "Email Opened",
+            "timestamp": "2026-09-21T10:00:00Z", "sentAt": "2026-09-21T10:00:01Z"});
+        let mut resent = dated.clone();
+        resent["sentAt"] = json!("2026-09-21T10:05:00Z");
+        assert_eq!(
+            id(dated, 1_790_000_000_000),
+            id(resent, 1_790_000_900_000),
+            "the same dated message, resent or imported again, is one event"
+        );
+    }
     use serde_json::json;
 
     const NOW: i64 = 1_777_636_800_000; // 2026-05-01T12:00:00Z

@@ -153,16 +153,17 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         from_snapshot = loaded.from_snapshot,
         "store loaded"
     );
-    if args.demo {
-        seed_demo(
+    let demo_keys = args.demo
+        && seed_demo(
             &engine,
             &args,
             pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms),
         )?;
-    } else if !engine
-        .list_keys()
-        .iter()
-        .any(|key| key.kind == KeyKind::Admin)
+    if !demo_keys
+        && !engine
+            .list_keys()
+            .iter()
+            .any(|key| key.kind == KeyKind::Admin)
     {
         // A fresh data directory: without a key nobody could use the API.
         let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
@@ -1329,7 +1330,22 @@ fn train_demo_models(engine: &Engine, days: u32, now: i64) -> anyhow::Result<Str
 
 /// `serve --demo`: demo data and segments into an empty store, then fresh keys, printed (once:
 /// a later `--demo` start on the same directory names the keys it made and makes no more).
-fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> {
+/// Loads the demo into an empty store and prints its keys; returns whether the demo's keys are
+/// there (false on a store with data of its own, which gets no demo).
+fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<bool> {
+    let had_demo = engine
+        .list_keys()
+        .iter()
+        .any(|k| k.name.starts_with("demo "));
+    if engine.load_stats().events > 0 && !had_demo {
+        // Someone's own data: no demo data goes in, and no demo keys are minted.
+        println!(
+            "--demo: this data directory already holds {} events of its own; no demo data loaded (use an empty --data directory for the demo)",
+            engine.load_stats().events
+        );
+        std::io::Write::flush(&mut std::io::stdout())?;
+        return Ok(false);
+    }
     if engine.load_stats().events == 0 {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("demo.jsonl");
@@ -1381,7 +1397,7 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
             demo_keys.join(", ")
         );
         std::io::Write::flush(&mut std::io::stdout())?;
-        return Ok(());
+        return Ok(true);
     }
     let write = engine.create_key(KeyKind::Write, "demo write key", now)?;
     let admin = engine.create_key(KeyKind::Admin, "demo admin key", now)?;
@@ -1392,5 +1408,5 @@ fn seed_demo(engine: &Engine, args: &ServeArgs, now: i64) -> anyhow::Result<()> 
         args.listen
     );
     std::io::Write::flush(&mut std::io::stdout())?;
-    Ok(())
+    Ok(true)
 }

@@ -599,3 +599,44 @@ fn cargo_run_at_the_root_runs_cible() {
         .collect();
     assert_eq!(binaries, ["cible"]);
 }
+
+#[test]
+fn serve_demo_on_a_directory_with_its_own_data_loads_nothing_and_mints_no_demo_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("own.jsonl");
+    run_ok(
+        cible(&data)
+            .args(["generate", "--profiles", "50", "--days", "5", "--out"])
+            .arg(&file),
+    );
+    run_ok(cible(&data).arg("import").arg(&file));
+    let keys_before = run_ok(cible(&data).args(["key", "list"])).lines().count();
+    let mut child = cible(&data)
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        let line = line.unwrap();
+        let done = line.starts_with("cible listening on");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("no demo data loaded"), "{text}");
+    assert!(
+        !text.contains("demo data: ") && !text.contains("try: curl"),
+        "{text}"
+    );
+    // A store without keys gets its first pair, as without --demo, and no demo pair.
+    assert!(text.contains("no key in this data directory yet"), "{text}");
+    let keys = run_ok(cible(&data).args(["key", "list"]));
+    assert_eq!(keys.lines().count(), keys_before + 2, "{keys}");
+    assert!(!keys.contains("demo"), "{keys}");
+}
