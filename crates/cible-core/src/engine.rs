@@ -249,18 +249,22 @@ impl Engine {
                 )),
                 None => None,
             };
-            let loaded = token.and_then(|token| crate::snapshot::read(dir, token, &columns));
             if token.is_some() {
-                // From here on the store may change: the snapshot no longer matches it, and
-                // holds what an erasure may remove. The next clean close writes another.
+                // Spent before the file is read: a file that makes this open fail (damage)
+                // is not tried again. From here on the store may change.
                 let mut batch = store
                     .db
                     .batch()
                     .durability(Some(fjall::PersistMode::SyncAll));
                 batch.remove(&store.meta, crate::snapshot::TOKEN_KEY);
                 batch.commit()?;
-                crate::snapshot::remove(dir)?;
             }
+            let loaded = token.and_then(|token| {
+                crate::snapshot::read(dir, token, &columns, state.counters.next_profile)
+            });
+            // Whatever was read (or a file left by a crash before its token was committed):
+            // it holds what an erasure may remove. The next clean close writes another.
+            crate::snapshot::remove(dir)?;
             match loaded {
                 Some((hot, hashes)) => {
                     from_snapshot = true;
@@ -913,11 +917,15 @@ impl Engine {
         batch
             .commit()
             .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
-        // Nothing points at the bodies any more: overwrite them in the log.
-        for location in bodies {
-            self.store.log.erase(location)?;
-        }
-        self.store.log.sync()?;
+        // Nothing points at the bodies any more: overwrite them in the log. A failure here
+        // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
+        let erased = (|| -> Result<()> {
+            for location in bodies {
+                self.store.log.erase(location)?;
+            }
+            Ok(self.store.log.sync()?)
+        })();
+        erased.inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
         for ident in &record.identifiers {
             state.idents.remove(ident);
         }
@@ -1042,8 +1050,10 @@ impl Drop for Engine {
                 return;
             }
         }
-        // Before the checkpoint, so that its token goes to a table rather than the journal.
+        // Before the checkpoint, so that its token goes to a table rather than the journal. Not
+        // while panicking: memory may be ahead of or behind the store.
         if !self.light
+            && !std::thread::panicking()
             && let Err(error) = self.write_snapshot()
         {
             tracing::warn!(error = %error, "writing the hot store's snapshot failed; the next open scans the store");

@@ -235,7 +235,9 @@ impl HotStore {
 
     /// The store [`HotStore::encode_into`] wrote, read from `reader` as it streams (no copy of
     /// the whole encoding in memory); `None` if the bytes are not one.
-    pub fn decode(reader: &mut impl SnapshotRead) -> Option<HotStore> {
+    /// Profile ordinals must increase and stay below `profiles` (so damage cannot make it
+    /// allocate without bound).
+    pub fn decode(reader: &mut impl SnapshotRead, profiles: u32) -> Option<HotStore> {
         let n_columns = usize::from(reader.u8()?);
         let properties = reader.take(n_columns)?.to_vec();
         let mut hot = HotStore::with_columns(&properties);
@@ -243,8 +245,13 @@ impl HotStore {
             *hidden = reader.u64()?;
         }
         let n_profiles = reader.u32()?;
+        let mut next = 0;
         for _ in 0..n_profiles {
             let profile = reader.u32()?;
+            if profile < next || profile >= profiles {
+                return None;
+            }
+            next = profile + 1;
             let n = reader.u32()? as usize;
             let rows = reader.take(n.checked_mul(16)?)?;
             let events: Vec<HotEvent> = rows

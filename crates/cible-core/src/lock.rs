@@ -207,6 +207,19 @@ impl<T> Cached<T> {
         let mut slot = self.slot.write();
         *slot = (slot.0 + 1, value);
     }
+
+    /// Stores a new value with `store` and serves it, as one step: two writers cannot leave the
+    /// one stored first in memory and the other in the store.
+    pub fn store_and_set<E>(
+        &self,
+        value: std::sync::Arc<T>,
+        store: impl FnOnce(&T) -> Result<(), E>,
+    ) -> Result<std::sync::Arc<T>, E> {
+        let mut slot = self.slot.write();
+        store(&value)?;
+        *slot = (slot.0 + 1, Some(std::sync::Arc::clone(&value)));
+        Ok(value)
+    }
 }
 
 #[cfg(test)]

@@ -91,7 +91,12 @@ impl<R: std::io::Read> crate::hot::SnapshotRead for Payload<R> {
 
 /// The hot store and hashes of the snapshot in `data`, if it carries `token`, is whole, and
 /// keeps the property columns `columns`.
-pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u64>)> {
+pub fn read(
+    data: &Path,
+    token: u64,
+    columns: &[u8],
+    profiles: u32,
+) -> Option<(HotStore, Vec<u64>)> {
     use crate::hot::SnapshotRead;
     use std::io::Read;
     let file = match std::fs::File::open(path(data)) {
@@ -101,6 +106,7 @@ pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u6
             return None;
         }
     };
+    let size = file.metadata().ok()?.len();
     let mut file = std::io::BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; HEADER];
     file.read_exact(&mut header).ok()?;
@@ -108,7 +114,7 @@ pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u6
         u64::from_le_bytes(header[range].try_into().expect("8 bytes"))
     };
     let crc = u32::from_le_bytes(header[24..28].try_into().expect("4 bytes"));
-    if &header[..8] != MAGIC || number(8..16) != token {
+    if &header[..8] != MAGIC || number(8..16) != token || number(16..24) + HEADER as u64 != size {
         tracing::warn!("the hot store's snapshot is not this store's; scanning the store");
         return None;
     }
@@ -119,7 +125,7 @@ pub fn read(data: &Path, token: u64, columns: &[u8]) -> Option<(HotStore, Vec<u6
         buffer: Vec::new(),
     };
     let decoded = (|| {
-        let hot = HotStore::decode(&mut payload)?;
+        let hot = HotStore::decode(&mut payload, profiles)?;
         let n = usize::try_from(payload.u64()?).ok()?;
         if (n as u64).checked_mul(8)? != payload.left {
             return None;

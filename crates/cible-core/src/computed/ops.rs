@@ -147,13 +147,13 @@ impl TraitStore {
         key: &str,
         value: T,
     ) -> Result<Arc<T>> {
-        meta.insert(
-            key,
-            serde_json::to_vec(&value).expect("derived values serialize"),
-        )?;
-        let value = Arc::new(value);
-        slot.set(Some(Arc::clone(&value)));
-        Ok(value)
+        slot.store_and_set(Arc::new(value), |value| {
+            meta.insert(
+                key,
+                serde_json::to_vec(value).expect("derived values serialize"),
+            )?;
+            Ok(())
+        })
     }
 }
 

@@ -923,4 +923,14 @@ fn a_clean_close_leaves_a_snapshot_that_the_next_open_loads_as_a_scan_would() {
     let engine = Engine::open(&data).unwrap();
     assert!(!engine.from_snapshot, "the damaged snapshot was not loaded");
     assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
+    drop(engine);
+    // A damaged profile number is refused before anything is sized by it (no huge allocation).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let first_profile = 28 + 1 + usize::from(bytes[28]) + 64 + 4;
+    bytes[first_profile..first_profile + 4].copy_from_slice(&0xFFFF_FFF0_u32.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let engine = Engine::open(&data).unwrap();
+    assert!(!engine.from_snapshot);
+    assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
+    assert!(!path.exists(), "the open removed the file it did not use");
 }
