@@ -5,7 +5,8 @@
 //! The order is the declaration order of [`Level`]:
 //!
 //! `Segments` (the segment worker and the change feed) → `Writer` (identity graph, counters,
-//! dictionaries) → `Hot` (hot store) → `TraitColumns` → `Cache` (calibration, product model,
+//! dictionaries) → `Hot` (hot store) → `TraitColumns` → `ModelWrites` (saving a model version)
+//! → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
 //! (the event log's end and open files) → `Dictionaries` (how bodies are packed).
 //!
@@ -28,6 +29,8 @@ pub enum Level {
     Hot,
     /// The traits rules read, by profile.
     TraitColumns,
+    /// Saving a model version (the next version number is read, then written).
+    ModelWrites,
     /// Caches loaded on first use (calibration, product model, models, API keys).
     Cache,
     /// Batches committed by the writer, waiting for the segment worker.

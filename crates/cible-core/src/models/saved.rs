@@ -290,6 +290,8 @@ pub struct ModelRegistry {
     /// The active set once loaded (a load racing an activation used to keep the old set for
     /// good: the concurrency test below found it).
     active: Cached<ModelSet>,
+    /// Held while a version number is chosen and written: two saves of a name get two versions.
+    saving: crate::lock::OrderedMutex<()>,
 }
 
 impl ModelRegistry {
@@ -297,12 +299,14 @@ impl ModelRegistry {
         Self {
             meta,
             active: Cached::new(Level::Cache),
+            saving: crate::lock::OrderedMutex::new(Level::ModelWrites, ()),
         }
     }
 
     /// Stores `model` as the next version of its name and makes it active; returns the version.
     pub fn save(&self, mut model: SavedModel) -> Result<u32> {
         check_name(&model.name)?;
+        let _saving = self.saving.lock();
         model.version = self.last_version(&model.name)?.map_or(1, |v| v + 1);
         let bytes = serde_json::to_vec(&model).expect("models serialize");
         self.meta
@@ -505,6 +509,8 @@ mod tests {
                     let version = registry.save(kmeans(&name, f64::from(round))).unwrap();
                     assert_eq!(version, round + 1);
                     registry.activate(&name, 1 + round / 2).unwrap();
+                    // Saves of one shared name from both writers: each gets its own version.
+                    registry.save(kmeans("shared", f64::from(round))).unwrap();
                 }
                 done.send(()).unwrap();
             });
@@ -532,8 +538,9 @@ mod tests {
             assert_eq!(registry.active_model(name).unwrap().version, 25);
             assert_eq!(registry.versions(name).unwrap().len(), 50);
         }
+        assert_eq!(registry.versions("shared").unwrap().len(), 100);
         let set = registry.active_set().unwrap();
-        assert_eq!(set.models().count(), 2);
+        assert_eq!(set.models().count(), 3);
     }
 
     const NOW: i64 = 1_777_593_600_000; // 2026-05-01T00:00:00Z
