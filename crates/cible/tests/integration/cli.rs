@@ -283,39 +283,40 @@ fn segment_commands_keys_and_exports() {
     );
 }
 
+/// What a `serve` command prints until it listens (the server is then killed).
+fn printed_until_listening(command: &mut std::process::Command) -> String {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        let line = line.unwrap();
+        let done = line.starts_with("cible listening on");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen.join("\n")
+}
+
 #[test]
 fn serve_demo_loads_data_segments_and_prints_keys() {
     let dir = tempfile::tempdir().unwrap();
-    // What `serve --demo` prints until it listens.
     let start = || {
-        let mut child = cible(dir.path())
-            .args([
-                "serve",
-                "--demo",
-                "--demo-profiles",
-                "300",
-                "--demo-days",
-                "30",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines =
-            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-        let mut seen = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let done = line.starts_with("cible listening on");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        seen.join("\n")
+        printed_until_listening(cible(dir.path()).args([
+            "serve",
+            "--demo",
+            "--demo-profiles",
+            "300",
+            "--demo-days",
+            "30",
+            "--listen",
+            "127.0.0.1:0",
+        ]))
     };
     let text = start();
     assert!(text.contains("demo data: "), "{text}");
@@ -612,23 +613,8 @@ fn serve_demo_on_a_directory_with_its_own_data_loads_nothing_and_mints_no_demo_k
     );
     run_ok(cible(&data).arg("import").arg(&file));
     let keys_before = run_ok(cible(&data).args(["key", "list"])).lines().count();
-    let mut child = cible(&data)
-        .args(["serve", "--demo", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = Vec::new();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
-        let line = line.unwrap();
-        let done = line.starts_with("cible listening on");
-        seen.push(line);
-        if done {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = seen.join("\n");
+    let text =
+        printed_until_listening(cible(&data).args(["serve", "--demo", "--listen", "127.0.0.1:0"]));
     assert!(text.contains("no demo data loaded"), "{text}");
     assert!(
         !text.contains("demo data: ") && !text.contains("try: curl"),
