@@ -30,6 +30,11 @@ use crate::store::StoreError;
 /// The meta key holding the log's committed end.
 pub const HEAD_KEY: &str = "event_log_head";
 
+/// The meta key holding how many compression dictionaries the committed records may use (a
+/// byte), committed with [`HEAD_KEY`]: an open that finds fewer files refuses, naming the
+/// missing one, instead of training another under the same id.
+pub const DICTIONARIES_KEY: &str = "event_log_dictionaries";
+
 /// Largest segment file (a record that would cross it starts the next segment).
 pub const SEGMENT_BYTES: u64 = 256 << 20;
 

@@ -207,6 +207,23 @@ impl Packer {
         !self.dictionaries.read().is_empty()
     }
 
+    /// How many dictionaries there are (records name them 1 to this).
+    pub fn count(&self) -> u8 {
+        self.dictionaries.read().len() as u8
+    }
+
+    /// Refuses when fewer dictionaries were found than committed records may use.
+    pub fn expect(&self, committed: u8) -> Result<(), StoreError> {
+        let found = self.count();
+        if found < committed {
+            return Err(StoreError::event_log(format!(
+                "{} is missing: committed records were packed with it (restore it from a backup of the data directory)",
+                dictionary_path(&self.dir, found + 1).display()
+            )));
+        }
+        Ok(())
+    }
+
     fn sample(&self, body: &[u8]) {
         let Ok(mut message) = crate::codec::decode(body) else {
             return;

@@ -102,6 +102,12 @@ macro_rules! keyspaces {
                     None => None,
                 };
                 let log = EventLog::open(log_dir, head)?;
+                let dictionaries = db
+                    .keyspace("meta", KeyspaceCreateOptions::default)?
+                    .get(crate::eventlog::DICTIONARIES_KEY)?
+                    .and_then(|bytes| bytes.first().copied())
+                    .unwrap_or(0);
+                log.packer().expect(dictionaries)?;
                 Ok(Self { $($name,)+ db, log })
             }
 

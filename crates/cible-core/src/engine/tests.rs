@@ -934,3 +934,20 @@ fn a_clean_close_leaves_a_snapshot_that_the_next_open_loads_as_a_scan_would() {
     assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
     assert!(!path.exists(), "the open removed the file it did not use");
 }
+
+#[test]
+fn a_lost_compression_dictionary_is_refused_naming_the_file() {
+    let end = 1_795_000_000_000;
+    let (dir, engine) = crate::test_support::generated_store(2_000, 30, 3, end);
+    assert!(engine.store.log.packer().trained());
+    drop(engine);
+    let dictionary = dir.path().join("data/events/dict-001.zstd");
+    std::fs::remove_file(&dictionary).unwrap();
+    let error = Engine::open(&dir.path().join("data"))
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains("dict-001.zstd is missing"),
+        "{error}"
+    );
+}
