@@ -243,32 +243,10 @@ impl Engine {
         let (hot, hashes) = if light {
             (HotStore::with_columns(&columns), Vec::new())
         } else {
-            let token = match store.meta.get(crate::snapshot::TOKEN_KEY)? {
-                Some(bytes) => Some(u64::from_le_bytes(
-                    bytes.as_ref().try_into().map_err(|e| corrupt("meta", e))?,
-                )),
-                None => None,
-            };
-            if token.is_some() {
-                // Spent before the file is read: a file that makes this open fail (damage)
-                // is not tried again. From here on the store may change.
-                let mut batch = store
-                    .db
-                    .batch()
-                    .durability(Some(fjall::PersistMode::SyncAll));
-                batch.remove(&store.meta, crate::snapshot::TOKEN_KEY);
-                batch.commit()?;
-            }
-            let loaded = token.and_then(|token| {
-                crate::snapshot::read(dir, token, &columns, state.counters.next_profile)
-            });
-            // Whatever was read (or a file left by a crash before its token was committed):
-            // it holds what an erasure may remove. The next clean close writes another.
-            crate::snapshot::remove(dir)?;
-            match loaded {
-                Some((hot, hashes)) => {
+            match crate::snapshot::take(&store, dir, &columns, state.counters.next_profile)? {
+                Some(loaded) => {
                     from_snapshot = true;
-                    (hot, hashes)
+                    loaded
                 }
                 None => {
                     let everyone = (state.counters.next_seq, state.counters.next_profile);
@@ -1011,26 +989,15 @@ impl Engine {
     /// On close, once nothing can write any more: the hot store's snapshot and its token (see
     /// [`crate::snapshot`]).
     fn write_snapshot(&mut self) -> Result<()> {
-        let token = {
-            // The lock order: the writer's state (the dedup hashes), then the hot store.
-            let state = self.state.lock();
-            let hot = self.hot.read();
-            let token = rand::random::<u64>();
-            crate::snapshot::write(&self.data_dir, token, &hot, &state.seen.all())?;
-            token
-        };
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
-        batch.insert(
-            &self.store.meta,
-            crate::snapshot::TOKEN_KEY,
-            token.to_le_bytes(),
-        );
-        batch.commit()?;
-        Ok(())
+        // The lock order: the writer's state (the dedup hashes), then the hot store.
+        let state = self.state.lock();
+        let hot = self.hot.read();
+        Ok(crate::snapshot::save(
+            &self.store,
+            &self.data_dir,
+            &hot,
+            &state.seen.all(),
+        )?)
     }
 }
 

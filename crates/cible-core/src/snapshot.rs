@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::hot::HotStore;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// The `meta` key holding the token of the snapshot that matches the store.
 pub const TOKEN_KEY: &str = "hot_snapshot";
@@ -32,8 +32,55 @@ pub fn path(data: &Path) -> PathBuf {
     data.join("hot.snapshot")
 }
 
-/// Removes the snapshot (once its token is gone), if there is one.
-pub fn remove(data: &Path) -> Result<(), StoreError> {
+/// At a full open: the hot store and hashes of the snapshot, if the token in `meta` names it and
+/// it is whole (see the module documentation). Either way the token is spent, before the file
+/// is read (a file that makes an open fail is not tried twice), and the file is removed
+/// (including one left by a crash before its token was committed): from here on the store may
+/// change, and the file holds what an erasure may remove.
+pub fn take(
+    store: &Store,
+    data: &Path,
+    columns: &[u8],
+    profiles: u32,
+) -> Result<Option<(HotStore, Vec<u64>)>, StoreError> {
+    let token = match store.meta.get(TOKEN_KEY)? {
+        Some(bytes) => Some(u64::from_le_bytes(bytes.as_ref().try_into().map_err(
+            |_| StoreError::Corrupt {
+                keyspace: "meta",
+                detail: format!("{TOKEN_KEY} is not a token"),
+            },
+        )?)),
+        None => None,
+    };
+    if token.is_some() {
+        let mut batch = store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        batch.remove(&store.meta, TOKEN_KEY);
+        batch.commit()?;
+    }
+    let loaded = token.and_then(|token| read(data, token, columns, profiles));
+    remove(data)?;
+    Ok(loaded)
+}
+
+/// At a clean close, once nothing can write any more: writes the snapshot, then commits its
+/// token.
+pub fn save(store: &Store, data: &Path, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
+    let token = rand::random::<u64>();
+    write(data, token, hot, hashes)?;
+    let mut batch = store
+        .db
+        .batch()
+        .durability(Some(fjall::PersistMode::SyncAll));
+    batch.insert(&store.meta, TOKEN_KEY, token.to_le_bytes());
+    batch.commit()?;
+    Ok(())
+}
+
+/// Removes the snapshot, if there is one.
+fn remove(data: &Path) -> Result<(), StoreError> {
     let path = path(data);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -43,7 +90,7 @@ pub fn remove(data: &Path) -> Result<(), StoreError> {
 }
 
 /// Writes the snapshot of `hot` and `hashes` under `token` (synced, then renamed into place).
-pub fn write(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
+fn write(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
     write_file(data, token, hot, hashes).map_err(|e| StoreError::io(&path(data), e))
 }
 
@@ -91,12 +138,7 @@ impl<R: std::io::Read> crate::hot::SnapshotRead for Payload<R> {
 
 /// The hot store and hashes of the snapshot in `data`, if it carries `token`, is whole, and
 /// keeps the property columns `columns`.
-pub fn read(
-    data: &Path,
-    token: u64,
-    columns: &[u8],
-    profiles: u32,
-) -> Option<(HotStore, Vec<u64>)> {
+fn read(data: &Path, token: u64, columns: &[u8], profiles: u32) -> Option<(HotStore, Vec<u64>)> {
     use crate::hot::SnapshotRead;
     use std::io::Read;
     let file = match std::fs::File::open(path(data)) {
