@@ -700,11 +700,10 @@ impl<'a> Tx<'a> {
         if !self.pending.is_empty() {
             self.batch
                 .insert(&self.store.meta, crate::eventlog::HEAD_KEY, head.encode());
-            self.batch.insert(
-                &self.store.meta,
-                crate::eventlog::DICTIONARIES_KEY,
-                [self.store.log.packer().count()],
-            );
+            if let Some(count) = self.store.log.packer().to_record() {
+                self.batch
+                    .insert(&self.store.meta, crate::eventlog::DICTIONARIES_KEY, [count]);
+            }
         }
         for (event, location) in self.pending.iter_mut().zip(locations) {
             event.profile = self.state.find(event.profile);

@@ -80,6 +80,8 @@ pub struct Packer {
     /// By id; the last one packs.
     dictionaries: OrderedRwLock<Vec<Arc<Dictionary>>>,
     sampler: OrderedMutex<Sampler>,
+    /// How many dictionaries the store says its records may use (see [`Packer::to_record`]).
+    recorded: std::sync::atomic::AtomicU8,
 }
 
 thread_local! {
@@ -128,6 +130,7 @@ impl Packer {
             sample_target,
             dictionaries: OrderedRwLock::new(Level::Dictionaries, dictionaries),
             sampler: OrderedMutex::new(Level::Dictionaries, sampler),
+            recorded: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
@@ -221,7 +224,20 @@ impl Packer {
                 dictionary_path(&self.dir, found + 1).display()
             )));
         }
+        self.recorded
+            .store(committed, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The count a batch must commit because a dictionary was trained since the last one that
+    /// did; `None` (nothing to write) otherwise. A batch that fails to commit poisons the
+    /// engine, so counting it as recorded loses nothing.
+    pub fn to_record(&self) -> Option<u8> {
+        let count = self.count();
+        let before = self
+            .recorded
+            .fetch_max(count, std::sync::atomic::Ordering::Relaxed);
+        (count > before).then_some(count)
     }
 
     fn sample(&self, body: &[u8]) {
@@ -501,6 +517,9 @@ mod tests {
             }
         }
         assert!(packer.trained());
+        // The count is for one batch to commit, once.
+        assert_eq!(packer.to_record(), Some(1));
+        assert_eq!(packer.to_record(), None);
         // These bodies carry much per-person text (tokens, device ids) that no dictionary holds.
         assert!(
             packed_total * 10 < raw_total * 7,

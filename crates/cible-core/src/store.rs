@@ -91,10 +91,8 @@ macro_rules! keyspaces {
 
             fn open_keyspaces(db: Database, log_dir: &Path) -> Result<Self, StoreError> {
                 $(let $name = db.keyspace(stringify!($name), || keyspace_options(stringify!($name)))?;)+
-                let head = match db
-                    .keyspace("meta", KeyspaceCreateOptions::default)?
-                    .get(crate::eventlog::HEAD_KEY)?
-                {
+                let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+                let head = match meta.get(crate::eventlog::HEAD_KEY)? {
                     Some(bytes) => Some(Position::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
                         keyspace: "meta",
                         detail: format!("{} is not a log position", crate::eventlog::HEAD_KEY),
@@ -102,8 +100,7 @@ macro_rules! keyspaces {
                     None => None,
                 };
                 let log = EventLog::open(log_dir, head)?;
-                let dictionaries = db
-                    .keyspace("meta", KeyspaceCreateOptions::default)?
+                let dictionaries = meta
                     .get(crate::eventlog::DICTIONARIES_KEY)?
                     .and_then(|bytes| bytes.first().copied())
                     .unwrap_or(0);
