@@ -570,7 +570,7 @@ fn segments(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     engine.start_live_segments(end_ms)?;
     let batch_size = args.latency_batch;
     let latencies = ingest_latencies(&engine, &tail, batch_size, end_ms)?;
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let percentile = |p: f64| percentile(&latencies, p);
     let per_batch = latencies.iter().sum::<f64>() / latencies.len() as f64;
     let sustainable = batch_size as f64 / (per_batch / 1000.0);
 
@@ -641,6 +641,14 @@ pub(crate) fn imported_data(
     Ok((work, file, generated, end_ms, engine))
 }
 
+/// The `p` quantile (0 to 1) of sorted values, by rank; NaN when there are none.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
 /// "3.5x faster" or "1.2x slower": a time of ours against a baseline's.
 pub(crate) fn speed_ratio(ours: f64, theirs: f64) -> String {
     if theirs >= ours {
@@ -694,7 +702,7 @@ pub(crate) fn incremental_row(
 ) -> anyhow::Result<Row> {
     engine.start_live_segments(now)?;
     let latencies = ingest_latencies(engine, tail, batch_size, now)?;
-    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let percentile = |p: f64| percentile(&latencies, p);
     let per_event_us =
         latencies.iter().sum::<f64>() * 1000.0 / (latencies.len() * batch_size) as f64;
     Ok(Row {

@@ -98,10 +98,7 @@ impl Phase {
     }
 
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        self.latencies[((self.latencies.len() - 1) as f64 * p) as usize]
+        crate::bench::percentile(&self.latencies, p)
     }
 }
 

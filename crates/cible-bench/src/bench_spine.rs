@@ -21,17 +21,12 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::Global;
-use crate::bench::{BenchArgs, Row, imported_data, print_header, print_table, tail_lines};
+use crate::bench::{
+    BenchArgs, Row, imported_data, percentile, print_header, print_table, tail_lines,
+};
 
 /// How long each ack phase lasts.
 const PHASE: Duration = Duration::from_secs(15);
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
-}
 
 /// Batches of `size` messages from the newest generated ones, with fresh message ids.
 fn bodies(tail: &[String], size: usize, tag: &str) -> Vec<Vec<Value>> {

@@ -464,6 +464,11 @@ impl Engine {
 mod tests {
     use super::*;
 
+    /// The active version of a model of `engine`.
+    fn active_version(engine: &Engine, name: &str) -> u32 {
+        engine.models().active_model(name).unwrap().version
+    }
+
     #[test]
     fn nearest_centroid_breaks_ties_by_id() {
         let centroids = vec![vec![0.0, 0.0], vec![2.0, 0.0], vec![0.0, 3.0]];
@@ -594,14 +599,7 @@ mod tests {
 
         // Versions: a retrain adds version 2; activating 1 again scores version 1.
         assert_eq!(engine.retrain("purchase_30d", NOW + 86_400_000).unwrap(), 2);
-        assert_eq!(
-            engine
-                .models()
-                .active_model("purchase_30d")
-                .unwrap()
-                .version,
-            2
-        );
+        assert_eq!(active_version(&engine, "purchase_30d"), 2);
         assert_eq!(
             engine
                 .models()
@@ -611,14 +609,7 @@ mod tests {
             2
         );
         engine.activate_model("purchase_30d", 1, NOW).unwrap();
-        assert_eq!(
-            engine
-                .models()
-                .active_model("purchase_30d")
-                .unwrap()
-                .version,
-            1
-        );
+        assert_eq!(active_version(&engine, "purchase_30d"), 1);
         assert!(engine.activate_model("purchase_30d", 7, NOW).is_err());
 
         // The schedule retrains what is older than the age given, and only that.
@@ -628,7 +619,7 @@ mod tests {
             .unwrap();
         due.sort();
         assert_eq!(due, ["cluster", "purchase_30d"]);
-        assert_eq!(engine.models().active_model("cluster").unwrap().version, 2);
+        assert_eq!(active_version(&engine, "cluster"), 2);
 
         // Reopened, the active versions are read back from the store.
         drop(engine);
