@@ -488,10 +488,7 @@ impl Engine {
     /// After a bulk load or before a clean stop: tables written (fast next start) and the hot
     /// store's spare capacity released.
     pub fn checkpoint(&self) -> Result<()> {
-        let mut state = self.state.lock();
-        if !state.bulk.is_empty() {
-            self.flush_bulk(&mut state)?;
-        }
+        self.flush_bulk(&mut self.state.lock())?;
         self.store.checkpoint()?;
         self.hot.write().shrink_to_fit();
         Ok(())
@@ -1008,14 +1005,9 @@ impl Drop for Engine {
         if self.poisoned.load(Ordering::Acquire) {
             return;
         }
-        {
-            let mut state = self.state.lock();
-            if !state.bulk.is_empty()
-                && let Err(error) = self.flush_bulk(&mut state)
-            {
-                tracing::warn!(error = %error, "writing an import's last entries on close failed; the next open drops its last events");
-                return;
-            }
+        if let Err(error) = self.flush_bulk(&mut self.state.lock()) {
+            tracing::warn!(error = %error, "writing an import's last entries on close failed; the next open drops its last events");
+            return;
         }
         // Before the checkpoint, so that its token goes to a table rather than the journal. Not
         // while panicking: memory may be ahead of or behind the store.

@@ -247,10 +247,8 @@ pub(crate) struct Scratch {
 /// The meta key of a bulk import's entries not yet written (see [`Bulk`]).
 pub const BULK_KEY: &str = "bulk_pending";
 
-/// Waiting bulk entries beyond this are written out.
-const BULK_EVENTS: usize = 2 << 20;
-
 impl Bulk {
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.events.is_empty()
             && self.from.is_none()
@@ -261,6 +259,9 @@ impl Bulk {
             && self.moves.is_empty()
     }
 }
+
+/// Waiting bulk entries beyond this are written out.
+const BULK_EVENTS: usize = 2 << 20;
 
 /// The meta key of the counters a flush stores once its tables are written (see [`Bulk`]).
 pub const BULK_COUNTERS_KEY: &str = "bulk_counters";
@@ -779,7 +780,7 @@ impl Engine {
             item.pack(packer);
         }
         let mut state = self.state.lock();
-        if durability != Durability::Bulk && !state.bulk.is_empty() {
+        if durability != Durability::Bulk {
             self.flush_bulk(&mut state)?;
         }
         let hot = self.hot.read();
@@ -884,6 +885,7 @@ impl Engine {
     /// Writes the bulk entries waiting (see [`Bulk`]) as sorted tables; the caller holds the
     /// writer lock. Called when they grow large, before any other batch, at the end of an
     /// import and on close.
+    /// Nothing to do (and nothing written) when no bulk batch ran since the last flush.
     pub(crate) fn flush_bulk(&self, state: &mut State) -> Result<()> {
         let Some(from) = state.bulk.from.take() else {
             // Bulk batches without events (duplicates only) stored the old quality counts.

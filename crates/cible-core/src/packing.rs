@@ -206,7 +206,8 @@ impl Packer {
     }
 
     /// Whether bodies are packed now.
-    pub fn trained(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn trained(&self) -> bool {
         !self.dictionaries.read().is_empty()
     }
 
