@@ -198,6 +198,17 @@ impl HotStore {
 
     /// Appends the content to `out` (the snapshot's form: [`HotStore::decode`] reads it back).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        self.encode(out, |_| Ok(()))
+            .expect("appending to memory does not fail");
+    }
+
+    /// [`HotStore::encode_into`], handing `out` to `flush` whenever it passes a megabyte (the
+    /// caller writes it out and clears it), so a large store is never encoded whole in memory.
+    pub fn encode(
+        &self,
+        out: &mut Vec<u8>,
+        mut flush: impl FnMut(&mut Vec<u8>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         assert_eq!(self.offset, 0, "a window is not snapshotted");
         out.push(self.columns.len() as u8);
         out.extend(self.columns.iter().map(|c| c.property));
@@ -230,7 +241,11 @@ impl HotStore {
                     out.extend_from_slice(&value.to_le_bytes());
                 }
             }
+            if out.len() >= 1 << 20 {
+                flush(out)?;
+            }
         }
+        Ok(())
     }
 
     /// The store [`HotStore::encode_into`] wrote, read from `reader` as it streams (no copy of

@@ -95,20 +95,37 @@ fn write(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> Result<(), 
 }
 
 fn write_file(data: &Path, token: u64, hot: &HotStore, hashes: &[u64]) -> std::io::Result<()> {
-    let mut payload = Vec::with_capacity(hot.n_events() * 17 + hashes.len() * 8 + 1024);
-    hot.encode_into(&mut payload);
-    payload.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
-    for hash in hashes {
-        payload.extend_from_slice(&hash.to_le_bytes());
-    }
+    use std::os::unix::fs::FileExt;
     let path = path(data);
     let temporary = path.with_extension("tmp");
     let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(MAGIC)?;
-    file.write_all(&token.to_le_bytes())?;
-    file.write_all(&(payload.len() as u64).to_le_bytes())?;
-    file.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
-    file.write_all(&payload)?;
+    // The payload streams out a megabyte at a time; the header, which needs its length and
+    // CRC, goes in front once it is written.
+    file.write_all(&[0; HEADER])?;
+    let (mut length, mut crc) = (0u64, crc32fast::Hasher::new());
+    let mut out = Vec::with_capacity(2 << 20);
+    let mut flush = |out: &mut Vec<u8>| -> std::io::Result<()> {
+        file.write_all(out)?;
+        crc.update(out);
+        length += out.len() as u64;
+        out.clear();
+        Ok(())
+    };
+    hot.encode(&mut out, &mut flush)?;
+    out.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+    for chunk in hashes.chunks(1 << 17) {
+        for hash in chunk {
+            out.extend_from_slice(&hash.to_le_bytes());
+        }
+        flush(&mut out)?;
+    }
+    flush(&mut out)?;
+    let mut header = Vec::with_capacity(HEADER);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&token.to_le_bytes());
+    header.extend_from_slice(&length.to_le_bytes());
+    header.extend_from_slice(&crc.finalize().to_le_bytes());
+    file.write_all_at(&header, 0)?;
     file.sync_all()?;
     std::fs::rename(&temporary, &path)?;
     std::fs::File::open(data)?.sync_all()
