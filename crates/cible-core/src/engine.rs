@@ -119,11 +119,15 @@ pub(crate) const KEY_PREFIX: u8 = b'k';
 /// The engine. Cheap to share behind an `Arc`.
 ///
 /// Its locks are taken in the order of [`crate::lock::Level`] (checked at every acquisition):
-/// `segments` → `state` (the writer) → `hot` → `trait_columns` → caches → `work`.
+/// `segments` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches → `work`.
 pub struct Engine {
     pub(crate) store: Store,
     pub(crate) state: OrderedMutex<State>,
     pub(crate) hot: OrderedRwLock<HotStore>,
+    /// Which profiles are live, as of the last committed batch (`State::profiles` decides).
+    pub(crate) liveness: OrderedRwLock<crate::liveness::Liveness>,
+    /// The number of event names and of key texts, as of the last committed batch.
+    pub(crate) dictionary_sizes: [std::sync::atomic::AtomicUsize; 2],
     api_keys: OrderedRwLock<FxHashMap<String, KeyRecord>>,
     pub(crate) poisoned: AtomicBool,
     /// The segment worker's state: live segments, timers and the change feed's writer.
@@ -269,6 +273,14 @@ impl Engine {
         let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
         Ok(Self {
             store,
+            liveness: OrderedRwLock::new(
+                Level::Liveness,
+                crate::liveness::Liveness::from_flags(state.profiles.iter().map(|m| m.alive)),
+            ),
+            dictionary_sizes: [
+                state.names.texts.len().into(),
+                state.keys.texts.len().into(),
+            ],
             state: OrderedMutex::new(Level::Writer, state),
             hot: OrderedRwLock::new(Level::Hot, hot),
             api_keys: OrderedRwLock::new(Level::Cache, api_keys),
@@ -442,31 +454,22 @@ impl Engine {
         read(&state.names.ids, &state.keys.texts)
     }
 
-    /// Whether a profile ordinal is live (not merged away, not removed).
+    /// Whether a profile ordinal is live (not merged away, not removed), as of the last
+    /// committed batch; never waits for the writer.
     pub fn is_alive(&self, profile: u32) -> bool {
-        self.state
-            .lock()
-            .profiles
-            .get(profile as usize)
-            .is_some_and(|m| m.alive)
+        self.liveness.read().get(profile)
     }
 
     /// Ordinals of every live profile, ascending.
     pub fn live_profiles(&self) -> Vec<u32> {
-        let state = self.state.lock();
-        (0..state.profiles.len() as u32)
-            .filter(|p| state.profiles[*p as usize].alive)
-            .collect()
+        self.liveness.read().iter().collect()
     }
 
-    /// Whether each of these profiles is live, read under one short writer lock (take it
-    /// before the hot store: a reader holding `hot` must not ask for the writer).
+    /// Whether each of these profiles is live (without the writer lock: the segment worker
+    /// asks for every chunk it evaluates, and must not wait for a commit in progress).
     pub(crate) fn alive_flags(&self, profiles: &[u32]) -> Vec<bool> {
-        let state = self.state.lock();
-        profiles
-            .iter()
-            .map(|p| state.profiles.get(*p as usize).is_some_and(|m| m.alive))
-            .collect()
+        let liveness = self.liveness.read();
+        profiles.iter().map(|p| liveness.get(*p)).collect()
     }
 
     /// Bytes of the journal (writes not yet flushed to tables).
@@ -635,13 +638,19 @@ impl Engine {
             let record = entry_of(&value)?.record;
             events.push((record.to_hot(ts), record.others));
         }
-        {
+        let state = {
             let mut state = self.state.lock();
             if let Some(meta) = state.profiles.get_mut(profile as usize) {
                 meta.alive = true;
             }
-        }
+            state
+        };
         self.hot.write().replace(profile, events);
+        let alive = state
+            .profiles
+            .get(profile as usize)
+            .is_some_and(|m| m.alive);
+        self.liveness.write().set(profile, alive);
         Ok(())
     }
 
@@ -833,6 +842,7 @@ impl Engine {
             survivor_events.into_iter().map(|(_, h)| h).collect(),
         );
         drop(hot);
+        self.liveness.write().set(merge.from, true);
         drop(state);
         let mut touched = crate::segment::live::Touched::default();
         touched.all.extend([merge.from, survivor]);
@@ -911,6 +921,12 @@ impl Engine {
             state.profiles[*merged as usize] = ProfileMeta::default();
         }
         self.hot.write().replace(profile, Vec::new());
+        {
+            let mut liveness = self.liveness.write();
+            for gone in std::iter::once(&profile).chain(&merged_profiles) {
+                liveness.set(*gone, false);
+            }
+        }
         {
             let mut columns = self.trait_columns.write();
             for gone in std::iter::once(&profile).chain(&merged_profiles) {

@@ -835,6 +835,13 @@ impl Engine {
         }
         let mut touched = crate::segment::live::Touched::default();
         touched.all.extend(created.iter().map(|p| state.find(*p)));
+        // Profiles born or merged away in this batch, whose liveness changes once the hot store
+        // shows the batch.
+        let born_or_merged: Vec<u32> = created
+            .iter()
+            .chain(hot_merges.iter().map(|(from, _)| from))
+            .copied()
+            .collect();
         let mut hot = self.hot.write();
         for (from, into) in hot_merges {
             hot.merge(from, into);
@@ -857,6 +864,14 @@ impl Engine {
             }
         }
         drop(hot);
+        {
+            let mut liveness = self.liveness.write();
+            for profile in born_or_merged {
+                liveness.set(profile, state.profiles[profile as usize].alive);
+            }
+        }
+        self.dictionary_sizes[0].store(state.names.texts.len(), Ordering::Release);
+        self.dictionary_sizes[1].store(state.keys.texts.len(), Ordering::Release);
         state.scratch.pending = pending;
         drop(state);
         for outcome in &outcomes {

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod import;
 pub mod ingest;
 pub mod keys;
+pub mod liveness;
 pub mod lock;
 pub mod message;
 pub mod metrics;

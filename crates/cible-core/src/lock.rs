@@ -5,7 +5,7 @@
 //! The order is the declaration order of [`Level`]:
 //!
 //! `Segments` (the segment worker and the change feed) → `Writer` (identity graph, counters,
-//! dictionaries) → `Hot` (hot store) → `TraitColumns` → `ModelWrites` (saving a model version)
+//! dictionaries) → `Hot` (hot store) → `Liveness` → `TraitColumns` → `ModelWrites` (saving a model version)
 //! → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
 //! (the event log's end and open files) → `Dictionaries` (how bodies are packed).
@@ -27,6 +27,8 @@ pub enum Level {
     Writer,
     /// The in-memory hot store.
     Hot,
+    /// Which profiles are live (`liveness`), mirrored by the writer after each commit.
+    Liveness,
     /// The traits rules read, by profile.
     TraitColumns,
     /// Saving a model version (the next version number is read, then written).

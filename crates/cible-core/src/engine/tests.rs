@@ -56,6 +56,13 @@ fn identify(
     message
 }
 
+/// The liveness readers see is the writer's.
+fn assert_liveness_mirrors_the_writer(engine: &Engine) {
+    let decided =
+        crate::liveness::Liveness::from_flags(engine.state.lock().profiles.iter().map(|m| m.alive));
+    assert_eq!(*engine.liveness.read(), decided);
+}
+
 fn events_of(engine: &Engine, id: &str) -> Vec<String> {
     let profile = engine.find_profile(id).expect("profile exists");
     let mut ids: Vec<String> = engine
@@ -116,6 +123,7 @@ fn anonymous_history_joins_the_identified_profile_and_unmerge_splits_it_back() {
     assert_eq!(events_of(&engine, "u1"), ["a1", "a2", "i1", "k1"]);
     let survivor = engine.find_profile("u1").unwrap();
     assert_eq!(engine.hot().events(survivor).len(), 4);
+    assert_liveness_mirrors_the_writer(&engine);
 
     let merge = engine
         .merges_into(survivor)
@@ -123,10 +131,13 @@ fn anonymous_history_joins_the_identified_profile_and_unmerge_splits_it_back() {
         .pop()
         .expect("merge recorded");
     assert!(merge.cause.contains("a:d1"), "{}", merge.cause);
+    assert!(!engine.is_alive(merge.from) && engine.is_alive(survivor));
     let undone = engine.unmerge(merge.id, NOW).unwrap();
     assert_eq!(undone.events_moved, 2);
     assert_eq!(events_of(&engine, "d1"), ["a1", "a2"]);
     assert_eq!(events_of(&engine, "u1"), ["i1", "k1"]);
+    assert_liveness_mirrors_the_writer(&engine);
+    assert!(engine.is_alive(undone.restored_profile));
     assert!(
         engine.unmerge(merge.id, NOW).is_err(),
         "a merge is undone once"
@@ -686,6 +697,8 @@ fn removing_a_profile_removes_everything_it_held() {
         assert_eq!(engine.find_profile(id), None, "{id}");
     }
     assert!(engine.hot().events(profile).is_empty());
+    assert!(!engine.is_alive(profile));
+    assert_liveness_mirrors_the_writer(&engine);
     assert_eq!(engine.load_stats().profiles, 1);
     assert!(engine.remove_profile(profile).is_err());
     drop(engine);

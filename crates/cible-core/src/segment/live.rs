@@ -98,6 +98,8 @@ pub struct LiveState {
     /// The one instant each (segment id, profile) is due.
     scheduled: FxHashMap<(u32, u32), u32>,
     dictionary_sizes: (usize, usize),
+    /// The event names of those dictionaries (what evaluating full messages needs).
+    names: std::sync::Arc<super::DictSnapshot>,
     /// The computed-traits plan and calibration, when a segment reads computed traits.
     computed: Option<crate::computed::Setup>,
 }
@@ -291,6 +293,10 @@ impl Engine {
             timers: BinaryHeap::new(),
             scheduled: FxHashMap::default(),
             dictionary_sizes: (dictionaries.names.len(), dictionaries.keys.len()),
+            names: std::sync::Arc::new(super::DictSnapshot {
+                names: dictionaries.names.clone(),
+                keys: Default::default(),
+            }),
             computed: None,
         };
         for name in order {
@@ -438,20 +444,6 @@ impl Engine {
             return Ok(());
         }
         self.with_loaded(guard, now, |engine, state, feed| {
-            let sizes = engine.dictionary_sizes();
-            if sizes != state.dictionary_sizes {
-                // New event names or key texts: conditions compiled against the old dictionaries
-                // would miss them.
-                let dictionaries = engine.dictionaries();
-                for segment in &mut state.segments {
-                    segment.plan = plan::plan(&segment.record.ast, &dictionaries);
-                }
-                if let Some(setup) = &mut state.computed {
-                    setup.plan = engine.trait_plan(&dictionaries);
-                    setup.features = engine.feature_plan();
-                }
-                state.dictionary_sizes = sizes;
-            }
             let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
             let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
             for (index, segment) in state.segments.iter().enumerate() {
@@ -581,6 +573,29 @@ impl Engine {
         Ok(())
     }
 
+    /// Plans every segment again if the dictionaries grew since they were planned (new event
+    /// names or key texts: conditions compiled against the old ones would miss them). Costs a
+    /// look at two counters when they did not, and never waits for the writer then.
+    fn replan_if_grown(&self, state: &mut LiveState) {
+        let sizes = self.dictionary_sizes();
+        if sizes == state.dictionary_sizes {
+            return;
+        }
+        let dictionaries = self.dictionaries();
+        for segment in &mut state.segments {
+            segment.plan = plan::plan(&segment.record.ast, &dictionaries);
+        }
+        if let Some(setup) = &mut state.computed {
+            setup.plan = self.trait_plan(&dictionaries);
+            setup.features = self.feature_plan();
+        }
+        state.dictionary_sizes = (dictionaries.names.len(), dictionaries.keys.len());
+        state.names = std::sync::Arc::new(super::DictSnapshot {
+            names: dictionaries.names,
+            keys: Default::default(),
+        });
+    }
+
     /// Evaluates `profiles` for the segments at the given positions (in dependency order),
     /// records the enters and exits in the feed, arms timers; one store batch for all.
     fn reevaluate(
@@ -593,7 +608,8 @@ impl Engine {
     ) -> Result<FxHashMap<usize, PassStats>> {
         let started = Instant::now();
         let now_s = seconds(now);
-        let dictionaries = self.name_dictionary();
+        self.replan_if_grown(state);
+        let dictionaries = std::sync::Arc::clone(&state.names);
         let mut batch = self.membership_batch();
         let mut changes = feed.begin();
         let mut names = Vec::new();

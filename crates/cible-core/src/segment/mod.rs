@@ -484,9 +484,12 @@ impl Engine {
         self.snapshot(false)
     }
 
-    /// Sizes of the event-name and key dictionaries (they only grow).
+    /// Sizes of the event-name and key dictionaries (they only grow), as of the last committed
+    /// batch: read without the writer lock, so the segment worker learns whether to plan again
+    /// without waiting for a commit in progress.
     pub fn dictionary_sizes(&self) -> (usize, usize) {
-        self.with_dictionaries(|names, keys| (names.len(), keys.len()))
+        let [names, keys] = &self.dictionary_sizes;
+        (names.load(Ordering::Acquire), keys.load(Ordering::Acquire))
     }
 
     /// A snapshot of the event-name and key dictionaries, for planning.
