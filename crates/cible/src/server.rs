@@ -144,6 +144,8 @@ pub struct ServeOptions {
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
+    // Before the store is loaded: none of the server's memory gets huge pages.
+    crate::priority::no_transparent_huge_pages();
     let engine = Arc::new(global.open()?);
     let pinned_now = global.pinned_now()?;
     let loaded = engine.load_stats();
