@@ -20,6 +20,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::computed::{Lazy, Setup};
+
+/// Keys a segment's deletion removes per store batch (see [`Engine::clear_segment_keys`]).
+const KEYS_PER_BATCH: usize = 2048;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::records::TraitValue;
@@ -460,6 +463,7 @@ impl Engine {
         // Under the worker's lock, and forgotten by it in the same critical section: no
         // evaluation can write this segment back.
         let mut worker = self.segments.lock();
+        // The record first, in a batch of its own: the segment is gone for everyone at once.
         let mut batch = self
             .store
             .db
@@ -467,15 +471,40 @@ impl Engine {
             .durability(Some(fjall::PersistMode::SyncAll));
         batch.remove(&self.store.segments, name.as_bytes());
         batch.remove(&self.store.meta, crate::store::segment_size_key(name));
-        let prefix = crate::store::segment_prefix(name);
-        for entry in self.store.segment_log.prefix(&prefix) {
-            batch.remove(&self.store.segment_log, entry.key()?);
-        }
-        for entry in self.store.entries.prefix(&prefix) {
-            batch.remove(&self.store.entries, entry.key()?);
-        }
         batch.commit()?;
         worker.forget(name);
+        // Then its memberships and history, a bounded batch at a time. A crash in between
+        // leaves keys no segment reads; creating a segment of that name clears them first.
+        self.clear_segment_keys(name)
+    }
+
+    /// Removes every membership and history key under a segment's name that no stored segment
+    /// owns, in batches of [`KEYS_PER_BATCH`]: the store holds its journal while it applies a
+    /// batch, and one batch for the tens of thousands of keys of a large segment held the
+    /// writer's next commit (an acknowledgement) behind it. The caller holds the worker's lock.
+    pub(crate) fn clear_segment_keys(&self, name: &str) -> Result<()> {
+        let prefix = crate::store::segment_prefix(name);
+        for keyspace in [&self.store.segment_log, &self.store.entries] {
+            loop {
+                let keys = keyspace
+                    .prefix(&prefix)
+                    .take(KEYS_PER_BATCH)
+                    .map(|entry| entry.key())
+                    .collect::<Result<Vec<_>, _>>()?;
+                if keys.is_empty() {
+                    break;
+                }
+                let mut batch = self
+                    .store
+                    .db
+                    .batch()
+                    .durability(Some(fjall::PersistMode::SyncAll));
+                for key in keys {
+                    batch.remove(keyspace, key);
+                }
+                batch.commit()?;
+            }
+        }
         Ok(())
     }
 

@@ -282,9 +282,33 @@ fn segments_store_members_log_changes_and_refuse_cycles() {
             .to_string()
             .contains("used by pro-buyers")
     );
+    let buyers = engine.members("buyers").unwrap();
+    assert!(buyers.len() > 1);
     engine.delete_segment("pro-buyers", later).unwrap();
     engine.delete_segment("buyers", later).unwrap();
     assert!(engine.segments().unwrap().is_empty());
+    let prefix = crate::store::segment_prefix("buyers");
+    assert_eq!(engine.store.entries.prefix(&prefix).count(), 0);
+    assert_eq!(engine.store.segment_log.prefix(&prefix).count(), 0);
+
+    // A deletion cut short after its record went leaves memberships no segment reads: a new
+    // segment of that name does not inherit them.
+    let stray = buyers.min().unwrap();
+    engine
+        .store
+        .entries
+        .insert(
+            crate::store::entry_key("buyers", stray),
+            NOW_MS.to_be_bytes(),
+        )
+        .unwrap();
+    let nobody = r#"did("No Such Event", 1d)"#;
+    let created = engine
+        .create_segment("buyers", cible_lang::parse(nobody).unwrap(), nobody, later)
+        .unwrap();
+    assert_eq!(created.size, 0);
+    assert!(engine.members("buyers").unwrap().is_empty());
+    assert!(engine.segment_changes("buyers").unwrap().is_empty());
 }
 
 /// A random rule over events A, B, C with product_id, category (hidden behind product_id in the
