@@ -343,6 +343,13 @@ impl Engine {
         now: i64,
     ) -> Result<SegmentRecord> {
         self.with_segments(now, |engine, live, feed| {
+            let position = live.position(&record.name);
+            if position.is_none() {
+                // A new segment: keys left under its name by a deletion cut short are not its
+                // members. Cleared before its record is stored, so that no stored segment ever
+                // sits on them (a crash in between leaves them for the next creation).
+                engine.clear_segment_keys(&record.name)?;
+            }
             engine
                 .store
                 .segments
@@ -350,14 +357,9 @@ impl Engine {
             let dictionaries = engine.dictionaries();
             engine.ensure_columns([&record.ast])?;
             let plan = plan::plan(&record.ast, &dictionaries);
-            let members = match live.position(&record.name) {
+            let members = match position {
                 Some(position) => live.segments.remove(position).members,
-                None => {
-                    // A new segment: keys left under its name by a deletion cut short are not
-                    // its members.
-                    engine.clear_segment_keys(&record.name)?;
-                    RoaringBitmap::new()
-                }
+                None => RoaringBitmap::new(),
             };
             let segment = LiveSegment {
                 id: live.next_id,
@@ -451,6 +453,9 @@ impl Engine {
             return Ok(());
         }
         self.with_loaded(guard, now, |engine, state, feed| {
+            // Before the selection: a segment's plan must know the event names this batch
+            // brought, or a profile sending the first one would not be selected for it.
+            engine.replan_if_grown(state);
             let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
             let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
             for (index, segment) in state.segments.iter().enumerate() {

@@ -485,15 +485,21 @@ impl Engine {
     pub(crate) fn clear_segment_keys(&self, name: &str) -> Result<()> {
         let prefix = crate::store::segment_prefix(name);
         for keyspace in [&self.store.segment_log, &self.store.entries] {
+            // Each round starts after the last key removed, not at the prefix again: the
+            // tombstones of earlier rounds are not walked over again (quadratic otherwise).
+            let mut from = prefix.clone();
             loop {
                 let keys = keyspace
-                    .prefix(&prefix)
+                    .range(from.clone()..)
                     .take(KEYS_PER_BATCH)
                     .map(|entry| entry.key())
+                    .take_while(|key| key.as_ref().map_or(true, |k| k.starts_with(&prefix)))
                     .collect::<Result<Vec<_>, _>>()?;
-                if keys.is_empty() {
+                let Some(last) = keys.last() else {
                     break;
-                }
+                };
+                from = last.to_vec();
+                from.push(0); // the smallest key after `last`
                 let mut batch = self
                     .store
                     .db

@@ -679,6 +679,37 @@ fn a_segment_on_an_event_not_yet_seen_fills_when_it_arrives() {
 }
 
 #[test]
+fn a_known_profile_enters_on_the_first_event_of_a_name_never_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let ingest = |name: &str, days: &[i64]| {
+        let items = days
+            .iter()
+            .map(|day| {
+                let ts = crate::time::format_ms(NOW_MS - day * 86_400_000);
+                let message = serde_json::json!({"type": "track", "userId": "ann", "event": name, "timestamp": ts});
+                crate::message::parse_message(message, None, &crate::ParseContext::at(NOW_MS))
+                    .into()
+            })
+            .collect();
+        engine
+            .ingest(items, "test", crate::Durability::Buffered, NOW_MS)
+            .unwrap();
+    };
+    // Ann exists before the segment does; the event its rule reads does not exist yet.
+    ingest("Page Viewed", &[3]);
+    engine.start_live_segments(NOW_MS).unwrap();
+    let rule = r#"count("Email Opened", 7d) >= 2"#;
+    engine
+        .create_segment("openers", cible_lang::parse(rule).unwrap(), rule, NOW_MS)
+        .unwrap();
+    // The batch that brings the name is the one that must select Ann for the segment.
+    ingest("Email Opened", &[1, 2]);
+    assert_eq!(engine.live_members("openers").unwrap().len(), 1);
+    assert_eq!(engine.members("openers").unwrap().len(), 1);
+}
+
+#[test]
 fn hot_rows_defer_to_full_messages_when_a_property_is_not_what_they_hold() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(dir.path()).unwrap();
