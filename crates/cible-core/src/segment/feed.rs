@@ -152,18 +152,19 @@ fn decode_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-/// Reads up to `limit` changes with a sequence number above `after`, in order.
+/// Reads up to `limit` changes with a sequence number above `after` and at most `head`, in order.
 pub(crate) fn read_after(
     store: &Store,
     after: u64,
+    head: u64,
     limit: usize,
 ) -> Result<Vec<FeedChange>, EngineError> {
     let mut changes = Vec::new();
-    if limit == 0 {
+    if limit == 0 || after >= head {
         return Ok(changes);
     }
     let start = after.saturating_add(1).to_be_bytes();
-    for entry in store.changes.range(start..) {
+    for entry in store.changes.range(start..=head.to_be_bytes()) {
         let (_, value) = entry.into_inner()?;
         changes
             .push(serde_json::from_slice(&value).map_err(|e| crate::error::corrupt("changes", e))?);
@@ -172,4 +173,43 @@ pub(crate) fn read_after(
         }
     }
     Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_stops_at_the_published_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut writer = FeedWriter::open(&store).unwrap();
+        let mut changes = writer.begin();
+        let mut batch = store.db.batch();
+        for profile in 0..3 {
+            let change = Change {
+                at: 1_000,
+                profile,
+                entered: true,
+                size: u64::from(profile) + 1,
+            };
+            changes.record(&store, &mut batch, "s", change, Cause::Events);
+        }
+        batch.commit().unwrap();
+        writer.committed(&mut changes);
+        assert_eq!(writer.head(), 3);
+        let seqs = |after, head, limit| -> Vec<u64> {
+            read_after(&store, after, head, limit)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.seq)
+                .collect()
+        };
+        // Committed but not yet published (its sync under way): not readable.
+        assert_eq!(seqs(0, 2, 10), [1, 2]);
+        assert_eq!(seqs(2, 2, 10), Vec::<u64>::new());
+        assert_eq!(seqs(0, 3, 10), [1, 2, 3]);
+        assert_eq!(seqs(1, 3, 1), [2]);
+        assert_eq!(seqs(0, 3, 0), Vec::<u64>::new());
+    }
 }

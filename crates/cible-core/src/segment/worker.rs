@@ -200,9 +200,11 @@ impl Engine {
         }
     }
 
-    /// Up to `limit` changes after sequence number `after`, oldest first.
+    /// Up to `limit` changes after sequence number `after`, oldest first, up to the head the
+    /// worker published after its commit returned: a change is readable only once durable
+    /// (the store makes a commit visible a moment before its sync ends).
     pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<FeedChange>> {
-        super::feed::read_after(&self.store, after, limit)
+        super::feed::read_after(&self.store, after, self.feed_head(), limit)
     }
 
     /// The sequence number of the last change written (0 when none).

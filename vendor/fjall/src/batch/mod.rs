@@ -121,14 +121,29 @@ impl WriteBatch {
                 self.db.is_poisoned.poison();
             })?;
 
-        if let Some(mode) = self.durability {
-            journal_writer.persist(mode).inspect_err(|e| {
-                log::error!(
-                    "persist failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
-                );
-                self.db.is_poisoned.poison();
-            })?;
-        }
+        // cible's patch: write under the journal lock, sync after releasing it, so that one
+        // committer's fsync does not hold every other committer behind it.
+        let to_sync = match self.durability {
+            Some(PersistMode::Buffer) => {
+                journal_writer.persist(PersistMode::Buffer).inspect_err(|e| {
+                    log::error!(
+                        "persist failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
+                    );
+                    self.db.is_poisoned.poison();
+                })?;
+                None
+            }
+            Some(mode) => Some((
+                mode,
+                journal_writer.flush_for_sync().inspect_err(|e| {
+                    log::error!(
+                        "persist failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
+                    );
+                    self.db.is_poisoned.poison();
+                })?,
+            )),
+            None => None,
+        };
 
         // TODO: maybe we can use a stack alloc hashset/vec here, such as smallset
         #[expect(clippy::mutable_key_type)]
@@ -168,6 +183,20 @@ impl WriteBatch {
         log::trace!("batch: Freed journal writer");
 
         drop(keyspaces);
+
+        if let Some((mode, file)) = to_sync {
+            let synced = if mode == PersistMode::SyncData {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            };
+            synced.inspect_err(|e| {
+                log::error!(
+                    "persist failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
+                );
+                self.db.is_poisoned.poison();
+            })?;
+        }
 
         // IMPORTANT: Add batch size to current write buffer size
         // Otherwise write buffer growth is unbounded when using batches

@@ -13,6 +13,7 @@ use std::{
     hash::Hasher,
     io::{BufWriter, Seek, Write},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 // TODO: this should be a database configuration
@@ -23,6 +24,8 @@ pub const JOURNAL_BUFFER_BYTES: usize = 8 * 1_024;
 pub struct Writer {
     pub(crate) path: PathBuf,
     file: BufWriter<File>,
+    /// A second handle on the same file, synced outside the journal lock (cible's patch).
+    sync_handle: Arc<File>,
     buf: Vec<u8>,
     is_buffer_dirty: bool,
 
@@ -141,6 +144,7 @@ impl Writer {
 
         Ok(Self {
             path,
+            sync_handle: Arc::new(file.try_clone()?),
             file: BufWriter::new(file),
             buf: Vec::new(),
             is_buffer_dirty: false,
@@ -174,6 +178,7 @@ impl Writer {
 
             return Ok(Self {
                 path: path.into(),
+                sync_handle: Arc::new(file.try_clone()?),
                 file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
                 buf: Vec::new(),
                 is_buffer_dirty: false,
@@ -191,12 +196,22 @@ impl Writer {
 
         Ok(Self {
             path: path.into(),
+            sync_handle: Arc::new(file.try_clone()?),
             file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
             buf: Vec::new(),
             is_buffer_dirty: false,
             compression: CompressionType::None,
             compression_threshold: 0,
         })
+    }
+
+    /// Hands the written bytes to the OS and returns a handle that makes them durable when
+    /// synced, which the caller does after releasing the journal lock (cible's patch): a
+    /// later sync of the same file covers every earlier write, and a rotation syncs the file
+    /// it seals, so no commit is reported durable before it is.
+    pub(crate) fn flush_for_sync(&mut self) -> std::io::Result<Arc<File>> {
+        self.persist(PersistMode::Buffer)?;
+        Ok(self.sync_handle.clone())
     }
 
     /// Persists the journal file.
