@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::lock::{Level, OrderedMutex};
+use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use crate::packing::Packer;
 use crate::store::StoreError;
 
@@ -97,8 +97,6 @@ impl Position {
 pub type Record = (Location, Option<Vec<u8>>);
 
 struct Inner {
-    /// Open segments by id (readers clone a handle and read without the lock).
-    files: Vec<Option<Arc<File>>>,
     head: Position,
     /// Segments written since the last sync, and whether a segment was created since.
     unsynced: Vec<u32>,
@@ -113,6 +111,11 @@ pub struct EventLog {
     packer: Arc<Packer>,
     segment_bytes: u64,
     inner: OrderedMutex<Inner>,
+    /// Open segments by id. Readers clone a handle under the read lock and read without it, so
+    /// a read never waits for an append's write nor holds one up (an append takes this lock
+    /// for writing only to add a segment). Background readers run at the lowest priority:
+    /// sharing `inner` with the writer let one preempted while holding it stall the writer.
+    files: OrderedRwLock<Vec<Option<Arc<File>>>>,
 }
 
 impl EventLog {
@@ -185,24 +188,24 @@ impl EventLog {
             inner: OrderedMutex::new(
                 Level::EventLog,
                 Inner {
-                    files,
                     head,
                     unsynced: Vec::new(),
                     created: cut,
                     buffer: Vec::new(),
                 },
             ),
+            files: OrderedRwLock::new(Level::EventLogFiles, files),
         };
         {
             let mut inner = log.inner.lock();
-            if head.offset > 0 && inner.file(head.segment).is_none() {
+            if head.offset > 0 && log.file(head.segment).is_none() {
                 return Err(StoreError::event_log(format!(
                     "{} is missing: the store committed {} bytes in it",
                     segment_path(dir, head.segment).display(),
                     head.offset
                 )));
             }
-            if inner.file(head.segment).is_none() {
+            if log.file(head.segment).is_none() {
                 log.create_segment(&mut inner, head.segment)?;
             }
         }
@@ -222,10 +225,13 @@ impl EventLog {
             .open(&path)
             .map_err(|e| StoreError::io(&path, e))?;
         let file = Arc::new(file);
-        if inner.files.len() <= id as usize {
-            inner.files.resize(id as usize + 1, None);
+        {
+            let mut files = self.files.write();
+            if files.len() <= id as usize {
+                files.resize(id as usize + 1, None);
+            }
+            files[id as usize] = Some(Arc::clone(&file));
         }
-        inner.files[id as usize] = Some(Arc::clone(&file));
         inner.created = true;
         Ok(file)
     }
@@ -277,7 +283,7 @@ impl EventLog {
         if bytes.is_empty() {
             return Ok(());
         }
-        let file = inner
+        let file = self
             .file(at.segment)
             .ok_or_else(|| StoreError::event_log(format!("segment {} is not open", at.segment)))?;
         file.write_all_at(bytes, at.offset)
@@ -300,7 +306,7 @@ impl EventLog {
             let ids = std::mem::take(&mut inner.unsynced);
             let files: Vec<(u32, Arc<File>)> = ids
                 .into_iter()
-                .filter_map(|id| inner.file(id).map(|f| (id, f)))
+                .filter_map(|id| self.file(id).map(|f| (id, f)))
                 .collect();
             (files, std::mem::take(&mut inner.created))
         };
@@ -323,7 +329,7 @@ impl EventLog {
 
     /// The codec body at `location`, checked against its CRC and unpacked.
     pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
-        let file = self.inner.lock().file(location.segment).ok_or_else(|| {
+        let file = self.file(location.segment).ok_or_else(|| {
             StoreError::event_log(format!(
                 "an index entry points into segment {}, which does not exist",
                 location.segment
@@ -361,7 +367,7 @@ impl EventLog {
     /// after the next [`EventLog::sync`].
     pub fn erase(&self, location: Location) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
-        let file = inner.file(location.segment).ok_or_else(|| {
+        let file = self.file(location.segment).ok_or_else(|| {
             StoreError::event_log(format!("segment {} does not exist", location.segment))
         })?;
         let zeros = vec![0u8; location.len as usize];
@@ -378,7 +384,7 @@ impl EventLog {
     pub fn records_between(&self, from: Position, to: Position) -> Result<Vec<Record>, StoreError> {
         let mut records = Vec::new();
         for segment in from.segment..=to.segment {
-            let Some(file) = self.inner.lock().file(segment) else {
+            let Some(file) = self.file(segment) else {
                 continue;
             };
             let path = segment_path(&self.dir, segment);
@@ -431,7 +437,7 @@ impl EventLog {
 
     /// Bytes on disk.
     pub fn disk_space(&self) -> u64 {
-        let files: Vec<Arc<File>> = self.inner.lock().files.iter().flatten().cloned().collect();
+        let files: Vec<Arc<File>> = self.files.read().iter().flatten().cloned().collect();
         files
             .iter()
             .filter_map(|f| f.metadata().ok())
@@ -440,9 +446,10 @@ impl EventLog {
     }
 }
 
-impl Inner {
+impl EventLog {
+    /// A handle on segment `id`, if it is open.
     fn file(&self, id: u32) -> Option<Arc<File>> {
-        self.files.get(id as usize).and_then(Clone::clone)
+        self.files.read().get(id as usize).and_then(Clone::clone)
     }
 }
 

@@ -37,8 +37,10 @@ pub enum Level {
     Cache,
     /// Batches committed by the writer, waiting for the segment worker.
     Queue,
-    /// The event log's end and its open segment files (held for a write or a handle's clone).
+    /// The event log's end and what is not yet synced (held for an append or a sync).
     EventLog,
+    /// The event log's open segment files (read to clone a handle, written to add one).
+    EventLogFiles,
     /// The event log's compression dictionaries and their training samples.
     Dictionaries,
 }
