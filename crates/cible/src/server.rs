@@ -177,6 +177,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(crate::priority::latency_sensitive)
         .build()?;
     let served = runtime.block_on(async {
         // Installed before the address is printed: a SIGTERM sent as soon as the server
@@ -246,6 +247,7 @@ pub async fn serve(
         std::thread::Builder::new()
             .name("cible-segments".into())
             .spawn(move || {
+                crate::priority::latency_sensitive();
                 // The API answers meanwhile: batches committed during this first pass wait in
                 // the queue and are evaluated right after it.
                 if let Err(error) = engine.start_live_segments(now) {
@@ -259,7 +261,10 @@ pub async fn serve(
     let writer_engine = Arc::clone(&engine);
     let writer = std::thread::Builder::new()
         .name("cible-writer".into())
-        .spawn(move || writer_loop(&writer_engine, receiver, pinned_now))?;
+        .spawn(move || {
+            crate::priority::latency_sensitive();
+            writer_loop(&writer_engine, receiver, pinned_now)
+        })?;
     let state_engine = Arc::clone(&engine);
     let (stopping_sender, stopping) = tokio::sync::watch::channel(false);
     let local = match &data_dir {
