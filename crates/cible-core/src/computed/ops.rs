@@ -420,7 +420,11 @@ impl Engine {
         names: &[String],
     ) -> Result<Activity> {
         let mut activity = Activity::default();
-        for event in self.full_events(profile, dictionaries)? {
+        let only: Vec<u16> = super::recommend::ACTIVITY_EVENTS
+            .iter()
+            .filter_map(|name| dictionaries.names.get(*name).copied())
+            .collect();
+        for event in self.full_events_named(profile, dictionaries, Some(&only))? {
             if let Some(name) = names.get(usize::from(event.name)) {
                 activity.add(name, i64::from(event.ts) * 1000, &event.properties);
             }

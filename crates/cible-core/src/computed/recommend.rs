@@ -27,6 +27,12 @@ fn text(properties: &serde_json::Map<String, Json>, field: &str) -> Option<Strin
     properties.get(field)?.as_str().map(str::to_string)
 }
 
+const VIEWED: &str = "Product Viewed";
+const ADDED: &str = "Product Added";
+const ORDERED: &str = "Order Completed";
+/// The only events [`Activity::add`] reads: nothing else needs its body read.
+pub const ACTIVITY_EVENTS: [&str; 3] = [VIEWED, ADDED, ORDERED];
+
 impl Activity {
     /// Adds one event (by name, as the segment language calls it).
     pub fn add(&mut self, name: &str, ts: i64, properties: &serde_json::Map<String, Json>) {
@@ -34,9 +40,9 @@ impl Activity {
             Some((ts, text(p, "product_id")?, text(p, "category")))
         };
         match name {
-            "Product Viewed" => self.viewed.extend(item(properties)),
-            "Product Added" => self.added.extend(item(properties)),
-            "Order Completed" => {
+            VIEWED => self.viewed.extend(item(properties)),
+            ADDED => self.added.extend(item(properties)),
+            ORDERED => {
                 if let Some(Json::Array(products)) = properties.get("products") {
                     for product in products.iter().filter_map(Json::as_object) {
                         self.bought.extend(item(product));

@@ -786,11 +786,28 @@ impl Engine {
 
     /// A profile's behavioural events with all their properties, oldest first.
     pub fn full_events(&self, profile: u32, dictionaries: &DictSnapshot) -> Result<Vec<FullEvent>> {
+        self.full_events_named(profile, dictionaries, None)
+    }
+
+    /// [`Engine::full_events`], only of the event names `only` (ids of `dictionaries`) when
+    /// given: the others' bodies are not read (each `events` entry names its event).
+    pub(crate) fn full_events_named(
+        &self,
+        profile: u32,
+        dictionaries: &DictSnapshot,
+        only: Option<&[u16]>,
+    ) -> Result<Vec<FullEvent>> {
         let names = &dictionaries.names;
         let mut events = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
             let (key, value) = entry.into_inner()?;
-            let message = crate::engine::message_of(&self.store, &value)?;
+            let stored = crate::engine::entry_of(&value)?;
+            if only.is_some_and(|only| !only.contains(&stored.record.name)) {
+                continue;
+            }
+            let body = self.store.log.read(stored.location)?;
+            let message =
+                crate::codec::decode(&body).map_err(|e| crate::error::corrupt("events", e))?;
             let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
             let name = message
                 .event
