@@ -8,7 +8,8 @@
 //! dictionaries) → `Hot` (hot store) → `Liveness` → `TraitColumns` → `ModelWrites` (saving a model version)
 //! → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
-//! (the event log's end and open files) → `Dictionaries` (how bodies are packed).
+//! (the event log's end, what is unsynced) → `EventLogFiles` (its open files) → `Dictionaries`
+//! (how bodies are packed).
 //!
 //! The checks are per thread (a thread-local list of the levels held), so they cost a few
 //! nanoseconds per acquisition and catch an inversion on the first run that takes it, whatever

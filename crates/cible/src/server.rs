@@ -177,7 +177,9 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(crate::priority::latency_sensitive)
+        .on_thread_start(|| {
+            crate::priority::latency_sensitive();
+        })
         .build()?;
     let served = runtime.block_on(async {
         // Installed before the address is printed: a SIGTERM sent as soon as the server

@@ -184,13 +184,8 @@ impl WriteBatch {
 
         drop(keyspaces);
 
-        if let Some((mode, file)) = to_sync {
-            let synced = if mode == PersistMode::SyncData {
-                file.sync_data()
-            } else {
-                file.sync_all()
-            };
-            synced.inspect_err(|e| {
+        if let Some((mode, journal)) = to_sync {
+            journal.sync(mode).inspect_err(|e| {
                 log::error!(
                     "persist failed, which is a FATAL, and possibly hardware-related, failure: {e:?}",
                 );

@@ -25,12 +25,49 @@ pub struct Writer {
     pub(crate) path: PathBuf,
     file: BufWriter<File>,
     /// A second handle on the same file, synced outside the journal lock (cible's patch).
-    sync_handle: Arc<File>,
+    sync_handle: Arc<JournalSync>,
     buf: Vec<u8>,
     is_buffer_dirty: bool,
 
     compression: CompressionType,
     compression_threshold: usize,
+}
+
+/// Every sync of one journal file (cible's patch). Linux reports a failed writeback once per
+/// open file, to the first sync that asks: with syncs run outside the journal lock, a committer
+/// whose sync came second would see success for pages that were lost. So syncs take turns here
+/// and a failure sticks: every later sync of this file fails too.
+pub(crate) struct JournalSync {
+    file: File,
+    failed: std::sync::Mutex<bool>,
+}
+
+impl JournalSync {
+    fn new(file: &File) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            file: file.try_clone()?,
+            failed: std::sync::Mutex::new(false),
+        }))
+    }
+
+    /// Syncs the file (`SyncAll` or `SyncData`; `Buffer` does nothing).
+    pub(crate) fn sync(&self, mode: PersistMode) -> std::io::Result<()> {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if *failed {
+            return Err(std::io::Error::other(
+                "an earlier sync of this journal file failed",
+            ));
+        }
+        let result = match mode {
+            PersistMode::SyncAll => self.file.sync_all(),
+            PersistMode::SyncData => self.file.sync_data(),
+            PersistMode::Buffer => Ok(()),
+        };
+        if result.is_err() {
+            *failed = true;
+        }
+        result
+    }
 }
 
 /// The persist mode allows setting the durability guarantee of previous writes
@@ -144,7 +181,7 @@ impl Writer {
 
         Ok(Self {
             path,
-            sync_handle: Arc::new(file.try_clone()?),
+            sync_handle: JournalSync::new(&file)?,
             file: BufWriter::new(file),
             buf: Vec::new(),
             is_buffer_dirty: false,
@@ -178,7 +215,7 @@ impl Writer {
 
             return Ok(Self {
                 path: path.into(),
-                sync_handle: Arc::new(file.try_clone()?),
+                sync_handle: JournalSync::new(&file)?,
                 file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
                 buf: Vec::new(),
                 is_buffer_dirty: false,
@@ -196,7 +233,7 @@ impl Writer {
 
         Ok(Self {
             path: path.into(),
-            sync_handle: Arc::new(file.try_clone()?),
+            sync_handle: JournalSync::new(&file)?,
             file: BufWriter::with_capacity(JOURNAL_BUFFER_BYTES, file),
             buf: Vec::new(),
             is_buffer_dirty: false,
@@ -209,7 +246,7 @@ impl Writer {
     /// synced, which the caller does after releasing the journal lock (cible's patch): a
     /// later sync of the same file covers every earlier write, and a rotation syncs the file
     /// it seals, so no commit is reported durable before it is.
-    pub(crate) fn flush_for_sync(&mut self) -> std::io::Result<Arc<File>> {
+    pub(crate) fn flush_for_sync(&mut self) -> std::io::Result<Arc<JournalSync>> {
         self.persist(PersistMode::Buffer)?;
         Ok(self.sync_handle.clone())
     }
@@ -231,21 +268,13 @@ impl Writer {
             self.is_buffer_dirty = false;
         }
 
-        match mode {
-            PersistMode::SyncAll => self.file.get_mut().sync_all().inspect_err(|e| {
-                log::error!(
-                    "Failed to fsync journal file at {}: {e:?}",
-                    self.path.display(),
-                );
-            }),
-            PersistMode::SyncData => self.file.get_mut().sync_data().inspect_err(|e| {
-                log::error!(
-                    "Failed to fsyncdata journal file at {}: {e:?}",
-                    self.path.display(),
-                );
-            }),
-            PersistMode::Buffer => Ok(()),
-        }
+        // cible's patch: through the file's one sync gate, like the syncs outside the lock.
+        self.sync_handle.sync(mode).inspect_err(|e| {
+            log::error!(
+                "Failed to sync journal file at {} ({mode:?}): {e:?}",
+                self.path.display(),
+            );
+        })
     }
 
     /// Writes a batch start marker to the journal
