@@ -181,7 +181,8 @@ impl<O: Openable> Builder<O> {
     ///     .with_compaction_filter_factories(
     ///         Arc::new(|keyspace| {
     ///             // Match on the keyspace name to assign specific compaction filters
-    ///             todo!()
+    ///             // (cible's copy: none here)
+    ///             None
     ///         })
     ///     )
     ///     .open()?;
