@@ -396,6 +396,7 @@ impl Engine {
     pub fn build_product_model(&self, now: i64) -> Result<Arc<ProductModel>> {
         let dictionaries = self.name_dictionary();
         let names = names_by_id(&dictionaries);
+        let only = Self::activity_names(&dictionaries);
         let profiles = self.live_profiles();
         let progress = AtomicU64::new(0);
         let counts = profiles
@@ -403,7 +404,7 @@ impl Engine {
             .map(|chunk| -> Result<ModelCounts> {
                 let mut counts = ModelCounts::default();
                 for &profile in chunk {
-                    counts.add(&self.activity(profile, &dictionaries, &names)?);
+                    counts.add(&self.activity(profile, &dictionaries, &names, &only)?);
                 }
                 progress.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok(counts)
@@ -413,18 +414,23 @@ impl Engine {
         self.traits.keep_product_model(counts.finish(now))
     }
 
+    /// The event names [`Engine::activity`] reads: ids of `dictionaries`, found once per pass.
+    fn activity_names(dictionaries: &DictSnapshot) -> Vec<u16> {
+        super::recommend::ACTIVITY_EVENTS
+            .iter()
+            .filter_map(|name| dictionaries.names.get(*name).copied())
+            .collect()
+    }
+
     fn activity(
         &self,
         profile: u32,
         dictionaries: &DictSnapshot,
         names: &[String],
+        only: &[u16],
     ) -> Result<Activity> {
         let mut activity = Activity::default();
-        let only: Vec<u16> = super::recommend::ACTIVITY_EVENTS
-            .iter()
-            .filter_map(|name| dictionaries.names.get(*name).copied())
-            .collect();
-        for event in self.full_events_named(profile, dictionaries, Some(&only))? {
+        for event in self.full_events_named(profile, dictionaries, Some(only))? {
             if let Some(name) = names.get(usize::from(event.name)) {
                 activity.add(name, i64::from(event.ts) * 1000, &event.properties);
             }
@@ -439,7 +445,12 @@ impl Engine {
         }
         let model = self.product_model(now)?;
         let dictionaries = self.name_dictionary();
-        let activity = self.activity(profile, &dictionaries, &names_by_id(&dictionaries))?;
+        let activity = self.activity(
+            profile,
+            &dictionaries,
+            &names_by_id(&dictionaries),
+            &Self::activity_names(&dictionaries),
+        )?;
         Ok(super::recommend::recommend(&activity, &model, now, n))
     }
 }
