@@ -8,6 +8,8 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod segments;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +24,7 @@ use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, is_column_property};
 use crate::quality::{QualityCounters, Reason};
 use crate::seen::SeenSet;
-use crate::store::{EventEntry, Store, StoreError, decode_event_key, event_key, profile_key};
+use crate::store::{EventEntry, Store, StoreError, entry_of, event_key, key_of, profile_key};
 use rayon::prelude::*;
 
 use crate::error::corrupt;
@@ -130,14 +132,10 @@ pub struct Engine {
     pub(crate) dictionary_sizes: [std::sync::atomic::AtomicUsize; 2],
     api_keys: OrderedRwLock<FxHashMap<String, KeyRecord>>,
     pub(crate) poisoned: AtomicBool,
-    /// The segment worker's state: live segments, timers and the change feed's writer.
-    pub(crate) segments: OrderedMutex<crate::segment::live::SegmentsState>,
-    /// Committed batches waiting for the segment worker.
-    pub(crate) work: crate::segment::worker::WorkQueue,
+    /// Segments and the change feed: the worker's state, its queue of committed batches.
+    pub(crate) segments: crate::segment::Segments,
     /// Counters and histograms for `/metrics`.
     pub metrics: crate::metrics::Metrics,
-    /// Profiles evaluated by the segment backfill under way.
-    pub(crate) backfill_progress: std::sync::atomic::AtomicU64,
     /// Whether the `hot` rows list their other key properties (property columns can be built).
     columns_supported: bool,
     /// Opened with [`Engine::open_light`]: read-only, profiles loaded on demand.
@@ -285,13 +283,8 @@ impl Engine {
             hot: OrderedRwLock::new(Level::Hot, hot),
             api_keys: OrderedRwLock::new(Level::Cache, api_keys),
             poisoned: AtomicBool::new(false),
-            segments: OrderedMutex::new(
-                Level::Segments,
-                crate::segment::live::SegmentsState::new(feed),
-            ),
-            work: crate::segment::worker::WorkQueue::default(),
+            segments: crate::segment::Segments::new(feed),
             metrics,
-            backfill_progress: std::sync::atomic::AtomicU64::new(0),
             columns_supported,
             light,
             data_dir: dir.to_path_buf(),
@@ -429,14 +422,14 @@ impl Engine {
     /// the chunk's timelines when the chunk is dense, so that the read guard is held only for
     /// the copy and the writer never waits for an evaluation; the guard itself for a sparse
     /// chunk (a batch's few profiles), quick to evaluate and costly to copy as a range.
-    pub(crate) fn hot_chunk(&self, profiles: &[u32]) -> HotChunk<'_> {
+    pub(crate) fn hot_chunk(&self, profiles: &[u32]) -> crate::hot::HotChunk<'_> {
         match (profiles.first(), profiles.last()) {
             (Some(&first), Some(&last))
                 if first <= last && (last - first) as usize <= 4 * profiles.len() =>
             {
-                HotChunk::Window(self.hot.read().window(first, last))
+                crate::hot::HotChunk::Window(self.hot.read().window(first, last))
             }
-            _ => HotChunk::Guard(self.hot.read()),
+            _ => crate::hot::HotChunk::Guard(self.hot.read()),
         }
     }
 
@@ -982,22 +975,6 @@ impl Engine {
     }
 }
 
-/// See [`Engine::hot_chunk`].
-pub(crate) enum HotChunk<'a> {
-    Window(HotStore),
-    Guard(crate::lock::Ordered<parking_lot::RwLockReadGuard<'a, HotStore>>),
-}
-
-impl std::ops::Deref for HotChunk<'_> {
-    type Target = HotStore;
-    fn deref(&self) -> &HotStore {
-        match self {
-            HotChunk::Window(window) => window,
-            HotChunk::Guard(guard) => guard,
-        }
-    }
-}
-
 impl Engine {
     /// On close, once nothing can write any more: the hot store's snapshot and its token (see
     /// [`crate::snapshot`]).
@@ -1142,19 +1119,9 @@ fn live_profiles(state: &State) -> usize {
     state.profiles.iter().filter(|m| m.alive).count()
 }
 
-/// The (profile, time, seq) of an `events` or `hot` key.
-pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u64)> {
-    decode_event_key(key).ok_or_else(|| corrupt(keyspace, "bad key"))
-}
-
-/// An `events` entry.
-pub(crate) fn entry_of(value: &[u8]) -> Result<EventEntry> {
-    EventEntry::decode(value).ok_or_else(|| corrupt("events", "bad entry"))
-}
-
 /// The stored message an `events` entry points at.
 pub(crate) fn message_of(store: &Store, value: &[u8]) -> Result<Message> {
-    let body = store.log.read(entry_of(value)?.location)?;
+    let body = store.log.read(crate::store::entry_of(value)?.location)?;
     crate::codec::decode(&body).map_err(|e| corrupt("events", e))
 }
 

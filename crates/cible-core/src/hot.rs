@@ -561,6 +561,23 @@ pub trait SnapshotRead {
     }
 }
 
+/// The hot store for one chunk of a whole-population pass: a copy of the chunk's timelines
+/// (a window), or the read guard itself (see `Engine::hot_chunk`).
+pub(crate) enum HotChunk<'a> {
+    Window(HotStore),
+    Guard(crate::lock::Ordered<parking_lot::RwLockReadGuard<'a, HotStore>>),
+}
+
+impl std::ops::Deref for HotChunk<'_> {
+    type Target = HotStore;
+    fn deref(&self) -> &HotStore {
+        match self {
+            HotChunk::Window(window) => window,
+            HotChunk::Guard(guard) => guard,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

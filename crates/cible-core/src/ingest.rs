@@ -10,8 +10,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use serde_json::Value;
 
 use crate::engine::{
-    COUNTERS_KEY, Engine, KEY_PREFIX, NAME_PREFIX, ProfileMeta, State, key_of, read_profile,
-    to_json,
+    COUNTERS_KEY, Engine, KEY_PREFIX, NAME_PREFIX, ProfileMeta, State, read_profile, to_json,
 };
 use crate::error::{Result, corrupt};
 use crate::hot::{HotStore, NO_KEY, NO_NAME};
@@ -21,7 +20,7 @@ use crate::message::{
 };
 use crate::quality::{self, Reason, flags};
 use crate::records::{BatchOutcome, MergeRecord, ProfileRecord, QuarantineNote, QuarantineRecord};
-use crate::store::{EventEntry, HotRecord, Store, event_key, profile_key};
+use crate::store::{EventEntry, HotRecord, Store, event_key, key_of, profile_key};
 
 /// When a batch counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -386,6 +386,22 @@ pub fn profile_key(profile: u32) -> [u8; 4] {
     profile.to_be_bytes()
 }
 
+/// The (profile, time, seq) of an `events` or `hot` key.
+pub(crate) fn key_of(keyspace: &'static str, key: &[u8]) -> Result<(u32, i64, u64), StoreError> {
+    decode_event_key(key).ok_or_else(|| StoreError::Corrupt {
+        keyspace,
+        detail: "bad key".into(),
+    })
+}
+
+/// An `events` entry.
+pub(crate) fn entry_of(value: &[u8]) -> Result<EventEntry, StoreError> {
+    EventEntry::decode(value).ok_or_else(|| StoreError::Corrupt {
+        keyspace: "events",
+        detail: "bad entry".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,6 @@ use super::{
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::segment::DictSnapshot;
-use crate::segment::plan::Plan;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -284,20 +283,15 @@ impl Engine {
 
     /// The plan and calibration for evaluating `plans`, when one of them reads computed traits
     /// (building the category column they need first).
-    pub(crate) fn computed_setup<'a>(
+    /// What a rule on computed traits reads (see [`crate::segment::Population::computed`]): the
+    /// category column they need, their plan, calibration and models.
+    pub(crate) fn computed_traits_setup(
         &self,
-        plans: impl IntoIterator<Item = &'a Plan>,
         dictionaries: &DictSnapshot,
         now: i64,
-    ) -> Result<Option<Setup>> {
-        if !plans
-            .into_iter()
-            .any(|p| crate::segment::uses_computed(&p.root))
-        {
-            return Ok(None);
-        }
+    ) -> Result<Setup> {
         self.ensure_column_indexes(&[CATEGORY_KEY as u8], true)?;
-        Ok(Some(self.setup(dictionaries, now)?))
+        self.setup(dictionaries, now)
     }
 
     fn setup(&self, dictionaries: &DictSnapshot, now: i64) -> Result<Setup> {
@@ -430,7 +424,7 @@ impl Engine {
         only: &[u16],
     ) -> Result<Activity> {
         let mut activity = Activity::default();
-        for event in self.full_events_named(profile, dictionaries, Some(only))? {
+        for event in crate::segment::full_events(&self.store, profile, dictionaries, Some(only))? {
             if let Some(name) = names.get(usize::from(event.name)) {
                 activity.add(name, i64::from(event.ts) * 1000, &event.properties);
             }

@@ -1,5 +1,5 @@
 //! The segment worker's state: every segment with its plan and membership, the timer queue,
-//! and the change feed's writer. All of it sits behind one lock (`Engine::segments`, the lowest
+//! and the change feed's writer. All of it sits behind one lock (`Segments::state`, the lowest
 //! level of the lock order), so membership changes are decided by one thread at a time and the
 //! feed's numbers are gap-free.
 //!
@@ -28,10 +28,10 @@ use rayon::prelude::*;
 use roaring::RoaringBitmap;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::Segmenter;
 use super::feed::{Cause, FeedWriter};
 use super::plan::{self, Plan};
 use super::{BackfillReport, Change, RuleRun, SegmentRecord, to_json, uses_computed, uses_traits};
-use crate::engine::Engine;
 use crate::error::EngineError;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -106,7 +106,7 @@ pub struct LiveState {
     computed: Option<crate::computed::Setup>,
 }
 
-/// Everything behind `Engine::segments`.
+/// Everything behind `Segments::state`.
 pub struct SegmentsState {
     pub(crate) feed: FeedWriter,
     /// Loaded on first use; evaluated over everyone when `started`.
@@ -196,24 +196,24 @@ impl LiveState {
     }
 }
 
-impl Engine {
+impl Segmenter<'_> {
     /// Runs `work` on the segment worker's state, loading the segments first if needed (their
     /// stored plans and memberships; nothing is evaluated).
     pub(crate) fn with_segments<T>(
         &self,
         now: i64,
-        work: impl FnOnce(&Engine, &mut LiveState, &mut FeedWriter) -> Result<T>,
+        work: impl FnOnce(&Self, &mut LiveState, &mut FeedWriter) -> Result<T>,
     ) -> Result<T> {
-        let mut guard = self.segments.lock();
+        let mut guard = self.segments.state.lock();
         self.with_loaded(&mut guard, now, work)
     }
 
-    /// [`Engine::with_segments`] with the lock already held.
+    /// [`Segmenter::with_segments`] with the lock already held.
     pub(crate) fn with_loaded<T>(
         &self,
         state: &mut SegmentsState,
         now: i64,
-        work: impl FnOnce(&Engine, &mut LiveState, &mut FeedWriter) -> Result<T>,
+        work: impl FnOnce(&Self, &mut LiveState, &mut FeedWriter) -> Result<T>,
     ) -> Result<T> {
         if state.live.is_none() {
             let mut live = self.load_live(now)?;
@@ -237,13 +237,14 @@ impl Engine {
     /// date at `now` (catching up on time passed and batches committed while stopped), arming
     /// the timers. Changes found are in the feed with cause `restart`.
     pub fn start_live_segments(&self, now: i64) -> Result<()> {
-        let mut guard = self.segments.lock();
+        let mut guard = self.segments.state.lock();
         guard.started = true;
         let state = &mut *guard;
         let mut live = self.load_live(now)?;
         self.evaluate_everyone(&mut live, &mut state.feed, now)?;
         state.live = Some(live);
-        self.metrics
+        self.population
+            .metrics()
             .segments_ready
             .store(1, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -270,7 +271,7 @@ impl Engine {
         now: i64,
         cause: Cause,
     ) -> Result<FxHashMap<usize, PassStats>> {
-        let everyone = self.live_profiles();
+        let everyone = self.population.live_profiles();
         let rounds: Vec<(usize, &[u32])> = live
             .with_dependants(positions)
             .into_iter()
@@ -287,8 +288,9 @@ impl Engine {
         let order = cible_lang::check::dependency_order(&dependencies).map_err(|cycle| {
             EngineError::Invalid(format!("segment cycle: {}", cycle.join(" -> ")))
         })?;
-        self.ensure_columns(records.values().map(|r| &r.ast))?;
-        let dictionaries = self.dictionaries();
+        self.population
+            .ensure_rule_columns(&records.values().map(|r| &r.ast).collect::<Vec<_>>())?;
+        let dictionaries = self.population.dictionary_snapshot(true);
         let mut state = LiveState {
             segments: Vec::new(),
             next_id: 0,
@@ -325,7 +327,7 @@ impl Engine {
 
     /// The live membership of a segment, when the drivers run.
     pub fn live_members(&self, name: &str) -> Option<RoaringBitmap> {
-        let guard = self.segments.lock();
+        let guard = self.segments.state.lock();
         guard
             .live
             .as_ref()?
@@ -342,20 +344,20 @@ impl Engine {
         record: &SegmentRecord,
         now: i64,
     ) -> Result<SegmentRecord> {
-        self.with_segments(now, |engine, live, feed| {
+        self.with_segments(now, |this, live, feed| {
             let position = live.position(&record.name);
             if position.is_none() {
                 // A new segment: keys left under its name by a deletion cut short are not its
                 // members. Cleared before its record is stored, so that no stored segment ever
                 // sits on them (a crash in between leaves them for the next creation).
-                engine.clear_segment_keys(&record.name)?;
+                this.clear_segment_keys(&record.name)?;
             }
-            engine
-                .store
+            this.population
+                .store()
                 .segments
                 .insert(record.name.as_bytes(), to_json(record))?;
-            let dictionaries = engine.dictionaries();
-            engine.ensure_columns([&record.ast])?;
+            let dictionaries = this.population.dictionary_snapshot(true);
+            this.population.ensure_rule_columns(&[&record.ast])?;
             let plan = plan::plan(&record.ast, &dictionaries);
             let members = match position {
                 Some(position) => live.segments.remove(position).members,
@@ -391,19 +393,16 @@ impl Engine {
                 .filter_map(|name| by_name.remove(&name))
                 .collect();
             if live.computed.is_none() && live.segments.iter().any(|s| s.uses_computed) {
-                live.computed = engine.computed_setup(
-                    live.segments.iter().map(|s| &s.plan),
-                    &dictionaries,
-                    now,
-                )?;
+                live.computed =
+                    this.computed_setup(live.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
             }
             let position = live.position(&record.name).expect("just inserted");
             let started = Instant::now();
-            engine
+            this.segments
                 .backfill_progress
                 .store(0, std::sync::atomic::Ordering::Relaxed);
             let stats =
-                engine.evaluate_over_everyone(live, feed, [position], now, Cause::SegmentEdit)?;
+                this.evaluate_over_everyone(live, feed, [position], now, Cause::SegmentEdit)?;
             let stat = stats.get(&position).copied().unwrap_or_default();
             let segment = &mut live.segments[position];
             segment.record.size = segment.members.len();
@@ -417,8 +416,8 @@ impl Engine {
                 via_messages: stat.via_messages,
                 error: None,
             });
-            engine
-                .store
+            this.population
+                .store()
                 .segments
                 .insert(segment.record.name.as_bytes(), to_json(&segment.record))?;
             Ok(segment.record.clone())
@@ -428,14 +427,14 @@ impl Engine {
     /// After a recalibration or a model change: new computed-traits setup, and every segment
     /// reading computed traits (and those built on them) evaluated over everyone.
     pub(crate) fn reevaluate_computed(&self, now: i64, cause: Cause) -> Result<()> {
-        self.with_segments(now, |engine, live, feed| {
-            let dictionaries = engine.dictionaries();
+        self.with_segments(now, |this, live, feed| {
+            let dictionaries = this.population.dictionary_snapshot(true);
             live.computed =
-                engine.computed_setup(live.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
+                this.computed_setup(live.segments.iter().map(|s| &s.plan), &dictionaries, now)?;
             let positions: Vec<usize> = (0..live.segments.len())
                 .filter(|i| live.segments[*i].uses_computed)
                 .collect();
-            engine.evaluate_over_everyone(live, feed, positions, now, cause)?;
+            this.evaluate_over_everyone(live, feed, positions, now, cause)?;
             Ok(())
         })
     }
@@ -452,10 +451,10 @@ impl Engine {
         if touched.is_empty() {
             return Ok(());
         }
-        self.with_loaded(guard, now, |engine, state, feed| {
+        self.with_loaded(guard, now, |this, state, feed| {
             // Before the selection: a segment's plan must know the event names this batch
             // brought, or a profile sending the first one would not be selected for it.
-            engine.replan_if_grown(state);
+            this.replan_if_grown(state);
             let mut changed_profiles: FxHashSet<u32> = FxHashSet::default();
             let mut round: Vec<(usize, Vec<u32>)> = Vec::new();
             for (index, segment) in state.segments.iter().enumerate() {
@@ -485,7 +484,7 @@ impl Engine {
             round.retain(|(_, profiles)| !profiles.is_empty());
             let round: Vec<(usize, &[u32])> =
                 round.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-            engine.reevaluate(state, feed, &round, now, cause)?;
+            this.reevaluate(state, feed, &round, now, cause)?;
             Ok(())
         })
     }
@@ -493,7 +492,7 @@ impl Engine {
     /// Time driver: re-evaluates every (profile, segment) whose verdict may have changed by
     /// `now`. Returns the next instant at which a timer is due.
     pub fn tick_segments(&self, now: i64) -> Result<Option<i64>> {
-        let mut guard = self.segments.lock();
+        let mut guard = self.segments.state.lock();
         let guard = &mut *guard;
         let Some(state) = guard.live.as_mut() else {
             return Ok(None);
@@ -549,7 +548,8 @@ impl Engine {
     }
 
     fn membership_batch(&self) -> fjall::OwnedWriteBatch {
-        self.store
+        self.population
+            .store()
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll))
@@ -572,7 +572,7 @@ impl Engine {
             let segment = &mut state.segments[index];
             segment.record.size = segment.members.len();
             batch.insert(
-                &self.store.meta,
+                &self.population.store().meta,
                 crate::store::segment_size_key(&segment.record.name),
                 segment.record.size.to_be_bytes(),
             );
@@ -580,7 +580,9 @@ impl Engine {
         batch.commit()?;
         let written = changes.written;
         feed.committed(changes);
-        self.metrics.feed_committed(feed.head(), written);
+        self.population
+            .metrics()
+            .feed_committed(feed.head(), written);
         self.notify_feed(feed.head());
         Ok(())
     }
@@ -589,17 +591,16 @@ impl Engine {
     /// names or key texts: conditions compiled against the old ones would miss them). Costs a
     /// look at two counters when they did not, and never waits for the writer then.
     fn replan_if_grown(&self, state: &mut LiveState) {
-        let sizes = self.dictionary_sizes();
+        let sizes = self.population.dictionary_sizes();
         if sizes == state.dictionary_sizes {
             return;
         }
-        let dictionaries = self.dictionaries();
+        let dictionaries = self.population.dictionary_snapshot(true);
         for segment in &mut state.segments {
             segment.plan = plan::plan(&segment.record.ast, &dictionaries);
         }
         if let Some(setup) = &mut state.computed {
-            setup.plan = self.trait_plan(&dictionaries);
-            setup.features = self.feature_plan();
+            self.population.replan_computed(setup, &dictionaries);
         }
         state.dictionary_sizes = (dictionaries.names.len(), dictionaries.keys.len());
         state.names = std::sync::Arc::new(super::DictSnapshot {
@@ -628,7 +629,7 @@ impl Engine {
         for (index, _) in rounds {
             super::trait_names(&state.segments[*index].plan.root, &mut names);
         }
-        self.ensure_trait_columns(&names)?;
+        self.population.ensure_trait_columns(&names)?;
         let mut stats: FxHashMap<usize, PassStats> = FxHashMap::default();
         let mut dirty: FxHashSet<usize> = FxHashSet::default();
         for (index, profiles) in rounds {
@@ -650,10 +651,10 @@ impl Engine {
             for chunk in profiles.chunks(CHUNK) {
                 // Liveness and traits first: the writer takes its lock before `hot`, so a
                 // reader holding `hot` must not ask for it (the lock order forbids it).
-                let alive = self.alive_flags(chunk);
+                let alive = self.population.alive_flags(chunk);
                 let traits: FxHashMap<u32, BTreeMap<String, crate::records::TraitValue>> =
                     if state.segments[index].uses_traits {
-                        let hot_free = self.trait_columns.read();
+                        let hot_free = self.population.trait_columns();
                         chunk.iter().map(|p| (*p, hot_free.traits_of(*p))).collect()
                     } else {
                         FxHashMap::default()
@@ -662,7 +663,7 @@ impl Engine {
                 let verdicts: Vec<Result<Verdict>> = {
                     let segment = &state.segments[index];
                     // A copy for a dense chunk: the writer never waits for this evaluation.
-                    let hot = self.hot_chunk(chunk);
+                    let hot = self.population.hot_chunk(chunk);
                     let run = RuleRun {
                         plan: &segment.plan,
                         hot: &hot,
@@ -721,17 +722,24 @@ impl Engine {
                         entered: member,
                         size: segment.members.len(),
                     };
-                    changes.record(&self.store, &mut batch, &segment.record.name, change, cause);
+                    changes.record(
+                        self.population.store(),
+                        &mut batch,
+                        &segment.record.name,
+                        change,
+                        cause,
+                    );
                     dirty.insert(index);
                 }
-                self.backfill_progress
+                self.segments
+                    .backfill_progress
                     .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if changes.written >= CHANGES_PER_COMMIT {
                     let full = std::mem::replace(&mut batch, self.membership_batch());
                     self.commit_pass(state, feed, full, &mut changes, &mut dirty)?;
                 }
             }
-            self.metrics.segment_evaluated(
+            self.population.metrics().segment_evaluated(
                 &state.segments[index].record.name,
                 profiles.len() as u64,
                 segment_started.elapsed(),

@@ -21,14 +21,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::computed::{Lazy, Setup};
 
-/// Keys a segment's deletion removes per store batch (see [`Engine::clear_segment_keys`]).
+/// Keys a segment's deletion removes per store batch (see [`Segmenter::clear_segment_keys`]).
 const KEYS_PER_BATCH: usize = 2048;
-use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::hot::{HotChunk, HotStore};
+use crate::lock::{Level, Ordered, OrderedMutex};
 use crate::records::TraitValue;
+use crate::store::Store;
 use crate::store::profile_key;
+use crate::trait_columns::TraitColumns;
 use eval::{Context, FullEvent, HotEvents, MessageEvents, evaluate};
+use live::SegmentsState;
+use parking_lot::RwLockReadGuard;
 use plan::{Dictionaries, Plan, ValueNode};
+use worker::WorkQueue;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -106,7 +112,7 @@ pub const BATTERY: [&str; 20] = [
     r#"sum("Order Completed".revenue, 30d) >= 200 or (did("Checkout Started", 7d) and not did("Order Completed", 7d))"#,
 ];
 
-/// The answer of [`Engine::explain`].
+/// The answer of a segment's explanation ([`Segmenter::explain`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Explanation {
     pub segment: String,
@@ -217,17 +223,92 @@ pub(crate) fn uses_traits(node: &plan::Node) -> bool {
     any_value(node, &|v| matches!(v, ValueNode::Trait(_)))
 }
 
-impl Engine {
+/// What segments read of the rest of the engine, implemented by `Engine`: the one seam through
+/// which this module sees profiles, their events and their traits. Segments depend on it and on
+/// the modules below the engine (store, hot store, computed traits, trait columns), never on the
+/// engine itself.
+pub(crate) trait Population: Sync {
+    fn store(&self) -> &Store;
+    fn metrics(&self) -> &crate::metrics::Metrics;
+    /// The event-name dictionary, and the key texts too when `with_keys`.
+    fn dictionary_snapshot(&self, with_keys: bool) -> DictSnapshot;
+    /// Sizes of the two dictionaries as of the last committed batch (never waits for the writer).
+    fn dictionary_sizes(&self) -> (usize, usize);
+    /// Ordinals of every live profile, ascending.
+    fn live_profiles(&self) -> Vec<u32>;
+    /// Whether each of these profiles is live (never waits for the writer).
+    fn alive_flags(&self, profiles: &[u32]) -> Vec<bool>;
+    fn hot(&self) -> Ordered<RwLockReadGuard<'_, HotStore>>;
+    /// The hot store for one chunk of a pass (a copy when the chunk is dense).
+    fn hot_chunk(&self, profiles: &[u32]) -> HotChunk<'_>;
+    fn trait_columns(&self) -> Ordered<RwLockReadGuard<'_, TraitColumns>>;
+    /// Builds the property columns these rules' filters need.
+    fn ensure_rule_columns(&self, rules: &[&Expr]) -> Result<()>;
+    /// Keeps in memory the traits with these names.
+    fn ensure_trait_columns(&self, names: &[String]) -> Result<()>;
+    /// What a rule on computed traits reads: their plan, calibration and models.
+    fn computed(&self, dictionaries: &DictSnapshot, now: i64) -> Result<Setup>;
+    /// Plans the computed traits again, for grown dictionaries.
+    fn replan_computed(&self, setup: &mut Setup, dictionaries: &DictSnapshot);
+    /// A profile's stored traits.
+    fn profile_traits(&self, profile: u32) -> Result<BTreeMap<String, TraitValue>>;
+    /// Names of the stored models (a rule may read their scores).
+    fn model_names(&self) -> Result<Vec<String>>;
+}
+
+/// The segments component: the worker's state (every live segment, the timers, the feed's
+/// writer) behind the lowest lock of the order, the queue of committed batches, and the running
+/// backfill's progress. It owns them; its behaviour runs on a [`Segmenter`], which borrows it
+/// together with the population it reads.
+pub struct Segments {
+    pub(crate) state: OrderedMutex<SegmentsState>,
+    pub(crate) work: WorkQueue,
+    backfill_progress: AtomicU64,
+}
+
+impl Segments {
+    pub(crate) fn new(feed: feed::FeedWriter) -> Self {
+        Self {
+            state: OrderedMutex::new(Level::Segments, SegmentsState::new(feed)),
+            work: WorkQueue::default(),
+            backfill_progress: AtomicU64::new(0),
+        }
+    }
+}
+
+/// [`Segments`] at work over a [`Population`].
+#[derive(Clone, Copy)]
+pub(crate) struct Segmenter<'a> {
+    pub(crate) segments: &'a Segments,
+    pub(crate) population: &'a dyn Population,
+}
+
+impl Segmenter<'_> {
+    /// The computed-traits setup when one of these plans reads computed traits.
+    pub(crate) fn computed_setup<'p>(
+        &self,
+        plans: impl IntoIterator<Item = &'p Plan>,
+        dictionaries: &DictSnapshot,
+        now: i64,
+    ) -> Result<Option<Setup>> {
+        if !plans.into_iter().any(|p| uses_computed(&p.root)) {
+            return Ok(None);
+        }
+        Ok(Some(self.population.computed(dictionaries, now)?))
+    }
+}
+
+impl Segmenter<'_> {
     /// Profiles evaluated so far by the running (or last) segment creation or edit, for a
     /// progress bar.
     pub fn backfill_progress(&self) -> u64 {
-        self.backfill_progress.load(Ordering::Relaxed)
+        self.segments.backfill_progress.load(Ordering::Relaxed)
     }
 
     /// Every stored segment, by name.
     pub fn segments(&self) -> Result<Vec<SegmentRecord>> {
         let mut segments = Vec::new();
-        for entry in self.store.segments.iter() {
+        for entry in self.population.store().segments.iter() {
             let (key, value) = entry.into_inner()?;
             match serde_json::from_slice::<SegmentRecord>(&value) {
                 Ok(record) => segments.push(self.with_size(record)?),
@@ -244,7 +325,7 @@ impl Engine {
     }
 
     pub fn segment(&self, name: &str) -> Result<SegmentRecord> {
-        match self.store.segments.get(name.as_bytes())? {
+        match self.population.store().segments.get(name.as_bytes())? {
             Some(bytes) => self.with_size(serde_json::from_slice(&bytes).map_err(|e| {
                 crate::error::corrupt(
                     "segments",
@@ -259,7 +340,8 @@ impl Engine {
     /// [`crate::store::segment_size_key`]).
     fn with_size(&self, mut record: SegmentRecord) -> Result<SegmentRecord> {
         if let Some(bytes) = self
-            .store
+            .population
+            .store()
             .meta
             .get(crate::store::segment_size_key(&record.name))?
         {
@@ -275,7 +357,8 @@ impl Engine {
     /// When a member last entered a segment (`None` for non-members).
     pub fn entered_at(&self, segment: &str, profile: u32) -> Result<Option<i64>> {
         Ok(self
-            .store
+            .population
+            .store()
             .entries
             .get(crate::store::entry_key(segment, profile))?
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
@@ -286,7 +369,7 @@ impl Engine {
     pub fn members(&self, name: &str) -> Result<RoaringBitmap> {
         let prefix = crate::store::segment_prefix(name);
         let mut members = Vec::new();
-        for entry in self.store.entries.prefix(&prefix) {
+        for entry in self.population.store().entries.prefix(&prefix) {
             let key = entry.key()?;
             let profile = key
                 .get(prefix.len()..)
@@ -302,7 +385,8 @@ impl Engine {
     pub fn segment_changes(&self, name: &str) -> Result<Vec<Change>> {
         let mut changes = Vec::new();
         for entry in self
-            .store
+            .population
+            .store()
             .segment_log
             .prefix(crate::store::segment_prefix(name))
         {
@@ -317,7 +401,11 @@ impl Engine {
 
     /// Event names received so far (for the language's checks).
     pub fn event_names(&self) -> Vec<String> {
-        self.name_dictionary().names.into_keys().collect()
+        self.population
+            .dictionary_snapshot(false)
+            .names
+            .into_keys()
+            .collect()
     }
 
     /// Checks a rule against the store: unknown events (warnings), unknown segments and cycles
@@ -334,7 +422,7 @@ impl Engine {
         if let Some(name) = name {
             catalog_segments.push(name.to_string());
         }
-        let models: Vec<String> = self.model_set()?.models().map(|m| m.name.clone()).collect();
+        let models = self.population.model_names()?;
         let catalog = cible_lang::check::Catalog {
             event_names: &events,
             segments: &catalog_segments,
@@ -397,7 +485,12 @@ impl Engine {
                 "segment name {name:?}: use 1 to 64 lower-case letters, digits, `_` or `-`"
             )));
         }
-        if self.store.segments.contains_key(name.as_bytes())? {
+        if self
+            .population
+            .store()
+            .segments
+            .contains_key(name.as_bytes())?
+        {
             return Err(EngineError::Invalid(format!(
                 "a segment named {name:?} already exists; edit it instead"
             )));
@@ -441,7 +534,12 @@ impl Engine {
     /// Deletes a segment, its membership and its log; refused while other segments use it.
     /// A record that no longer reads (written by a faulty version) can still be deleted.
     pub fn delete_segment(&self, name: &str, _now: i64) -> Result<()> {
-        if !self.store.segments.contains_key(name.as_bytes())? {
+        if !self
+            .population
+            .store()
+            .segments
+            .contains_key(name.as_bytes())?
+        {
             return Err(EngineError::NotFound(format!("segment {name:?}")));
         }
         let users: Vec<String> = self
@@ -462,15 +560,19 @@ impl Engine {
         }
         // Under the worker's lock, and forgotten by it in the same critical section: no
         // evaluation can write this segment back.
-        let mut worker = self.segments.lock();
+        let mut worker = self.segments.state.lock();
         // The record first, in a batch of its own: the segment is gone for everyone at once.
         let mut batch = self
-            .store
+            .population
+            .store()
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
-        batch.remove(&self.store.segments, name.as_bytes());
-        batch.remove(&self.store.meta, crate::store::segment_size_key(name));
+        batch.remove(&self.population.store().segments, name.as_bytes());
+        batch.remove(
+            &self.population.store().meta,
+            crate::store::segment_size_key(name),
+        );
         batch.commit()?;
         worker.forget(name);
         // Then its memberships and history, a bounded batch at a time. A crash in between
@@ -484,7 +586,10 @@ impl Engine {
     /// writer's next commit (an acknowledgement) behind it. The caller holds the worker's lock.
     pub(crate) fn clear_segment_keys(&self, name: &str) -> Result<()> {
         let prefix = crate::store::segment_prefix(name);
-        for keyspace in [&self.store.segment_log, &self.store.entries] {
+        for keyspace in [
+            &self.population.store().segment_log,
+            &self.population.store().entries,
+        ] {
             // Each round starts after the last key removed, not at the prefix again: the
             // tombstones of earlier rounds are not walked over again (quadratic otherwise).
             let mut from = prefix.clone();
@@ -501,7 +606,8 @@ impl Engine {
                 from = last.to_vec();
                 from.push(0); // the smallest key after `last`
                 let mut batch = self
-                    .store
+                    .population
+                    .store()
                     .db
                     .batch()
                     .durability(Some(fjall::PersistMode::SyncAll));
@@ -514,35 +620,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Event names only (what evaluating full messages needs); cheap, unlike the keys.
-    pub fn name_dictionary(&self) -> DictSnapshot {
-        self.snapshot(false)
-    }
-
-    /// Sizes of the event-name and key dictionaries (they only grow), as of the last committed
-    /// batch: read without the writer lock, so the segment worker learns whether to plan again
-    /// without waiting for a commit in progress.
-    pub fn dictionary_sizes(&self) -> (usize, usize) {
-        let [names, keys] = &self.dictionary_sizes;
-        (names.load(Ordering::Acquire), keys.load(Ordering::Acquire))
-    }
-
-    /// A snapshot of the event-name and key dictionaries, for planning.
-    pub fn dictionaries(&self) -> DictSnapshot {
-        self.snapshot(true)
-    }
-
-    fn snapshot(&self, with_keys: bool) -> DictSnapshot {
-        self.with_dictionaries(|names, keys| DictSnapshot {
-            names: names
-                .iter()
-                .filter(|(_, id)| **id < u32::from(u16::MAX))
-                .map(|(n, id)| (n.clone(), *id as u16))
-                .collect(),
-            keys: std::sync::Arc::new(if with_keys { keys.to_vec() } else { Vec::new() }),
-        })
-    }
-
     /// Evaluates a rule over every live profile at `now` (seconds resolution); returns the
     /// members and how many profiles needed their full messages.
     pub fn evaluate_rule(
@@ -553,7 +630,7 @@ impl Engine {
     ) -> Result<(RoaringBitmap, u64, u64)> {
         let mut results = self.evaluate_rules(std::slice::from_ref(expr), now, progress)?;
         let (members, via) = results.pop().expect("one rule, one result");
-        Ok((members, self.live_profiles().len() as u64, via))
+        Ok((members, self.population.live_profiles().len() as u64, via))
     }
 
     /// Evaluates several rules in one pass over the profiles: each profile's traits and, when
@@ -565,8 +642,9 @@ impl Engine {
         now: i64,
         progress: &AtomicU64,
     ) -> Result<Vec<(RoaringBitmap, u64)>> {
-        self.ensure_columns(exprs)?;
-        let dictionaries = self.dictionaries();
+        self.population
+            .ensure_rule_columns(&exprs.iter().collect::<Vec<_>>())?;
+        let dictionaries = self.population.dictionary_snapshot(true);
         let plans: Vec<Plan> = exprs.iter().map(|e| plan::plan(e, &dictionaries)).collect();
         let mut dependencies = FxHashMap::default();
         for plan in &plans {
@@ -579,17 +657,17 @@ impl Engine {
         let needs_traits = plans.iter().any(|p| uses_traits(&p.root));
         let mut names = Vec::new();
         plans.iter().for_each(|p| trait_names(&p.root, &mut names));
-        self.ensure_trait_columns(&names)?;
+        self.population.ensure_trait_columns(&names)?;
         let computed = self.computed_setup(&plans, &dictionaries, now)?;
-        let profiles = self.live_profiles();
+        let profiles = self.population.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         // The hot store's read guard is held for one outer chunk at a time, so the writer (which
         // needs its write guard for every batch) waits for one chunk at most. The trait columns
         // come after `hot` in the lock order.
         let mut chunks: Vec<Result<Vec<ChunkResult>>> = Vec::new();
         for outer in profiles.chunks(crate::hot::READ_CHUNK) {
-            let hot = self.hot_chunk(outer);
-            let trait_columns = self.trait_columns.read();
+            let hot = self.population.hot_chunk(outer);
+            let trait_columns = self.population.trait_columns();
             chunks.extend(self.evaluate_chunk(
                 outer,
                 &plans,
@@ -613,7 +691,7 @@ impl Engine {
         Ok(results)
     }
 
-    /// One outer chunk of [`Engine::evaluate_rules`], in parallel pieces.
+    /// One outer chunk of [`Segmenter::evaluate_rules`], in parallel pieces.
     #[allow(
         clippy::too_many_arguments,
         reason = "the pass's shared inputs, borrowed once"
@@ -674,9 +752,12 @@ impl Engine {
                             Some(verdict) => verdict,
                             None => {
                                 if full.is_none() {
-                                    full = Some(MessageEvents(
-                                        self.full_events(profile, dictionaries)?,
-                                    ));
+                                    full = Some(MessageEvents(full_events(
+                                        self.population.store(),
+                                        profile,
+                                        dictionaries,
+                                        None,
+                                    )?));
                                 }
                                 *via += 1;
                                 let events = full.as_ref().expect("just loaded");
@@ -722,7 +803,7 @@ impl Engine {
         {
             return Ok((verdict, false));
         }
-        let events = self.full_events(profile, run.dictionaries)?;
+        let events = full_events(self.population.store(), profile, run.dictionaries, None)?;
         let verdict = evaluate(run.plan, &MessageEvents(events), &ctx)
             .expect("full messages answer every condition");
         Ok((verdict, true))
@@ -732,13 +813,13 @@ impl Engine {
     /// saw for the profile at `now`, and the stored membership.
     pub fn explain(&self, name: &str, profile: u32, now: i64) -> Result<Explanation> {
         let record = self.segment(name)?;
-        let dictionaries = self.dictionaries();
+        let dictionaries = self.population.dictionary_snapshot(true);
         let plan = plan::plan(&record.ast, &dictionaries);
         let mut dependencies = FxHashMap::default();
         for segment in &plan.segments {
             dependencies.insert(segment.clone(), self.members(segment)?);
         }
-        let traits = self.profile_record(profile)?.traits;
+        let traits = self.population.profile_traits(profile)?;
         let in_segment = |segment: &str| {
             dependencies
                 .get(segment)
@@ -746,7 +827,7 @@ impl Engine {
         };
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         let computed = self.computed_setup(std::slice::from_ref(&plan), &dictionaries, now)?;
-        let hot = self.hot.read();
+        let hot = self.population.hot();
         let lazy = computed
             .as_ref()
             .map(|setup| Lazy::new(hot.timeline(profile), now_s, setup));
@@ -763,7 +844,12 @@ impl Engine {
         ) {
             (Ok(verdict), Ok(conditions)) if !plan.needs_messages => (verdict, conditions),
             _ => {
-                let events = MessageEvents(self.full_events(profile, &dictionaries)?);
+                let events = MessageEvents(full_events(
+                    self.population.store(),
+                    profile,
+                    &dictionaries,
+                    None,
+                )?);
                 let verdict =
                     evaluate(&plan, &events, &ctx).expect("full messages answer every condition");
                 let conditions = eval::explain(&plan, &record.ast, &events, &ctx)
@@ -784,47 +870,6 @@ impl Engine {
         })
     }
 
-    /// A profile's behavioural events with all their properties, oldest first.
-    pub fn full_events(&self, profile: u32, dictionaries: &DictSnapshot) -> Result<Vec<FullEvent>> {
-        self.full_events_named(profile, dictionaries, None)
-    }
-
-    /// [`Engine::full_events`], only of the event names `only` (ids of `dictionaries`) when
-    /// given: the others' bodies are not read (each `events` entry names its event).
-    pub(crate) fn full_events_named(
-        &self,
-        profile: u32,
-        dictionaries: &DictSnapshot,
-        only: Option<&[u16]>,
-    ) -> Result<Vec<FullEvent>> {
-        let names = &dictionaries.names;
-        let mut events = Vec::new();
-        for entry in self.store.events.prefix(profile_key(profile)) {
-            let (key, value) = entry.into_inner()?;
-            let stored = crate::engine::entry_of(&value)?;
-            if only.is_some_and(|only| !only.contains(&stored.record.name)) {
-                continue;
-            }
-            let body = self.store.log.read(stored.location)?;
-            let message =
-                crate::codec::decode(&body).map_err(|e| crate::error::corrupt("events", e))?;
-            let (_, ts_ms, _) = crate::engine::key_of("events", &key)?;
-            let name = message
-                .event
-                .filter(|_| message.kind.is_behavioral())
-                .and_then(|n| names.get(&n).copied())
-                .unwrap_or(crate::hot::NO_NAME);
-            let ts = ts_ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
-            events.push(FullEvent {
-                ts,
-                name,
-                properties: message.properties,
-            });
-        }
-        events.sort_by_key(|e| e.ts);
-        Ok(events)
-    }
-
     /// Count and a sample of a rule's members now; nothing is saved.
     pub fn preview(&self, expr: &Expr, now: i64, sample: usize) -> Result<Preview> {
         let started = Instant::now();
@@ -843,6 +888,43 @@ impl Engine {
         let record = self.segment(name)?;
         self.upsert_live_segment(&record, now)
     }
+}
+
+/// A profile's behavioural events with all their properties, oldest first; only of the event
+/// names `only` (ids of `dictionaries`) when given: the others' bodies are not read (each
+/// `events` entry names its event).
+pub(crate) fn full_events(
+    store: &crate::store::Store,
+    profile: u32,
+    dictionaries: &DictSnapshot,
+    only: Option<&[u16]>,
+) -> Result<Vec<FullEvent>> {
+    let names = &dictionaries.names;
+    let mut events = Vec::new();
+    for entry in store.events.prefix(profile_key(profile)) {
+        let (key, value) = entry.into_inner()?;
+        let stored = crate::store::entry_of(&value)?;
+        if only.is_some_and(|only| !only.contains(&stored.record.name)) {
+            continue;
+        }
+        let body = store.log.read(stored.location)?;
+        let message =
+            crate::codec::decode(&body).map_err(|e| crate::error::corrupt("events", e))?;
+        let (_, ts_ms, _) = crate::store::key_of("events", &key)?;
+        let name = message
+            .event
+            .filter(|_| message.kind.is_behavioral())
+            .and_then(|n| names.get(&n).copied())
+            .unwrap_or(crate::hot::NO_NAME);
+        let ts = ts_ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
+        events.push(FullEvent {
+            ts,
+            name,
+            properties: message.properties,
+        });
+    }
+    events.sort_by_key(|e| e.ts);
+    Ok(events)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Segment evaluation checked against an independent reference: each rule written again as
 //! plain Rust over the full messages, on generated data.
 
+use crate::engine::Engine;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
@@ -414,6 +415,7 @@ fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
     let plan = plan::plan(&cible_lang::parse(rule).unwrap(), &dictionaries);
     // Computed traits come from the hot rows whatever the events evaluated.
     let computed = engine
+        .segmenter()
         .computed_setup(std::slice::from_ref(&plan), &dictionaries, now)
         .unwrap();
     let mut members = RoaringBitmap::new();

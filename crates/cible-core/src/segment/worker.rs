@@ -15,9 +15,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::Segmenter;
 use super::feed::{Cause, FeedChange};
 use super::live::Touched;
-use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::lock::{Level, OrderedMutex};
 
@@ -59,27 +59,30 @@ pub(crate) struct Work {
     batches: u64,
 }
 
-/// Keeps the queue from draining inline until dropped (see [`Engine::defer_segments`]).
+/// Keeps the queue from draining inline until dropped (see [`Segmenter::defer_segments`]).
 pub struct Deferral<'e> {
-    engine: &'e Engine,
+    work: &'e WorkQueue,
 }
 
 impl Drop for Deferral<'_> {
     fn drop(&mut self) {
-        self.engine.work.deferred.fetch_sub(1, Ordering::AcqRel);
+        self.work.deferred.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-impl Engine {
+impl<'a> Segmenter<'a> {
     /// Hands a committed batch's touched profiles to the segment worker. Called by the writer
     /// after it released its lock.
     pub(crate) fn hand_off(&self, touched: Touched, cause: Cause, now: i64) -> Result<()> {
         if touched.is_empty() {
             return Ok(());
         }
-        self.metrics.batches_handed.fetch_add(1, Ordering::Relaxed);
+        self.population
+            .metrics()
+            .batches_handed
+            .fetch_add(1, Ordering::Relaxed);
         {
-            let mut pending = self.work.pending.lock();
+            let mut pending = self.segments.work.pending.lock();
             match pending.back_mut() {
                 Some(last) if last.cause == cause => {
                     last.touched.absorb(touched);
@@ -94,15 +97,15 @@ impl Engine {
                     batches: 1,
                 }),
             }
-            self.metrics.queue_depth.store(
+            self.population.metrics().queue_depth.store(
                 pending.iter().map(|w| w.touched.len()).sum::<usize>() as u64,
                 Ordering::Relaxed,
             );
         }
-        if self.work.background.load(Ordering::Acquire) {
-            self.work.wake.notify_one();
+        if self.segments.work.background.load(Ordering::Acquire) {
+            self.segments.work.wake.notify_one();
             Ok(())
-        } else if self.work.deferred.load(Ordering::Acquire) > 0 {
+        } else if self.segments.work.deferred.load(Ordering::Acquire) > 0 {
             Ok(())
         } else {
             self.drain_segments().map(|_| ())
@@ -111,10 +114,12 @@ impl Engine {
 
     /// Until the guard is dropped, committed batches wait in the queue instead of being
     /// evaluated after each one (bulk import evaluates once, at the end, with
-    /// [`Engine::drain_segments`]).
-    pub fn defer_segments(&self) -> Deferral<'_> {
-        self.work.deferred.fetch_add(1, Ordering::AcqRel);
-        Deferral { engine: self }
+    /// [`Segmenter::drain_segments`]).
+    pub fn defer_segments(&self) -> Deferral<'a> {
+        self.segments.work.deferred.fetch_add(1, Ordering::AcqRel);
+        Deferral {
+            work: &self.segments.work,
+        }
     }
 
     /// Evaluates everything waiting in the queue; returns the number of batches processed.
@@ -124,11 +129,11 @@ impl Engine {
             // Popped and evaluated under the worker's lock, one entry at a time: batches are
             // evaluated in the order they were committed, and an admin call waiting for the
             // lock gets it between two entries.
-            let mut guard = self.segments.lock();
+            let mut guard = self.segments.state.lock();
             let work = {
-                let mut pending = self.work.pending.lock();
+                let mut pending = self.segments.work.pending.lock();
                 let work = pending.pop_front();
-                self.metrics.queue_depth.store(
+                self.population.metrics().queue_depth.store(
                     pending.iter().map(|w| w.touched.len()).sum::<usize>() as u64,
                     Ordering::Relaxed,
                 );
@@ -139,7 +144,8 @@ impl Engine {
             };
             self.segments_after_batch(&mut guard, &work.touched, work.now, work.cause)?;
             drop(guard);
-            self.metrics
+            self.population
+                .metrics()
                 .batch_to_feed(work.committed.elapsed(), work.batches);
             processed += work.batches;
         }
@@ -148,7 +154,7 @@ impl Engine {
     /// The segment worker of `cible serve`: drains committed batches as they come and follows
     /// the timers, until `stop`. Batches committed meanwhile are evaluated before it returns.
     pub fn run_segment_worker(&self, stop: &AtomicBool, clock: &(dyn Fn() -> i64 + Sync)) {
-        self.work.background.store(true, Ordering::Release);
+        self.segments.work.background.store(true, Ordering::Release);
         loop {
             let stopping = stop.load(Ordering::Acquire);
             if let Err(error) = self.drain_segments() {
@@ -170,32 +176,38 @@ impl Engine {
             let wait = next_timer
                 .map(|at| (at - clock()).clamp(0, 1000))
                 .unwrap_or(1000);
-            let mut pending = self.work.pending.lock();
+            let mut pending = self.segments.work.pending.lock();
             if pending.is_empty() && !stop.load(Ordering::Acquire) {
-                pending.wait_for(&self.work.wake, Duration::from_millis(wait as u64 + 1));
+                pending.wait_for(
+                    &self.segments.work.wake,
+                    Duration::from_millis(wait as u64 + 1),
+                );
             }
         }
-        self.work.background.store(false, Ordering::Release);
+        self.segments
+            .work
+            .background
+            .store(false, Ordering::Release);
     }
 
     /// From now on a worker thread drains the queue: committing threads only hand off. Call it
     /// before a long first evaluation pass, so batches committed meanwhile wait for it.
     pub fn start_background_worker(&self) {
-        self.work.background.store(true, Ordering::Release);
+        self.segments.work.background.store(true, Ordering::Release);
     }
 
     /// Wakes the worker (to see `stop`).
     pub fn wake_segment_worker(&self) {
-        self.work.wake.notify_all();
+        self.segments.work.wake.notify_all();
     }
 
     /// Calls `listener` with the feed's head after every commit of changes.
     pub fn on_feed(&self, listener: FeedListener) {
-        self.work.listeners.lock().push(listener);
+        self.segments.work.listeners.lock().push(listener);
     }
 
     pub(crate) fn notify_feed(&self, head: u64) {
-        for listener in self.work.listeners.lock().iter() {
+        for listener in self.segments.work.listeners.lock().iter() {
             listener(head);
         }
     }
@@ -204,11 +216,11 @@ impl Engine {
     /// worker published after its commit returned: a change is readable only once durable
     /// (the store makes a commit visible a moment before its sync ends).
     pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<FeedChange>> {
-        super::feed::read_after(&self.store, after, self.feed_head(), limit)
+        super::feed::read_after(self.population.store(), after, self.feed_head(), limit)
     }
 
     /// The sequence number of the last change written (0 when none).
     pub fn feed_head(&self) -> u64 {
-        self.metrics.feed_head.load(Ordering::Acquire)
+        self.population.metrics().feed_head.load(Ordering::Acquire)
     }
 }
