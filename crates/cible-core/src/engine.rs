@@ -8,7 +8,9 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod models;
 mod segments;
+mod traits;
 
 use std::collections::BTreeMap;
 use std::path::Path;

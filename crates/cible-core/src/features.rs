@@ -2,15 +2,12 @@
 //! hot timeline and the computed traits, optional standardization (z-score or min-max over the
 //! population), and a Parquet writer (`cible export features`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::computed::{ComputedTraits, DAY};
-use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::hot::Timeline;
 
@@ -257,63 +254,6 @@ pub fn row(
     row[17] = first_seen;
     row[18] = last_seen;
     (row, next)
-}
-
-impl Engine {
-    /// What [`row`] needs, resolved against the current dictionaries.
-    pub fn feature_plan(&self) -> FeaturePlan {
-        let dictionaries = self.name_dictionary();
-        FeaturePlan::new(
-            &|name| dictionaries.names.get(name).copied(),
-            self.trait_config().rfm.window_days,
-        )
-    }
-
-    /// The feature table of every live profile at `now` (ms).
-    pub fn features(&self, now: i64) -> Result<FeatureTable, EngineError> {
-        let profiles = self.live_profiles();
-        let reader = self.traits_reader(now)?;
-        let plan = self.feature_plan();
-        let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;
-        // By chunks, each under its own read guard: ingestion waits for one chunk at most, not
-        // for the whole population (a scheduled retraining runs beside live traffic).
-        const CHUNK: usize = crate::hot::READ_CHUNK;
-        let mut parts: Vec<([f64; FEATURES.len()], BTreeMap<String, f64>)> =
-            Vec::with_capacity(profiles.len());
-        for chunk in profiles.chunks(CHUNK) {
-            let traits = reader.base_of(chunk);
-            let hot = self.hot_chunk(chunk);
-            parts.par_extend(chunk.par_iter().zip(traits).map(|(profile, traits)| {
-                let (base, _) = row(&hot.timeline(*profile), now_s, &traits, &plan);
-                (base, traits.affinity.categories)
-            }));
-        }
-        let mut categories: Vec<String> = parts
-            .iter()
-            .flat_map(|(_, weights)| weights.keys().cloned())
-            .collect();
-        categories.sort();
-        categories.dedup();
-        let rows: Vec<Vec<f64>> = parts
-            .into_par_iter()
-            .map(|(base, weights)| {
-                let mut row = base.to_vec();
-                row.extend(
-                    categories
-                        .iter()
-                        .map(|category| weights.get(category).copied().unwrap_or(0.0)),
-                );
-                row
-            })
-            .collect();
-        let mut names: Vec<String> = FEATURES.iter().map(|f| f.to_string()).collect();
-        names.extend(categories.iter().map(|c| format!("category_{c}")));
-        Ok(FeatureTable {
-            names,
-            profiles,
-            rows,
-        })
-    }
 }
 
 #[cfg(test)]

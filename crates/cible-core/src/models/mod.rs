@@ -13,9 +13,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::features::{FeatureTable, Scaling};
+use crate::features::FeatureTable;
 use saved::{CLUSTER_MODEL, ModelKind, SavedModel};
 
 /// The logistic function: log-odds to a probability.
@@ -131,182 +130,129 @@ pub struct DensityClustering {
     pub clusters: Vec<Cluster>,
 }
 
-impl Engine {
-    /// Every live profile's features as models use them: log1p (activity counts and spend are
-    /// heavy-tailed: compressed, or a handful of heavy users make the only group that stands
-    /// out), then z-scores. Returns the center and spread of each column's z-score.
-    pub fn model_rows(&self, now: i64) -> Result<(FeatureTable, Vec<(f64, f64)>), EngineError> {
-        let mut table = self.features(now)?;
-        if table.rows.len() < 3 {
-            return Err(EngineError::Invalid(format!(
-                "models need at least 3 profiles, found {}",
-                table.rows.len()
-            )));
-        }
-        for value in table.rows.iter_mut().flatten() {
-            *value = value.max(0.0).ln_1p();
-        }
-        let scales = table
-            .scale(Scaling::ZScore)
+/// DBSCAN on the model rows; eps is the k-distance knee unless given. The parameters are
+/// checked against [`bounds`] before `rows` (what reads the population) is called.
+pub fn density_clusters(
+    rows: impl FnOnce() -> Result<(FeatureTable, Vec<(f64, f64)>), EngineError>,
+    min_points: usize,
+    eps: Option<f64>,
+    sample: usize,
+    seed: u64,
+) -> Result<DensityClustering, EngineError> {
+    validate_dbscan(min_points, eps, sample)?;
+    let (table, _) = rows()?;
+    let sampled: Vec<Vec<f64>> = if table.rows.len() <= sample {
+        table.rows.clone()
+    } else {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rand::seq::index::sample(&mut rng, table.rows.len(), sample)
             .into_iter()
-            .map(|s| (s.center, s.spread))
-            .collect();
-        Ok((table, scales))
-    }
-
-    /// DBSCAN on the model rows; eps is the k-distance knee unless given.
-    pub fn density_clusters(
-        &self,
-        now: i64,
-        min_points: usize,
-        eps: Option<f64>,
-        sample: usize,
-        seed: u64,
-    ) -> Result<DensityClustering, EngineError> {
-        validate_dbscan(min_points, eps, sample)?;
-        let (table, _) = self.model_rows(now)?;
-        let sampled: Vec<Vec<f64>> = if table.rows.len() <= sample {
-            table.rows.clone()
-        } else {
-            use rand::SeedableRng;
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            rand::seq::index::sample(&mut rng, table.rows.len(), sample)
-                .into_iter()
-                .map(|i| table.rows[i].clone())
-                .collect()
-        };
-        let suggested_eps = dbscan::knee(&dbscan::k_distances(&sampled, min_points));
-        let eps = eps.unwrap_or(suggested_eps);
-        let labels = dbscan::dbscan_sampled(&table.rows, eps, min_points, sample, seed);
-        crate::cancel::check()?;
-        let n_clusters = labels.iter().flatten().max().map_or(0, |m| m + 1);
-        let clusters = (0..n_clusters)
-            .map(|id| {
-                let members: Vec<&Vec<f64>> = table
-                    .rows
-                    .iter()
-                    .zip(&labels)
-                    .filter(|(_, l)| **l == Some(id))
-                    .map(|(r, _)| r)
-                    .collect();
-                let mut mean = vec![0.0; table.names.len()];
-                for row in &members {
-                    for (m, v) in mean.iter_mut().zip(row.iter()) {
-                        *m += v / members.len().max(1) as f64;
-                    }
+            .map(|i| table.rows[i].clone())
+            .collect()
+    };
+    let suggested_eps = dbscan::knee(&dbscan::k_distances(&sampled, min_points));
+    let eps = eps.unwrap_or(suggested_eps);
+    let labels = dbscan::dbscan_sampled(&table.rows, eps, min_points, sample, seed);
+    crate::cancel::check()?;
+    let n_clusters = labels.iter().flatten().max().map_or(0, |m| m + 1);
+    let clusters = (0..n_clusters)
+        .map(|id| {
+            let members: Vec<&Vec<f64>> = table
+                .rows
+                .iter()
+                .zip(&labels)
+                .filter(|(_, l)| **l == Some(id))
+                .map(|(r, _)| r)
+                .collect();
+            let mut mean = vec![0.0; table.names.len()];
+            for row in &members {
+                for (m, v) in mean.iter_mut().zip(row.iter()) {
+                    *m += v / members.len().max(1) as f64;
                 }
-                let (description, traits) = describe(&table.names, &mean);
-                Cluster {
-                    id,
-                    size: members.len(),
-                    description,
-                    traits,
-                }
-            })
-            .filter(|c| c.size > 0)
-            .collect();
-        Ok(DensityClustering {
-            profiles: table.rows.len(),
-            min_points,
-            suggested_eps,
-            eps,
-            sample: sampled.len(),
-            noise: labels.iter().filter(|l| l.is_none()).count(),
-            clusters,
+            }
+            let (description, traits) = describe(&table.names, &mean);
+            Cluster {
+                id,
+                size: members.len(),
+                description,
+                traits,
+            }
         })
-    }
-    /// Clusters every live profile's features (log1p, then z-scores) with k-means, k chosen by
-    /// silhouette; returns the report and the model to save (the `cluster` traits).
-    pub fn cluster(
-        &self,
-        now: i64,
-        params: &ClusterParams,
-    ) -> Result<(Clustering, SavedModel), EngineError> {
-        params.validate()?;
-        let started = Instant::now();
-        let (table, scales) = self.model_rows(now)?;
-        let (fit, curve) = kmeans::choose_k(
-            &table.rows,
-            params.min_k..=params.max_k,
-            params.restarts,
-            params.sample,
-            params.seed,
-        );
-        crate::cancel::check()?;
-        let silhouette = curve
-            .iter()
-            .find(|c| c.k == fit.centroids.len())
-            .map_or(0.0, |c| c.silhouette);
-        let clusters = fit
-            .centroids
-            .iter()
-            .enumerate()
-            .map(|(id, centroid)| {
-                let (description, traits) = describe(&table.names, centroid);
-                Cluster {
-                    id,
-                    size: fit.labels.iter().filter(|l| **l == id).count(),
-                    description,
-                    traits,
-                }
-            })
-            .collect();
-        let clustering = Clustering {
-            profiles: table.rows.len(),
-            features: table.names.clone(),
-            k: fit.centroids.len(),
-            silhouette,
-            inertia: fit.inertia,
-            curve,
-            clusters,
-        };
-        let model = SavedModel {
-            name: CLUSTER_MODEL.to_string(),
-            version: 0,
-            trained_at: now,
-            training_seconds: started.elapsed().as_secs_f64(),
-            features: table.names,
-            scales,
-            kind: ModelKind::KMeans {
-                names: unique_names(clustering.clusters.iter().map(|c| &c.description)),
-                centroids: fit.centroids,
-            },
-            training: Training::KMeans(*params),
-            report: serde_json::to_value(&clustering).expect("reports serialize"),
-        };
-        Ok((clustering, model))
-    }
+        .filter(|c| c.size > 0)
+        .collect();
+    Ok(DensityClustering {
+        profiles: table.rows.len(),
+        min_points,
+        suggested_eps,
+        eps,
+        sample: sampled.len(),
+        noise: labels.iter().filter(|l| l.is_none()).count(),
+        clusters,
+    })
+}
 
-    /// Trains a new version of a stored model with the recipe it was trained with, at `now`,
-    /// and makes it active; returns the version. A recipe outside [`bounds`] is refused.
-    pub fn retrain(&self, name: &str, now: i64) -> Result<u32, EngineError> {
-        let training = self.models.active_model(name)?.training;
-        training.validate().map_err(|e| {
-            EngineError::Invalid(format!(
-                "{name} was trained with settings out of bounds ({e}); train it again with new ones"
-            ))
-        })?;
-        let model = match training {
-            Training::KMeans(params) => self.cluster(now, &params)?.1,
-            Training::Propensity(params) => self.train_propensity(&params, now)?.1,
-        };
-        self.save_model(model, now)
-    }
-
-    /// Retrains every active model trained more than `max_age_ms` before `now`; returns the
-    /// names retrained. A model whose recipe is outside [`bounds`] is left as it is.
-    pub fn retrain_if_older(&self, now: i64, max_age_ms: i64) -> Result<Vec<String>, EngineError> {
-        let due: Vec<String> = self
-            .model_set()?
-            .models()
-            .filter(|m| m.trained_at + max_age_ms <= now && m.training.validate().is_ok())
-            .map(|m| m.name.clone())
-            .collect();
-        for name in &due {
-            self.retrain(name, now)?;
-        }
-        Ok(due)
-    }
+/// Clusters every live profile's features (log1p, then z-scores) with k-means, k chosen by
+/// silhouette; returns the report and the model to save (the `cluster` traits). The
+/// parameters are checked against [`bounds`] before `rows` is called.
+pub fn cluster(
+    rows: impl FnOnce() -> Result<(FeatureTable, Vec<(f64, f64)>), EngineError>,
+    params: &ClusterParams,
+    now: i64,
+) -> Result<(Clustering, SavedModel), EngineError> {
+    params.validate()?;
+    let started = Instant::now();
+    let (table, scales) = rows()?;
+    let (fit, curve) = kmeans::choose_k(
+        &table.rows,
+        params.min_k..=params.max_k,
+        params.restarts,
+        params.sample,
+        params.seed,
+    );
+    crate::cancel::check()?;
+    let silhouette = curve
+        .iter()
+        .find(|c| c.k == fit.centroids.len())
+        .map_or(0.0, |c| c.silhouette);
+    let clusters = fit
+        .centroids
+        .iter()
+        .enumerate()
+        .map(|(id, centroid)| {
+            let (description, traits) = describe(&table.names, centroid);
+            Cluster {
+                id,
+                size: fit.labels.iter().filter(|l| **l == id).count(),
+                description,
+                traits,
+            }
+        })
+        .collect();
+    let clustering = Clustering {
+        profiles: table.rows.len(),
+        features: table.names.clone(),
+        k: fit.centroids.len(),
+        silhouette,
+        inertia: fit.inertia,
+        curve,
+        clusters,
+    };
+    let model = SavedModel {
+        name: CLUSTER_MODEL.to_string(),
+        version: 0,
+        trained_at: now,
+        training_seconds: started.elapsed().as_secs_f64(),
+        features: table.names,
+        scales,
+        kind: ModelKind::KMeans {
+            names: unique_names(clustering.clusters.iter().map(|c| &c.description)),
+            centroids: fit.centroids,
+        },
+        training: Training::KMeans(*params),
+        report: serde_json::to_value(&clustering).expect("reports serialize"),
+    };
+    Ok((clustering, model))
 }
 
 /// Descriptions made unique: a repeated one gets " (2)", " (3)"...

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use super::logistic::{self, CalibrationBin};
 use super::saved::{ModelKind, SavedModel};
 use super::{Training, gbdt};
-use crate::engine::Engine;
 use crate::error::EngineError;
 
 /// What a model predicts, over the `horizon` days after the cutoff.
@@ -93,149 +92,81 @@ pub struct Split {
     pub test: (Vec<Vec<f64>>, Vec<bool>),
 }
 
-fn held_out(profile: u32) -> bool {
+pub(crate) fn held_out(profile: u32) -> bool {
     // A fixed mix of the ordinal: the same profiles are held out every time.
     (u64::from(profile).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) < 3
 }
 
-impl Engine {
-    /// The time split for `target` over `horizon_days` before `now`: features of every profile
-    /// seen before the cutoff as of the cutoff, labels from what it did after.
-    pub fn propensity_split(
-        &self,
-        target: Target,
-        horizon_days: u32,
-        now: i64,
-    ) -> Result<Split, EngineError> {
-        let cutoff = now - i64::from(horizon_days) * crate::time::DAY_MS;
-        let (table, scales) = self.model_rows(cutoff)?;
-        let (cutoff_s, now_s) = (cutoff.div_euclid(1000), now.div_euclid(1000));
-        let dictionaries = self.name_dictionary();
-        let id = |name: &str| dictionaries.names.get(name).copied();
-        let (order, open) = (id("Order Completed"), id("Email Opened"));
-        let weights = &self.trait_config().engagement.weights;
-        let engaging: Vec<u16> = weights
-            .iter()
-            .filter(|(_, w)| **w > 0.0)
-            .filter_map(|(name, _)| id(name))
-            .collect();
-        let mut train = (Vec::new(), Vec::new());
-        let mut test = (Vec::new(), Vec::new());
-        // By chunks, each under its own read guard (see `Engine::features`).
-        let mut rows = table.rows.into_iter();
-        for chunk in table.profiles.chunks(crate::hot::READ_CHUNK) {
-            let hot = self.hot_chunk(chunk);
-            for (profile, row) in chunk.iter().zip(rows.by_ref()) {
-                let events = hot.events(*profile);
-                // Only people known at the cutoff.
-                if events.first().is_none_or(|e| i64::from(e.ts) > cutoff_s) {
-                    continue;
-                }
-                let after = events
-                    .iter()
-                    .filter(|e| i64::from(e.ts) > cutoff_s && i64::from(e.ts) <= now_s);
-                let label = match target {
-                    Target::Purchase => after.clone().any(|e| Some(e.name) == order),
-                    Target::Open => after.clone().any(|e| Some(e.name) == open),
-                    Target::Churn => !after.clone().any(|e| engaging.contains(&e.name)),
-                };
-                let side = if held_out(*profile) {
-                    &mut test
-                } else {
-                    &mut train
-                };
-                side.0.push(row);
-                side.1.push(label);
-            }
+/// Trains a propensity model and reports its quality on held-out profiles; returns the
+/// report and the model to save (the `predicted.<name>` trait).
+pub fn train(
+    split: impl FnOnce(Target, u32) -> Result<Split, EngineError>,
+    params: &PropensityParams,
+    now: i64,
+) -> Result<(PropensityReport, SavedModel), EngineError> {
+    params.validate()?;
+    let split = split(params.target, params.horizon_days)?;
+    let started = Instant::now();
+    let (train, test) = (&split.train, &split.test);
+    let (kind, predicted, importance): (ModelKind, Vec<f64>, Vec<f64>) = match params.algorithm {
+        Algorithm::Logistic => {
+            let model = logistic::fit(&train.0, &train.1, 1.0, 50);
+            crate::cancel::check()?;
+            let predicted = test.0.iter().map(|r| model.predict(r)).collect();
+            let importance = model.weights.clone();
+            let kind = ModelKind::Logistic {
+                target: params.target,
+                horizon_days: params.horizon_days,
+                weights: model.weights,
+                intercept: model.intercept,
+            };
+            (kind, predicted, importance)
         }
-        if train.0.is_empty() || test.0.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "no profile was seen before the cutoff {}: shorten --days",
-                crate::time::format_ms(cutoff)
-            )));
+        Algorithm::BoostedTrees => {
+            let model = gbdt::fit(&train.0, &train.1, &gbdt::Params::default());
+            crate::cancel::check()?;
+            let predicted = test.0.iter().map(|r| model.predict(r)).collect();
+            let importance = model.importance.clone();
+            let kind = ModelKind::Boosted {
+                target: params.target,
+                horizon_days: params.horizon_days,
+                model,
+            };
+            (kind, predicted, importance)
         }
-        Ok(Split {
-            names: table.names,
-            scales,
-            cutoff,
-            train,
-            test,
-        })
-    }
-
-    /// Trains a propensity model and reports its quality on held-out profiles; returns the
-    /// report and the model to save (the `predicted.<name>` trait).
-    pub fn train_propensity(
-        &self,
-        params: &PropensityParams,
-        now: i64,
-    ) -> Result<(PropensityReport, SavedModel), EngineError> {
-        params.validate()?;
-        let split = self.propensity_split(params.target, params.horizon_days, now)?;
-        let started = Instant::now();
-        let (train, test) = (&split.train, &split.test);
-        let (kind, predicted, importance): (ModelKind, Vec<f64>, Vec<f64>) = match params.algorithm
-        {
-            Algorithm::Logistic => {
-                let model = logistic::fit(&train.0, &train.1, 1.0, 50);
-                crate::cancel::check()?;
-                let predicted = test.0.iter().map(|r| model.predict(r)).collect();
-                let importance = model.weights.clone();
-                let kind = ModelKind::Logistic {
-                    target: params.target,
-                    horizon_days: params.horizon_days,
-                    weights: model.weights,
-                    intercept: model.intercept,
-                };
-                (kind, predicted, importance)
-            }
-            Algorithm::BoostedTrees => {
-                let model = gbdt::fit(&train.0, &train.1, &gbdt::Params::default());
-                crate::cancel::check()?;
-                let predicted = test.0.iter().map(|r| model.predict(r)).collect();
-                let importance = model.importance.clone();
-                let kind = ModelKind::Boosted {
-                    target: params.target,
-                    horizon_days: params.horizon_days,
-                    model,
-                };
-                (kind, predicted, importance)
-            }
-        };
-        let training_seconds = started.elapsed().as_secs_f64();
-        let base_rate = train.1.iter().filter(|l| **l).count() as f64 / train.1.len() as f64;
-        let mut importance: Vec<(String, f64)> =
-            split.names.iter().cloned().zip(importance).collect();
-        importance.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
-        let report = PropensityReport {
-            model: params.name(),
-            target: params.target,
-            algorithm: params.algorithm,
-            horizon_days: params.horizon_days,
-            cutoff: split.cutoff,
-            train: train.0.len(),
-            test: test.0.len(),
-            base_rate,
-            auc: logistic::auc(&predicted, &test.1),
-            log_loss: logistic::log_loss(&predicted, &test.1),
-            log_loss_base: logistic::log_loss(&vec![base_rate; test.1.len()], &test.1),
-            calibration: logistic::calibration_table(&predicted, &test.1, 10),
-            importance,
-            training_seconds,
-        };
-        let model = SavedModel {
-            name: params.name(),
-            version: 0,
-            trained_at: now,
-            training_seconds,
-            features: split.names,
-            scales: split.scales,
-            kind,
-            training: Training::Propensity(*params),
-            report: serde_json::to_value(&report).expect("reports serialize"),
-        };
-        Ok((report, model))
-    }
+    };
+    let training_seconds = started.elapsed().as_secs_f64();
+    let base_rate = train.1.iter().filter(|l| **l).count() as f64 / train.1.len() as f64;
+    let mut importance: Vec<(String, f64)> = split.names.iter().cloned().zip(importance).collect();
+    importance.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+    let report = PropensityReport {
+        model: params.name(),
+        target: params.target,
+        algorithm: params.algorithm,
+        horizon_days: params.horizon_days,
+        cutoff: split.cutoff,
+        train: train.0.len(),
+        test: test.0.len(),
+        base_rate,
+        auc: logistic::auc(&predicted, &test.1),
+        log_loss: logistic::log_loss(&predicted, &test.1),
+        log_loss_base: logistic::log_loss(&vec![base_rate; test.1.len()], &test.1),
+        calibration: logistic::calibration_table(&predicted, &test.1, 10),
+        importance,
+        training_seconds,
+    };
+    let model = SavedModel {
+        name: params.name(),
+        version: 0,
+        trained_at: now,
+        training_seconds,
+        features: split.names,
+        scales: split.scales,
+        kind,
+        training: Training::Propensity(*params),
+        report: serde_json::to_value(&report).expect("reports serialize"),
+    };
+    Ok((report, model))
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use super::gbdt::Boosted;
 use super::propensity::Target;
 use crate::computed::ComputedTraits;
-use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::features::FEATURES;
 use crate::lock::{Cached, Level};
@@ -433,36 +432,10 @@ impl ModelRegistry {
     }
 }
 
-/// The engine's facade: a change of the active models re-evaluates what reads them.
-impl Engine {
-    /// Stores `model` as the next version of its name and makes it active; returns the version.
-    /// The live segments are re-evaluated (a new model may move profiles in or out).
-    pub fn save_model(&self, model: SavedModel, now: i64) -> Result<u32> {
-        let version = self.models.save(model)?;
-        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)?;
-        Ok(version)
-    }
-
-    /// Makes a stored version the one scored, and re-evaluates the live segments.
-    pub fn activate_model(&self, name: &str, version: u32, now: i64) -> Result<()> {
-        self.models.activate(name, version)?;
-        self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)
-    }
-
-    /// The stored models.
-    pub fn models(&self) -> &ModelRegistry {
-        &self.models
-    }
-
-    /// The active version of every model.
-    pub fn model_set(&self) -> Result<Arc<ModelSet>> {
-        self.models.active_set()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Engine;
 
     /// The active version of a model of `engine`.
     fn active_version(engine: &Engine, name: &str) -> u32 {
