@@ -8,6 +8,7 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod ingest;
 mod models;
 mod segments;
 mod traits;
@@ -18,107 +19,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::{Deserialize, Serialize};
 
 use crate::hot::HotStore;
-use crate::identity::{self, Graph};
+use crate::identity;
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, is_column_property};
-use crate::quality::{QualityCounters, Reason};
+use crate::quality::Reason;
 use crate::seen::SeenSet;
 use crate::store::{EventEntry, Store, StoreError, entry_of, event_key, key_of, profile_key};
 use rayon::prelude::*;
 
 use crate::error::corrupt;
 use crate::error::{EngineError, Result};
-use crate::ingest::message_hash;
+use crate::ingest::{
+    COUNTERS_KEY, Counters, Dict, NAME_PREFIX, ProfileMeta, State, message_hash, read_profile,
+};
+use crate::records::to_json;
 use crate::records::{
     LoadStats, Lookup, MergeRecord, ProfileRecord, QualityReport, QuarantineRecord, RemovalOutcome,
     StoredEvent, TraitValue, UnmergeOutcome,
 };
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub(crate) struct Counters {
-    pub(crate) next_seq: u64,
-    pub(crate) next_profile: u32,
-    pub(crate) next_merge: u64,
-    pub(crate) next_quarantine: u64,
-    pub(crate) quality: QualityCounters,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ProfileMeta {
-    pub(crate) merged_into: Option<u32>,
-    pub(crate) has_user: bool,
-    /// Holds identifiers (not merged away, not removed).
-    pub(crate) alive: bool,
-}
-
-/// A text dictionary with dense ids.
-#[derive(Debug, Default)]
-pub(crate) struct Dict {
-    pub(crate) ids: FxHashMap<String, u32>,
-    pub(crate) texts: Vec<String>,
-}
-
-impl Dict {
-    pub(crate) fn insert_loaded(&mut self, text: String, id: u32) {
-        let index = id as usize;
-        if self.texts.len() <= index {
-            self.texts.resize(index + 1, String::new());
-        }
-        self.texts[index] = text.clone();
-        self.ids.insert(text, id);
-    }
-}
-
-pub(crate) struct State {
-    pub(crate) counters: Counters,
-    pub(crate) idents: FxHashMap<String, u32>,
-    pub(crate) profiles: Vec<ProfileMeta>,
-    /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
-    pub(crate) seen: SeenSet,
-    /// A bulk import's index entries not yet written.
-    pub(crate) bulk: crate::ingest::Bulk,
-    /// Buffers of the last batch, for the next one.
-    pub(crate) scratch: crate::ingest::Scratch,
-    pub(crate) names: Dict,
-    pub(crate) keys: Dict,
-}
-
-impl State {
-    /// The live profile a (possibly merged-away) ordinal now lives in.
-    pub(crate) fn find(&self, mut profile: u32) -> u32 {
-        while let Some(into) = self
-            .profiles
-            .get(profile as usize)
-            .and_then(|m| m.merged_into)
-        {
-            profile = into;
-        }
-        profile
-    }
-}
-
-impl Graph for State {
-    fn lookup(&self, ident: &str) -> Option<u32> {
-        self.idents.get(ident).copied()
-    }
-    fn has_user(&self, profile: u32) -> bool {
-        self.profiles
-            .get(profile as usize)
-            .is_some_and(|m| m.has_user)
-    }
-}
-
-pub(crate) const COUNTERS_KEY: &str = "counters";
 /// Present when every `hot` row lists its other key properties (stores created since property
 /// columns exist); older stores evaluate hidden key properties on full messages.
 const HOT_OTHER_KEYS_KEY: &str = "hot_other_keys";
 /// The key properties (indexes in `KEY_PROPERTIES`) that have a property column, JSON.
 const COLUMNS_KEY: &str = "columns";
-pub(crate) const NAME_PREFIX: u8 = b'n';
-pub(crate) const KEY_PREFIX: u8 = b'k';
 
 /// The engine. Cheap to share behind an `Arc`.
 ///
@@ -1338,19 +1264,6 @@ fn move_bodies_to_log(store: &Store) -> Result<()> {
         );
     }
     Ok(())
-}
-
-pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
-}
-
-pub(crate) fn read_profile(store: &Store, profile: u32) -> Result<Option<ProfileRecord>> {
-    match store.profiles.get(profile_key(profile))? {
-        Some(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).map_err(|e| corrupt("profiles", e))?,
-        )),
-        None => Ok(None),
-    }
 }
 
 /// Traits as the fold of identify calls, latest message time winning.

@@ -23,9 +23,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::error::StoreError;
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use crate::packing::Packer;
-use crate::store::StoreError;
 
 /// The meta key holding the log's committed end.
 pub const HEAD_KEY: &str = "event_log_head";

@@ -4,22 +4,20 @@
 //! touched profiles are handed to the segment worker once the lock is released.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::Ordering;
 
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::{
-    COUNTERS_KEY, Engine, KEY_PREFIX, NAME_PREFIX, ProfileMeta, State, read_profile, to_json,
-};
 use crate::error::{Result, corrupt};
 use crate::hot::{HotStore, NO_KEY, NO_NAME};
-use crate::identity::{self, Plan, Target};
-use crate::message::{
-    Message, MessageType, ParseContext, Rejection, is_column_property, parse_message_text,
-};
+use crate::identity::{self, Graph, Plan, Target};
+use crate::message::{Message, MessageType, Rejection, is_column_property};
+use crate::quality::QualityCounters;
 use crate::quality::{self, Reason, flags};
+use crate::records::to_json;
 use crate::records::{BatchOutcome, MergeRecord, ProfileRecord, QuarantineNote, QuarantineRecord};
+use crate::seen::SeenSet;
 use crate::store::{EventEntry, HotRecord, Store, event_key, key_of, profile_key};
 
 /// When a batch counts as done.
@@ -34,7 +32,7 @@ pub enum Durability {
     Bulk,
 }
 
-/// A message offered to [`Engine::ingest`].
+/// A message offered to `Engine::ingest`.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub parsed: std::result::Result<Prepared, Rejection>,
@@ -162,43 +160,43 @@ fn with_flags(mut body: Vec<u8>, flags: u8) -> Vec<u8> {
     body
 }
 
-struct PendingEvent {
-    profile: u32,
-    ts: i64,
-    seq: u64,
-    record: HotRecord,
-    body: Vec<u8>,
-    message_id: String,
+pub(crate) struct PendingEvent {
+    pub(crate) profile: u32,
+    pub(crate) ts: i64,
+    pub(crate) seq: u64,
+    pub(crate) record: HotRecord,
+    pub(crate) body: Vec<u8>,
+    pub(crate) message_id: String,
 }
 
 /// One batch in the making.
-struct Tx<'a> {
-    store: &'a Store,
-    state: &'a mut State,
-    hot: &'a HotStore,
-    source: &'a str,
-    now: i64,
-    batch: fjall::OwnedWriteBatch,
-    dirty: FxHashMap<u32, ProfileRecord>,
-    pending: Vec<PendingEvent>,
-    batch_ids: FxHashSet<String>,
-    batch_quarantine: FxHashSet<[u8; 16]>,
+pub(crate) struct Tx<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) state: &'a mut State,
+    pub(crate) hot: &'a HotStore,
+    pub(crate) source: &'a str,
+    pub(crate) now: i64,
+    pub(crate) batch: fjall::OwnedWriteBatch,
+    pub(crate) dirty: FxHashMap<u32, ProfileRecord>,
+    pub(crate) pending: Vec<PendingEvent>,
+    pub(crate) batch_ids: FxHashSet<String>,
+    pub(crate) batch_quarantine: FxHashSet<[u8; 16]>,
     /// Recent event times per profile within this batch, for burst detection.
-    batch_times: FxHashMap<u32, Vec<u32>>,
-    hot_merges: Vec<(u32, u32)>,
+    pub(crate) batch_times: FxHashMap<u32, Vec<u32>>,
+    pub(crate) hot_merges: Vec<(u32, u32)>,
     /// Profiles created by this batch: every segment must evaluate them once (a rule such as
     /// `not did(...)` holds for people with no events of its names).
-    created: Vec<u32>,
-    outcome: BatchOutcome,
+    pub(crate) created: Vec<u32>,
+    pub(crate) outcome: BatchOutcome,
     /// Bulk mode (imports): new events' entries and messageIds wait in [`Bulk`] instead of
     /// going through the batch.
-    bulk: bool,
+    pub(crate) bulk: bool,
 }
 
 /// What a bulk import (`Durability::Bulk`) writes in large steps instead of per batch: its
 /// index entries (as sorted tables, around fjall's journal and memtables) and its profile
 /// records, identifier links and merges (in one batch), every [`BULK_EVENTS`] events and at the
-/// end ([`Engine::flush_bulk`]). Per batch, only the bodies (in the log), dictionaries,
+/// end (`Engine::flush_bulk`). Per batch, only the bodies (in the log), dictionaries,
 /// quarantine records and counters are committed. Dedup, identity resolution and merges read
 /// what waits here.
 ///
@@ -216,31 +214,31 @@ struct Tx<'a> {
 pub(crate) struct Bulk {
     /// (profile as resolved when written, time, seq, where its `events` value is in
     /// `entries`, its length).
-    events: Vec<(u32, i64, u64, u32, u8)>,
+    pub(crate) events: Vec<(u32, i64, u64, u32, u8)>,
     /// The `events` values end to end: one buffer, not an allocation per event (fresh pages
     /// for those were a third of the writer's time).
-    entries: Vec<u8>,
-    msgids: FxHashSet<String>,
+    pub(crate) entries: Vec<u8>,
+    pub(crate) msgids: FxHashSet<String>,
     /// Where the waiting bodies start in the log.
-    from: Option<crate::eventlog::Position>,
+    pub(crate) from: Option<crate::eventlog::Position>,
     /// The quality counters when the waiting entries started: what bulk batches store until
     /// the flush stores the current ones.
-    quality: Option<crate::quality::QualityCounters>,
+    pub(crate) quality: Option<crate::quality::QualityCounters>,
     /// Profile records, identifier links and merge records changed since the last flush, and
     /// the merged-away profiles whose stored entries move to their survivor: written by the
     /// flush, so that an import's journal holds almost nothing.
-    profiles: FxHashMap<u32, ProfileRecord>,
-    idents: FxHashMap<String, u32>,
-    merges: Vec<(u64, Vec<u8>)>,
-    moves: Vec<u32>,
+    pub(crate) profiles: FxHashMap<u32, ProfileRecord>,
+    pub(crate) idents: FxHashMap<String, u32>,
+    pub(crate) merges: Vec<(u64, Vec<u8>)>,
+    pub(crate) moves: Vec<u32>,
 }
 
 /// A batch's buffers, kept between batches for their capacity: allocated afresh for every
 /// batch, they faulted in new pages for a quarter of an import's writer time.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    pending: Vec<PendingEvent>,
-    batch_ids: FxHashSet<String>,
+    pub(crate) pending: Vec<PendingEvent>,
+    pub(crate) batch_ids: FxHashSet<String>,
 }
 
 /// The meta key of a bulk import's entries not yet written (see [`Bulk`]).
@@ -260,7 +258,7 @@ impl Bulk {
 }
 
 /// Waiting bulk entries beyond this are written out.
-const BULK_EVENTS: usize = 2 << 20;
+pub(crate) const BULK_EVENTS: usize = 2 << 20;
 
 /// The meta key of the counters a flush stores once its tables are written (see [`Bulk`]).
 pub const BULK_COUNTERS_KEY: &str = "bulk_counters";
@@ -280,7 +278,7 @@ pub(crate) fn bulk_marker(
 }
 
 impl<'a> Tx<'a> {
-    fn new(
+    pub(crate) fn new(
         store: &'a Store,
         state: &'a mut State,
         hot: &'a HotStore,
@@ -307,7 +305,7 @@ impl<'a> Tx<'a> {
         }
     }
 
-    fn offer(&mut self, index: usize, item: Incoming) -> Result<()> {
+    pub(crate) fn offer(&mut self, index: usize, item: Incoming) -> Result<()> {
         self.state.counters.quality.received(self.source);
         let message = match item.parsed {
             Ok(message) => message,
@@ -658,7 +656,7 @@ impl<'a> Tx<'a> {
 
     /// Writes everything into the batch: committed events of merged-away profiles move under
     /// their survivor, new events go under their final profile.
-    fn finish(mut self) -> Result<Self> {
+    pub(crate) fn finish(mut self) -> Result<Self> {
         let mut moved = FxHashSet::default();
         for &(from, _) in &self.hot_merges {
             if !moved.insert(from) {
@@ -738,7 +736,7 @@ impl<'a> Tx<'a> {
         let counters = match &self.state.bulk.quality {
             // The quality counts as of the last flush: an import cut short before the next
             // one drops its events and must not leave them counted as accepted.
-            Some(quality) => to_json(&crate::engine::Counters {
+            Some(quality) => to_json(&Counters {
                 quality: quality.clone(),
                 ..self.state.counters.clone()
             }),
@@ -749,290 +747,91 @@ impl<'a> Tx<'a> {
     }
 }
 
-impl Engine {
-    /// Accepts, deduplicates or quarantines each message, resolves identities, and commits the
-    /// whole batch atomically.
-    pub fn ingest(
-        &self,
-        items: Vec<Incoming>,
-        source: &str,
-        durability: Durability,
-        now: i64,
-    ) -> Result<BatchOutcome> {
-        let mut outcomes = self.ingest_groups(vec![items], source, durability, now)?;
-        Ok(outcomes.pop().unwrap_or_default())
-    }
+/// The writer's state, behind the writer lock: counters, the identity graph, profiles' liveness
+/// and merges, the dedup set, the dictionaries, and a bulk import's waiting entries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Counters {
+    pub(crate) next_seq: u64,
+    pub(crate) next_profile: u32,
+    pub(crate) next_merge: u64,
+    pub(crate) next_quarantine: u64,
+    pub(crate) quality: QualityCounters,
+}
 
-    /// Group commit: several requests' messages in one atomic, durable batch (one fsync), with
-    /// an outcome per group. Quarantine indexes are relative to each group.
-    pub fn ingest_groups(
-        &self,
-        groups: Vec<Vec<Incoming>>,
-        source: &str,
-        durability: Durability,
-        now: i64,
-    ) -> Result<Vec<BatchOutcome>> {
-        self.check_poisoned()?;
-        let mut groups = groups;
-        let packer = self.packer();
-        for item in groups.iter_mut().flatten() {
-            item.pack(packer);
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProfileMeta {
+    pub(crate) merged_into: Option<u32>,
+    pub(crate) has_user: bool,
+    /// Holds identifiers (not merged away, not removed).
+    pub(crate) alive: bool,
+}
+
+/// A text dictionary with dense ids.
+#[derive(Debug, Default)]
+pub(crate) struct Dict {
+    pub(crate) ids: FxHashMap<String, u32>,
+    pub(crate) texts: Vec<String>,
+}
+
+impl Dict {
+    pub(crate) fn insert_loaded(&mut self, text: String, id: u32) {
+        let index = id as usize;
+        if self.texts.len() <= index {
+            self.texts.resize(index + 1, String::new());
         }
-        let mut state = self.state.lock();
-        if durability != Durability::Bulk {
-            self.flush_bulk(&mut state)?;
-        }
-        let hot = self.hot.read();
-        // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
-        let prepared = (|| -> Result<_> {
-            let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
-            tx.bulk = durability == Durability::Bulk;
-            if tx.bulk && tx.state.bulk.quality.is_none() {
-                tx.state.bulk.quality = Some(tx.state.counters.quality.clone());
-            }
-            let mut outcomes = Vec::with_capacity(groups.len());
-            for items in groups {
-                for (index, item) in items.into_iter().enumerate() {
-                    tx.offer(index, item)?;
-                }
-                outcomes.push(std::mem::take(&mut tx.outcome));
-            }
-            let Tx {
-                batch,
-                pending,
-                mut batch_ids,
-                hot_merges,
-                created,
-                dirty,
-                ..
-            } = tx.finish()?;
-            batch_ids.clear();
-            state.scratch.batch_ids = batch_ids;
-            let batch = batch.durability(Some(match durability {
-                Durability::Sync => fjall::PersistMode::SyncAll,
-                Durability::Buffered | Durability::Bulk => fjall::PersistMode::Buffer,
-            }));
-            // The bodies the batch points at are durable before it commits.
-            self.store.log.sync()?;
-            batch.commit()?;
-            if state.bulk.events.len() >= BULK_EVENTS {
-                self.flush_bulk(&mut state)?;
-            }
-            Ok((outcomes, pending, hot_merges, created, dirty))
-        })();
-        let (outcomes, pending, hot_merges, created, dirty) = prepared.inspect_err(|_| {
-            self.poisoned.store(true, Ordering::Release);
-        })?;
-        drop(hot);
+        self.texts[index] = text.clone();
+        self.ids.insert(text, id);
+    }
+}
+
+pub(crate) struct State {
+    pub(crate) counters: Counters,
+    pub(crate) idents: FxHashMap<String, u32>,
+    pub(crate) profiles: Vec<ProfileMeta>,
+    /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
+    pub(crate) seen: SeenSet,
+    /// A bulk import's index entries not yet written.
+    pub(crate) bulk: crate::ingest::Bulk,
+    /// Buffers of the last batch, for the next one.
+    pub(crate) scratch: crate::ingest::Scratch,
+    pub(crate) names: Dict,
+    pub(crate) keys: Dict,
+}
+
+impl State {
+    /// The live profile a (possibly merged-away) ordinal now lives in.
+    pub(crate) fn find(&self, mut profile: u32) -> u32 {
+        while let Some(into) = self
+            .profiles
+            .get(profile as usize)
+            .and_then(|m| m.merged_into)
         {
-            let mut columns = self.trait_columns.write();
-            if !columns.is_empty() {
-                for (profile, record) in &dirty {
-                    columns.update(*profile, &record.traits);
-                }
-            }
+            profile = into;
         }
-        let mut touched = crate::segment::live::Touched::default();
-        touched.all.extend(created.iter().map(|p| state.find(*p)));
-        // Profiles born or merged away in this batch, whose liveness changes once the hot store
-        // shows the batch.
-        let born_or_merged: Vec<u32> = created
-            .iter()
-            .chain(hot_merges.iter().map(|(from, _)| from))
-            .copied()
-            .collect();
-        let mut hot = self.hot.write();
-        for (from, into) in hot_merges {
-            hot.merge(from, into);
-            touched.all.insert(from);
-            touched.all.insert(state.find(into));
-        }
-        let mut pending = pending;
-        for event in pending.drain(..) {
-            let profile = state.find(event.profile);
-            hot.insert(profile, event.record.to_hot(event.ts), &event.record.others);
-            if event.record.name != NO_NAME {
-                touched
-                    .events
-                    .entry(profile)
-                    .or_default()
-                    .insert(event.record.name);
-            } else {
-                // Identify (traits), alias and group calls: no event name, but they are seen.
-                touched.traits.insert(profile);
-            }
-        }
-        drop(hot);
-        {
-            let mut liveness = self.liveness.write();
-            for profile in born_or_merged {
-                liveness.set(profile, state.profiles[profile as usize].alive);
-            }
-        }
-        self.dictionary_sizes[0].store(state.names.texts.len(), Ordering::Release);
-        self.dictionary_sizes[1].store(state.keys.texts.len(), Ordering::Release);
-        state.scratch.pending = pending;
-        drop(state);
-        for outcome in &outcomes {
-            self.metrics
-                .events_accepted
-                .fetch_add(outcome.accepted, Ordering::Relaxed);
-            self.metrics
-                .events_duplicate
-                .fetch_add(outcome.duplicates, Ordering::Relaxed);
-            self.metrics
-                .events_quarantined
-                .fetch_add(outcome.quarantined.len() as u64, Ordering::Relaxed);
-        }
-        self.metrics
-            .batches_committed
-            .fetch_add(1, Ordering::Relaxed);
-        let cause = if source == "import" {
-            crate::segment::feed::Cause::Import
-        } else {
-            crate::segment::feed::Cause::Events
-        };
-        self.hand_off(touched, cause, now)?;
-        Ok(outcomes)
+        profile
     }
+}
 
-    /// Writes the bulk entries waiting (see [`Bulk`]) as sorted tables; the caller holds the
-    /// writer lock. Called when they grow large, before any other batch, at the end of an
-    /// import and on close.
-    /// Nothing to do (and nothing written) when no bulk batch ran since the last flush.
-    pub(crate) fn flush_bulk(&self, state: &mut State) -> Result<()> {
-        let Some(from) = state.bulk.from.take() else {
-            // Bulk batches without events (duplicates only) stored the old quality counts.
-            if state.bulk.quality.take().is_some() {
-                self.store
-                    .meta
-                    .insert(COUNTERS_KEY, to_json(&state.counters))?;
-            }
-            return Ok(());
-        };
-        let outcome = (|| -> Result<()> {
-            // Under the profile each event lives in now (merges since it was written), in key
-            // order: (profile, time, seq) sorts as `event_key`'s bytes do. Drained, not taken:
-            // the buffers keep their capacity for the next round.
-            let mut events = std::mem::take(&mut state.bulk.events);
-            for event in &mut events {
-                event.0 = state.find(event.0);
-            }
-            events.sort_unstable_by_key(|(profile, ts, seq, _, _)| (*profile, *ts, *seq));
-            let probe = events
-                .first()
-                .map(|(profile, ts, seq, _, _)| event_key(*profile, *ts, *seq));
-
-            // 1. One batch: profile records, identifier links, merge records, stored entries of
-            // merged-away profiles moved to their survivor, the counters (quality as of the last
-            // flush; the current ones wait under BULK_COUNTERS_KEY) and the marker.
-            let mut batch = self
-                .store
-                .db
-                .batch()
-                .durability(Some(fjall::PersistMode::SyncAll));
-            for (profile, record) in state.bulk.profiles.drain() {
-                batch.insert(&self.store.profiles, profile_key(profile), to_json(&record));
-            }
-            for (ident, profile) in state.bulk.idents.drain() {
-                batch.insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
-            }
-            for (id, record) in state.bulk.merges.drain(..) {
-                batch.insert(&self.store.merges, id.to_be_bytes(), record);
-            }
-            let mut moves = std::mem::take(&mut state.bulk.moves);
-            moves.sort_unstable();
-            moves.dedup();
-            for moved in moves {
-                let survivor = state.find(moved);
-                for entry in self.store.events.prefix(profile_key(moved)) {
-                    let (key, value) = entry.into_inner()?;
-                    let (_, ts, seq) = key_of("events", &key)?;
-                    batch.remove(&self.store.events, key);
-                    batch.insert(&self.store.events, event_key(survivor, ts, seq), value);
-                }
-            }
-            let old_quality = state.bulk.quality.take().unwrap_or_default();
-            batch.insert(
-                &self.store.meta,
-                COUNTERS_KEY,
-                to_json(&crate::engine::Counters {
-                    quality: old_quality,
-                    ..state.counters.clone()
-                }),
-            );
-            batch.insert(
-                &self.store.meta,
-                BULK_COUNTERS_KEY,
-                to_json(&state.counters),
-            );
-            batch.insert(
-                &self.store.meta,
-                BULK_KEY,
-                bulk_marker(from, true, probe.as_ref().map(|k| k.as_slice())),
-            );
-            batch.commit()?;
-
-            // 2. The index entries and messageIds as sorted tables.
-            let mut ingestion = self.store.events.start_ingestion()?;
-            let entries = &state.bulk.entries;
-            for (profile, ts, seq, at, len) in events.drain(..) {
-                let value = &entries[at as usize..at as usize + usize::from(len)];
-                ingestion.write(event_key(profile, ts, seq).to_vec(), value.to_vec())?;
-            }
-            ingestion.finish()?;
-            state.bulk.events = events;
-            state.bulk.entries.clear();
-            let mut msgids: Vec<String> = state.bulk.msgids.drain().collect();
-            msgids.sort_unstable();
-            let mut ingestion = self.store.msgids.start_ingestion()?;
-            for id in msgids {
-                ingestion.write(id.into_bytes(), Vec::new())?;
-            }
-            ingestion.finish()?;
-
-            // 3. Done: the current counters, and no marker.
-            let mut batch = self
-                .store
-                .db
-                .batch()
-                .durability(Some(fjall::PersistMode::SyncAll));
-            batch.remove(&self.store.meta, BULK_KEY);
-            batch.remove(&self.store.meta, BULK_COUNTERS_KEY);
-            batch.insert(&self.store.meta, COUNTERS_KEY, to_json(&state.counters));
-            batch.commit()?;
-            Ok(())
-        })();
-        outcome.inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+impl Graph for State {
+    fn lookup(&self, ident: &str) -> Option<u32> {
+        self.idents.get(ident).copied()
     }
-
-    /// Writes out a bulk import's waiting entries (the end of an import).
-    pub fn finish_bulk(&self) -> Result<()> {
-        let mut state = self.state.lock();
-        self.flush_bulk(&mut state)
+    fn has_user(&self, profile: u32) -> bool {
+        self.profiles
+            .get(profile as usize)
+            .is_some_and(|m| m.has_user)
     }
+}
 
-    /// Re-offers quarantined messages (all, or those of one reason) under today's rules: a
-    /// message accepted now leaves the quarantine, in the same batch.
-    pub fn replay_quarantine(&self, reason: Option<Reason>, now: i64) -> Result<BatchOutcome> {
-        let records = self.quarantined(reason, usize::MAX)?;
-        let mut total = BatchOutcome::default();
-        for chunk in records.chunks(10_000) {
-            let items = chunk
-                .iter()
-                .map(|record| {
-                    let parsed = parse_message_text(&record.raw, &ParseContext::at(now));
-                    let replay = Replay {
-                        id: record.id,
-                        key: quarantine_key(&record.raw),
-                    };
-                    Incoming::new(parsed, Some(replay))
-                })
-                .collect();
-            let outcome = self.ingest(items, "replay", Durability::Sync, now)?;
-            total.absorb(&outcome);
-            total.quarantined.extend(outcome.quarantined);
-        }
-        Ok(total)
+pub(crate) const COUNTERS_KEY: &str = "counters";
+pub(crate) const NAME_PREFIX: u8 = b'n';
+pub(crate) const KEY_PREFIX: u8 = b'k';
+
+pub(crate) fn read_profile(store: &Store, profile: u32) -> Result<Option<ProfileRecord>> {
+    match store.profiles.get(profile_key(profile))? {
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).map_err(|e| corrupt("profiles", e))?,
+        )),
+        None => Ok(None),
     }
 }

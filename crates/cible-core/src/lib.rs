@@ -26,6 +26,7 @@ pub mod normalize;
 pub mod packing;
 pub mod quality;
 pub mod records;
+pub mod scoring;
 pub mod seen;
 pub mod segment;
 pub mod snapshot;

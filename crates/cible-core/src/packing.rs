@@ -38,8 +38,8 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 use serde_json::Value;
 use zstd::zstd_safe::{self, CCtx, CDict, CParameter, DCtx, DDict};
 
+use crate::error::StoreError;
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
-use crate::store::StoreError;
 
 /// What every zstd frame starts with, left out of the stored form.
 const MAGIC: [u8; 4] = 0xFD2F_B528_u32.to_le_bytes();

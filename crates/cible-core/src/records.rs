@@ -181,3 +181,15 @@ pub struct QualityReport {
     #[serde(flatten)]
     pub counters: QualityCounters,
 }
+
+/// A snapshot of the engine's dictionaries: event-name ids, and the key-property texts by id
+/// (empty when only names were asked for). Rules and computed traits are planned against it.
+pub struct DictSnapshot {
+    pub names: rustc_hash::FxHashMap<String, u16>,
+    pub keys: std::sync::Arc<Vec<String>>,
+}
+
+/// A record as stored (JSON).
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}

@@ -35,44 +35,7 @@ use crate::eventlog::{EventLog, Location, Position};
 
 use crate::hot::{HotEvent, OtherKeys};
 
-/// Errors from the storage engine, with the data directory named.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(
-        "the data directory {dir} is in use by another cible process (a running `cible serve`?); stop it or use its HTTP API"
-    )]
-    Locked { dir: String },
-    #[error("storage error: {0}")]
-    Engine(#[from] fjall::Error),
-    #[error("corrupt record in keyspace {keyspace}: {detail}")]
-    Corrupt {
-        keyspace: &'static str,
-        detail: String,
-    },
-    #[error("I/O error on {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-}
-
-impl StoreError {
-    /// An I/O error on `path`.
-    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.display().to_string(),
-            source,
-        }
-    }
-
-    /// Damage in the event log (its records, packed bodies or dictionaries).
-    pub fn event_log(detail: String) -> Self {
-        Self::Corrupt {
-            keyspace: "event log",
-            detail,
-        }
-    }
-}
+pub use crate::error::StoreError;
 
 /// Declares every keyspace once: the `Store` fields, their opening, `Store::keyspaces` and
 /// `Store::NAMES` all come from this list.

@@ -225,10 +225,44 @@ pub struct ComputedTraits {
     pub affinity: AffinityTraits,
     /// What the trained models say (`cluster`, `predicted`), when asked for.
     #[serde(flatten)]
-    pub models: crate::models::saved::ModelTraits,
+    pub models: ModelTraits,
     /// When one of these may change with no new event.
     #[serde(skip)]
     pub next_change: Option<u32>,
+}
+
+/// What the active models say of one profile.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelTraits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterTrait>,
+    /// Probability per propensity model name (`purchase_30d`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub predicted: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterTrait {
+    pub id: u32,
+    pub name: String,
+}
+
+impl ModelTraits {
+    /// The value of `cluster.id`, `cluster.name` or `predicted.<name>`.
+    pub fn attribute(&self, name: &str) -> Option<serde_json::Value> {
+        if let Some(model) = name.strip_prefix("predicted.") {
+            return self
+                .predicted
+                .get(model)
+                .map(|p| serde_json::Value::from(*p));
+        }
+        let cluster = self.cluster.as_ref()?;
+        match name {
+            "cluster.id" => Some(cluster.id.into()),
+            "cluster.name" => Some(cluster.name.clone().into()),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -689,80 +723,7 @@ fn affinity(
     }
 }
 
-/// Everything computing traits needs, prepared once per pass: the plan, the calibration, the
-/// active models and what their feature rows read.
-pub struct Setup {
-    pub plan: TraitPlan,
-    pub calibration: std::sync::Arc<Calibration>,
-    pub models: std::sync::Arc<crate::models::saved::ModelSet>,
-    pub features: crate::features::FeaturePlan,
-}
-
-impl Setup {
-    /// The traits of a profile at `now`, the models' outputs included when there are models.
-    pub fn traits(&self, timeline: &Timeline<'_>, now: u32) -> ComputedTraits {
-        let mut traits = compute(timeline, now, &self.plan, &self.calibration);
-        if !self.models.is_empty() {
-            let (models, next) = self.score(timeline, now, &traits);
-            traits.models = models;
-            traits.next_change = next;
-        }
-        traits
-    }
-
-    /// What the models say of a profile with these traits, and the next instant that may change
-    /// (every feature is constant until then: see [`crate::features::row`]).
-    pub fn score(
-        &self,
-        timeline: &Timeline<'_>,
-        now: u32,
-        traits: &ComputedTraits,
-    ) -> (crate::models::saved::ModelTraits, Option<u32>) {
-        let (row, next) = crate::features::row(timeline, now, traits, &self.features);
-        (self.models.score(&row, traits), next)
-    }
-}
-
 /// Whether a computed attribute is a model's output (`cluster.*`, `predicted.*`).
 pub fn is_model_attribute(name: &str) -> bool {
     name.starts_with("cluster.") || name.starts_with("predicted.")
-}
-
-/// A profile's computed traits, computed on first use and shared by every rule of a pass; the
-/// models' outputs likewise, only when a rule reads them.
-pub struct Lazy<'a> {
-    cell: std::cell::OnceCell<ComputedTraits>,
-    scored: std::cell::OnceCell<(crate::models::saved::ModelTraits, Option<u32>)>,
-    timeline: Timeline<'a>,
-    now: u32,
-    setup: &'a Setup,
-}
-
-impl<'a> Lazy<'a> {
-    pub fn new(timeline: Timeline<'a>, now: u32, setup: &'a Setup) -> Self {
-        Self {
-            cell: std::cell::OnceCell::new(),
-            scored: std::cell::OnceCell::new(),
-            timeline,
-            now,
-            setup,
-        }
-    }
-
-    pub fn get(&self) -> &ComputedTraits {
-        self.cell.get_or_init(|| {
-            compute(
-                &self.timeline,
-                self.now,
-                &self.setup.plan,
-                &self.setup.calibration,
-            )
-        })
-    }
-
-    /// The models' outputs and when they may next change.
-    pub fn models(&self) -> &(crate::models::saved::ModelTraits, Option<u32>) {
-        self.scored
-            .get_or_init(|| self.setup.score(&self.timeline, self.now, self.get()))
-    }
 }

@@ -3,15 +3,13 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use super::calibrate::Calibration;
 use super::config::TraitConfig;
 use super::recommend::ProductModel;
-use super::{ComputedTraits, Setup, compute};
 use crate::error::EngineError;
-use crate::segment::DictSnapshot;
+use crate::records::DictSnapshot;
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -31,36 +29,6 @@ pub struct RefreshReport {
     pub product_model_seconds: f64,
     /// Lifecycle segments created by this refresh.
     pub created_segments: Vec<String>,
-}
-
-/// Computed traits at one instant for many profiles, read in chunks (exports); made by
-/// `Engine::traits_reader`.
-pub struct TraitsReader<'e> {
-    pub(crate) hot: &'e crate::lock::OrderedRwLock<crate::hot::HotStore>,
-    pub(crate) setup: Setup,
-    pub(crate) now: u32,
-}
-
-impl TraitsReader<'_> {
-    /// The traits of these profiles (the models' outputs included), in parallel, in their
-    /// order.
-    pub fn of(&self, profiles: &[u32]) -> Vec<ComputedTraits> {
-        let hot = self.hot.read();
-        profiles
-            .par_iter()
-            .map(|p| self.setup.traits(&hot.timeline(*p), self.now))
-            .collect()
-    }
-
-    /// [`Self::of`] without the models' outputs.
-    pub fn base_of(&self, profiles: &[u32]) -> Vec<ComputedTraits> {
-        let hot = self.hot.read();
-        let setup = &self.setup;
-        profiles
-            .par_iter()
-            .map(|p| compute(&hot.timeline(*p), self.now, &setup.plan, &setup.calibration))
-            .collect()
-    }
 }
 
 /// What the computed traits keep, a component of its own: the configuration, and the

@@ -10,11 +10,11 @@ use parking_lot::RwLockReadGuard;
 use roaring::RoaringBitmap;
 
 use super::Engine;
-use crate::computed::Setup;
 use crate::error::Result;
 use crate::hot::{HotChunk, HotStore};
 use crate::lock::Ordered;
 use crate::records::TraitValue;
+use crate::scoring::Setup;
 use crate::segment::eval::FullEvent;
 use crate::segment::feed::{Cause, FeedChange};
 use crate::segment::live::Touched;

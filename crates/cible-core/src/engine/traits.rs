@@ -12,15 +12,14 @@ use super::Engine;
 use crate::computed::calibrate::Calibration;
 use crate::computed::config::TraitConfig;
 use crate::computed::ops::{
-    CALIBRATION_KEY, PRODUCT_MODEL_KEY, RefreshReport, TraitStore, TraitsReader, lifecycle_segment,
-    names_by_id, seconds,
+    CALIBRATION_KEY, PRODUCT_MODEL_KEY, RefreshReport, TraitStore, lifecycle_segment, names_by_id,
+    seconds,
 };
 use crate::computed::recommend::{Activity, ModelCounts, ProductModel, Recommendation};
-use crate::computed::{
-    CATEGORY_KEY, ComputedTraits, STAGES, Setup, TraitPlan, raw_with_send_counts,
-};
+use crate::computed::{CATEGORY_KEY, ComputedTraits, STAGES, TraitPlan, raw_with_send_counts};
 use crate::error::{EngineError, Result};
-use crate::segment::DictSnapshot;
+use crate::records::DictSnapshot;
+use crate::scoring::{Setup, TraitsReader};
 
 impl Engine {
     /// The configuration (`traits.toml` in the data directory, or the defaults).

@@ -3,7 +3,6 @@
 //! unless another was activated). The active models are scored as computed traits:
 //! `cluster.id`, `cluster.name` and `predicted.<name>`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::gbdt::Boosted;
 use super::propensity::Target;
 use crate::computed::ComputedTraits;
+pub use crate::computed::{ClusterTrait, ModelTraits};
 use crate::error::EngineError;
 use crate::features::FEATURES;
 use crate::lock::{Cached, Level};
@@ -139,40 +139,6 @@ pub struct ModelDetail {
 /// The same function k-means labels its rows with.
 pub fn nearest(centroids: &[Vec<f64>], x: &[f64]) -> usize {
     super::kmeans::nearest(x, centroids).0
-}
-
-/// What the active models say of one profile.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ModelTraits {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterTrait>,
-    /// Probability per propensity model name (`purchase_30d`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub predicted: BTreeMap<String, f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ClusterTrait {
-    pub id: u32,
-    pub name: String,
-}
-
-impl ModelTraits {
-    /// The value of `cluster.id`, `cluster.name` or `predicted.<name>`.
-    pub fn attribute(&self, name: &str) -> Option<serde_json::Value> {
-        if let Some(model) = name.strip_prefix("predicted.") {
-            return self
-                .predicted
-                .get(model)
-                .map(|p| serde_json::Value::from(*p));
-        }
-        let cluster = self.cluster.as_ref()?;
-        match name {
-            "cluster.id" => Some(cluster.id.into()),
-            "cluster.name" => Some(cluster.name.clone().into()),
-            _ => None,
-        }
-    }
 }
 
 /// Where a model's input column comes from.

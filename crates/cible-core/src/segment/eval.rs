@@ -191,7 +191,7 @@ pub struct Context<'a> {
     pub traits: &'a BTreeMap<String, TraitValue>,
     pub in_segment: &'a dyn Fn(&str) -> bool,
     /// The profile's computed traits, when a rule reads them.
-    pub computed: Option<&'a crate::computed::Lazy<'a>>,
+    pub computed: Option<&'a crate::scoring::Lazy<'a>>,
 }
 
 /// The result for one profile.

@@ -103,7 +103,7 @@ pub struct LiveState {
     /// The event names of those dictionaries (what evaluating full messages needs).
     names: std::sync::Arc<super::DictSnapshot>,
     /// The computed-traits plan and calibration, when a segment reads computed traits.
-    computed: Option<crate::computed::Setup>,
+    computed: Option<crate::scoring::Setup>,
 }
 
 /// Everything behind `Segments::state`.

@@ -19,7 +19,7 @@ use roaring::RoaringBitmap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::computed::{Lazy, Setup};
+use crate::scoring::{Lazy, Setup};
 
 /// Keys a segment's deletion removes per store batch (see [`Segmenter::clear_segment_keys`]).
 const KEYS_PER_BATCH: usize = 2048;
@@ -127,11 +127,7 @@ pub struct Explanation {
     pub conditions: Vec<eval::Explained>,
 }
 
-/// A snapshot of the dictionaries for planning.
-pub struct DictSnapshot {
-    pub names: FxHashMap<String, u16>,
-    pub keys: std::sync::Arc<Vec<String>>,
-}
+pub use crate::records::DictSnapshot;
 
 impl Dictionaries for DictSnapshot {
     fn name_id(&self, name: &str) -> Option<u16> {
