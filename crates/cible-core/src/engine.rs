@@ -1,7 +1,9 @@
-//! The engine: the facade over the components, and the owner of the writer's state (identity
-//! graph, counters, dictionaries, dedup set) and of the hot store. Opening (full or light),
-//! reads of profiles and merges, unmerge and profile removal live here; ingestion in
-//! [`crate::ingest`]; shared records in [`crate::records`]; errors in [`crate::error`].
+//! The engine: the facade over the components, holding the writer's state
+//! ([`crate::ingest::State`]: identity graph, counters, dictionaries, dedup set) and the hot
+//! store. Opening (full or light), reads of profiles and merges, unmerge and profile removal live
+//! here; the commit of a batch in `engine/ingest.rs` (its transaction in [`crate::ingest`]); the
+//! faces of the segments, computed traits and models in `engine/{segments,traits,models}.rs`;
+//! shared records in [`crate::records`]; errors in [`crate::error`].
 //!
 //! **People's data changes only under the writer lock** ([`Engine::ingest`], [`Engine::unmerge`],
 //! [`Engine::remove_profile`]), each call one atomic fjall batch. In-memory state is changed only
@@ -49,7 +51,8 @@ const COLUMNS_KEY: &str = "columns";
 /// The engine. Cheap to share behind an `Arc`.
 ///
 /// Its locks are taken in the order of [`crate::lock::Level`] (checked at every acquisition):
-/// `segments` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches → `work`.
+/// `segments.state` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches →
+/// `segments.work`.
 pub struct Engine {
     pub(crate) store: Store,
     pub(crate) state: OrderedMutex<State>,
@@ -583,11 +586,21 @@ impl Engine {
 
     /// Merges into `profile` (including ones later undone).
     pub fn merges_into(&self, profile: u32) -> Result<Vec<MergeRecord>> {
-        Ok(self
-            .all_merges()?
-            .into_iter()
-            .filter(|m| m.into == profile)
-            .collect())
+        /// The one field looked at first: the others (identifiers, cause) are decoded only for
+        /// this profile's merges, not for every merge ever recorded.
+        #[derive(serde::Deserialize)]
+        struct Into {
+            into: u32,
+        }
+        let mut merges = Vec::new();
+        for entry in self.store.merges.iter() {
+            let (_, value) = entry.into_inner()?;
+            let into: Into = serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
+            if into.into == profile {
+                merges.push(serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?);
+            }
+        }
+        Ok(merges)
     }
 
     /// Every merge ever recorded.
@@ -1049,7 +1062,7 @@ fn live_profiles(state: &State) -> usize {
 
 /// The stored message an `events` entry points at.
 pub(crate) fn message_of(store: &Store, value: &[u8]) -> Result<Message> {
-    let body = store.log.read(crate::store::entry_of(value)?.location)?;
+    let body = store.log.read(entry_of(value)?.location)?;
     crate::codec::decode(&body).map_err(|e| corrupt("events", e))
 }
 

@@ -1,7 +1,8 @@
 //! Ingestion: messages prepared off the writer ([`Incoming`], [`Prepared`]), then, under the
 //! writer lock, deduplicated, quarantined or accepted, identities resolved, dictionary ids and
-//! anomaly flags assigned, and everything written as one atomic fjall batch (`Tx`); the batch's
-//! touched profiles are handed to the segment worker once the lock is released.
+//! anomaly flags assigned, and everything written as one atomic fjall batch (`Tx`). The writer's
+//! state ([`State`]) lives here; `engine/ingest.rs` takes its lock, commits the batch and hands
+//! the touched profiles to the segment worker once the lock is released.
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -747,8 +748,7 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// The writer's state, behind the writer lock: counters, the identity graph, profiles' liveness
-/// and merges, the dedup set, the dictionaries, and a bulk import's waiting entries.
+/// The writer's counters, stored under [`COUNTERS_KEY`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Counters {
     pub(crate) next_seq: u64,
@@ -784,6 +784,8 @@ impl Dict {
     }
 }
 
+/// The writer's state, behind the writer lock: counters, the identity graph, profiles' liveness
+/// and merges, the dedup set, the dictionaries, and a bulk import's waiting entries.
 pub(crate) struct State {
     pub(crate) counters: Counters,
     pub(crate) idents: FxHashMap<String, u32>,
@@ -791,9 +793,9 @@ pub(crate) struct State {
     /// Hashes of every accepted messageId: a fast negative check before the `msgids` lookup.
     pub(crate) seen: SeenSet,
     /// A bulk import's index entries not yet written.
-    pub(crate) bulk: crate::ingest::Bulk,
+    pub(crate) bulk: Bulk,
     /// Buffers of the last batch, for the next one.
-    pub(crate) scratch: crate::ingest::Scratch,
+    pub(crate) scratch: Scratch,
     pub(crate) names: Dict,
     pub(crate) keys: Dict,
 }

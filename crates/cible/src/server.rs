@@ -147,6 +147,11 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     // Before the store is loaded: none of the server's memory gets huge pages.
     crate::priority::no_transparent_huge_pages();
     let engine = Arc::new(global.open()?);
+    // The property column computed traits read, built before listening when the store has
+    // none (a store filled before the column was kept at import): built on the first traits
+    // read instead, it holds the writer lock for a scan of the whole store (62 s at 99M events).
+    // Free on an empty store, and kept up to date by ingestion from then on.
+    engine.ensure_column_indexes(&[cible_core::computed::CATEGORY_KEY as u8], true)?;
     let pinned_now = global.pinned_now()?;
     let loaded = engine.load_stats();
     tracing::info!(

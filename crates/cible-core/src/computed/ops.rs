@@ -1,5 +1,6 @@
-//! The engine's computed-traits operations: configuration, calibration, per-profile traits,
-//! lifecycle segments, the product model and recommendations.
+//! What the computed traits keep ([`TraitStore`]: configuration, calibration, product model),
+//! the refresh's report and the lifecycle segments' names. The engine computes them over the
+//! population (`engine/traits.rs`).
 
 use std::sync::Arc;
 

@@ -187,7 +187,8 @@ impl Engine {
     }
 
     /// Trains a new version of a stored model with the recipe it was trained with, at `now`,
-    /// and makes it active; returns the version. A recipe outside [`bounds`] is refused.
+    /// and makes it active; returns the version. A recipe outside [`crate::models::bounds`] is
+    /// refused.
     pub fn retrain(&self, name: &str, now: i64) -> Result<u32, EngineError> {
         let training = self.models.active_model(name)?.training;
         training.validate().map_err(|e| {
@@ -203,7 +204,8 @@ impl Engine {
     }
 
     /// Retrains every active model trained more than `max_age_ms` before `now`; returns the
-    /// names retrained. A model whose recipe is outside [`bounds`] is left as it is.
+    /// names retrained. A model whose recipe is outside [`crate::models::bounds`]
+    /// is left as it is.
     pub fn retrain_if_older(&self, now: i64, max_age_ms: i64) -> Result<Vec<String>, EngineError> {
         let due: Vec<String> = self
             .model_set()?

@@ -15,7 +15,6 @@ use crate::hot::{HotChunk, HotStore};
 use crate::lock::Ordered;
 use crate::records::TraitValue;
 use crate::scoring::Setup;
-use crate::segment::eval::FullEvent;
 use crate::segment::feed::{Cause, FeedChange};
 use crate::segment::live::Touched;
 use crate::segment::worker::{Deferral, FeedListener};
@@ -125,11 +124,6 @@ impl Engine {
         )
     }
 
-    /// A profile's behavioural events with all their properties, oldest first.
-    pub fn full_events(&self, profile: u32, dictionaries: &DictSnapshot) -> Result<Vec<FullEvent>> {
-        crate::segment::full_events(&self.store, profile, dictionaries, None)
-    }
-
     /// Profiles evaluated so far by the running (or last) segment creation or edit.
     pub fn backfill_progress(&self) -> u64 {
         self.segmenter().backfill_progress()
@@ -158,11 +152,6 @@ impl Engine {
     /// Every enter and exit of a segment, oldest first.
     pub fn segment_changes(&self, name: &str) -> Result<Vec<Change>> {
         self.segmenter().segment_changes(name)
-    }
-
-    /// Event names received so far (for the language's checks).
-    pub fn event_names(&self) -> Vec<String> {
-        self.segmenter().event_names()
     }
 
     /// Checks a rule against the store: unknown events (warnings), unknown segments and cycles

@@ -144,8 +144,6 @@ impl Engine {
         Ok((self.traits.keep_calibration(calibration)?, raws))
     }
 
-    /// The plan and calibration for evaluating `plans`, when one of them reads computed traits
-    /// (building the category column they need first).
     /// What a rule on computed traits reads (see [`crate::segment::Population::computed`]): the
     /// category column they need, their plan, calibration and models.
     pub(crate) fn computed_traits_setup(

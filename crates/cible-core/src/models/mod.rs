@@ -192,7 +192,8 @@ pub fn density_clusters(
     })
 }
 
-/// Clusters every live profile's features (log1p, then z-scores) with k-means, k chosen by
+/// Clusters the model rows (every live profile's features, log1p then z-scores, from the
+/// engine) with k-means, k chosen by
 /// silhouette; returns the report and the model to save (the `cluster` traits). The
 /// parameters are checked against [`bounds`] before `rows` is called.
 pub fn cluster(

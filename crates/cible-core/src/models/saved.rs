@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gbdt::Boosted;
 use super::propensity::Target;
-use crate::computed::ComputedTraits;
-pub use crate::computed::{ClusterTrait, ModelTraits};
+use crate::computed::{ClusterTrait, ComputedTraits, ModelTraits};
 use crate::error::EngineError;
 use crate::features::FEATURES;
 use crate::lock::{Cached, Level};

@@ -112,7 +112,7 @@ pub const BATTERY: [&str; 20] = [
     r#"sum("Order Completed".revenue, 30d) >= 200 or (did("Checkout Started", 7d) and not did("Order Completed", 7d))"#,
 ];
 
-/// The answer of a segment's explanation ([`Segmenter::explain`]).
+/// The answer of `Engine::explain`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Explanation {
     pub segment: String,
@@ -181,9 +181,7 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
-}
+pub(crate) use crate::records::to_json;
 
 /// Whether some comparison of a plan reads a value matching `wanted`.
 fn any_value(node: &plan::Node, wanted: &dyn Fn(&ValueNode) -> bool) -> bool {
@@ -256,7 +254,7 @@ pub(crate) trait Population: Sync {
 /// writer) behind the lowest lock of the order, the queue of committed batches, and the running
 /// backfill's progress. It owns them; its behaviour runs on a [`Segmenter`], which borrows it
 /// together with the population it reads.
-pub struct Segments {
+pub(crate) struct Segments {
     pub(crate) state: OrderedMutex<SegmentsState>,
     pub(crate) work: WorkQueue,
     backfill_progress: AtomicU64,

@@ -431,7 +431,8 @@ fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
             in_segment: &|_| false,
             computed: lazy.as_ref(),
         };
-        let events = MessageEvents(engine.full_events(profile, &dictionaries).unwrap());
+        let events =
+            MessageEvents(super::full_events(&engine.store, profile, &dictionaries, None).unwrap());
         if evaluate(&plan, &events, &ctx).unwrap().member {
             members.insert(profile);
         }

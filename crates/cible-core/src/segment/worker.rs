@@ -59,7 +59,7 @@ pub(crate) struct Work {
     batches: u64,
 }
 
-/// Keeps the queue from draining inline until dropped (see [`Segmenter::defer_segments`]).
+/// Keeps the queue from draining inline until dropped (see `Engine::defer_segments`).
 pub struct Deferral<'e> {
     work: &'e WorkQueue,
 }
