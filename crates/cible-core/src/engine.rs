@@ -592,9 +592,16 @@ impl Engine {
         struct Into {
             into: u32,
         }
+        // Records are compact JSON (`to_json`) with `into` before `cause`: a record without this
+        // text is not one of the profile's (a string holding it would have its quotes escaped).
+        let needle = format!("\"into\":{profile},");
+        let finder = memchr::memmem::Finder::new(needle.as_bytes());
         let mut merges = Vec::new();
         for entry in self.store.merges.iter() {
             let (_, value) = entry.into_inner()?;
+            if finder.find(&value).is_none() {
+                continue;
+            }
             let into: Into = serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
             if into.into == profile {
                 merges.push(serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?);
