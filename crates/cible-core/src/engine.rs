@@ -586,14 +586,9 @@ impl Engine {
 
     /// Merges into `profile` (including ones later undone).
     pub fn merges_into(&self, profile: u32) -> Result<Vec<MergeRecord>> {
-        /// The one field looked at first: the others (identifiers, cause) are decoded only for
-        /// this profile's merges, not for every merge ever recorded.
-        #[derive(serde::Deserialize)]
-        struct Into {
-            into: u32,
-        }
         // Records are compact JSON (`to_json`) with `into` before `cause`: a record without this
-        // text is not one of the profile's (a string holding it would have its quotes escaped).
+        // text is not one of the profile's (a string holding it would have its quotes escaped),
+        // so only the profile's own records (and rare look-alikes, checked) are decoded.
         let needle = format!("\"into\":{profile},");
         let finder = memchr::memmem::Finder::new(needle.as_bytes());
         let mut merges = Vec::new();
@@ -602,9 +597,10 @@ impl Engine {
             if finder.find(&value).is_none() {
                 continue;
             }
-            let into: Into = serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
-            if into.into == profile {
-                merges.push(serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?);
+            let merge: MergeRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
+            if merge.into == profile {
+                merges.push(merge);
             }
         }
         Ok(merges)

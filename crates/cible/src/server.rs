@@ -144,8 +144,6 @@ pub struct ServeOptions {
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
-    // Before the store is loaded: none of the server's memory gets huge pages.
-    crate::priority::no_transparent_huge_pages();
     let engine = Arc::new(global.open()?);
     // The property column computed traits read, built before listening when the store has
     // none (a store filled before the column was kept at import): built on the first traits
