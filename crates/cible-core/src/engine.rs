@@ -28,7 +28,9 @@ use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, is_column_property};
 use crate::quality::Reason;
 use crate::seen::SeenSet;
-use crate::store::{EventEntry, Store, StoreError, entry_of, event_key, key_of, profile_key};
+use crate::store::{
+    EventEntry, Store, StoreError, entry_of, event_key, key_of, merged_into_key, profile_key,
+};
 use rayon::prelude::*;
 
 use crate::error::corrupt;
@@ -584,24 +586,23 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("profile {profile}")))
     }
 
-    /// Merges into `profile` (including ones later undone).
+    /// Merges into `profile` (including ones later undone), oldest first: the survivor's keys
+    /// in `merged_into`, then each record by id.
     pub fn merges_into(&self, profile: u32) -> Result<Vec<MergeRecord>> {
-        // Records are compact JSON (`to_json`) with `into` before `cause`: a record without this
-        // text is not one of the profile's (a string holding it would have its quotes escaped),
-        // so only the profile's own records (and rare look-alikes, checked) are decoded.
-        let needle = format!("\"into\":{profile},");
-        let finder = memchr::memmem::Finder::new(needle.as_bytes());
         let mut merges = Vec::new();
-        for entry in self.store.merges.iter() {
-            let (_, value) = entry.into_inner()?;
-            if finder.find(&value).is_none() {
-                continue;
-            }
-            let merge: MergeRecord =
-                serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
-            if merge.into == profile {
-                merges.push(merge);
-            }
+        for entry in self.store.merged_into.prefix(profile_key(profile)) {
+            let key = entry.key()?;
+            let id = key
+                .get(4..12)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| corrupt("merged_into", "a key is not survivor · merge id"))?;
+            let value = self
+                .store
+                .merges
+                .get(id.to_be_bytes())?
+                .ok_or_else(|| corrupt("merged_into", format!("merge {id} has no record")))?;
+            merges.push(serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?);
         }
         Ok(merges)
     }
@@ -830,6 +831,10 @@ impl Engine {
         for merge in self.all_merges()? {
             if state.find(merge.into) == profile || merge.from == profile {
                 batch.remove(&self.store.merges, merge.id.to_be_bytes());
+                batch.remove(
+                    &self.store.merged_into,
+                    merged_into_key(merge.into, merge.id),
+                );
                 if merge.unmerged_at.is_none() && merge.from != profile {
                     batch.remove(&self.store.profiles, profile_key(merge.from));
                     merged_profiles.push(merge.from);
@@ -1126,6 +1131,9 @@ fn check_schema(store: &Store) -> Result<()> {
         move_bodies_to_log(store)?;
         members_to_entries(store)?;
     }
+    if found < 4 {
+        index_merges_by_survivor(store)?;
+    }
     if found < SCHEMA_VERSION {
         store
             .meta
@@ -1214,6 +1222,27 @@ fn members_to_entries(store: &Store) -> Result<()> {
     }
     batch.commit()?;
     store.db.delete_keyspace(members)?;
+    Ok(())
+}
+
+/// Layout 3 to 4: every merge record gets its `merged_into` key (one batch: a store has one
+/// merge per absorbed profile at most, 12 bytes each).
+fn index_merges_by_survivor(store: &Store) -> Result<()> {
+    let mut batch = store
+        .db
+        .batch()
+        .durability(Some(fjall::PersistMode::SyncAll));
+    for entry in store.merges.iter() {
+        let (_, value) = entry.into_inner()?;
+        let merge: MergeRecord =
+            serde_json::from_slice(&value).map_err(|e| corrupt("merges", e))?;
+        batch.insert(
+            &store.merged_into,
+            merged_into_key(merge.into, merge.id),
+            [],
+        );
+    }
+    batch.commit()?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::quality::{self, Reason, flags};
 use crate::records::to_json;
 use crate::records::{BatchOutcome, MergeRecord, ProfileRecord, QuarantineNote, QuarantineRecord};
 use crate::seen::SeenSet;
-use crate::store::{EventEntry, HotRecord, Store, event_key, key_of, profile_key};
+use crate::store::{EventEntry, HotRecord, Store, event_key, key_of, merged_into_key, profile_key};
 
 /// When a batch counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +230,7 @@ pub(crate) struct Bulk {
     /// flush, so that an import's journal holds almost nothing.
     pub(crate) profiles: FxHashMap<u32, ProfileRecord>,
     pub(crate) idents: FxHashMap<String, u32>,
-    pub(crate) merges: Vec<(u64, Vec<u8>)>,
+    pub(crate) merges: Vec<(u64, u32, Vec<u8>)>,
     pub(crate) moves: Vec<u32>,
 }
 
@@ -563,10 +563,12 @@ impl<'a> Tx<'a> {
             unmerged_at: None,
         };
         if self.bulk {
-            self.state.bulk.merges.push((id, to_json(&record)));
+            self.state.bulk.merges.push((id, into, to_json(&record)));
         } else {
             self.batch
                 .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
+            self.batch
+                .insert(&self.store.merged_into, merged_into_key(into, id), []);
         }
         self.hot_merges.push((from, into));
         if let Some(times) = self.batch_times.remove(&from) {

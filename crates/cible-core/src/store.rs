@@ -9,6 +9,7 @@
 //! | `idents`     | `u:`/`a:`/`e:` + identifier           | profile u32                         |
 //! | `profiles`   | profile u32                           | [`crate::records::ProfileRecord`]    |
 //! | `merges`     | merge id u64                          | [`crate::records::MergeRecord`]      |
+//! | `merged_into`| survivor u32 · merge id u64 ([`merged_into_key`]) | empty: the merges into a profile, found without reading the others |
 //! | `quarantine` | quarantine id u64                     | [`crate::records::QuarantineRecord`] |
 //! | `qkeys`      | hash of a quarantined raw message     | quarantine id (dedup of bad input)  |
 //! | `dict`       | `n`/`k` + text                        | dictionary id u32                   |
@@ -85,6 +86,7 @@ keyspaces!(
     idents,
     profiles,
     merges,
+    merged_into,
     quarantine,
     qkeys,
     dict,
@@ -100,17 +102,18 @@ keyspaces!(
 pub const SCHEMA_KEY: &str = "schema_version";
 /// The layout this build writes: 2 added the change feed (`changes`); 3 moved event bodies
 /// out of fjall into the event log, and `events` holds their locations with the hot rows (the
-/// `hot` keyspace is gone).
-pub const SCHEMA_VERSION: u32 = 3;
+/// `hot` keyspace is gone); 4 indexed merges by survivor (`merged_into`).
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
-pub const PER_PROFILE: [(&str, &str); 7] = [
+pub const PER_PROFILE: [(&str, &str); 8] = [
     ("events", "profile prefix (the bodies are in the event log)"),
     ("msgids", "the messageIds of the profile's events"),
     ("idents", "the profile's identifiers"),
     ("profiles", "profile ordinal"),
     ("merges", "merge records naming the profile"),
+    ("merged_into", "survivor prefix"),
     ("entries", "segment · profile"),
     (
         "changes",
@@ -194,6 +197,15 @@ impl Store {
 
 /// Length of an event key.
 pub const EVENT_KEY_LEN: usize = 20;
+
+/// `survivor · merge id`, big-endian: a profile's merges are the keys under its
+/// [`profile_key`].
+pub fn merged_into_key(into: u32, merge: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&into.to_be_bytes());
+    key[4..].copy_from_slice(&merge.to_be_bytes());
+    key
+}
 
 /// `profile · time · seq`, big-endian, time with its sign bit flipped so keys sort by time.
 pub fn event_key(profile: u32, ts_ms: i64, seq: u64) -> [u8; EVENT_KEY_LEN] {

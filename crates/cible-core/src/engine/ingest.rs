@@ -11,7 +11,7 @@ use crate::ingest::*;
 use crate::message::{ParseContext, parse_message_text};
 use crate::quality::Reason;
 use crate::records::{BatchOutcome, to_json};
-use crate::store::{event_key, key_of, profile_key};
+use crate::store::{event_key, key_of, merged_into_key, profile_key};
 
 impl Engine {
     /// Accepts, deduplicates or quarantines each message, resolves identities, and commits the
@@ -201,8 +201,9 @@ impl Engine {
             for (ident, profile) in state.bulk.idents.drain() {
                 batch.insert(&self.store.idents, ident.as_bytes(), profile.to_be_bytes());
             }
-            for (id, record) in state.bulk.merges.drain(..) {
+            for (id, into, record) in state.bulk.merges.drain(..) {
                 batch.insert(&self.store.merges, id.to_be_bytes(), record);
+                batch.insert(&self.store.merged_into, merged_into_key(into, id), []);
             }
             let mut moves = std::mem::take(&mut state.bulk.moves);
             moves.sort_unstable();

@@ -532,6 +532,7 @@ fn bulk_batches_dedup_and_merge_like_ordinary_ones() {
         vec![
             track("a1", None, Some("d1"), "Page Viewed", 50),
             track("a2", None, Some("d1"), "Product Viewed", 45),
+            track("k0", Some("u1"), None, "Page Viewed", 60),
         ],
         vec![
             track("a1", None, Some("d1"), "Page Viewed", 50),
@@ -539,7 +540,7 @@ fn bulk_batches_dedup_and_merge_like_ordinary_ones() {
             track("t1", Some("u1"), None, "Order Completed", 30),
         ],
     ];
-    let runs: Vec<(Vec<String>, String, u64)> = [false, true]
+    let runs: Vec<(Vec<String>, String, u64, Vec<u32>)> = [false, true]
         .into_iter()
         .map(|bulk| {
             let dir = tempfile::tempdir().unwrap();
@@ -561,16 +562,24 @@ fn bulk_batches_dedup_and_merge_like_ordinary_ones() {
             }
             let engine = Engine::open(dir.path()).unwrap();
             let profile = engine.find_profile("u1").unwrap();
+            let merged: Vec<u32> = engine
+                .merges_into(profile)
+                .unwrap()
+                .iter()
+                .map(|merge| merge.from)
+                .collect();
             (
                 events_of(&engine, "u1"),
                 format!("{:?}", engine.hot().events(profile)),
                 duplicates,
+                merged,
             )
         })
         .collect();
     assert_eq!(runs[0], runs[1]);
-    assert_eq!(runs[1].0, ["a1", "a2", "i1", "t1"]);
+    assert_eq!(runs[1].0, ["a1", "a2", "i1", "k0", "t1"]);
     assert_eq!(runs[1].2, 1);
+    assert_eq!(runs[1].3.len(), 1, "the merge is found by its survivor");
 }
 
 /// An import cut short before its entries were written: at the next open its last events are
@@ -701,6 +710,8 @@ fn removing_a_profile_removes_everything_it_held() {
     assert_liveness_mirrors_the_writer(&engine);
     assert_eq!(engine.load_stats().profiles, 1);
     assert!(engine.remove_profile(profile).is_err());
+    assert!(engine.store.merges.is_empty().unwrap());
+    assert!(engine.store.merged_into.is_empty().unwrap());
     drop(engine);
     let engine = Engine::open(dir.path()).unwrap();
     assert_eq!(engine.find_profile("u1"), None);
@@ -759,6 +770,41 @@ fn a_numeric_user_id_wins_over_a_profile_number() {
 
 /// A store written by a newer cible (a layout this build does not know) is refused with a
 /// message saying so, and left as it is.
+/// Layout 3 had no `merged_into`: opening such a store indexes its merges by survivor.
+#[test]
+fn a_layout_3_store_gets_its_merges_indexed_by_survivor() {
+    let dir = tempfile::tempdir().unwrap();
+    let survivor = {
+        let engine = Engine::open(dir.path()).unwrap();
+        ingest(&engine, &[track("k1", Some("u1"), None, "Page Viewed", 60)]);
+        ingest(&engine, &[track("a1", None, Some("d1"), "Page Viewed", 50)]);
+        ingest(&engine, &[track("a2", None, Some("d2"), "Page Viewed", 40)]);
+        ingest(
+            &engine,
+            &[
+                identify("i1", "u1", Some("d1"), json!({}), 30),
+                identify("i2", "u1", Some("d2"), json!({}), 20),
+            ],
+        );
+        let survivor = engine.find_profile("u1").unwrap();
+        assert_eq!(engine.merges_into(survivor).unwrap().len(), 2);
+        // What a layout 3 store looks like: no index, version 3.
+        let mut batch = engine.store.db.batch();
+        for entry in engine.store.merged_into.iter() {
+            batch.remove(&engine.store.merged_into, entry.key().unwrap());
+        }
+        batch.insert(&engine.store.meta, crate::store::SCHEMA_KEY, b"3");
+        batch.commit().unwrap();
+        assert!(engine.merges_into(survivor).unwrap().is_empty());
+        survivor
+    };
+    let engine = Engine::open_light(dir.path()).unwrap();
+    let merges = engine.merges_into(survivor).unwrap();
+    assert_eq!(merges.len(), 2);
+    assert!(merges.iter().all(|merge| merge.into == survivor));
+    assert!(merges[0].id < merges[1].id, "oldest first");
+}
+
 #[test]
 fn a_store_of_a_newer_layout_is_refused() {
     let dir = tempfile::tempdir().unwrap();
