@@ -334,7 +334,11 @@ impl Engine {
             return Ok(());
         }
         let everyone = (state.counters.next_seq, state.counters.next_profile);
-        let (hot, _) = load_hot(&self.store, &[(0, everyone.1)], &columns, Some(everyone))?;
+        // On the segment worker's pool (segment rules ask for columns): acknowledgements wait
+        // for this scan, it must not wait for admin work on the global pool.
+        let (hot, _) = crate::threads::on_segment_pool(|| {
+            load_hot(&self.store, &[(0, everyone.1)], &columns, Some(everyone))
+        })?;
         self.store.meta.insert(COLUMNS_KEY, to_json(&columns))?;
         *self.hot.write() = hot;
         Ok(())

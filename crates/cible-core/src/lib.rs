@@ -31,6 +31,7 @@ pub mod seen;
 pub mod segment;
 pub mod snapshot;
 pub mod store;
+pub mod threads;
 pub mod time;
 pub mod trait_columns;
 pub mod view;

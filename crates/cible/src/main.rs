@@ -228,6 +228,11 @@ fn main() -> std::process::ExitCode {
             }
         })
         .build_global();
+    // The segment worker's passes get a pool of their own, never queued behind admin work on
+    // the global one (`cible_core::threads`).
+    if serving {
+        cible_core::threads::configure_segment_pool(threads, priority::lower);
+    }
     let result = match cli.command {
         Command::Serve(args) => server::run(&cli.global, args),
         Command::Import(args) => commands::import(&cli.global, args),

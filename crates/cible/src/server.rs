@@ -36,8 +36,9 @@ use crate::Global;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Threads for parallel work (segment edits, recalibration, training, demo import); by
-    /// default all cores but one, so that acknowledgements never wait for a core.
+    /// Threads for parallel work (recalibration, training, previews, demo import), and as many
+    /// for the segment worker's passes (segment edits); by default all cores but one, so that
+    /// acknowledgements never wait for a core.
     #[arg(long)]
     pub parallel_threads: Option<usize>,
     /// Address to listen on.

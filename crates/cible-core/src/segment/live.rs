@@ -681,11 +681,13 @@ impl Segmenter<'_> {
                         Ok((profile, verdict.member, verdict.next_change, via))
                     };
                     if chunk.len() >= 256 {
-                        chunk
-                            .par_iter()
-                            .zip(alive.par_iter())
-                            .map(evaluate)
-                            .collect()
+                        crate::threads::on_segment_pool(|| {
+                            chunk
+                                .par_iter()
+                                .zip(alive.par_iter())
+                                .map(evaluate)
+                                .collect()
+                        })
                     } else {
                         chunk.iter().zip(alive.iter()).map(evaluate).collect()
                     }

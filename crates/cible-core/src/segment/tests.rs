@@ -861,3 +861,54 @@ fn compiled_sql_on_sqlite_and_duckdb_selects_the_same_members() {
         super::BATTERY.len()
     );
 }
+
+/// A pass of 256 profiles or more runs in parallel: on the segment worker's own pool, so a
+/// global pool kept busy by admin work (a product model at a million profiles takes minutes)
+/// does not hold it. Fails on a hang: without its own pool, the pass queues behind the jobs.
+#[test]
+fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = std::sync::Arc::new(Engine::open(dir.path()).unwrap());
+    engine.start_live_segments(NOW_MS).unwrap();
+    let rule = r#"did("Email Opened", 7d)"#;
+    engine
+        .create_segment("openers", cible_lang::parse(rule).unwrap(), rule, NOW_MS)
+        .unwrap();
+    // Every thread of the global pool busy until released.
+    let gate = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let (started, busy) = std::sync::mpsc::channel();
+    for _ in 0..rayon::current_num_threads() {
+        let gate = std::sync::Arc::clone(&gate);
+        let started = started.clone();
+        rayon::spawn(move || {
+            started.send(()).unwrap();
+            drop(gate.read().unwrap());
+        });
+    }
+    for _ in 0..rayon::current_num_threads() {
+        busy.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the global pool's threads start");
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    let ingesting = std::sync::Arc::clone(&engine);
+    let thread = std::thread::spawn(move || {
+        let ts = crate::time::format_ms(NOW_MS - 86_400_000);
+        let items = (0..600)
+            .map(|i| {
+                let message = serde_json::json!({"type": "track", "userId": format!("u{i}"), "event": "Email Opened", "timestamp": ts});
+                crate::message::parse_message(message, None, &crate::ParseContext::at(NOW_MS))
+                    .into()
+            })
+            .collect();
+        ingesting
+            .ingest(items, "test", crate::Durability::Buffered, NOW_MS)
+            .unwrap();
+        done.send(()).unwrap();
+    });
+    let outcome = finished.recv_timeout(std::time::Duration::from_secs(30));
+    drop(closed);
+    outcome.expect("the pass ran while the global pool was busy");
+    thread.join().unwrap();
+    assert_eq!(engine.live_members("openers").unwrap().len(), 600);
+}
