@@ -299,10 +299,12 @@ pub async fn serve(
         body_timeout: limits.body_timeout,
     };
     let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
+    let passes_engine = Arc::clone(&state.engine);
     let shutdown = async move {
         shutdown.await;
-        // Long admin work (a training) stops at its next step.
+        // Long admin work (a training, a segment edit's pass) stops at its next step.
         cible_core::cancel::stop_all();
+        passes_engine.stop_segment_passes();
         let _ = stopping_sender.send(true);
         let _ = signalled_sender.send(());
     };

@@ -278,6 +278,15 @@ impl Engine {
         self.segmenter().wake_segment_worker()
     }
 
+    /// Ends the whole-population passes (segment edits, recalibrations, a start's catch-up) at
+    /// their next chunk of profiles, for good: the process is stopping. Incremental passes of
+    /// a chunk or less still run. The next start evaluates every profile, so nothing is lost.
+    pub fn stop_segment_passes(&self) {
+        self.segments
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Calls `listener` with the feed's head after every commit of changes.
     pub fn on_feed(&self, listener: FeedListener) {
         self.segmenter().on_feed(listener)

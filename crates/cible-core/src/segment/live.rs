@@ -648,7 +648,18 @@ impl Segmenter<'_> {
                 })
                 .collect();
             let stat = stats.entry(index).or_default();
+            let long = profiles.len() > CHUNK;
             for chunk in profiles.chunks(CHUNK) {
+                if long
+                    && self
+                        .segments
+                        .stopping
+                        .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    // Commits what is done (consistent: memberships and feed together).
+                    self.commit_pass(state, feed, batch, &mut changes, &mut dirty)?;
+                    return Err(EngineError::Cancelled);
+                }
                 // Liveness and traits first: the writer takes its lock before `hot`, so a
                 // reader holding `hot` must not ask for it (the lock order forbids it).
                 let alive = self.population.alive_flags(chunk);

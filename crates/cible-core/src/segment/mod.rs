@@ -258,6 +258,9 @@ pub(crate) struct Segments {
     pub(crate) state: OrderedMutex<SegmentsState>,
     pub(crate) work: WorkQueue,
     backfill_progress: AtomicU64,
+    /// Set when the process stops: a pass over more than one chunk of profiles ends at its next
+    /// chunk (what it committed stays; the next start evaluates every profile anyway).
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Segments {
@@ -266,6 +269,7 @@ impl Segments {
             state: OrderedMutex::new(Level::Segments, SegmentsState::new(feed)),
             work: WorkQueue::default(),
             backfill_progress: AtomicU64::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

@@ -912,3 +912,67 @@ fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
     thread.join().unwrap();
     assert_eq!(engine.live_members("openers").unwrap().len(), 600);
 }
+
+/// A stopping process ends a pass over everyone at its next chunk (the server then exits in
+/// seconds instead of finishing a segment edit over a million profiles); small passes still
+/// run; the next start evaluates everyone and lands where a full pass would have.
+#[test]
+fn a_stop_ends_a_long_pass_and_the_next_start_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = crate::time::format_ms(NOW_MS - 86_400_000);
+    let openers = |from: usize, to: usize| -> Vec<_> {
+        (from..to)
+            .map(|i| {
+                let message = serde_json::json!({"type": "track", "userId": format!("u{i}"), "event": "Email Opened", "timestamp": ts});
+                crate::message::parse_message(message, None, &crate::ParseContext::at(NOW_MS))
+                    .into()
+            })
+            .collect()
+    };
+    let rule = r#"did("Email Opened", 7d)"#;
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        engine
+            .ingest(
+                openers(0, 3000),
+                "test",
+                crate::Durability::Buffered,
+                NOW_MS,
+            )
+            .unwrap();
+        engine.start_live_segments(NOW_MS).unwrap();
+        engine.stop_segment_passes();
+        let created =
+            engine.create_segment("openers", cible_lang::parse(rule).unwrap(), rule, NOW_MS);
+        assert!(
+            matches!(created, Err(crate::EngineError::Cancelled)),
+            "{created:?}"
+        );
+        assert!(engine.members("openers").unwrap().len() < 3000);
+    }
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.start_live_segments(NOW_MS).unwrap();
+    assert_eq!(engine.members("openers").unwrap().len(), 3000);
+    let changes = engine.changes_after(0, 10_000).unwrap();
+    let entered: std::collections::BTreeSet<u32> = changes
+        .iter()
+        .filter(|c| c.segment == "openers" && c.entered)
+        .map(|c| c.profile)
+        .collect();
+    assert_eq!(entered.len(), 3000, "each member entered once in the feed");
+    assert_eq!(
+        changes.iter().filter(|c| c.segment == "openers").count(),
+        3000
+    );
+    // After a stop, a small pass (an acknowledged batch) still runs.
+    engine.stop_segment_passes();
+    engine
+        .ingest(
+            openers(3000, 3001),
+            "test",
+            crate::Durability::Buffered,
+            NOW_MS,
+        )
+        .unwrap();
+    assert_eq!(engine.live_members("openers").unwrap().len(), 3001);
+}
