@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::hot::HotStore;
+use crate::hot::{HotEvent, HotStore, OtherKeys};
 use crate::identity;
 use crate::keys::{KeyKind, KeyRecord, key_hash, new_key};
 use crate::message::{Message, MessageType, is_column_property};
@@ -53,11 +53,13 @@ const COLUMNS_KEY: &str = "columns";
 /// The engine. Cheap to share behind an `Arc`.
 ///
 /// Its locks are taken in the order of [`crate::lock::Level`] (checked at every acquisition):
-/// `segments.state` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches →
+/// `segments.state` → `column_build` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches →
 /// `segments.work`.
 pub struct Engine {
     pub(crate) store: Store,
     pub(crate) state: OrderedMutex<State>,
+    /// Held by a rebuild of the hot store's columns ([`Engine::ensure_column_indexes`]).
+    column_build: OrderedMutex<()>,
     pub(crate) hot: OrderedRwLock<HotStore>,
     /// Which profiles are live, as of the last committed batch (`State::profiles` decides).
     pub(crate) liveness: OrderedRwLock<crate::liveness::Liveness>,
@@ -213,6 +215,7 @@ impl Engine {
                 state.keys.texts.len().into(),
             ],
             state: OrderedMutex::new(Level::Writer, state),
+            column_build: OrderedMutex::new(Level::ColumnBuild, ()),
             hot: OrderedRwLock::new(Level::Hot, hot),
             api_keys: OrderedRwLock::new(Level::Cache, api_keys),
             poisoned: AtomicBool::new(false),
@@ -315,8 +318,8 @@ impl Engine {
         if !self.columns_supported || missing(&self.hot.read()).is_empty() {
             return Ok(());
         }
-        // The writer lock: no batch commits while the hot store is rebuilt from its rows.
-        let state = self.state.lock();
+        let _build = self.column_build.lock();
+        let mut state = self.state.lock();
         let wanted = missing(&self.hot.read());
         if wanted.is_empty() {
             return Ok(());
@@ -333,15 +336,40 @@ impl Engine {
             *self.hot.write() = hot;
             return Ok(());
         }
+        // The scan runs beside the writer (a minute at 1M profiles: acknowledgements must not
+        // wait for it). The live hot store notes the profiles whose rows change meanwhile; the
+        // writer lock is taken again only to read those back from the store, where every
+        // committed batch already is (a batch commits before it touches the hot store).
+        self.flush_bulk(&mut state)?;
+        self.hot.write().record_changes();
         let everyone = (state.counters.next_seq, state.counters.next_profile);
-        // On the segment worker's pool (segment rules ask for columns): acknowledgements wait
-        // for this scan, it must not wait for admin work on the global pool.
-        let (hot, _) = crate::threads::on_segment_pool(|| {
-            load_hot(&self.store, &[(0, everyone.1)], &columns, Some(everyone))
-        })?;
+        drop(state);
+        // On the global pool: the writer does not wait for it any more, and the segment
+        // worker's own pool stays free for the passes of committed batches.
+        let scanned = load_hot(&self.store, &[(0, everyone.1)], &columns, Some(everyone));
+        let mut state = self.state.lock();
+        let changed = self.hot.write().take_changes();
+        let (mut hot, _) = scanned?;
+        self.flush_bulk(&mut state)?;
+        for profile in changed {
+            hot.replace(profile, self.stored_rows(profile)?);
+        }
         self.store.meta.insert(COLUMNS_KEY, to_json(&columns))?;
         *self.hot.write() = hot;
+        drop(state);
         Ok(())
+    }
+
+    /// A profile's hot rows (and their other keys) as the store holds them.
+    fn stored_rows(&self, profile: u32) -> Result<Vec<(HotEvent, OtherKeys)>> {
+        let mut events = Vec::new();
+        for entry in self.store.events.prefix(profile_key(profile)) {
+            let (key, value) = entry.into_inner()?;
+            let (_, ts, _) = key_of("events", &key)?;
+            let record = entry_of(&value)?.record;
+            events.push((record.to_hot(ts), record.others));
+        }
+        Ok(events)
     }
 
     /// Counts of what is loaded.
@@ -561,13 +589,7 @@ impl Engine {
 
     /// Loads one profile's hot rows into a light engine.
     fn load_light_profile(&self, profile: u32) -> Result<()> {
-        let mut events = Vec::new();
-        for entry in self.store.events.prefix(profile_key(profile)) {
-            let (key, value) = entry.into_inner()?;
-            let (_, ts, _) = key_of("events", &key)?;
-            let record = entry_of(&value)?.record;
-            events.push((record.to_hot(ts), record.others));
-        }
+        let events = self.stored_rows(profile)?;
         let state = {
             let mut state = self.state.lock();
             if let Some(meta) = state.profiles.get_mut(profile as usize) {

@@ -178,6 +178,9 @@ pub struct HotStore {
     hidden: [u64; 8],
     /// The first profile ordinal held: 0, except in a [`HotStore::window`] (which is read-only).
     offset: u32,
+    /// Profiles whose rows changed since [`HotStore::record_changes`], while a rebuild with more
+    /// columns scans the store beside the writer (`Engine::ensure_column_indexes`).
+    changed: Option<rustc_hash::FxHashSet<u32>>,
 }
 
 impl HotStore {
@@ -348,6 +351,7 @@ impl HotStore {
                 .collect(),
             hidden: self.hidden,
             offset: first,
+            changed: None,
         }
     }
 
@@ -379,7 +383,24 @@ impl HotStore {
 
     /// Adds an event with its other keys, keeping the timeline sorted by time (late events are
     /// inserted in place, after those of the same second).
+    /// Starts noting which profiles' rows change (inserts, merges, replacements).
+    pub fn record_changes(&mut self) {
+        self.changed = Some(Default::default());
+    }
+
+    /// The profiles whose rows changed since [`HotStore::record_changes`]; stops noting them.
+    pub fn take_changes(&mut self) -> rustc_hash::FxHashSet<u32> {
+        self.changed.take().unwrap_or_default()
+    }
+
+    fn note_change(&mut self, profile: u32) {
+        if let Some(changed) = &mut self.changed {
+            changed.insert(profile);
+        }
+    }
+
     pub fn insert(&mut self, profile: u32, event: HotEvent, others: &OtherKeys) {
+        self.note_change(profile);
         for (index, _) in others.iter() {
             self.hidden[usize::from(index & 7)] += 1;
         }
@@ -405,6 +426,8 @@ impl HotStore {
     /// Moves every event of `from` into `into`, keeping time order (for events of the same
     /// second, those of `into` first) and the columns aligned.
     pub fn merge(&mut self, from: u32, into: u32) {
+        self.note_change(from);
+        self.note_change(into);
         let moved = std::mem::take(self.slot(from));
         let kept = std::mem::take(self.slot(into));
         let mut order: Vec<usize> = (0..kept.len() + moved.len()).collect();
@@ -466,6 +489,7 @@ impl HotStore {
         others: &[(usize, OtherKeys)],
     ) {
         debug_assert!(events.windows(2).all(|w| w[0].ts <= w[1].ts));
+        self.note_change(profile);
         for (_, others) in others {
             for (index, _) in others.iter() {
                 self.hidden[usize::from(index & 7)] += 1;

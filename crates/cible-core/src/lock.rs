@@ -4,7 +4,8 @@
 //!
 //! The order is the declaration order of [`Level`]:
 //!
-//! `Segments` (the segment worker and the change feed) → `Writer` (identity graph, counters,
+//! `Segments` (the segment worker and the change feed) → `ColumnBuild` (a rebuild of the hot
+//! store's columns) → `Writer` (identity graph, counters,
 //! dictionaries) → `Hot` (hot store) → `Liveness` → `TraitColumns` → `ModelWrites` (saving a model version)
 //! → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
@@ -24,6 +25,8 @@ use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub enum Level {
     /// The segment worker's state: live segments, timers, the change feed's next number.
     Segments,
+    /// One rebuild of the hot store's property columns at a time (taken before the writer).
+    ColumnBuild,
     /// The single writer: identity graph, counters, dictionaries, dedup set.
     Writer,
     /// The in-memory hot store.

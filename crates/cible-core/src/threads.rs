@@ -1,6 +1,7 @@
 //! Thread pools. Rayon's global pool runs admin and batch work: training, recalibration, the
-//! product model, previews, loading the hot store. The segment worker's passes (incremental,
-//! timed, backfills) run their parallel parts on a pool of their own, so that they never queue
+//! product model, previews, loading the hot store and rebuilding its columns. The segment
+//! worker's passes (incremental, timed, backfills, recalibrations' re-evaluation) run their
+//! parallel parts on a pool of their own, so that they never queue
 //! behind a long admin job: rayon runs a job handed in from outside a pool only once the pool's
 //! threads have nothing of their own left, and at a million profiles the product model alone
 //! keeps a one-thread global pool busy for minutes (a segment creation beside it took 293 s

@@ -278,9 +278,12 @@ impl Engine {
         self.segmenter().wake_segment_worker()
     }
 
-    /// Ends the whole-population passes (segment edits, recalibrations, a start's catch-up) at
-    /// their next chunk of profiles, for good: the process is stopping. Incremental passes of
-    /// a chunk or less still run. The next start evaluates every profile, so nothing is lost.
+    /// Ends the passes of admin work over many profiles (segment edits and refreshes,
+    /// recalibrations, model activations) at their next chunk of 512, for good: the process is
+    /// stopping. What they did is committed; their caller gets [`crate::EngineError::Cancelled`]. The
+    /// segment stays stored with its new rule, and the next start evaluates every live profile
+    /// (those changes then have cause `restart`). Hand-offs of committed batches and timers
+    /// still run in full.
     pub fn stop_segment_passes(&self) {
         self.segments
             .stopping

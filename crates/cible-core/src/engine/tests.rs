@@ -768,8 +768,6 @@ fn a_numeric_user_id_wins_over_a_profile_number() {
     assert!(view.requested_merged_profile.is_none());
 }
 
-/// A store written by a newer cible (a layout this build does not know) is refused with a
-/// message saying so, and left as it is.
 /// Layout 3 had no `merged_into`: opening such a store indexes its merges by survivor.
 #[test]
 fn a_layout_3_store_gets_its_merges_indexed_by_survivor() {
@@ -805,6 +803,8 @@ fn a_layout_3_store_gets_its_merges_indexed_by_survivor() {
     assert!(merges[0].id < merges[1].id, "oldest first");
 }
 
+/// A store written by a newer cible (a layout this build does not know) is refused with a
+/// message saying so, and left as it is.
 #[test]
 fn a_store_of_a_newer_layout_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1009,4 +1009,76 @@ fn a_lost_compression_dictionary_is_refused_naming_the_file() {
         error.to_string().contains("dict-001.zstd is missing"),
         "{error}"
     );
+}
+
+/// A rebuild of the hot store with a new property column scans the store beside the writer:
+/// a batch acknowledged while the scan cannot even start (every thread of its pool held) goes
+/// through, and the rebuilt store holds that batch, a merge and a removal made meanwhile, as a
+/// scan made afterwards would. Fails on a hang: the old rebuild held the writer lock throughout.
+#[test]
+fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = std::sync::Arc::new(Engine::open(dir.path()).unwrap());
+    let viewed = |id: &str, user: Option<&str>, anonymous: Option<&str>, category: &str| {
+        let mut message = track(id, user, anonymous, "Product Viewed", 30);
+        message["properties"] = json!({"category": category});
+        message
+    };
+    ingest(
+        &engine,
+        &(0..50)
+            .map(|i| viewed(&format!("v{i}"), Some(&format!("u{i}")), None, "shoes"))
+            .collect::<Vec<_>>(),
+    );
+    ingest(&engine, &[viewed("a1", None, Some("d1"), "hats")]);
+    let category = crate::computed::CATEGORY_KEY as u8;
+    assert!(!engine.hot().columns().contains(&category));
+    // Every thread of the pool the scan runs on, held.
+    let gate = std::sync::Arc::new(std::sync::RwLock::new(()));
+    let closed = gate.write().unwrap();
+    let (started, busy) = std::sync::mpsc::channel();
+    let threads = crate::threads::on_segment_pool(rayon::current_num_threads);
+    crate::threads::on_segment_pool(|| {
+        for _ in 0..threads {
+            let gate = std::sync::Arc::clone(&gate);
+            let started = started.clone();
+            rayon::spawn(move || {
+                started.send(()).unwrap();
+                drop(gate.read().unwrap());
+            });
+        }
+    });
+    for _ in 0..threads {
+        busy.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the pool's threads start");
+    }
+    let rebuilding = std::sync::Arc::clone(&engine);
+    let rebuild = std::thread::spawn(move || rebuilding.ensure_column_indexes(&[category], true));
+    // Meanwhile: new events, a merge of d1 into u1, a removal.
+    let (done, finished) = std::sync::mpsc::channel();
+    let writing = std::sync::Arc::clone(&engine);
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        ingest(
+            &writing,
+            &[
+                viewed("n1", Some("u1"), None, "bags"),
+                viewed("n2", Some("new"), None, "bags"),
+                identify("i1", "u1", Some("d1"), json!({}), 20),
+            ],
+        );
+        writing
+            .remove_profile(writing.find_profile("u2").unwrap())
+            .unwrap();
+        done.send(()).unwrap();
+    });
+    let written = finished.recv_timeout(std::time::Duration::from_secs(30));
+    drop(closed);
+    written.expect("the writer went on while the column was being built");
+    writer.join().unwrap();
+    rebuild.join().unwrap().unwrap();
+    assert!(engine.hot().columns().contains(&category));
+    assert_eq!(loaded_hot(&engine), scanned_hot(&engine));
+    let u1 = engine.find_profile("u1").unwrap();
+    assert_eq!(engine.hot().events(u1).len(), 4, "v1, n1, i1 and d1's a1");
 }

@@ -226,8 +226,10 @@ impl Segmenter<'_> {
         }
         let live = state.live.as_mut().expect("just loaded");
         let outcome = work(self, live, &mut state.feed);
-        if outcome.is_err() {
-            // Memory may be ahead of disk: read the segments again next time.
+        // A pass stopped by `Engine::stop_segment_passes` committed what it did: memory and
+        // disk agree. Any other failure may leave memory ahead of disk: read the segments
+        // again next time.
+        if outcome.is_err() && !matches!(outcome, Err(EngineError::Cancelled)) {
             state.live = None;
         }
         outcome
@@ -648,9 +650,15 @@ impl Segmenter<'_> {
                 })
                 .collect();
             let stat = stats.entry(index).or_default();
-            let long = profiles.len() > CHUNK;
+            // Only admin work stops early: every hand-off of a committed batch is evaluated
+            // (exits of merged-away and removed profiles come from them alone).
+            let stoppable = profiles.len() > CHUNK
+                && matches!(
+                    cause,
+                    Cause::SegmentEdit | Cause::Recalibration | Cause::ModelActivation
+                );
             for chunk in profiles.chunks(CHUNK) {
-                if long
+                if stoppable
                     && self
                         .segments
                         .stopping

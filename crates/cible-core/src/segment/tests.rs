@@ -949,6 +949,20 @@ fn a_stop_ends_a_long_pass_and_the_next_start_completes_it() {
             "{created:?}"
         );
         assert!(engine.members("openers").unwrap().len() < 3000);
+        // The batches committed after the stop are still evaluated, in full: a new member,
+        // and the exit of a removed one.
+        engine
+            .ingest(
+                openers(5000, 5001),
+                "test",
+                crate::Durability::Buffered,
+                NOW_MS,
+            )
+            .unwrap();
+        let new = engine.find_profile("u5000").unwrap();
+        assert!(engine.live_members("openers").unwrap().contains(new));
+        engine.remove_profile(new).unwrap();
+        assert!(!engine.members("openers").unwrap().contains(new));
     }
     let engine = Engine::open(dir.path()).unwrap();
     engine.start_live_segments(NOW_MS).unwrap();
@@ -959,10 +973,11 @@ fn a_stop_ends_a_long_pass_and_the_next_start_completes_it() {
         .filter(|c| c.segment == "openers" && c.entered)
         .map(|c| c.profile)
         .collect();
-    assert_eq!(entered.len(), 3000, "each member entered once in the feed");
+    assert_eq!(entered.len(), 3001, "each member entered once in the feed");
     assert_eq!(
         changes.iter().filter(|c| c.segment == "openers").count(),
-        3000
+        3002,
+        "and u5000 left once"
     );
     // After a stop, a small pass (an acknowledged batch) still runs.
     engine.stop_segment_passes();

@@ -157,12 +157,8 @@ impl<'a> Segmenter<'a> {
         self.segments.work.background.store(true, Ordering::Release);
         loop {
             let stopping = stop.load(Ordering::Acquire);
-            match self.drain_segments() {
-                // The process is stopping (`Engine::stop_segment_passes`): the next start
-                // evaluates every profile, the rest of the work with it.
-                Err(EngineError::Cancelled) => break,
-                Err(error) => tracing::error!(error = %error, "segment worker failed on a batch"),
-                Ok(_) => {}
+            if let Err(error) = self.drain_segments() {
+                tracing::error!(error = %error, "segment worker failed on a batch");
             }
             if stopping {
                 break;
@@ -170,7 +166,6 @@ impl<'a> Segmenter<'a> {
             // Cheap when nothing is due (a peek at the timer heap).
             let next_timer = match self.tick_segments(clock()) {
                 Ok(next) => next,
-                Err(EngineError::Cancelled) => break,
                 Err(error) => {
                     tracing::error!(error = %error, "segment timers failed");
                     None
