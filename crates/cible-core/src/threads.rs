@@ -38,3 +38,44 @@ pub(crate) fn on_segment_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         .get_or_init(|| build(rayon::current_num_threads(), None))
         .install(work)
 }
+
+/// Keeps every thread of the current pool (the global one, or the segment worker's when
+/// called inside [`on_segment_pool`]) busy until the returned guard drops; returns once they all
+/// are. For tests of what must not wait for a busy pool.
+#[cfg(test)]
+pub(crate) fn hold() -> Held {
+    type Gate = (std::sync::Mutex<bool>, std::sync::Condvar);
+    let gate: std::sync::Arc<Gate> = Default::default();
+    let (started, busy) = std::sync::mpsc::channel();
+    let threads = rayon::current_num_threads();
+    for _ in 0..threads {
+        let gate = std::sync::Arc::clone(&gate);
+        let started = started.clone();
+        rayon::spawn(move || {
+            started.send(()).expect("the test waits");
+            let (open, opened) = &*gate;
+            let mut open = open.lock().expect("not poisoned");
+            while !*open {
+                open = opened.wait(open).expect("not poisoned");
+            }
+        });
+    }
+    for _ in 0..threads {
+        busy.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the pool's threads start");
+    }
+    Held(gate)
+}
+
+/// See [`hold`]: dropping it lets the pool's threads go.
+#[cfg(test)]
+pub(crate) struct Held(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+#[cfg(test)]
+impl Drop for Held {
+    fn drop(&mut self) {
+        let (open, opened) = &*self.0;
+        *open.lock().expect("not poisoned") = true;
+        opened.notify_all();
+    }
+}

@@ -1033,25 +1033,8 @@ fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
     ingest(&engine, &[viewed("a1", None, Some("d1"), "hats")]);
     let category = crate::computed::CATEGORY_KEY as u8;
     assert!(!engine.hot().columns().contains(&category));
-    // Every thread of the pool the scan runs on, held.
-    let gate = std::sync::Arc::new(std::sync::RwLock::new(()));
-    let closed = gate.write().unwrap();
-    let (started, busy) = std::sync::mpsc::channel();
-    let threads = crate::threads::on_segment_pool(rayon::current_num_threads);
-    crate::threads::on_segment_pool(|| {
-        for _ in 0..threads {
-            let gate = std::sync::Arc::clone(&gate);
-            let started = started.clone();
-            rayon::spawn(move || {
-                started.send(()).unwrap();
-                drop(gate.read().unwrap());
-            });
-        }
-    });
-    for _ in 0..threads {
-        busy.recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the pool's threads start");
-    }
+    // Every thread of the pool the scan runs on (the global one), held.
+    let held = crate::threads::hold();
     let rebuilding = std::sync::Arc::clone(&engine);
     let rebuild = std::thread::spawn(move || rebuilding.ensure_column_indexes(&[category], true));
     // Meanwhile: new events, a merge of d1 into u1, a removal.
@@ -1073,7 +1056,7 @@ fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
         done.send(()).unwrap();
     });
     let written = finished.recv_timeout(std::time::Duration::from_secs(30));
-    drop(closed);
+    drop(held);
     written.expect("the writer went on while the column was being built");
     writer.join().unwrap();
     rebuild.join().unwrap().unwrap();

@@ -875,21 +875,7 @@ fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
         .create_segment("openers", cible_lang::parse(rule).unwrap(), rule, NOW_MS)
         .unwrap();
     // Every thread of the global pool busy until released.
-    let gate = std::sync::Arc::new(std::sync::RwLock::new(()));
-    let closed = gate.write().unwrap();
-    let (started, busy) = std::sync::mpsc::channel();
-    for _ in 0..rayon::current_num_threads() {
-        let gate = std::sync::Arc::clone(&gate);
-        let started = started.clone();
-        rayon::spawn(move || {
-            started.send(()).unwrap();
-            drop(gate.read().unwrap());
-        });
-    }
-    for _ in 0..rayon::current_num_threads() {
-        busy.recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the global pool's threads start");
-    }
+    let held = crate::threads::hold();
     let (done, finished) = std::sync::mpsc::channel();
     let ingesting = std::sync::Arc::clone(&engine);
     let thread = std::thread::spawn(move || {
@@ -907,7 +893,7 @@ fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
         done.send(()).unwrap();
     });
     let outcome = finished.recv_timeout(std::time::Duration::from_secs(30));
-    drop(closed);
+    drop(held);
     outcome.expect("the pass ran while the global pool was busy");
     thread.join().unwrap();
     assert_eq!(engine.live_members("openers").unwrap().len(), 600);
