@@ -79,3 +79,25 @@ impl Drop for Held {
         opened.notify_all();
     }
 }
+
+/// Runs `work` on a thread of its own and waits at most `limit` for it: `None` when it did not
+/// finish in time (a hang, for the test to report; the thread is left behind). A panic in
+/// `work` is raised again here.
+#[cfg(test)]
+pub(crate) fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (done, finished) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    match finished.recv_timeout(limit) {
+        Ok(value) => Some(value),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the thread sends before it ends"),
+        },
+    }
+}

@@ -1038,9 +1038,8 @@ fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
     let rebuilding = std::sync::Arc::clone(&engine);
     let rebuild = std::thread::spawn(move || rebuilding.ensure_column_indexes(&[category], true));
     // Meanwhile: new events, a merge of d1 into u1, a removal.
-    let (done, finished) = std::sync::mpsc::channel();
     let writing = std::sync::Arc::clone(&engine);
-    let writer = std::thread::spawn(move || {
+    let written = crate::threads::within(std::time::Duration::from_secs(30), move || {
         std::thread::sleep(std::time::Duration::from_millis(50));
         ingest(
             &writing,
@@ -1053,12 +1052,9 @@ fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
         writing
             .remove_profile(writing.find_profile("u2").unwrap())
             .unwrap();
-        done.send(()).unwrap();
     });
-    let written = finished.recv_timeout(std::time::Duration::from_secs(30));
     drop(held);
     written.expect("the writer went on while the column was being built");
-    writer.join().unwrap();
     rebuild.join().unwrap().unwrap();
     assert!(engine.hot().columns().contains(&category));
     assert_eq!(loaded_hot(&engine), scanned_hot(&engine));

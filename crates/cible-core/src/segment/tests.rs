@@ -876,9 +876,8 @@ fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
         .unwrap();
     // Every thread of the global pool busy until released.
     let held = crate::threads::hold();
-    let (done, finished) = std::sync::mpsc::channel();
     let ingesting = std::sync::Arc::clone(&engine);
-    let thread = std::thread::spawn(move || {
+    let outcome = crate::threads::within(std::time::Duration::from_secs(30), move || {
         let ts = crate::time::format_ms(NOW_MS - 86_400_000);
         let items = (0..600)
             .map(|i| {
@@ -890,12 +889,9 @@ fn a_large_pass_does_not_wait_for_admin_work_on_the_global_pool() {
         ingesting
             .ingest(items, "test", crate::Durability::Buffered, NOW_MS)
             .unwrap();
-        done.send(()).unwrap();
     });
-    let outcome = finished.recv_timeout(std::time::Duration::from_secs(30));
     drop(held);
     outcome.expect("the pass ran while the global pool was busy");
-    thread.join().unwrap();
     assert_eq!(engine.live_members("openers").unwrap().len(), 600);
 }
 
