@@ -1061,3 +1061,65 @@ fn a_column_rebuild_runs_beside_the_writer_and_catches_up() {
     let u1 = engine.find_profile("u1").unwrap();
     assert_eq!(engine.hot().events(u1).len(), 4, "v1, n1, i1 and d1's a1");
 }
+
+/// A segment edit that needs a new property column builds it before it takes the segments'
+/// lock: a batch committed while the scan cannot even start (every thread of its pool held) is
+/// evaluated for the existing segments meanwhile, and the new segment, once built, is exact.
+/// Fails on a hang: the edit used to scan under the segments' lock, so every batch's evaluation
+/// (the worker's hand-offs) waited for the whole scan (about 76 s at 1M profiles).
+#[test]
+fn a_segment_edit_builds_its_column_before_it_takes_the_segments_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = std::sync::Arc::new(Engine::open(dir.path()).unwrap());
+    // `category` hidden behind `product_id`: a rule on it needs the category column.
+    let viewed = |id: &str, user: &str, category: &str| {
+        let mut message = track(id, Some(user), None, "Product Viewed", 30);
+        message["properties"] = json!({"product_id": format!("p-{id}"), "category": category});
+        message
+    };
+    ingest(
+        &engine,
+        &(0..50)
+            .map(|i| {
+                viewed(
+                    &format!("v{i}"),
+                    &format!("u{i}"),
+                    if i % 5 == 0 { "hats" } else { "shoes" },
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let rule = |source: &str| cible_lang::parse(source).unwrap();
+    engine
+        .create_segment("viewers", rule(r#"did("Product Viewed", 1d)"#), "", NOW)
+        .unwrap();
+    let category = crate::computed::CATEGORY_KEY as u8;
+    assert!(!engine.hot().columns().contains(&category));
+    let held = crate::threads::hold();
+    let creating = std::sync::Arc::clone(&engine);
+    let create = std::thread::spawn(move || {
+        let hats = r#"did("Product Viewed" where category = "hats", 1d)"#;
+        creating.create_segment("hats", rule(hats), hats, NOW)
+    });
+    let writing = std::sync::Arc::clone(&engine);
+    let evaluated = crate::threads::within(std::time::Duration::from_secs(30), move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Evaluated inline by this thread, under the segments' lock.
+        ingest(&writing, &[viewed("n1", "newcomer", "hats")]);
+        writing.live_members("viewers").map(|m| m.len())
+    });
+    drop(held);
+    assert_eq!(
+        evaluated.expect("a batch was evaluated while the column was being built"),
+        Some(51)
+    );
+    create.join().unwrap().unwrap();
+    assert!(engine.hot().columns().contains(&category));
+    let expected: roaring::RoaringBitmap = (0..50)
+        .step_by(5)
+        .map(|i| format!("u{i}"))
+        .chain(["newcomer".to_string()])
+        .map(|user| engine.find_profile(&user).unwrap())
+        .collect();
+    assert_eq!(engine.live_members("hats"), Some(expected));
+}
