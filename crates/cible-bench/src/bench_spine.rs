@@ -468,18 +468,20 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
             .send_json(json!({"name": "bench-probes", "rule": rule}))?;
     }
     let ack_p99 = percentile(&plain, 0.99);
-    // At the target's rate, then at half of it: how much of the tail is the two cores' queue
-    // (the load generator shares them with the server).
-    for (rate, tag, measure) in [
+    // At the target's rate, then at half of it (no target): whether the tail is the two cores'
+    // queue (the load generator shares them with the server) or waiting on the disk.
+    for (rate, tag, measure, target) in [
         (
             50_000.0,
             "full",
             "event to change on the stream, 50k events/s (ms)",
+            "p99 <= 10 ms",
         ),
         (
             25_000.0,
             "half",
             "event to change on the stream, 25k events/s (ms)",
+            "- (half the target's rate)",
         ),
     ] {
         let feed_before = histogram(&base, "cible_batch_to_feed_seconds")?;
@@ -518,8 +520,8 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
                 paced.len()
             ),
             baseline: format!("ack p99 {ack_p99:.2} (no admin)"),
-            ratio: format!("{:.2}x the target", percentile(&paced, 0.99) / 10.0),
-            target: "p99 <= 10 ms at 50k",
+            ratio: format!("{:.2}x 10 ms", percentile(&paced, 0.99) / 10.0),
+            target,
         });
     }
     crate::bench::stop_server(&mut child)?;
