@@ -869,12 +869,17 @@ impl Engine {
                 }
             }
         }
+        // Every batch the writer committed is durable once this one is (it syncs fjall's
+        // journal, and the writer lock is held): their redo records, which may name the
+        // person, can go.
+        let committed = self.store.log.committed();
         batch
             .commit()
             .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
         // Nothing points at the bodies any more: overwrite them in the log. A failure here
         // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
         let erased = (|| -> Result<()> {
+            self.store.log.retire(committed)?;
             for location in bodies {
                 self.store.log.erase(location)?;
             }

@@ -8,12 +8,23 @@
 //! message in [`crate::codec`]'s binary form, packed by [`crate::packing`] once the log has a
 //! dictionary. `DATA/events/dict-NNN.zstd` are those dictionaries.
 //!
-//! **Durability.** The writer appends a batch's records, syncs the log, then commits the fjall
-//! batch that holds their index entries and the new [`Position`] of the log's end (the meta key
-//! [`HEAD_KEY`]), and only then acknowledges. So every location an index entry holds points at
-//! bytes synced before the entry was committed. Bytes past the committed head belong to a batch
-//! that never committed (a crash between the two steps, or a failed commit): [`EventLog::open`]
-//! cuts them off. A segment shorter than the committed head is real corruption and is refused.
+//! A **redo record** has the top bit of its length set ([`REDO`]): its body is not an event but
+//! a whole fjall batch (every key written or removed, [`crate::store::Store::redo_payload`]).
+//!
+//! **Durability.** The writer appends a batch's bodies, then its redo record, syncs the log
+//! (the one sync an acknowledgement waits for), then commits the fjall batch, which holds the
+//! bodies' index entries and the new [`Position`] of the log's end (the meta key [`HEAD_KEY`]),
+//! without syncing fjall's journal, and only then acknowledges. So every location an index entry
+//! holds points at bytes synced before the entry was committed, and a batch whose journal entry
+//! a power loss took is still in the log: [`EventLog::open`] scans past the committed head and
+//! keeps every redo record it finds whole ([`EventLog::take_redo`]), which the store applies again
+//! before anything reads it. Bytes past the last whole redo record belong to a batch that never
+//! committed (a crash before the log's sync ended, or a failed commit): they are cut off. A
+//! segment shorter than the committed head is real corruption and is refused.
+//!
+//! Once fjall has synced its journal past a batch ([`EventLog::committed`] read before a sync
+//! of fjall's journal), its redo record is no longer needed: [`EventLog::retire`] zeroes its
+//! body, which holds identifiers (the header stays, so that scans step over it).
 //!
 //! **Erasure.** [`EventLog::erase`] overwrites a record's body with zeros in place (the file is
 //! not rewritten): once its index entry is gone, nothing of it is left to read.
@@ -39,6 +50,18 @@ pub const DICTIONARIES_KEY: &str = "event_log_dictionaries";
 pub const SEGMENT_BYTES: u64 = 256 << 20;
 
 const HEADER: usize = 8;
+
+/// The flag, in a record's length, of a redo record.
+pub const REDO: u32 = 1 << 31;
+
+/// A redo record found past the committed head at open: the batch it holds, where it is, and
+/// the log's end just after it (the head its batch committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redo {
+    pub payload: Vec<u8>,
+    pub location: Location,
+    pub end: Position,
+}
 
 /// Where a record is: its segment, the offset of its header, and its body's length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +92,8 @@ impl Location {
     }
 }
 
-/// The end of the log: the segment being appended to and its length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The end of the log: the segment being appended to and its length (ordered as the log is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
 pub struct Position {
     pub segment: u32,
     pub offset: u64,
@@ -103,6 +126,12 @@ struct Inner {
     created: bool,
     /// Records being appended (kept between appends for its capacity).
     buffer: Vec<u8>,
+    /// Redo records not retired yet, with the log's end after each, in log order.
+    redo: std::collections::VecDeque<(Location, Position)>,
+    /// The end of the last batch committed to fjall ([`EventLog::committed`]).
+    committed: Position,
+    /// Redo records found at open, until [`EventLog::take_redo`].
+    found: Vec<Redo>,
 }
 
 /// The open event log (see the module documentation).
@@ -146,6 +175,8 @@ impl EventLog {
             found.push(id);
         }
         found.sort_unstable();
+        let committed = head;
+        let (head, redo) = scan_redo(dir, &found, head)?;
         let mut files: Vec<Option<Arc<File>>> = Vec::new();
         let mut cut = false;
         for id in found {
@@ -192,6 +223,9 @@ impl EventLog {
                     unsynced: Vec::new(),
                     created: cut,
                     buffer: Vec::new(),
+                    redo: redo.iter().map(|r| (r.location, r.end)).collect(),
+                    committed,
+                    found: redo,
                 },
             ),
             files: OrderedRwLock::new(Level::EventLogFiles, files),
@@ -248,9 +282,12 @@ impl EventLog {
         buffer.clear();
         let mut start = inner.head;
         for body in bodies {
-            let len = u32::try_from(body.len()).map_err(|_| {
-                StoreError::event_log(format!("an event body of {} bytes", body.len()))
-            })?;
+            let len = u32::try_from(body.len())
+                .ok()
+                .filter(|len| len & REDO == 0)
+                .ok_or_else(|| {
+                    StoreError::event_log(format!("an event body of {} bytes", body.len()))
+                })?;
             let record = (HEADER + body.len()) as u64;
             let offset = start.offset + buffer.len() as u64;
             if offset > 0 && offset + record > self.segment_bytes {
@@ -277,6 +314,92 @@ impl EventLog {
         self.write_at(&mut inner, start, &buffer)?;
         inner.buffer = buffer;
         Ok((locations, inner.head))
+    }
+
+    /// Appends one redo record (see the module documentation) holding `payload`; returns the
+    /// log's new end, which the batch it describes must commit as [`HEAD_KEY`].
+    pub fn append_redo(&self, payload: &[u8]) -> Result<Position, StoreError> {
+        let mut inner = self.inner.lock();
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|len| len & REDO == 0)
+            .ok_or_else(|| StoreError::event_log(format!("a batch of {} bytes", payload.len())))?;
+        let record = (HEADER + payload.len()) as u64;
+        if inner.head.offset > 0 && inner.head.offset + record > self.segment_bytes {
+            let next = inner.head.segment + 1;
+            self.create_segment(&mut inner, next)?;
+            inner.head = Position {
+                segment: next,
+                offset: 0,
+            };
+        }
+        let start = inner.head;
+        let mut buffer = std::mem::take(&mut inner.buffer);
+        buffer.clear();
+        buffer.extend_from_slice(&(len | REDO).to_le_bytes());
+        buffer.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        buffer.extend_from_slice(payload);
+        let written = self.write_at(&mut inner, start, &buffer);
+        inner.buffer = buffer;
+        written?;
+        let location = Location {
+            segment: start.segment,
+            offset: start.offset as u32,
+            len,
+        };
+        let end = inner.head;
+        inner.redo.push_back((location, end));
+        Ok(end)
+    }
+
+    /// Notes that the batch ending at `end` committed to fjall.
+    pub fn mark_committed(&self, end: Position) {
+        let mut inner = self.inner.lock();
+        inner.committed = inner.committed.max(end);
+    }
+
+    /// The end of the last batch committed to fjall: once fjall's journal is synced after this
+    /// was read, every redo record up to it can be [`EventLog::retire`]d.
+    pub fn committed(&self) -> Position {
+        self.inner.lock().committed
+    }
+
+    /// Whether a redo record up to `through` is still to be retired.
+    pub fn has_redo_through(&self, through: Position) -> bool {
+        self.inner
+            .lock()
+            .redo
+            .front()
+            .is_some_and(|(_, end)| *end <= through)
+    }
+
+    /// Zeroes the bodies of the redo records that end at or before `through` (their batches are
+    /// durable in fjall); durable with the next [`EventLog::sync`].
+    pub fn retire(&self, through: Position) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        let mut zeros = Vec::new();
+        while let Some(&(location, end)) = inner.redo.front() {
+            if end > through {
+                break;
+            }
+            inner.redo.pop_front();
+            let file = self.file(location.segment).ok_or_else(|| {
+                StoreError::event_log(format!("segment {} does not exist", location.segment))
+            })?;
+            zeros.clear();
+            zeros.resize(location.len as usize, 0);
+            file.write_all_at(&zeros, u64::from(location.offset) + HEADER as u64)
+                .map_err(|e| StoreError::io(&segment_path(&self.dir, location.segment), e))?;
+            if !inner.unsynced.contains(&location.segment) {
+                inner.unsynced.push(location.segment);
+            }
+        }
+        Ok(())
+    }
+
+    /// The redo records found past the committed head at open, in log order (once).
+    pub fn take_redo(&self) -> Vec<Redo> {
+        std::mem::take(&mut self.inner.lock().found)
     }
 
     fn write_at(&self, inner: &mut Inner, at: Position, bytes: &[u8]) -> Result<(), StoreError> {
@@ -402,12 +525,17 @@ impl EventLog {
                 let mut header = [0u8; HEADER];
                 file.read_exact_at(&mut header, at)
                     .map_err(|e| StoreError::io(&path, e))?;
-                let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+                let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+                let len = flagged & !REDO;
                 if at + (HEADER as u64) + u64::from(len) > end {
                     return Err(StoreError::event_log(format!(
                         "{} at {at}: a record runs past the end",
                         path.display()
                     )));
+                }
+                if flagged & REDO != 0 {
+                    at += HEADER as u64 + u64::from(len);
+                    continue;
                 }
                 let location = Location {
                     segment,
@@ -451,6 +579,66 @@ impl EventLog {
     fn file(&self, id: u32) -> Option<Arc<File>> {
         self.files.read().get(id as usize).and_then(Clone::clone)
     }
+}
+
+/// Reads the log past the committed `head`: every whole redo record, and the end of the last one
+/// (the head to keep; `head` itself when there is none). Stops at the first record that runs
+/// past its file or a redo record that fails its checksum (a write the crash cut short).
+fn scan_redo(
+    dir: &Path,
+    found: &[u32],
+    head: Position,
+) -> Result<(Position, Vec<Redo>), StoreError> {
+    let mut redo = Vec::new();
+    let mut kept = head;
+    let mut segment = head.segment;
+    let mut at = head.offset;
+    'segments: while found.contains(&segment) {
+        let path = segment_path(dir, segment);
+        let file = File::open(&path).map_err(|e| StoreError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
+        if len < at {
+            // Shorter than the committed head: the open refuses it.
+            break;
+        }
+        while at + HEADER as u64 <= len {
+            let mut header = [0u8; HEADER];
+            file.read_exact_at(&mut header, at)
+                .map_err(|e| StoreError::io(&path, e))?;
+            let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+            let body_len = flagged & !REDO;
+            let end = at + HEADER as u64 + u64::from(body_len);
+            if end > len {
+                break 'segments;
+            }
+            if flagged & REDO != 0 {
+                let mut payload = vec![0u8; body_len as usize];
+                file.read_exact_at(&mut payload, at + HEADER as u64)
+                    .map_err(|e| StoreError::io(&path, e))?;
+                let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
+                if crc32fast::hash(&payload) != crc {
+                    break 'segments;
+                }
+                kept = Position {
+                    segment,
+                    offset: end,
+                };
+                redo.push(Redo {
+                    payload,
+                    location: Location {
+                        segment,
+                        offset: at as u32,
+                        len: body_len,
+                    },
+                    end: kept,
+                });
+            }
+            at = end;
+        }
+        segment += 1;
+        at = 0;
+    }
+    Ok((kept, redo))
 }
 
 fn segment_path(dir: &Path, id: u32) -> PathBuf {

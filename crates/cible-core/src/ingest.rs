@@ -698,13 +698,17 @@ impl<'a> Tx<'a> {
             .store
             .log
             .append(self.pending.iter().map(|e| e.body.as_slice()))?;
-        if !self.pending.is_empty() {
+        // A bulk batch commits the log's end now; any other batch after its redo record, which
+        // the engine appends when the batch is complete.
+        if self.bulk && !self.pending.is_empty() {
             self.batch
                 .insert(&self.store.meta, crate::eventlog::HEAD_KEY, head.encode());
-            if let Some(count) = self.store.log.packer().to_record() {
-                self.batch
-                    .insert(&self.store.meta, crate::eventlog::DICTIONARIES_KEY, [count]);
-            }
+        }
+        if !self.pending.is_empty()
+            && let Some(count) = self.store.log.packer().to_record()
+        {
+            self.batch
+                .insert(&self.store.meta, crate::eventlog::DICTIONARIES_KEY, [count]);
         }
         for (event, location) in self.pending.iter_mut().zip(locations) {
             event.profile = self.state.find(event.profile);

@@ -22,7 +22,7 @@ use crate::hot::HotStore;
 use crate::store::{Store, StoreError};
 
 /// The `meta` key holding the token of the snapshot that matches the store.
-pub const TOKEN_KEY: &str = "hot_snapshot";
+pub const TOKEN_KEY: &str = crate::store::SNAPSHOT_TOKEN_KEY;
 
 const MAGIC: &[u8; 8] = b"CIBLEHS1";
 const HEADER: usize = 8 + 8 + 8 + 4;

@@ -25,8 +25,10 @@
 //! about a person, for erasure to walk.
 //!
 //! **Every change of a batch (event index entries, identities, profiles, counters, the log's
-//! end) is one atomic fjall batch, committed after the log was synced; acknowledged means
-//! committed with `PersistMode::SyncAll`.**
+//! end) is one atomic fjall batch, committed after the log was synced with the batch's redo
+//! record; acknowledged means synced in the log and committed** (fjall's journal is synced
+//! later, [`Store::retire_redo`]; a batch it lost comes back from its redo record at open,
+//! `Store::redo`).
 
 use std::path::Path;
 
@@ -64,17 +66,28 @@ macro_rules! keyspaces {
                     None => None,
                 };
                 let log = EventLog::open(log_dir, head)?;
-                let dictionaries = meta
+                let store = Self { $($name,)+ db, log };
+                store.redo()?;
+                let dictionaries = store
+                    .meta
                     .get(crate::eventlog::DICTIONARIES_KEY)?
                     .and_then(|bytes| bytes.first().copied())
                     .unwrap_or(0);
-                log.packer().expect(dictionaries)?;
-                Ok(Self { $($name,)+ db, log })
+                store.log.packer().expect(dictionaries)?;
+                Ok(store)
             }
 
             /// Every keyspace.
             pub fn keyspaces(&self) -> Vec<&Keyspace> {
                 vec![$(&self.$name),+]
+            }
+
+            /// The keyspace of this name.
+            fn keyspace(&self, name: &str) -> Option<&Keyspace> {
+                match name {
+                    $(stringify!($name) => Some(&self.$name),)+
+                    _ => None,
+                }
             }
         }
     };
@@ -100,10 +113,15 @@ keyspaces!(
 
 /// The `meta` key holding the store's layout version.
 pub const SCHEMA_KEY: &str = "schema_version";
+/// The `meta` key holding the token of the hot store snapshot ([`crate::snapshot`]) that
+/// matches the store.
+pub const SNAPSHOT_TOKEN_KEY: &str = "hot_snapshot";
 /// The layout this build writes: 2 added the change feed (`changes`); 3 moved event bodies
 /// out of fjall into the event log, and `events` holds their locations with the hot rows (the
-/// `hot` keyspace is gone); 4 indexed merges by survivor (`merged_into`).
-pub const SCHEMA_VERSION: u32 = 4;
+/// `hot` keyspace is gone); 4 indexed merges by survivor (`merged_into`); 5 put redo records
+/// in the event log (an older cible would misread them: nothing else changed, so a layout 4
+/// store needs no migration).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
@@ -172,7 +190,115 @@ impl Store {
     }
 }
 
+/// A redo payload's item tags.
+const REDO_INSERT: u8 = 1;
+const REDO_REMOVE: u8 = 2;
+
 impl Store {
+    /// A batch as a redo record's payload (see [`crate::eventlog`]): for each item in order, a
+    /// tag (insert or remove), the keyspace's name (u8 length), the key (u16 length) and for an
+    /// insert the value (u32 length), little-endian.
+    pub fn redo_payload(batch: &fjall::OwnedWriteBatch) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (keyspace, key, value) in batch.items() {
+            out.push(if value.is_some() {
+                REDO_INSERT
+            } else {
+                REDO_REMOVE
+            });
+            out.push(keyspace.len() as u8);
+            out.extend_from_slice(keyspace.as_bytes());
+            out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            out.extend_from_slice(key);
+            if let Some(value) = value {
+                out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                out.extend_from_slice(value);
+            }
+        }
+        out
+    }
+
+    /// The batch a redo payload holds, with the log's end after its record as [`HEAD_KEY`].
+    ///
+    /// [`HEAD_KEY`]: crate::eventlog::HEAD_KEY
+    fn redo_batch(
+        &self,
+        payload: &[u8],
+        end: Position,
+    ) -> Result<fjall::OwnedWriteBatch, StoreError> {
+        let bad = |detail: &str| StoreError::event_log(format!("a redo record {detail}"));
+        let mut batch = self.db.batch();
+        let mut rest = payload;
+        let mut take = |n: usize| -> Result<&[u8], StoreError> {
+            let (head, tail) = rest
+                .split_at_checked(n)
+                .ok_or_else(|| bad("is cut short"))?;
+            rest = tail;
+            Ok(head)
+        };
+        while let Ok(tag) = take(1) {
+            let tag = tag[0];
+            let name_len = take(1)?[0] as usize;
+            let name =
+                std::str::from_utf8(take(name_len)?).map_err(|_| bad("names no keyspace"))?;
+            let keyspace = self.keyspace(name).ok_or_else(|| {
+                bad(&format!(
+                    "names the keyspace {name:?}, which does not exist"
+                ))
+            })?;
+            let key_len = u16::from_le_bytes(take(2)?.try_into().expect("two bytes")) as usize;
+            let key = take(key_len)?.to_vec();
+            match tag {
+                REDO_INSERT => {
+                    let value_len =
+                        u32::from_le_bytes(take(4)?.try_into().expect("four bytes")) as usize;
+                    batch.insert(keyspace, key, take(value_len)?.to_vec());
+                }
+                REDO_REMOVE => batch.remove(keyspace, key),
+                other => return Err(bad(&format!("holds an item of kind {other}"))),
+            }
+        }
+        batch.insert(&self.meta, crate::eventlog::HEAD_KEY, end.encode());
+        Ok(batch)
+    }
+
+    /// Applies again the batches whose redo records the log found past the committed head (a
+    /// power loss took fjall's journal entries of batches the log had synced), in order, then
+    /// makes them durable in fjall and retires their records.
+    fn redo(&self) -> Result<(), StoreError> {
+        let found = self.log.take_redo();
+        let Some(last) = found.last().map(|redo| redo.end) else {
+            return Ok(());
+        };
+        for redo in &found {
+            let mut batch = self.redo_batch(&redo.payload, redo.end)?;
+            // A hot store snapshot taken before these batches does not hold them.
+            batch.remove(&self.meta, SNAPSHOT_TOKEN_KEY);
+            batch.commit()?;
+        }
+        self.db.persist(fjall::PersistMode::SyncAll)?;
+        self.log.mark_committed(last);
+        self.log.retire(last)?;
+        self.log.sync()?;
+        tracing::warn!(
+            batches = found.len(),
+            "batches the journal had lost were applied again from the event log"
+        );
+        Ok(())
+    }
+
+    /// Makes fjall's journal durable when redo records wait to be retired, then retires them:
+    /// called off the acknowledgement path (the segment worker), so that the identifiers they
+    /// hold stay in the log only briefly.
+    pub fn retire_redo(&self) -> Result<(), StoreError> {
+        let committed = self.log.committed();
+        if !self.log.has_redo_through(committed) {
+            return Ok(());
+        }
+        self.db.persist(fjall::PersistMode::SyncAll)?;
+        self.log.retire(committed)
+    }
+
     /// Bytes on disk of each keyspace, by name.
     pub fn disk_space(&self) -> Vec<(&'static str, u64)> {
         let mut sizes: Vec<(&'static str, u64)> = Self::NAMES
@@ -187,10 +313,13 @@ impl Store {
     /// Writes every memtable out to tables, so that the next start does not replay the journal.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.log.sync()?;
+        let committed = self.log.committed();
         for keyspace in self.keyspaces() {
             keyspace.rotate_memtable_and_wait()?;
         }
         self.db.persist(fjall::PersistMode::SyncAll)?;
+        self.log.retire(committed)?;
+        self.log.sync()?;
         Ok(())
     }
 }

@@ -72,13 +72,28 @@ impl Engine {
             } = tx.finish()?;
             batch_ids.clear();
             state.scratch.batch_ids = batch_ids;
-            let batch = batch.durability(Some(match durability {
-                Durability::Sync => fjall::PersistMode::SyncAll,
-                Durability::Buffered | Durability::Bulk => fjall::PersistMode::Buffer,
-            }));
-            // The bodies the batch points at are durable before it commits.
+            // Any batch but a bulk one goes into the log whole, as a redo record after its
+            // bodies: the log's sync then makes the batch durable, and fjall's journal is
+            // synced later, off this path (`Store::retire_redo`).
+            let mut batch = batch.durability(Some(fjall::PersistMode::Buffer));
+            let end = match durability {
+                Durability::Bulk => None,
+                Durability::Sync | Durability::Buffered => {
+                    let end = self
+                        .store
+                        .log
+                        .append_redo(&crate::store::Store::redo_payload(&batch))?;
+                    batch.insert(&self.store.meta, crate::eventlog::HEAD_KEY, end.encode());
+                    Some(end)
+                }
+            };
+            // The bodies the batch points at (and its redo record) are durable before it
+            // commits.
             self.store.log.sync()?;
             batch.commit()?;
+            if let Some(end) = end {
+                self.store.log.mark_committed(end);
+            }
             if state.bulk.events.len() >= BULK_EVENTS {
                 self.flush_bulk(&mut state)?;
             }

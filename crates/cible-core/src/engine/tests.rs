@@ -513,6 +513,125 @@ fn log_bytes_of_an_uncommitted_batch_are_cut_off_at_open() {
     assert_eq!(events_of(&engine, "u1"), ["t1", "t2"]);
 }
 
+/// Copies a directory tree.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A power loss after acknowledgements whose fjall journal entries never reached the disk
+/// (fjall's journal is not synced on the acknowledgement path): the data directory as of the
+/// last sync of fjall, with the event log as it was synced at the last acknowledgement. Every
+/// acknowledged batch comes back from its redo record (events, identities, traits, dedup,
+/// counters), the hot store snapshot that predates them is not trusted, and a redo record cut
+/// short (a write the crash interrupted, never acknowledged) is dropped with its batch.
+#[test]
+fn acknowledged_batches_lost_from_the_journal_are_redone_from_the_event_log() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    {
+        let engine = Engine::open(&data).unwrap();
+        ingest(&engine, &[track("a1", None, Some("d1"), "Page Viewed", 50)]);
+    }
+    // The directory as a sync of fjall left it (here: a clean close, hot store snapshot and all).
+    let synced = work.path().join("synced");
+    copy_dir(&data, &synced);
+    let log_at_last_ack = work.path().join("log");
+    let torn = {
+        let engine = Engine::open(&data).unwrap();
+        let identified = ingest(
+            &engine,
+            &[identify(
+                "i1",
+                "u1",
+                Some("d1"),
+                json!({"email": "x@y.com", "plan": "pro"}),
+                40,
+            )],
+        );
+        assert_eq!(identified.accepted, 1);
+        ingest(
+            &engine,
+            &[track("t1", Some("u1"), None, "Order Completed", 30)],
+        );
+        let before_last = engine.store.log.head();
+        ingest(
+            &engine,
+            &[track("t2", Some("u1"), None, "Order Completed", 20)],
+        );
+        copy_dir(&data.join("events"), &log_at_last_ack);
+        before_last
+    };
+    let power_loss = |keep_last: bool| {
+        let dir = work.path().join(if keep_last { "whole" } else { "torn" });
+        copy_dir(&synced, &dir);
+        std::fs::remove_dir_all(dir.join("events")).unwrap();
+        copy_dir(&log_at_last_ack, &dir.join("events"));
+        if !keep_last {
+            // The last batch's redo record was being written when the power went.
+            let segment = dir
+                .join("events")
+                .join(format!("{:08}.events", torn.segment));
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&segment)
+                .unwrap();
+            let len = file.metadata().unwrap().len();
+            file.set_len(len - 3).unwrap();
+        }
+        dir
+    };
+
+    let dir = power_loss(true);
+    {
+        let engine = Engine::open(&dir).unwrap();
+        assert!(
+            !engine.from_snapshot,
+            "the snapshot predates the redone batches"
+        );
+        assert_eq!(events_of(&engine, "x@y.com"), ["a1", "i1", "t1", "t2"]);
+        assert_eq!(engine.find_profile("d1"), engine.find_profile("u1"));
+        let profile = engine.find_profile("u1").unwrap();
+        let record = read_profile(&engine.store, profile).unwrap().unwrap();
+        assert_eq!(record.traits["plan"].value, json!("pro"));
+        let quality = engine.quality().unwrap();
+        assert_eq!(quality.counters.accepted, 4);
+        assert!(
+            !engine.store.log.has_redo_through(engine.store.log.head()),
+            "redo records are retired once applied"
+        );
+        let again = ingest(
+            &engine,
+            &[track("t2", Some("u1"), None, "Order Completed", 20)],
+        );
+        assert_eq!(again.duplicates, 1, "dedup entries redone");
+    }
+    let engine = Engine::open(&dir).unwrap();
+    assert_eq!(events_of(&engine, "u1"), ["a1", "i1", "t1", "t2"]);
+    drop(engine);
+
+    let dir = power_loss(false);
+    let engine = Engine::open(&dir).unwrap();
+    assert_eq!(engine.store.log.head(), torn, "the torn batch is cut off");
+    assert_eq!(events_of(&engine, "u1"), ["a1", "i1", "t1"]);
+    let again = ingest(
+        &engine,
+        &[track("t2", Some("u1"), None, "Order Completed", 20)],
+    );
+    assert_eq!(
+        again.accepted, 1,
+        "the batch never acknowledged can be sent again"
+    );
+}
+
 fn ingest_bulk(engine: &Engine, messages: &[Value]) -> BatchOutcome {
     let items = messages
         .iter()

@@ -582,7 +582,12 @@ impl Segmenter<'_> {
                 segment.record.size.to_be_bytes(),
             );
         }
+        // The commit syncs fjall's journal: every batch the writer had committed before it is
+        // durable after it, and those batches' redo records can go (see `crate::eventlog`).
+        let log = &self.population.store().log;
+        let committed = log.committed();
         batch.commit()?;
+        log.retire(committed)?;
         let written = changes.written;
         feed.committed(changes);
         self.population

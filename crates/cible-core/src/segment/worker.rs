@@ -23,6 +23,13 @@ use crate::lock::{Level, OrderedMutex};
 
 type Result<T, E = EngineError> = std::result::Result<T, E>;
 
+/// How often the worker syncs fjall's journal to retire redo records (see [`crate::eventlog`])
+/// when its own commits did not: each commit of changes syncs the journal and retires them for
+/// free, so this sync runs only when batches change no membership. An acknowledged batch's
+/// identifiers stay in its redo record about this long (or until the worker next wakes, within
+/// a second, once ingestion stopped).
+const RETIRE_EVERY: Duration = Duration::from_millis(200);
+
 /// Called with the feed's head after a commit.
 pub type FeedListener = Box<dyn Fn(u64) + Send + Sync>;
 
@@ -155,10 +162,22 @@ impl<'a> Segmenter<'a> {
     /// the timers, until `stop`. Batches committed meanwhile are evaluated before it returns.
     pub fn run_segment_worker(&self, stop: &AtomicBool, clock: &(dyn Fn() -> i64 + Sync)) {
         self.segments.work.background.store(true, Ordering::Release);
+        let mut retired = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Acquire);
             if let Err(error) = self.drain_segments() {
                 tracing::error!(error = %error, "segment worker failed on a batch");
+            }
+            // The acknowledged batches' redo records, once fjall's journal is synced past them
+            // (here rather than on the acknowledgement path).
+            let store = self.population.store();
+            if !store.log.has_redo_through(store.log.committed()) {
+                retired = Instant::now();
+            } else if stopping || retired.elapsed() >= RETIRE_EVERY {
+                retired = Instant::now();
+                if let Err(error) = store.retire_redo() {
+                    tracing::error!(error = %error, "retiring redo records failed");
+                }
             }
             if stopping {
                 break;

@@ -56,6 +56,18 @@ impl WriteBatch {
         self.len() == 0
     }
 
+    /// cible's patch: the batch's items in order, as (keyspace name, key, value), the value
+    /// `None` for a tombstone (weak or not), so that a caller can log the batch itself.
+    pub fn items(&self) -> impl Iterator<Item = (&str, &[u8], Option<&[u8]>)> + '_ {
+        self.data.iter().map(|item| {
+            let value = match item.value_type {
+                ValueType::Value => Some(&*item.value),
+                _ => None,
+            };
+            (&**item.keyspace.name(), &*item.key, value)
+        })
+    }
+
     /// Sets the durability level.
     #[must_use]
     pub fn durability(mut self, mode: Option<PersistMode>) -> Self {
