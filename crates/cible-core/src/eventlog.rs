@@ -522,18 +522,14 @@ impl EventLog {
                 file.metadata().map_err(|e| StoreError::io(&path, e))?.len()
             };
             while at + HEADER as u64 <= end {
-                let mut header = [0u8; HEADER];
-                file.read_exact_at(&mut header, at)
-                    .map_err(|e| StoreError::io(&path, e))?;
-                let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
-                let len = flagged & !REDO;
+                let (len, redo, crc) = read_header(&file, at, &path)?;
                 if at + (HEADER as u64) + u64::from(len) > end {
                     return Err(StoreError::event_log(format!(
                         "{} at {at}: a record runs past the end",
                         path.display()
                     )));
                 }
-                if flagged & REDO != 0 {
+                if redo {
                     at += HEADER as u64 + u64::from(len);
                     continue;
                 }
@@ -543,7 +539,6 @@ impl EventLog {
                     len,
                 };
                 // The header is read already: the body once, checked against its CRC.
-                let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
                 let mut body = vec![0u8; len as usize];
                 file.read_exact_at(&mut body, at + HEADER as u64)
                     .map_err(|e| StoreError::io(&path, e))?;
@@ -602,20 +597,15 @@ fn scan_redo(
             break;
         }
         while at + HEADER as u64 <= len {
-            let mut header = [0u8; HEADER];
-            file.read_exact_at(&mut header, at)
-                .map_err(|e| StoreError::io(&path, e))?;
-            let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
-            let body_len = flagged & !REDO;
+            let (body_len, is_redo, crc) = read_header(&file, at, &path)?;
             let end = at + HEADER as u64 + u64::from(body_len);
             if end > len {
                 break 'segments;
             }
-            if flagged & REDO != 0 {
+            if is_redo {
                 let mut payload = vec![0u8; body_len as usize];
                 file.read_exact_at(&mut payload, at + HEADER as u64)
                     .map_err(|e| StoreError::io(&path, e))?;
-                let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
                 if crc32fast::hash(&payload) != crc {
                     break 'segments;
                 }
@@ -639,6 +629,17 @@ fn scan_redo(
         at = 0;
     }
     Ok((kept, redo))
+}
+
+/// The header of the record at `at`: its body's length, whether it is a redo record, and the
+/// body's CRC.
+fn read_header(file: &File, at: u64, path: &Path) -> Result<(u32, bool, u32), StoreError> {
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, at)
+        .map_err(|e| StoreError::io(path, e))?;
+    let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("four bytes"));
+    Ok((flagged & !REDO, flagged & REDO != 0, crc))
 }
 
 fn segment_path(dir: &Path, id: u32) -> PathBuf {
@@ -782,6 +783,64 @@ mod tests {
             appender.join().unwrap();
         });
         assert_eq!(written.lock().len(), 6000);
+    }
+
+    /// The writer appends bodies and redo records while the worker retires redo records: no
+    /// body is touched, every redo record is zeroed once retired, and a reopen at the last
+    /// committed end finds none past it.
+    #[test]
+    fn an_appender_and_a_retirer_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EventLog::open_with(dir.path(), None, 64 << 10).unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let mut written = Vec::new();
+        std::thread::scope(|scope| {
+            let retirer = scope.spawn(|| {
+                let mut retires = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    log.retire(log.committed()).unwrap();
+                    retires += 1;
+                    assert!(std::time::Instant::now() < deadline, "retires hang");
+                }
+                retires
+            });
+            for round in 0..300 {
+                let batch = bodies(10, &format!("r{round}"));
+                let (locations, _) = log.append(batch.iter().map(Vec::as_slice)).unwrap();
+                let end = log
+                    .append_redo(format!("redo-secret-{round}").as_bytes())
+                    .unwrap();
+                log.sync().unwrap();
+                log.mark_committed(end);
+                written.extend(locations.into_iter().zip(batch));
+                assert!(std::time::Instant::now() < deadline, "appends hang");
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+            assert!(retirer.join().unwrap() > 0);
+        });
+        log.retire(log.committed()).unwrap();
+        log.sync().unwrap();
+        assert!(!log.has_redo_through(log.committed()));
+        for (location, body) in &written {
+            assert_eq!(&log.read(*location).unwrap(), body);
+        }
+        let head = log.committed();
+        drop(log);
+        let mut bytes = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        assert!(
+            !bytes.windows(11).any(|w| w == b"redo-secret"),
+            "a redo record was left"
+        );
+        assert!(bytes.windows(4).any(|w| w == b"r299"), "bodies stay");
+        let log = EventLog::open_with(dir.path(), Some(head), 64 << 10).unwrap();
+        assert!(log.take_redo().is_empty());
+        assert_eq!(log.head(), head);
+        let records = log.records_between(Position::default(), head).unwrap();
+        assert_eq!(records.len(), written.len(), "scans step over redo records");
     }
 
     fn appender_done(written: &parking_lot::Mutex<Vec<(Location, Vec<u8>)>>) -> bool {
