@@ -177,6 +177,14 @@ impl EventLog {
         found.sort_unstable();
         let committed = head;
         let (head, redo) = scan_redo(dir, &found, head)?;
+        // Before anything is cut: later segments may hold acknowledged redo records.
+        if head.offset > 0 && !found.contains(&head.segment) {
+            return Err(StoreError::event_log(format!(
+                "{} is missing: the store committed {} bytes in it",
+                segment_path(dir, head.segment).display(),
+                head.offset
+            )));
+        }
         let mut files: Vec<Option<Arc<File>>> = Vec::new();
         let mut cut = false;
         for id in found {
@@ -232,13 +240,6 @@ impl EventLog {
         };
         {
             let mut inner = log.inner.lock();
-            if head.offset > 0 && log.file(head.segment).is_none() {
-                return Err(StoreError::event_log(format!(
-                    "{} is missing: the store committed {} bytes in it",
-                    segment_path(dir, head.segment).display(),
-                    head.offset
-                )));
-            }
             if log.file(head.segment).is_none() {
                 log.create_segment(&mut inner, head.segment)?;
             }
@@ -382,7 +383,6 @@ impl EventLog {
             if end > through {
                 break;
             }
-            inner.redo.pop_front();
             let file = self.file(location.segment).ok_or_else(|| {
                 StoreError::event_log(format!("segment {} does not exist", location.segment))
             })?;
@@ -390,6 +390,8 @@ impl EventLog {
             zeros.resize(location.len as usize, 0);
             file.write_all_at(&zeros, u64::from(location.offset) + HEADER as u64)
                 .map_err(|e| StoreError::io(&segment_path(&self.dir, location.segment), e))?;
+            // Dequeued once zeroed: a failed write leaves it for the next retire.
+            inner.redo.pop_front();
             if !inner.unsynced.contains(&location.segment) {
                 inner.unsynced.push(location.segment);
             }
@@ -577,8 +579,9 @@ impl EventLog {
 }
 
 /// Reads the log past the committed `head`: every whole redo record, and the end of the last one
-/// (the head to keep; `head` itself when there is none). Stops at the first record that runs
-/// past its file or a redo record that fails its checksum (a write the crash cut short).
+/// (the head to keep; `head` itself when there is none). Stops at the first record that is
+/// empty, runs past its file or fails its checksum (a write the crash cut short), and at a
+/// segment that does not end on a record's end.
 fn scan_redo(
     dir: &Path,
     found: &[u32],
@@ -599,22 +602,25 @@ fn scan_redo(
         while at + HEADER as u64 <= len {
             let (body_len, is_redo, crc) = read_header(&file, at, &path)?;
             let end = at + HEADER as u64 + u64::from(body_len);
-            if end > len {
+            // No record is empty: zeros are where the crash left a hole.
+            if body_len == 0 || end > len {
+                break 'segments;
+            }
+            let mut body = vec![0u8; body_len as usize];
+            file.read_exact_at(&mut body, at + HEADER as u64)
+                .map_err(|e| StoreError::io(&path, e))?;
+            // Nothing past the committed head was erased or retired: a record that fails its
+            // checksum there is a write the crash cut short, and so is all that follows.
+            if crc32fast::hash(&body) != crc {
                 break 'segments;
             }
             if is_redo {
-                let mut payload = vec![0u8; body_len as usize];
-                file.read_exact_at(&mut payload, at + HEADER as u64)
-                    .map_err(|e| StoreError::io(&path, e))?;
-                if crc32fast::hash(&payload) != crc {
-                    break 'segments;
-                }
                 kept = Position {
                     segment,
                     offset: end,
                 };
                 redo.push(Redo {
-                    payload,
+                    payload: body,
                     location: Location {
                         segment,
                         offset: at as u32,
@@ -624,6 +630,10 @@ fn scan_redo(
                 });
             }
             at = end;
+        }
+        // The next segment was begun only once this one was full to its last record.
+        if at != len {
+            break;
         }
         segment += 1;
         at = 0;
@@ -841,6 +851,45 @@ mod tests {
         assert_eq!(log.head(), head);
         let records = log.records_between(Position::default(), head).unwrap();
         assert_eq!(records.len(), written.len(), "scans step over redo records");
+    }
+
+    /// Past the committed head, a redo record counts only when every record before it is whole:
+    /// one behind a hole (zeros where a body should be) belonged to a batch whose sync never
+    /// finished, and is cut off with it.
+    #[test]
+    fn a_redo_record_behind_a_hole_is_not_redone() {
+        for hole in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EventLog::open_with(dir.path(), None, 1 << 20).unwrap();
+            let (kept, committed) = log.append([b"kept".as_slice()]).unwrap();
+            // Its record is 24 bytes: zeros there read as three empty records, realigned on
+            // the redo record, unless empty records end the scan.
+            let (lost, _) = log.append([b"sixteen-byte-bod".as_slice()]).unwrap();
+            let end = log.append_redo(b"the batch").unwrap();
+            log.sync().unwrap();
+            drop(log);
+            if hole {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(segment_path(dir.path(), 0))
+                    .unwrap();
+                let zeros = vec![0u8; HEADER + lost[0].len as usize];
+                file.write_all_at(&zeros, u64::from(lost[0].offset))
+                    .unwrap();
+            }
+            let log = EventLog::open_with(dir.path(), Some(committed), 1 << 20).unwrap();
+            let redo = log.take_redo();
+            if hole {
+                assert!(redo.is_empty(), "{redo:?}");
+                assert_eq!(log.head(), committed);
+            } else {
+                assert_eq!(redo.len(), 1);
+                assert_eq!(redo[0].payload, b"the batch");
+                assert_eq!(log.head(), end);
+                assert_eq!(log.read(lost[0]).unwrap(), b"sixteen-byte-bod");
+            }
+            assert_eq!(log.read(kept[0]).unwrap(), b"kept");
+        }
     }
 
     fn appender_done(written: &parking_lot::Mutex<Vec<(Location, Vec<u8>)>>) -> bool {

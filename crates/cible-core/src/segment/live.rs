@@ -587,13 +587,17 @@ impl Segmenter<'_> {
         let log = &self.population.store().log;
         let committed = log.committed();
         batch.commit()?;
-        log.retire(committed)?;
         let written = changes.written;
         feed.committed(changes);
         self.population
             .metrics()
             .feed_committed(feed.head(), written);
         self.notify_feed(feed.head());
+        // After the feed moved on: a failure here must not make the next pass reuse its
+        // sequence numbers. The records stay queued for the next retire.
+        if let Err(error) = log.retire(committed) {
+            tracing::error!(error = %error, "retiring redo records failed");
+        }
         Ok(())
     }
 

@@ -41,6 +41,9 @@ pub struct WorkQueue {
     deferred: AtomicUsize,
     /// Called with the feed's head after each commit of changes (the server's streams).
     listeners: OrderedMutex<Vec<FeedListener>>,
+    /// Milliseconds since `epoch` when no redo record was waiting, or one was last retired.
+    retired_ms: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 impl Default for WorkQueue {
@@ -51,6 +54,8 @@ impl Default for WorkQueue {
             background: AtomicBool::new(false),
             deferred: AtomicUsize::new(0),
             listeners: OrderedMutex::new(Level::Cache, Vec::new()),
+            retired_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 }
@@ -151,6 +156,8 @@ impl<'a> Segmenter<'a> {
             };
             self.segments_after_batch(&mut guard, &work.touched, work.now, work.cause)?;
             drop(guard);
+            // Under a load whose batches change no membership the queue may never empty.
+            self.retire_when_due(false);
             self.population
                 .metrics()
                 .batch_to_feed(work.committed.elapsed(), work.batches);
@@ -162,23 +169,12 @@ impl<'a> Segmenter<'a> {
     /// the timers, until `stop`. Batches committed meanwhile are evaluated before it returns.
     pub fn run_segment_worker(&self, stop: &AtomicBool, clock: &(dyn Fn() -> i64 + Sync)) {
         self.segments.work.background.store(true, Ordering::Release);
-        let mut retired = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Acquire);
             if let Err(error) = self.drain_segments() {
                 tracing::error!(error = %error, "segment worker failed on a batch");
             }
-            // The acknowledged batches' redo records, once fjall's journal is synced past them
-            // (here rather than on the acknowledgement path).
-            let store = self.population.store();
-            if !store.log.has_redo_through(store.log.committed()) {
-                retired = Instant::now();
-            } else if stopping || retired.elapsed() >= RETIRE_EVERY {
-                retired = Instant::now();
-                if let Err(error) = store.retire_redo() {
-                    tracing::error!(error = %error, "retiring redo records failed");
-                }
-            }
+            self.retire_when_due(stopping);
             if stopping {
                 break;
             }
@@ -207,6 +203,26 @@ impl<'a> Segmenter<'a> {
             .work
             .background
             .store(false, Ordering::Release);
+    }
+
+    /// Retires the acknowledged batches' redo records once fjall's journal is synced past them
+    /// (here rather than on the acknowledgement path): when some have waited [`RETIRE_EVERY`]
+    /// without a commit of changes retiring them, or with `now`.
+    fn retire_when_due(&self, now: bool) {
+        let work = &self.segments.work;
+        let elapsed = work.epoch.elapsed().as_millis() as u64;
+        let store = self.population.store();
+        if !store.log.has_redo_through(store.log.committed()) {
+            work.retired_ms.store(elapsed, Ordering::Relaxed);
+            return;
+        }
+        let since = elapsed.saturating_sub(work.retired_ms.load(Ordering::Relaxed));
+        if now || since >= RETIRE_EVERY.as_millis() as u64 {
+            work.retired_ms.store(elapsed, Ordering::Relaxed);
+            if let Err(error) = store.retire_redo() {
+                tracing::error!(error = %error, "retiring redo records failed");
+            }
+        }
     }
 
     /// From now on a worker thread drains the queue: committing threads only hand off. Call it
