@@ -277,7 +277,16 @@ impl EventLog {
         &self,
         bodies: impl IntoIterator<Item = &'b [u8]>,
     ) -> Result<(Vec<Location>, Position), StoreError> {
-        let mut inner = self.inner.lock();
+        self.append_records(&mut self.inner.lock(), bodies, 0)
+    }
+
+    /// Appends one record per body, `flag` set in each length ([`REDO`] or nothing).
+    fn append_records<'b>(
+        &self,
+        inner: &mut Inner,
+        bodies: impl IntoIterator<Item = &'b [u8]>,
+        flag: u32,
+    ) -> Result<(Vec<Location>, Position), StoreError> {
         let mut locations = Vec::new();
         let mut buffer = std::mem::take(&mut inner.buffer);
         buffer.clear();
@@ -287,15 +296,15 @@ impl EventLog {
                 .ok()
                 .filter(|len| len & REDO == 0)
                 .ok_or_else(|| {
-                    StoreError::event_log(format!("an event body of {} bytes", body.len()))
+                    StoreError::event_log(format!("a record of {} bytes", body.len()))
                 })?;
             let record = (HEADER + body.len()) as u64;
             let offset = start.offset + buffer.len() as u64;
             if offset > 0 && offset + record > self.segment_bytes {
-                self.write_at(&mut inner, start, &buffer)?;
+                self.write_at(inner, start, &buffer)?;
                 buffer.clear();
                 let next = inner.head.segment + 1;
-                self.create_segment(&mut inner, next)?;
+                self.create_segment(inner, next)?;
                 inner.head = Position {
                     segment: next,
                     offset: 0,
@@ -308,11 +317,11 @@ impl EventLog {
                 offset: offset as u32,
                 len,
             });
-            buffer.extend_from_slice(&len.to_le_bytes());
+            buffer.extend_from_slice(&(len | flag).to_le_bytes());
             buffer.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
             buffer.extend_from_slice(body);
         }
-        self.write_at(&mut inner, start, &buffer)?;
+        self.write_at(inner, start, &buffer)?;
         inner.buffer = buffer;
         Ok((locations, inner.head))
     }
@@ -321,35 +330,8 @@ impl EventLog {
     /// log's new end, which the batch it describes must commit as [`HEAD_KEY`].
     pub fn append_redo(&self, payload: &[u8]) -> Result<Position, StoreError> {
         let mut inner = self.inner.lock();
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|len| len & REDO == 0)
-            .ok_or_else(|| StoreError::event_log(format!("a batch of {} bytes", payload.len())))?;
-        let record = (HEADER + payload.len()) as u64;
-        if inner.head.offset > 0 && inner.head.offset + record > self.segment_bytes {
-            let next = inner.head.segment + 1;
-            self.create_segment(&mut inner, next)?;
-            inner.head = Position {
-                segment: next,
-                offset: 0,
-            };
-        }
-        let start = inner.head;
-        let mut buffer = std::mem::take(&mut inner.buffer);
-        buffer.clear();
-        buffer.extend_from_slice(&(len | REDO).to_le_bytes());
-        buffer.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        buffer.extend_from_slice(payload);
-        let written = self.write_at(&mut inner, start, &buffer);
-        inner.buffer = buffer;
-        written?;
-        let location = Location {
-            segment: start.segment,
-            offset: start.offset as u32,
-            len,
-        };
-        let end = inner.head;
-        inner.redo.push_back((location, end));
+        let (locations, end) = self.append_records(&mut inner, [payload], REDO)?;
+        inner.redo.push_back((locations[0], end));
         Ok(end)
     }
 
@@ -378,23 +360,13 @@ impl EventLog {
     /// durable in fjall); durable with the next [`EventLog::sync`].
     pub fn retire(&self, through: Position) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
-        let mut zeros = Vec::new();
         while let Some(&(location, end)) = inner.redo.front() {
             if end > through {
                 break;
             }
-            let file = self.file(location.segment).ok_or_else(|| {
-                StoreError::event_log(format!("segment {} does not exist", location.segment))
-            })?;
-            zeros.clear();
-            zeros.resize(location.len as usize, 0);
-            file.write_all_at(&zeros, u64::from(location.offset) + HEADER as u64)
-                .map_err(|e| StoreError::io(&segment_path(&self.dir, location.segment), e))?;
+            self.zero_body(&mut inner, location)?;
             // Dequeued once zeroed: a failed write leaves it for the next retire.
             inner.redo.pop_front();
-            if !inner.unsynced.contains(&location.segment) {
-                inner.unsynced.push(location.segment);
-            }
         }
         Ok(())
     }
@@ -491,7 +463,11 @@ impl EventLog {
     /// Overwrites the body at `location` with zeros (see the module documentation); durable
     /// after the next [`EventLog::sync`].
     pub fn erase(&self, location: Location) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock();
+        self.zero_body(&mut self.inner.lock(), location)
+    }
+
+    /// Overwrites a record's body with zeros (its header stays); durable after the next sync.
+    fn zero_body(&self, inner: &mut Inner, location: Location) -> Result<(), StoreError> {
         let file = self.file(location.segment).ok_or_else(|| {
             StoreError::event_log(format!("segment {} does not exist", location.segment))
         })?;
