@@ -992,9 +992,9 @@ impl Drop for Engine {
         {
             tracing::warn!(error = %error, "writing the hot store's snapshot failed; the next open scans the store");
         }
-        if self.store.db.write_buffer_size() > 0
-            && let Err(error) = self.store.checkpoint()
-        {
+        // Also when the memtables are empty: fjall may have flushed them without sealing the
+        // journal, which the next open would then read through.
+        if let Err(error) = self.store.checkpoint() {
             tracing::warn!(error = %error, "checkpoint on close failed; the next open replays the journal");
         }
     }

@@ -361,6 +361,52 @@ impl Database {
         Ok(())
     }
 
+    /// cible patch: seals the active journal (synced by the rotation) and starts an empty
+    /// one, as the flush worker does past 64 MB. Once every keyspace's memtable holding its
+    /// writes has been flushed, [`Database::evict_flushed_journals`] deletes it; an open then
+    /// replays an empty journal instead of reading up to 64 MB. Does nothing when the active
+    /// journal is empty.
+    ///
+    /// # Errors
+    ///
+    /// Returns error, if an IO error occurred.
+    #[doc(hidden)]
+    pub fn rotate_journal(&self) -> crate::Result<()> {
+        if self.is_poisoned.is_poisoned() {
+            return Err(crate::Error::Poisoned);
+        }
+        // The flush worker's order: journal writer, journal manager, keyspaces.
+        let mut journal_writer = self.supervisor.journal.get_writer()?;
+        if journal_writer.pos()? == 0 {
+            return Ok(());
+        }
+        let mut journal_manager = self
+            .supervisor
+            .journal_manager
+            .write()
+            .expect("lock is poisoned");
+        let seqno_map = {
+            let keyspaces = self.supervisor.keyspaces.write().expect("lock is poisoned");
+            self.supervisor.build_seqno_map(&keyspaces)
+        };
+        journal_manager.rotate_journal(&mut journal_writer, seqno_map)
+    }
+
+    /// cible patch: deletes the sealed journals whose writes every keyspace has flushed
+    /// (the maintenance the flush worker runs after each flush).
+    ///
+    /// # Errors
+    ///
+    /// Returns error, if an IO error occurred.
+    #[doc(hidden)]
+    pub fn evict_flushed_journals(&self) -> crate::Result<()> {
+        self.supervisor
+            .journal_manager
+            .write()
+            .expect("lock is poisoned")
+            .maintenance()
+    }
+
     #[doc(hidden)]
     #[must_use]
     pub fn cache_capacity(&self) -> u64 {
