@@ -364,8 +364,8 @@ impl Database {
     /// cible patch: seals the active journal (synced by the rotation) and starts an empty
     /// one, as the flush worker does past 64 MB. Once every keyspace's memtable holding its
     /// writes has been flushed, [`Database::evict_flushed_journals`] deletes it; an open then
-    /// replays an empty journal instead of reading up to 64 MB. Does nothing when the active
-    /// journal is empty.
+    /// replays an empty journal instead of reading up to 64 MB. Does nothing when nothing was
+    /// written to the active journal since it was created.
     ///
     /// # Errors
     ///
@@ -377,7 +377,7 @@ impl Database {
         }
         // The flush worker's order: journal writer, journal manager, keyspaces.
         let mut journal_writer = self.supervisor.journal.get_writer()?;
-        if journal_writer.pos()? == 0 {
+        if journal_writer.is_untouched()? {
             return Ok(());
         }
         let mut journal_manager = self

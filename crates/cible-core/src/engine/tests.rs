@@ -971,6 +971,28 @@ fn closing_leaves_nothing_to_replay() {
     assert_eq!(events_of(&engine, "u1"), ["t1"]);
 }
 
+/// Closing checkpoints even when the memtables are empty: a store whose writes fjall flushed
+/// into tables but kept in its journal (fjall's own flushes, then a crash) is read by a light
+/// open without filling a memtable, and each later command would read the journal through.
+#[test]
+fn closing_leaves_no_journal_even_after_fjall_flushed_its_memtables() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Engine::open(dir.path()).unwrap());
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.meta.insert(b"written", b"then flushed").unwrap();
+        for keyspace in store.keyspaces() {
+            keyspace.rotate_memtable_and_wait().unwrap();
+        }
+        // Dropped without a checkpoint, as a crash would leave it.
+    }
+    assert_eq!(crate::store::journal_entries(dir.path()), 1);
+    let engine = Engine::open_light(dir.path()).unwrap();
+    assert_eq!(engine.store.db.write_buffer_size(), 0);
+    drop(engine);
+    assert_eq!(crate::store::journal_entries(dir.path()), 0);
+}
+
 #[test]
 fn packed_bodies_read_back_as_imported_after_a_reopen() {
     let end = 1_795_000_000_000;

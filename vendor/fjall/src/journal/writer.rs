@@ -99,6 +99,13 @@ impl Writer {
         self.file.stream_position().map_err(Into::into)
     }
 
+    /// cible patch: whether nothing was ever written to this journal: created (allocated whole)
+    /// and not appended to since. A journal reopened at recovery is opened for appending, its
+    /// position 0 whatever it holds, and was cut to its last entry: never untouched.
+    pub fn is_untouched(&mut self) -> crate::Result<bool> {
+        Ok(self.pos()? == 0 && self.len()? == PRE_ALLOCATED_BYTES)
+    }
+
     pub fn len(&self) -> crate::Result<u64> {
         Ok(self.file.get_ref().metadata()?.len())
     }
