@@ -24,7 +24,10 @@
 //!
 //! Once fjall has synced its journal past a batch ([`EventLog::committed`] read before a sync
 //! of fjall's journal), its redo record is no longer needed: [`EventLog::retire`] zeroes its
-//! body, which holds identifiers (the header stays, so that scans step over it).
+//! body, which holds identifiers (the header stays, so that scans step over it). How far the
+//! zeroing is durable ([`EventLog::retired`]) is committed with each batch as [`RETIRED_KEY`]:
+//! an open zeroes every redo record between it and the committed head, those a crash left
+//! unretired (without it, an old store's, the whole log is scanned once).
 //!
 //! **Erasure.** [`EventLog::erase`] overwrites a record's body with zeros in place (the file is
 //! not rewritten): once its index entry is gone, nothing of it is left to read.
@@ -45,6 +48,10 @@ pub const HEAD_KEY: &str = "event_log_head";
 /// byte), committed with [`HEAD_KEY`]: an open that finds fewer files refuses, naming the
 /// missing one, instead of training another under the same id.
 pub const DICTIONARIES_KEY: &str = "event_log_dictionaries";
+
+/// The meta key holding the [`Position`] before which every redo record is zeroed on disk
+/// ([`EventLog::retired`]).
+pub const RETIRED_KEY: &str = "event_log_retired";
 
 /// Largest segment file (a record that would cross it starts the next segment).
 pub const SEGMENT_BYTES: u64 = 256 << 20;
@@ -128,6 +135,8 @@ struct Inner {
     buffer: Vec<u8>,
     /// Redo records not retired yet, with the log's end after each, in log order.
     redo: std::collections::VecDeque<(Location, Position)>,
+    /// Every redo record that ends at or before this is zeroed (written, maybe not synced).
+    retired: Position,
     /// The end of the last batch committed to fjall ([`EventLog::committed`]).
     committed: Position,
     /// Redo records found at open, until [`EventLog::take_redo`].
@@ -140,6 +149,8 @@ pub struct EventLog {
     packer: Arc<Packer>,
     segment_bytes: u64,
     inner: OrderedMutex<Inner>,
+    /// Held for a whole sync: the [`Inner::retired`] that the last finished sync made durable.
+    synced: OrderedMutex<Position>,
     /// Open segments by id. Readers clone a handle under the read lock and read without it, so
     /// a read never waits for an append's write nor holds one up (an append takes this lock
     /// for writing only to add a segment). Background readers run at the lowest priority:
@@ -149,14 +160,20 @@ pub struct EventLog {
 
 impl EventLog {
     /// Opens the log in `dir` at its committed end `head` (`None`: nothing committed yet),
-    /// cutting off what lies past it.
-    pub fn open(dir: &Path, head: Option<Position>) -> Result<Self, StoreError> {
-        Self::open_with(dir, head, SEGMENT_BYTES)
+    /// cutting off what lies past it, and zeroing the redo records between `retired` (the
+    /// committed [`RETIRED_KEY`]; `None`: unknown, from the log's start) and `head`.
+    pub fn open(
+        dir: &Path,
+        head: Option<Position>,
+        retired: Option<Position>,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, head, retired, SEGMENT_BYTES)
     }
 
     pub(crate) fn open_with(
         dir: &Path,
         head: Option<Position>,
+        retired: Option<Position>,
         segment_bytes: u64,
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -176,6 +193,13 @@ impl EventLog {
         }
         found.sort_unstable();
         let committed = head;
+        let stale = zero_stale_redo(dir, &found, retired.unwrap_or_default().min(head), head)?;
+        if stale > 0 {
+            tracing::warn!(
+                records = stale,
+                "redo records a crash left unretired were zeroed"
+            );
+        }
         let (head, redo) = scan_redo(dir, &found, head)?;
         // Before anything is cut: later segments may hold acknowledged redo records.
         if head.offset > 0 && !found.contains(&head.segment) {
@@ -232,10 +256,13 @@ impl EventLog {
                     created: cut,
                     buffer: Vec::new(),
                     redo: redo.iter().map(|r| (r.location, r.end)).collect(),
+                    retired: committed,
                     committed,
                     found: redo,
                 },
             ),
+            // `zero_stale_redo` synced what it zeroed.
+            synced: OrderedMutex::new(Level::EventLogSync, committed),
             files: OrderedRwLock::new(Level::EventLogFiles, files),
         };
         {
@@ -368,7 +395,15 @@ impl EventLog {
             // Dequeued once zeroed: a failed write leaves it for the next retire.
             inner.redo.pop_front();
         }
+        // Only what was committed is retired: past it, a redo record may still be appended.
+        inner.retired = inner.retired.max(through.min(inner.committed));
         Ok(())
+    }
+
+    /// The position before which every redo record is zeroed on disk (as of the last finished
+    /// [`EventLog::sync`]): what a batch commits as [`RETIRED_KEY`].
+    pub fn retired(&self) -> Position {
+        *self.synced.lock()
     }
 
     /// The redo records found past the committed head at open, in log order (once).
@@ -398,14 +433,17 @@ impl EventLog {
     /// Makes everything appended so far durable (the segments written, and the directory when
     /// a segment was created or removed).
     pub fn sync(&self) -> Result<(), StoreError> {
-        let (files, created) = {
+        // One sync at a time: a second one that found nothing left to sync must not return
+        // before the first one's writes are on disk (an acknowledgement waits on it).
+        let mut synced = self.synced.lock();
+        let (files, created, retired) = {
             let mut inner = self.inner.lock();
             let ids = std::mem::take(&mut inner.unsynced);
             let files: Vec<(u32, Arc<File>)> = ids
                 .into_iter()
                 .filter_map(|id| self.file(id).map(|f| (id, f)))
                 .collect();
-            (files, std::mem::take(&mut inner.created))
+            (files, std::mem::take(&mut inner.created), inner.retired)
         };
         for (id, file) in files {
             file.sync_data()
@@ -416,6 +454,7 @@ impl EventLog {
                 .and_then(|dir| dir.sync_all())
                 .map_err(|e| StoreError::io(&self.dir, e))?;
         }
+        *synced = (*synced).max(retired);
         Ok(())
     }
 
@@ -554,6 +593,77 @@ impl EventLog {
     }
 }
 
+/// Zeroes, and syncs, the body of every redo record whole on disk between `from` and `to`
+/// (record ends both): those a crash left unretired. Returns how many there were. Reads the
+/// headers sequentially (an old store's first open walks its whole log once).
+fn zero_stale_redo(
+    dir: &Path,
+    found: &[u32],
+    from: Position,
+    to: Position,
+) -> Result<usize, StoreError> {
+    use std::io::{BufReader, Read, Seek};
+    let mut zeroed = 0;
+    for &segment in found
+        .iter()
+        .filter(|s| (from.segment..=to.segment).contains(*s))
+    {
+        let path = segment_path(dir, segment);
+        let io = |e| StoreError::io(&path, e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let start = if segment == from.segment {
+            from.offset
+        } else {
+            0
+        };
+        let end = if segment == to.segment {
+            to.offset.min(len)
+        } else {
+            len
+        };
+        let mut reader = BufReader::with_capacity(1 << 20, &file);
+        reader.seek(std::io::SeekFrom::Start(start)).map_err(io)?;
+        let mut stale = Vec::new();
+        let mut at = start;
+        while at + HEADER as u64 <= end {
+            let mut header = [0u8; HEADER];
+            reader.read_exact(&mut header).map_err(io)?;
+            let flagged = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+            let crc = u32::from_le_bytes(header[4..].try_into().expect("four bytes"));
+            let body_len = flagged & !REDO;
+            if at + HEADER as u64 + u64::from(body_len) > end {
+                break;
+            }
+            if flagged & REDO != 0 {
+                let mut body = vec![0u8; body_len as usize];
+                reader.read_exact(&mut body).map_err(io)?;
+                // A retired record's zeros fail its checksum: only whole ones are left over.
+                if crc32fast::hash(&body) == crc {
+                    stale.push((at + HEADER as u64, body_len));
+                }
+            } else {
+                reader.seek_relative(i64::from(body_len)).map_err(io)?;
+            }
+            at += HEADER as u64 + u64::from(body_len);
+        }
+        drop(reader);
+        for &(offset, body_len) in &stale {
+            file.write_all_at(&vec![0u8; body_len as usize], offset)
+                .map_err(io)?;
+        }
+        if !stale.is_empty() {
+            file.sync_data().map_err(io)?;
+        }
+        zeroed += stale.len();
+    }
+    Ok(zeroed)
+}
+
 /// Reads the log past the committed `head`: every whole redo record, and the end of the last one
 /// (the head to keep; `head` itself when there is none). Stops at the first record that is
 /// empty, runs past its file or fails its checksum (a write the crash cut short), and at a
@@ -645,7 +755,7 @@ mod tests {
     #[test]
     fn appended_records_read_back_across_segments_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open_with(dir.path(), None, 1000).unwrap();
+        let log = EventLog::open_with(dir.path(), None, None, 1000).unwrap();
         let first = bodies(100, "a");
         let (locations, head) = log.append(first.iter().map(Vec::as_slice)).unwrap();
         log.sync().unwrap();
@@ -654,7 +764,7 @@ mod tests {
             assert_eq!(&log.read(*location).unwrap(), body);
         }
         drop(log);
-        let log = EventLog::open_with(dir.path(), Some(head), 1000).unwrap();
+        let log = EventLog::open_with(dir.path(), Some(head), None, 1000).unwrap();
         for (location, body) in locations.iter().zip(&first) {
             assert_eq!(&log.read(*location).unwrap(), body);
         }
@@ -666,7 +776,7 @@ mod tests {
     #[test]
     fn an_uncommitted_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open_with(dir.path(), None, 1000).unwrap();
+        let log = EventLog::open_with(dir.path(), None, None, 1000).unwrap();
         let (kept, head) = log
             .append(bodies(10, "k").iter().map(Vec::as_slice))
             .unwrap();
@@ -675,7 +785,7 @@ mod tests {
         log.sync().unwrap();
         assert!(log.head().segment > head.segment);
         drop(log);
-        let log = EventLog::open_with(dir.path(), Some(head), 1000).unwrap();
+        let log = EventLog::open_with(dir.path(), Some(head), None, 1000).unwrap();
         assert_eq!(log.head(), head);
         assert_eq!(log.read(kept[9]).unwrap(), bodies(10, "k")[9]);
         let files = std::fs::read_dir(dir.path()).unwrap().count();
@@ -687,7 +797,7 @@ mod tests {
     #[test]
     fn missing_bytes_and_damaged_records_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open_with(dir.path(), None, 1 << 20).unwrap();
+        let log = EventLog::open_with(dir.path(), None, None, 1 << 20).unwrap();
         let (locations, head) = log.append([b"one".as_slice(), b"two"]).unwrap();
         log.sync().unwrap();
         drop(log);
@@ -695,7 +805,7 @@ mod tests {
             segment: head.segment,
             offset: head.offset + 1,
         };
-        let error = EventLog::open_with(dir.path(), Some(ahead), 1 << 20)
+        let error = EventLog::open_with(dir.path(), Some(ahead), None, 1 << 20)
             .err()
             .expect("a segment shorter than committed is refused")
             .to_string();
@@ -708,7 +818,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 1] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let log = EventLog::open_with(dir.path(), Some(head), 1 << 20).unwrap();
+        let log = EventLog::open_with(dir.path(), Some(head), None, 1 << 20).unwrap();
         let error = log.read(locations[0]).unwrap_err().to_string();
         assert!(error.contains("checksum"), "{error}");
         assert_eq!(log.read(locations[1]).unwrap(), b"two");
@@ -717,7 +827,7 @@ mod tests {
     #[test]
     fn erased_records_leave_no_byte_of_their_body() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path(), None).unwrap();
+        let log = EventLog::open(dir.path(), None, None).unwrap();
         let secret = b"jane.doe@example.com".as_slice();
         let (locations, _) = log.append([secret, b"kept"]).unwrap();
         log.erase(locations[0]).unwrap();
@@ -733,7 +843,7 @@ mod tests {
     #[test]
     fn readers_and_an_appender_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(EventLog::open_with(dir.path(), None, 64 << 10).unwrap());
+        let log = Arc::new(EventLog::open_with(dir.path(), None, None, 64 << 10).unwrap());
         let written = Arc::new(parking_lot::Mutex::new(Vec::<(Location, Vec<u8>)>::new()));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         std::thread::scope(|scope| {
@@ -777,7 +887,7 @@ mod tests {
     #[test]
     fn an_appender_and_a_retirer_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(EventLog::open_with(dir.path(), None, 64 << 10).unwrap());
+        let log = Arc::new(EventLog::open_with(dir.path(), None, None, 64 << 10).unwrap());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let done = std::sync::atomic::AtomicBool::new(false);
         let mut written = Vec::new();
@@ -786,6 +896,7 @@ mod tests {
                 let mut retires = 0u32;
                 while !done.load(std::sync::atomic::Ordering::Acquire) {
                     log.retire(log.committed()).unwrap();
+                    assert!(log.retired() <= log.committed());
                     retires += 1;
                     assert!(std::time::Instant::now() < deadline, "retires hang");
                 }
@@ -808,6 +919,7 @@ mod tests {
         log.retire(log.committed()).unwrap();
         log.sync().unwrap();
         assert!(!log.has_redo_through(log.committed()));
+        assert_eq!(log.retired(), log.committed());
         for (location, body) in &written {
             assert_eq!(&log.read(*location).unwrap(), body);
         }
@@ -822,11 +934,69 @@ mod tests {
             "a redo record was left"
         );
         assert!(bytes.windows(4).any(|w| w == b"r299"), "bodies stay");
-        let log = EventLog::open_with(dir.path(), Some(head), 64 << 10).unwrap();
+        let log = EventLog::open_with(dir.path(), Some(head), None, 64 << 10).unwrap();
         assert!(log.take_redo().is_empty());
         assert_eq!(log.head(), head);
         let records = log.records_between(Position::default(), head).unwrap();
         assert_eq!(records.len(), written.len(), "scans step over redo records");
+    }
+
+    /// A kill -9 after batches committed but before their redo records were retired: the next
+    /// open zeroes them (from the committed `retired` position, or from the log's start when
+    /// none was committed), bodies untouched, and what was retired already stays retired.
+    #[test]
+    fn redo_records_a_crash_left_unretired_are_zeroed_at_open() {
+        for known in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EventLog::open_with(dir.path(), None, None, 4 << 10).unwrap();
+            let mut written = Vec::new();
+            let mut retired = Position::default();
+            for round in 0..40 {
+                let batch = bodies(5, &format!("b{round}"));
+                let (locations, _) = log.append(batch.iter().map(Vec::as_slice)).unwrap();
+                let end = log
+                    .append_redo(format!("crash-secret-{round:03}").as_bytes())
+                    .unwrap();
+                log.sync().unwrap();
+                log.mark_committed(end);
+                written.extend(locations.into_iter().zip(batch));
+                if round == 10 {
+                    log.retire(log.committed()).unwrap();
+                    log.sync().unwrap();
+                    retired = log.retired();
+                    assert_eq!(
+                        retired, end,
+                        "retired through the committed end, once synced"
+                    );
+                }
+            }
+            let head = log.committed();
+            assert_eq!(log.retired(), retired, "nothing retired since round 10");
+            drop(log);
+            let secrets = || {
+                let mut found = std::collections::BTreeSet::new();
+                for entry in std::fs::read_dir(dir.path()).unwrap() {
+                    let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                    for round in 0..40 {
+                        let secret = format!("crash-secret-{round:03}");
+                        if bytes.windows(secret.len()).any(|w| w == secret.as_bytes()) {
+                            found.insert(round);
+                        }
+                    }
+                }
+                found
+            };
+            let left: Vec<u32> = secrets().into_iter().collect();
+            assert_eq!(left, (11..40).collect::<Vec<_>>(), "the crash left them");
+            let known = known.then_some(retired);
+            let log = EventLog::open_with(dir.path(), Some(head), known, 4 << 10).unwrap();
+            assert!(secrets().is_empty(), "left after the open: {:?}", secrets());
+            assert_eq!(log.retired(), head);
+            assert!(log.take_redo().is_empty());
+            for (location, body) in &written {
+                assert_eq!(&log.read(*location).unwrap(), body);
+            }
+        }
     }
 
     /// Past the committed head, a redo record counts only when every record before it is whole:
@@ -836,7 +1006,7 @@ mod tests {
     fn a_redo_record_behind_a_hole_is_not_redone() {
         for hole in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let log = EventLog::open_with(dir.path(), None, 1 << 20).unwrap();
+            let log = EventLog::open_with(dir.path(), None, None, 1 << 20).unwrap();
             let (kept, committed) = log.append([b"kept".as_slice()]).unwrap();
             // Its record is 24 bytes: zeros there read as three empty records, realigned on
             // the redo record, unless empty records end the scan.
@@ -853,7 +1023,7 @@ mod tests {
                 file.write_all_at(&zeros, u64::from(lost[0].offset))
                     .unwrap();
             }
-            let log = EventLog::open_with(dir.path(), Some(committed), 1 << 20).unwrap();
+            let log = EventLog::open_with(dir.path(), Some(committed), None, 1 << 20).unwrap();
             let redo = log.take_redo();
             if hole {
                 assert!(redo.is_empty(), "{redo:?}");

@@ -41,6 +41,9 @@ pub enum Level {
     Cache,
     /// Batches committed by the writer, waiting for the segment worker.
     Queue,
+    /// One sync of the event log at a time, and how far its retired redo records are durable
+    /// (taken before `EventLog`: a sync returns only once every write before it is on disk).
+    EventLogSync,
     /// The event log's end and what is not yet synced (held for an append or a sync).
     EventLog,
     /// The event log's open segment files (read to clone a handle, written to add one).

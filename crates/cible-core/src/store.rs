@@ -58,14 +58,18 @@ macro_rules! keyspaces {
             fn open_keyspaces(db: Database, log_dir: &Path) -> Result<Self, StoreError> {
                 $(let $name = db.keyspace(stringify!($name), || keyspace_options(stringify!($name)))?;)+
                 let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-                let head = match meta.get(crate::eventlog::HEAD_KEY)? {
-                    Some(bytes) => Some(Position::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
-                        keyspace: "meta",
-                        detail: format!("{} is not a log position", crate::eventlog::HEAD_KEY),
-                    })?),
-                    None => None,
+                let position = |key: &str| -> Result<Option<Position>, StoreError> {
+                    match meta.get(key)? {
+                        Some(bytes) => Ok(Some(Position::decode(&bytes).ok_or_else(|| StoreError::Corrupt {
+                            keyspace: "meta",
+                            detail: format!("{key} is not a log position"),
+                        })?)),
+                        None => Ok(None),
+                    }
                 };
-                let log = EventLog::open(log_dir, head)?;
+                let head = position(crate::eventlog::HEAD_KEY)?;
+                let retired = position(crate::eventlog::RETIRED_KEY)?;
+                let log = EventLog::open(log_dir, head, retired)?;
                 let store = Self { $($name,)+ db, log };
                 store.redo()?;
                 let dictionaries = store

@@ -390,6 +390,53 @@ fn log_files_bytes(dir: &std::path::Path) -> Vec<u8> {
     bytes
 }
 
+/// A kill -9 after fjall's journal was synced but before the segment worker retired the redo
+/// records (here: a copy of the directory then): the next open zeroes them, so that erasing the
+/// person leaves no byte of their identifiers in the event log (without it the redo records,
+/// behind the committed head, were never scanned again).
+#[test]
+fn redo_records_a_kill_left_behind_are_zeroed_and_erasure_reaches_them() {
+    let work = tempfile::tempdir().unwrap();
+    let (data, killed) = (work.path().join("data"), work.path().join("killed"));
+    {
+        let engine = Engine::open(&data).unwrap();
+        for (i, at) in [(1, 50), (2, 40), (3, 30)] {
+            ingest(
+                &engine,
+                &[identify(
+                    &format!("i{i}"),
+                    "u1",
+                    None,
+                    json!({"email": "kill@y.com", "plan": format!("p{i}")}),
+                    at,
+                )],
+            );
+        }
+        engine.sync().unwrap();
+        copy_dir(&data, &killed);
+        assert!(
+            log_files_bytes(&killed)
+                .windows(10)
+                .any(|w| w == b"kill@y.com"),
+            "the kill left the identifiers in redo records (or bodies)"
+        );
+    }
+    let engine = Engine::open(&killed).unwrap();
+    assert_eq!(events_of(&engine, "u1"), ["i1", "i2", "i3"]);
+    let outcome = engine
+        .remove_profile(engine.find_profile("u1").unwrap())
+        .unwrap();
+    assert_eq!(outcome.events_removed, 3);
+    let bytes = log_files_bytes(&killed);
+    for gone in [b"kill@y.com".as_slice(), b"\x02u1"] {
+        assert!(
+            !bytes.windows(gone.len()).any(|w| w == gone),
+            "the event log still holds {:?}",
+            String::from_utf8_lossy(gone)
+        );
+    }
+}
+
 /// A store of layout 2 (event bodies as JSON in `events`) opens as layout 3: bodies in the
 /// event log, timelines, dedup and the hot store unchanged, and the migration is not redone.
 #[test]
