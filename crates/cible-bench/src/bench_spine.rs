@@ -28,6 +28,16 @@ use crate::bench::{
 /// How long each ack phase lasts.
 const PHASE: Duration = Duration::from_secs(15);
 
+/// Request bodies of `size` messages each from the newest generated ones, with fresh message
+/// ids, serialized before a phase starts (the load generator shares the two cores with the
+/// server: what it spends per request, the server waits for).
+fn requests(tail: &[String], size: usize, tag: &str) -> Vec<String> {
+    bodies(tail, size, tag)
+        .into_par_iter()
+        .map(|batch| json!({ "batch": batch }).to_string())
+        .collect()
+}
+
 /// Batches of `size` messages from the newest generated ones, with fresh message ids.
 fn bodies(tail: &[String], size: usize, tag: &str) -> Vec<Vec<Value>> {
     tail.par_chunks(size)
@@ -49,7 +59,7 @@ fn bodies(tail: &[String], size: usize, tag: &str) -> Vec<Vec<Value>> {
 }
 
 /// Four clients send batches as fast as acks come for `PHASE`; returns the ack times (ms).
-fn ack_phase(url: &str, auth: &str, batches: &[Vec<Value>], stop_admin: &AtomicBool) -> Vec<f64> {
+fn ack_phase(url: &str, auth: &str, batches: &[String], stop_admin: &AtomicBool) -> Vec<f64> {
     let latencies = Mutex::new(Vec::new());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
@@ -60,12 +70,11 @@ fn ack_phase(url: &str, auth: &str, batches: &[Vec<Value>], stop_admin: &AtomicB
                 let mut mine = Vec::new();
                 while started.elapsed() < PHASE {
                     let index = next.fetch_add(1, Ordering::Relaxed) % batches.len();
-                    let body = json!({"batch": batches[index]}).to_string();
                     let sent = Instant::now();
                     match agent
                         .post(url)
                         .set("Authorization", auth)
-                        .send_string(&body)
+                        .send_string(&batches[index])
                     {
                         Ok(_) | Err(ureq::Error::Status(_, _)) => {}
                         Err(error) => panic!("the server did not answer: {error}"),
@@ -197,12 +206,29 @@ fn event_to_change(
         })
     };
     std::thread::sleep(Duration::from_millis(200));
+    // Every request serialized before the clock starts.
+    let requests: Vec<(String, String)> = (0..n_batches)
+        .into_par_iter()
+        .map(|i| {
+            let probe = format!("bench-probe-{tag}-{i}");
+            let mut messages = batches[i % batches.len()].clone();
+            for (m, message) in messages.iter_mut().enumerate() {
+                message["messageId"] = Value::from(format!("pace-{tag}-{i}-{m}"));
+            }
+            messages.push(
+                json!({"type": "track", "userId": probe, "event": "Bench Probe",
+                "messageId": format!("probe-{tag}-{i}")}),
+            );
+            let body = json!({ "batch": messages }).to_string();
+            (probe, body)
+        })
+        .collect();
     let sent: Mutex<Vec<(String, Instant, Instant)>> = Mutex::new(Vec::new());
     let started = Instant::now();
     // Four senders share the pace: batch i leaves at started + i * interval.
     std::thread::scope(|scope| {
         for client in 0..4 {
-            let sent = &sent;
+            let (sent, requests) = (&sent, &requests);
             scope.spawn(move || {
                 let agent = ureq::AgentBuilder::new().build();
                 let mut i = client;
@@ -211,24 +237,15 @@ fn event_to_change(
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    let probe = format!("bench-probe-{tag}-{i}");
-                    let mut messages = batches[i % batches.len()].clone();
-                    for (m, message) in messages.iter_mut().enumerate() {
-                        message["messageId"] = Value::from(format!("pace-{tag}-{i}-{m}"));
-                    }
-                    messages.push(
-                        json!({"type": "track", "userId": probe, "event": "Bench Probe",
-                        "messageId": format!("probe-{tag}-{i}")}),
-                    );
-                    let body = json!({"batch": messages}).to_string();
+                    let (probe, body) = &requests[i];
                     let at = Instant::now();
                     if agent
                         .post(&format!("{base}/v1/batch"))
                         .set("Authorization", auth)
-                        .send_string(&body)
+                        .send_string(body)
                         .is_ok()
                     {
-                        sent.lock().push((probe, at, Instant::now()));
+                        sent.lock().push((probe.clone(), at, Instant::now()));
                     }
                     i += 4;
                 }
@@ -421,14 +438,15 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let plain = ack_phase(
         &url,
         &auth,
-        &bodies(&tail, 20, "plain"),
+        &requests(&tail, 20, "plain"),
         &AtomicBool::new(false),
     );
     eprintln!("acks with the admin loop ...");
     let stop_admin = AtomicBool::new(false);
+    let busy_requests = requests(&tail, 20, "busy");
     let (busy, admin_done) = std::thread::scope(|scope| {
         let admin_thread = scope.spawn(|| admin_loop(&base, &admin, &stop_admin));
-        let busy = ack_phase(&url, &auth, &bodies(&tail, 20, "busy"), &stop_admin);
+        let busy = ack_phase(&url, &auth, &busy_requests, &stop_admin);
         (busy, admin_thread.join())
     });
     let admin_done = admin_done.map_err(|_| anyhow::anyhow!("admin loop panicked"))??;

@@ -703,6 +703,12 @@ impl<'a> Tx<'a> {
         if self.bulk && !self.pending.is_empty() {
             self.batch
                 .insert(&self.store.meta, crate::eventlog::HEAD_KEY, head.encode());
+            let retired = self.store.log.retired();
+            self.batch.insert(
+                &self.store.meta,
+                crate::eventlog::RETIRED_KEY,
+                retired.encode(),
+            );
         }
         if !self.pending.is_empty()
             && let Some(count) = self.store.log.packer().to_record()
