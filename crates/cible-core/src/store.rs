@@ -70,6 +70,11 @@ macro_rules! keyspaces {
                 let head = position(crate::eventlog::HEAD_KEY)?;
                 let retired = position(crate::eventlog::RETIRED_KEY)?;
                 let log = EventLog::open(log_dir, head, retired)?;
+                if let (Some(head), None) = (head, retired) {
+                    // A store from before the key: its whole log was walked once, not again
+                    // (the close's checkpoint makes it durable; lost, the next open walks again).
+                    meta.insert(crate::eventlog::RETIRED_KEY, head.encode())?;
+                }
                 let store = Self { $($name,)+ db, log };
                 store.redo()?;
                 let dictionaries = store

@@ -437,6 +437,39 @@ fn redo_records_a_kill_left_behind_are_zeroed_and_erasure_reaches_them() {
     }
 }
 
+/// A store written before the retired position was committed has its whole log walked at its
+/// first open (light or full), and only at that one: the open commits the position.
+#[test]
+fn a_store_without_a_retired_position_is_walked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let retired = |engine: &Engine| engine.store.meta.get(crate::eventlog::RETIRED_KEY).unwrap();
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        ingest(&engine, &[track("a1", Some("u1"), None, "Page Viewed", 50)]);
+        ingest(&engine, &[track("a2", Some("u1"), None, "Page Viewed", 40)]);
+        assert!(retired(&engine).is_some());
+        engine
+            .store
+            .meta
+            .remove(crate::eventlog::RETIRED_KEY)
+            .unwrap();
+    }
+    let head = {
+        let engine = Engine::open_light(dir.path()).unwrap();
+        let head = engine.store.meta.get(crate::eventlog::HEAD_KEY).unwrap();
+        assert!(head.is_some());
+        assert_eq!(retired(&engine), head);
+        head
+    };
+    let engine = Engine::open(dir.path()).unwrap();
+    assert_eq!(
+        retired(&engine),
+        head,
+        "committed by the light open's close"
+    );
+    assert_eq!(events_of(&engine, "u1"), ["a1", "a2"]);
+}
+
 /// A store of layout 2 (event bodies as JSON in `events`) opens as layout 3: bodies in the
 /// event log, timelines, dedup and the hot store unchanged, and the migration is not redone.
 #[test]
