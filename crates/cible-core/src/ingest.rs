@@ -701,14 +701,7 @@ impl<'a> Tx<'a> {
         // A bulk batch commits the log's end now; any other batch after its redo record, which
         // the engine appends when the batch is complete.
         if self.bulk && !self.pending.is_empty() {
-            self.batch
-                .insert(&self.store.meta, crate::eventlog::HEAD_KEY, head.encode());
-            let retired = self.store.log.retired();
-            self.batch.insert(
-                &self.store.meta,
-                crate::eventlog::RETIRED_KEY,
-                retired.encode(),
-            );
+            self.store.commit_log_end(&mut self.batch, head);
         }
         if !self.pending.is_empty()
             && let Some(count) = self.store.log.packer().to_record()

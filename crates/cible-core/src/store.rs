@@ -227,6 +227,17 @@ impl Store {
         out
     }
 
+    /// Adds the log's end `end` to `batch` as [`HEAD_KEY`], with how far redo records are zeroed
+    /// on disk as [`RETIRED_KEY`] (durable already: an open zeroes the redo records from there).
+    ///
+    /// [`HEAD_KEY`]: crate::eventlog::HEAD_KEY
+    /// [`RETIRED_KEY`]: crate::eventlog::RETIRED_KEY
+    pub fn commit_log_end(&self, batch: &mut fjall::OwnedWriteBatch, end: Position) {
+        batch.insert(&self.meta, crate::eventlog::HEAD_KEY, end.encode());
+        let retired = self.log.retired();
+        batch.insert(&self.meta, crate::eventlog::RETIRED_KEY, retired.encode());
+    }
+
     /// The batch a redo payload holds, with the log's end after its record as [`HEAD_KEY`].
     ///
     /// [`HEAD_KEY`]: crate::eventlog::HEAD_KEY
@@ -267,7 +278,7 @@ impl Store {
                 other => return Err(bad(&format!("holds an item of kind {other}"))),
             }
         }
-        batch.insert(&self.meta, crate::eventlog::HEAD_KEY, end.encode());
+        self.commit_log_end(&mut batch, end);
         Ok(batch)
     }
 

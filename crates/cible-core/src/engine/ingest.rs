@@ -83,14 +83,7 @@ impl Engine {
                         .store
                         .log
                         .append_redo(&crate::store::Store::redo_payload(&batch))?;
-                    batch.insert(&self.store.meta, crate::eventlog::HEAD_KEY, end.encode());
-                    // Durable already: an open zeroes the redo records from there on.
-                    let retired = self.store.log.retired();
-                    batch.insert(
-                        &self.store.meta,
-                        crate::eventlog::RETIRED_KEY,
-                        retired.encode(),
-                    );
+                    self.store.commit_log_end(&mut batch, end);
                     Some(end)
                 }
             };
