@@ -10,6 +10,8 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod consent;
+pub use consent::{CONSENT_EVENT, ConsentRequest};
 mod ingest;
 mod models;
 mod segments;
@@ -86,6 +88,13 @@ pub struct Engine {
     pub(crate) models: crate::models::saved::ModelRegistry,
     /// The traits rules read, by profile ordinal (see [`crate::trait_columns`]).
     pub(crate) trait_columns: OrderedRwLock<crate::trait_columns::TraitColumns>,
+    /// The purposes of consent (built-in, and `consent.toml`'s).
+    pub(crate) purposes: crate::consent::Purposes,
+    /// The current consent of every purpose by profile, mirrored after each commit.
+    /// Copied on write: passes read a snapshot without holding the lock.
+    pub(crate) consents: OrderedRwLock<std::sync::Arc<crate::consent::ConsentIndex>>,
+    /// Whether `consents` was read from the store (a light open reads it on first use).
+    pub(crate) consents_loaded: AtomicBool,
 }
 
 impl Engine {
@@ -132,6 +141,21 @@ impl Engine {
                     )));
                 }
             };
+        let purposes = match std::fs::read_to_string(dir.join(crate::consent::FILE_NAME)) {
+            Ok(text) => crate::consent::Purposes::from_toml(&text).map_err(|reason| {
+                EngineError::Invalid(format!(
+                    "{}: {reason}",
+                    dir.join(crate::consent::FILE_NAME).display()
+                ))
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(error) => {
+                return Err(EngineError::Invalid(format!(
+                    "{}: {error}",
+                    dir.join(crate::consent::FILE_NAME).display()
+                )));
+            }
+        };
         let store = Store::open(dir)?;
         check_schema(&store)?;
         recover_bulk(&store)?;
@@ -204,7 +228,7 @@ impl Engine {
         metrics.feed_head.store(feed.head(), Ordering::Relaxed);
         let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
         let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
-        Ok(Self {
+        let engine = Self {
             store,
             liveness: OrderedRwLock::new(
                 Level::Liveness,
@@ -228,7 +252,12 @@ impl Engine {
             traits,
             models,
             trait_columns: OrderedRwLock::new(Level::TraitColumns, Default::default()),
-        })
+            purposes,
+            consents: OrderedRwLock::new(Level::Consents, Default::default()),
+            consents_loaded: AtomicBool::new(false),
+        };
+        engine.load_consents()?;
+        Ok(engine)
     }
 
     /// Keeps in memory the traits with these names, for rule evaluation.
@@ -762,6 +791,28 @@ impl Engine {
         restored.merged_into = None;
         survivor_record.traits = fold_traits(survivor_events.iter().map(|(m, _)| m));
         restored.traits = fold_traits(back.iter().map(|(m, _)| m));
+        // Consent changes go with the messages that carried them.
+        let back_ids: FxHashSet<&str> = back.iter().map(|(m, _)| m.message_id.as_str()).collect();
+        let mut consents = restored.consents.clone();
+        consents.absorb(
+            survivor_record
+                .consents
+                .split_off(|id| back_ids.contains(id)),
+        );
+        restored.consents = consents;
+        let consent_rows = vec![
+            (
+                survivor,
+                self.store
+                    .write_consents(&mut batch, survivor, &survivor_record.consents)?,
+            ),
+            (
+                merge.from,
+                self.store
+                    .write_consents(&mut batch, merge.from, &restored.consents)?,
+            ),
+        ];
+        state.profiles[survivor as usize].consent = self.purposes.bits(&survivor_record.consents);
         for ident in &moved {
             state.idents.insert(ident.clone(), merge.from);
             batch.insert(
@@ -774,6 +825,7 @@ impl Engine {
             merged_into: None,
             has_user: restored.identifiers.iter().any(|i| i.starts_with("u:")),
             alive: true,
+            consent: self.purposes.bits(&restored.consents),
         };
         state.profiles[survivor as usize].has_user = survivor_record
             .identifiers
@@ -800,6 +852,7 @@ impl Engine {
             columns.update(survivor, &survivor_record.traits);
             columns.update(merge.from, &restored.traits);
         }
+        self.mirror_consents(&consent_rows);
         let mut hot = self.hot.write();
         let moved_events = back.len();
         hot.replace(merge.from, back.into_iter().map(|(_, h)| h).collect());
@@ -855,6 +908,11 @@ impl Engine {
             batch.remove(&self.store.idents, ident.as_bytes());
         }
         batch.remove(&self.store.profiles, profile_key(profile));
+        let mut consent_rows = vec![(
+            profile,
+            self.store
+                .write_consents(&mut batch, profile, &Default::default())?,
+        )];
         let mut merged_profiles = Vec::new();
         for merge in self.all_merges()? {
             if state.find(merge.into) == profile || merge.from == profile {
@@ -865,6 +923,11 @@ impl Engine {
                 );
                 if merge.unmerged_at.is_none() && merge.from != profile {
                     batch.remove(&self.store.profiles, profile_key(merge.from));
+                    consent_rows.push((
+                        merge.from,
+                        self.store
+                            .write_consents(&mut batch, merge.from, &Default::default())?,
+                    ));
                     merged_profiles.push(merge.from);
                 }
             }
@@ -908,6 +971,7 @@ impl Engine {
                 columns.update(*gone, &BTreeMap::new());
             }
         }
+        self.mirror_consents(&consent_rows);
         drop(state);
         let mut touched = crate::segment::live::Touched::default();
         touched.all.insert(profile);

@@ -17,6 +17,9 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// The request repeats or contradicts what is stored (a request id already recorded).
+    #[error("{0}")]
+    Conflict(String),
     #[error("the work was cancelled (its client left, or the server is stopping)")]
     Cancelled,
 }

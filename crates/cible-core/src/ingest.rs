@@ -72,15 +72,68 @@ pub struct Prepared {
     /// Index in `VALUE_PROPERTIES` of the numeric property, and its number when it reads as one.
     value: Option<(u8, Option<f64>)>,
     long_time_on_page: bool,
+    /// What consent reads of the message's context (`context.consent`, `ip`, `userAgent`),
+    /// kept only for messages that may carry consent ([`crate::consent::may_carry`]).
+    consent: Option<Box<ConsentContext>>,
     /// The message serialized for the store, without anomaly flags: its codec form, or packed.
     body: Vec<u8>,
     /// Whether `body` was offered to the packer already (packed, or kept as a sample).
     offered: bool,
 }
 
+/// See [`Prepared::consent`].
+#[derive(Debug, Clone)]
+struct ConsentContext {
+    consent: Option<serde_json::Map<String, Value>>,
+    ip: Option<String>,
+    user_agent: Option<String>,
+}
+
 impl Prepared {
+    /// The consent changes the message carries, arrived by `channel`.
+    pub(crate) fn consent_changes(
+        &self,
+        purposes: &crate::consent::Purposes,
+        channel: &str,
+    ) -> Vec<crate::consent::ConsentChange> {
+        let Some(context) = &self.consent else {
+            return Vec::new();
+        };
+        purposes.changes(
+            &crate::consent::ConsentInput {
+                kind: self.kind,
+                event: self.event.as_deref(),
+                traits: &self.traits,
+                consent: context.consent.as_ref(),
+                ip: context.ip.as_deref(),
+                user_agent: context.user_agent.as_deref(),
+                at: self.timestamp,
+                message_id: &self.message_id,
+            },
+            channel,
+        )
+    }
+
     fn from_message(mut message: Message) -> Self {
         let body = crate::codec::encode(&message);
+        let consent = crate::consent::may_carry(&message).then(|| {
+            let text = |field: &str| {
+                message
+                    .context
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            Box::new(ConsentContext {
+                consent: message
+                    .context
+                    .get("consent")
+                    .and_then(Value::as_object)
+                    .cloned(),
+                ip: text("ip"),
+                user_agent: text("userAgent"),
+            })
+        });
         let traits = if message.kind == MessageType::Identify {
             std::mem::take(&mut message.traits)
         } else {
@@ -105,6 +158,7 @@ impl Prepared {
             previous_id: message.previous_id,
             email: message.email,
             traits,
+            consent,
             body,
             offered: false,
         }
@@ -176,9 +230,15 @@ pub(crate) struct Tx<'a> {
     pub(crate) state: &'a mut State,
     pub(crate) hot: &'a HotStore,
     pub(crate) source: &'a str,
+    pub(crate) purposes: &'a crate::consent::Purposes,
     pub(crate) now: i64,
     pub(crate) batch: fjall::OwnedWriteBatch,
     pub(crate) dirty: FxHashMap<u32, ProfileRecord>,
+    /// Profiles whose consents changed (merged-away ones too): their `consents` rows are
+    /// rewritten, and the in-memory index after the commit ([`Tx::consents`]).
+    pub(crate) consent_touched: FxHashSet<u32>,
+    /// Written by `finish`: each touched profile's current consents, for the index.
+    pub(crate) consents: Vec<crate::consent::Written>,
     pub(crate) pending: Vec<PendingEvent>,
     pub(crate) batch_ids: FxHashSet<String>,
     pub(crate) batch_quarantine: FxHashSet<[u8; 16]>,
@@ -232,6 +292,8 @@ pub(crate) struct Bulk {
     pub(crate) idents: FxHashMap<String, u32>,
     pub(crate) merges: Vec<(u64, u32, Vec<u8>)>,
     pub(crate) moves: Vec<u32>,
+    /// Profiles whose `consents` rows the flush rewrites (from their waiting records).
+    pub(crate) consent_touched: FxHashSet<u32>,
 }
 
 /// A batch's buffers, kept between batches for their capacity: allocated afresh for every
@@ -255,6 +317,7 @@ impl Bulk {
             && self.idents.is_empty()
             && self.merges.is_empty()
             && self.moves.is_empty()
+            && self.consent_touched.is_empty()
     }
 }
 
@@ -284,6 +347,7 @@ impl<'a> Tx<'a> {
         state: &'a mut State,
         hot: &'a HotStore,
         source: &'a str,
+        purposes: &'a crate::consent::Purposes,
         now: i64,
     ) -> Self {
         let Scratch { pending, batch_ids } = std::mem::take(&mut state.scratch);
@@ -292,9 +356,12 @@ impl<'a> Tx<'a> {
             state,
             hot,
             source,
+            purposes,
             now,
             batch: store.db.batch(),
             dirty: FxHashMap::default(),
+            consent_touched: FxHashSet::default(),
+            consents: Vec::new(),
             pending,
             batch_ids,
             batch_quarantine: FxHashSet::default(),
@@ -498,7 +565,41 @@ impl<'a> Tx<'a> {
             self.record(profile)?
                 .apply_traits(&message.traits, message.timestamp);
         }
+        let changes = message.consent_changes(self.purposes, self.source);
+        if !changes.is_empty() {
+            self.apply_consents(profile, changes)?;
+        }
         Ok(profile)
+    }
+
+    /// Adds consent changes to a profile's history; those that repeat its current state are
+    /// dropped without reading its record.
+    fn apply_consents(
+        &mut self,
+        profile: u32,
+        changes: Vec<crate::consent::ConsentChange>,
+    ) -> Result<()> {
+        let bits = self.state.profiles[profile as usize].consent;
+        let purposes = self.purposes;
+        let news: Vec<_> = changes
+            .into_iter()
+            .filter(|c| {
+                !purposes
+                    .index(&c.purpose)
+                    .is_some_and(|i| bits.repeats(i, c))
+            })
+            .collect();
+        if news.is_empty() {
+            return Ok(());
+        }
+        let record = self.record(profile)?;
+        for change in news {
+            record.consents.apply(change);
+        }
+        let bits = purposes.bits(&record.consents);
+        self.state.profiles[profile as usize].consent = bits;
+        self.consent_touched.insert(profile);
+        Ok(())
     }
 
     /// Records that `ident` leads to `profile` (in the batch, or for a bulk import's flush).
@@ -544,7 +645,14 @@ impl<'a> Tx<'a> {
         self.state.profiles[into as usize].has_user |= from_has_user;
         let restored_id = absorbed.id;
         let created_at = absorbed.created_at;
+        let had_consents = !absorbed.consents.is_empty();
         self.record(into)?.absorb(absorbed);
+        if had_consents {
+            let bits = self.purposes.bits(&self.record(into)?.consents);
+            self.state.profiles[into as usize].consent = bits;
+            self.state.profiles[from as usize].consent = Default::default();
+            self.consent_touched.extend([from, into]);
+        }
         *self.record(from)? = ProfileRecord {
             id: restored_id,
             created_at,
@@ -731,6 +839,23 @@ impl<'a> Tx<'a> {
                     .insert(&self.store.msgids, event.message_id.as_bytes(), []);
             }
         }
+        if self.bulk {
+            self.state
+                .bulk
+                .consent_touched
+                .extend(self.consent_touched.drain());
+        }
+        for profile in std::mem::take(&mut self.consent_touched) {
+            let consents = self
+                .dirty
+                .get(&profile)
+                .map(|r| &r.consents)
+                .ok_or_else(|| corrupt("profiles", format!("profile {profile} not rewritten")))?;
+            let states = self
+                .store
+                .write_consents(&mut self.batch, profile, consents)?;
+            self.consents.push((profile, states));
+        }
         for (profile, record) in &self.dirty {
             if self.bulk {
                 self.state.bulk.profiles.insert(*profile, record.clone());
@@ -769,6 +894,8 @@ pub(crate) struct ProfileMeta {
     pub(crate) has_user: bool,
     /// Holds identifiers (not merged away, not removed).
     pub(crate) alive: bool,
+    /// Its current consents, compact (the history is in its record).
+    pub(crate) consent: crate::consent::Bits,
 }
 
 /// A text dictionary with dense ids.

@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod codec;
 pub mod computed;
+pub mod consent;
 pub mod engine;
 pub mod error;
 pub mod eventlog;

@@ -63,6 +63,9 @@ pub struct ProfileRecord {
     pub traits: BTreeMap<String, TraitValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<u32>,
+    /// Every consent change, oldest first (see [`crate::consent`]).
+    #[serde(default, skip_serializing_if = "crate::consent::Consents::is_empty")]
+    pub consents: crate::consent::Consents,
 }
 
 impl ProfileRecord {
@@ -85,6 +88,7 @@ impl ProfileRecord {
 
     pub(crate) fn absorb(&mut self, other: ProfileRecord) {
         self.identifiers.extend(other.identifiers);
+        self.consents.absorb(other.consents);
         for (name, incoming) in other.traits {
             let newer = self
                 .traits

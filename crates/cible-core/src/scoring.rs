@@ -20,10 +20,12 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// The traits of a profile at `now`, the models' outputs included when there are models.
-    pub fn traits(&self, timeline: &Timeline<'_>, now: u32) -> ComputedTraits {
+    /// The traits of a profile at `now`, the models' outputs included when there are models
+    /// and `profiling` permits them (the profile did not object to profiling: see
+    /// `Engine::consent_check`).
+    pub fn traits(&self, timeline: &Timeline<'_>, now: u32, profiling: bool) -> ComputedTraits {
         let mut traits = compute(timeline, now, &self.plan, &self.calibration);
-        if !self.models.is_empty() {
+        if !self.models.is_empty() && profiling {
             let (models, next) = self.score(timeline, now, &traits);
             traits.models = models;
             traits.next_change = next;
@@ -47,6 +49,8 @@ impl Setup {
 /// A profile's computed traits, computed on first use and shared by every rule of a pass; the
 /// models' outputs likewise, only when a rule reads them.
 pub struct Lazy<'a> {
+    /// Whether models may score the profile (it did not object to profiling).
+    profiling: bool,
     cell: std::cell::OnceCell<ComputedTraits>,
     scored: std::cell::OnceCell<(ModelTraits, Option<u32>)>,
     timeline: Timeline<'a>,
@@ -55,8 +59,9 @@ pub struct Lazy<'a> {
 }
 
 impl<'a> Lazy<'a> {
-    pub fn new(timeline: Timeline<'a>, now: u32, setup: &'a Setup) -> Self {
+    pub fn new(timeline: Timeline<'a>, now: u32, setup: &'a Setup, profiling: bool) -> Self {
         Self {
+            profiling,
             cell: std::cell::OnceCell::new(),
             scored: std::cell::OnceCell::new(),
             timeline,
@@ -76,10 +81,16 @@ impl<'a> Lazy<'a> {
         })
     }
 
-    /// The models' outputs and when they may next change.
+    /// The models' outputs and when they may next change: none for a profile that objected
+    /// to profiling.
     pub fn models(&self) -> &(ModelTraits, Option<u32>) {
-        self.scored
-            .get_or_init(|| self.setup.score(&self.timeline, self.now, self.get()))
+        self.scored.get_or_init(|| {
+            if self.profiling {
+                self.setup.score(&self.timeline, self.now, self.get())
+            } else {
+                (ModelTraits::default(), None)
+            }
+        })
     }
 }
 
@@ -89,6 +100,8 @@ pub struct TraitsReader<'e> {
     pub(crate) hot: &'e crate::lock::OrderedRwLock<crate::hot::HotStore>,
     pub(crate) setup: Setup,
     pub(crate) now: u32,
+    /// Who may be scored (see [`Setup::traits`]).
+    pub(crate) profiling: crate::consent::ConsentCheck,
 }
 
 impl TraitsReader<'_> {
@@ -98,7 +111,10 @@ impl TraitsReader<'_> {
         let hot = self.hot.read();
         profiles
             .par_iter()
-            .map(|p| self.setup.traits(&hot.timeline(*p), self.now))
+            .map(|p| {
+                self.setup
+                    .traits(&hot.timeline(*p), self.now, self.profiling.permits(*p))
+            })
             .collect()
     }
 

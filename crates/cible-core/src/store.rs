@@ -118,6 +118,7 @@ keyspaces!(
     segment_log,
     entries,
     changes,
+    consents,
 );
 
 /// The `meta` key holding the store's layout version.
@@ -129,12 +130,13 @@ pub const SNAPSHOT_TOKEN_KEY: &str = "hot_snapshot";
 /// out of fjall into the event log, and `events` holds their locations with the hot rows (the
 /// `hot` keyspace is gone); 4 indexed merges by survivor (`merged_into`); 5 put redo records
 /// in the event log (an older cible would misread them: nothing else changed, so a layout 4
-/// store needs no migration).
-pub const SCHEMA_VERSION: u32 = 5;
+/// store needs no migration); 6 added consents (`consents`, and a history in profile records:
+/// an older cible would drop it; a layout 5 store holds none, so it needs no migration).
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
-pub const PER_PROFILE: [(&str, &str); 8] = [
+pub const PER_PROFILE: [(&str, &str); 9] = [
     ("events", "profile prefix (the bodies are in the event log)"),
     ("msgids", "the messageIds of the profile's events"),
     ("idents", "the profile's identifiers"),
@@ -146,6 +148,7 @@ pub const PER_PROFILE: [(&str, &str); 8] = [
         "changes",
         "feed entries naming the profile (and segment_log)",
     ),
+    ("consents", "profile prefix (consent_key)"),
 ];
 
 /// Keyspaces that hold nothing about a person by key (quarantine holds raw messages, which
@@ -236,6 +239,57 @@ impl Store {
         batch.insert(&self.meta, crate::eventlog::HEAD_KEY, end.encode());
         let retired = self.log.retired();
         batch.insert(&self.meta, crate::eventlog::RETIRED_KEY, retired.encode());
+    }
+
+    /// Replaces a profile's rows of `consents` in `batch` with the current state of `consents`
+    /// (none for a profile merged away or removed); returns that state for the in-memory index.
+    pub fn write_consents(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        profile: u32,
+        consents: &crate::consent::Consents,
+    ) -> Result<crate::consent::States, StoreError> {
+        let states: crate::consent::States = consents
+            .states()
+            .into_iter()
+            .map(|(purpose, change)| (purpose.to_string(), change.granted, change.at))
+            .collect();
+        for entry in self.consents.prefix(profile_key(profile)) {
+            let key = entry.key()?;
+            let (_, purpose) = consent_of(&key)?;
+            if !states.iter().any(|(p, _, _)| p == purpose) {
+                batch.remove(&self.consents, key.to_vec());
+            }
+        }
+        for (purpose, granted, at) in &states {
+            let mut value = vec![u8::from(*granted)];
+            value.extend_from_slice(&at.to_be_bytes());
+            batch.insert(&self.consents, consent_key(profile, purpose), value);
+        }
+        Ok(states)
+    }
+
+    /// Every profile's current consents: (profile, purpose, granted, when).
+    pub fn read_consents(&self) -> Result<Vec<(u32, String, bool, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.consents.iter() {
+            let (key, value) = entry.into_inner()?;
+            let (profile, purpose) = consent_of(&key)?;
+            let (granted, at) = match value.split_first() {
+                Some((granted @ (0 | 1), at)) if at.len() == 8 => (
+                    *granted == 1,
+                    i64::from_be_bytes(at.try_into().expect("8 bytes")),
+                ),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        keyspace: "consents",
+                        detail: format!("the value of profile {profile}'s {purpose:?}"),
+                    });
+                }
+            };
+            out.push((profile, purpose.to_string(), granted, at));
+        }
+        Ok(out)
     }
 
     /// The batch a redo payload holds, with the log's end after its record as [`HEAD_KEY`].
@@ -513,6 +567,25 @@ pub fn segment_prefix(segment: &str) -> Vec<u8> {
 /// Big-endian bytes of a profile ordinal (the prefix of its event keys).
 pub fn profile_key(profile: u32) -> [u8; 4] {
     profile.to_be_bytes()
+}
+
+/// `consents` key: profile ordinal (big-endian) then the purpose's name; the value is one byte,
+/// 1 granted, 0 withdrawn (the current state; the history is in the profile record).
+pub fn consent_key(profile: u32, purpose: &str) -> Vec<u8> {
+    let mut key = profile.to_be_bytes().to_vec();
+    key.extend_from_slice(purpose.as_bytes());
+    key
+}
+
+/// The profile and purpose of a `consents` key.
+pub fn consent_of(key: &[u8]) -> Result<(u32, &str), StoreError> {
+    let bad = || StoreError::Corrupt {
+        keyspace: "consents",
+        detail: "a key is not a profile and a purpose".into(),
+    };
+    let (profile, purpose) = key.split_first_chunk::<4>().ok_or_else(bad)?;
+    let purpose = std::str::from_utf8(purpose).map_err(|_| bad())?;
+    Ok((u32::from_be_bytes(*profile), purpose))
 }
 
 /// The (profile, time, seq) of an `events` or `hot` key.

@@ -32,7 +32,64 @@ pub struct ProfileView {
     pub flags: BTreeMap<&'static str, usize>,
     /// Merges into this profile, undone ones included.
     pub merges: Vec<MergeView>,
+    pub consents: ConsentsView,
     pub timeline: Timeline,
+}
+
+/// A profile's consents: the state of every purpose, and the history that led there.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsentsView {
+    pub profile: u32,
+    pub current: BTreeMap<String, CurrentConsent>,
+    /// Every change, oldest first.
+    pub history: Vec<crate::consent::ConsentChange>,
+}
+
+/// Where a purpose stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurrentConsent {
+    /// Granted and not withdrawn since (what `consent.<purpose>` reads).
+    pub granted: bool,
+    /// Whether the purpose may process the profile's data, under its rule.
+    pub permitted: bool,
+    pub rule: crate::consent::Rule,
+    /// The change in force, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<crate::consent::ConsentChange>,
+}
+
+/// The consents view of a profile's history.
+pub fn consents_view(
+    purposes: &crate::consent::Purposes,
+    profile: u32,
+    consents: crate::consent::Consents,
+) -> ConsentsView {
+    let current = purposes
+        .names()
+        .map(|purpose| {
+            let since = consents.current(purpose).cloned();
+            let granted = since.as_ref().is_some_and(|c| c.granted);
+            let rule = purposes.rule(purpose).expect("a known purpose");
+            let permitted = match rule {
+                crate::consent::Rule::OptIn => granted,
+                crate::consent::Rule::OptOut => since.as_ref().is_none_or(|c| c.granted),
+            };
+            (
+                purpose.to_string(),
+                CurrentConsent {
+                    granted,
+                    permitted,
+                    rule,
+                    since,
+                },
+            )
+        })
+        .collect();
+    ConsentsView {
+        profile,
+        current,
+        history: consents.0,
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -138,6 +195,7 @@ pub fn profile_view(
     };
     let events = engine.timeline(profile, query.kind, query.offset, query.limit)?;
     let computed = engine.computed_traits(profile, now)?;
+    let consents = consents_view(engine.purposes(), profile, record.consents);
     Ok(ProfileView {
         computed,
         id: profile,
@@ -166,6 +224,7 @@ pub fn profile_view(
             .into_iter()
             .map(merge_view)
             .collect(),
+        consents,
         timeline: Timeline {
             offset: query.offset,
             limit: query.limit,

@@ -12,6 +12,8 @@ pub struct Catalog<'a> {
     pub segments: &'a [String],
     /// Trained models (`cluster`, `purchase_30d`...), for `cluster.*` and `predicted.*`.
     pub models: &'a [String],
+    /// Consent purposes (`email`, `profiling`...), for `consent.*`.
+    pub purposes: &'a [String],
 }
 
 /// Every attribute (`trait.plan`, `predicted.purchase_30d`) a rule reads.
@@ -93,6 +95,26 @@ pub fn check(expr: &Expr, catalog: &Catalog<'_>, source: &str) -> Vec<Diagnostic
         }
     }
     for attribute in attributes(expr) {
+        if let Some(purpose) = crate::parser::consent_purpose(attribute) {
+            if !catalog.purposes.iter().any(|p| p == purpose) {
+                let span = source
+                    .find(attribute)
+                    .map_or_else(Span::default, |at| Span::new(at, at + attribute.len()));
+                let suggestion = closest(purpose, catalog.purposes.iter().map(String::as_str))
+                    .map(|p| format!("`consent.{p}`"));
+                diagnostics.push(
+                    Diagnostic::error(
+                        Code::UnknownPurpose,
+                        span,
+                        format!(
+                            "{purpose:?} is not a consent purpose (add it to consent.toml's [purposes])"
+                        ),
+                    )
+                    .suggest(suggestion),
+                );
+            }
+            continue;
+        }
         let model = match attribute.split_once('.') {
             Some(("cluster", _)) => "cluster",
             Some(("predicted", model)) => model,

@@ -38,6 +38,7 @@ pub enum Code {
     InvalidJson = 13,
     UnknownModel = 14,
     WindowTooLong = 15,
+    UnknownPurpose = 16,
     UnknownEvent = 101,
 }
 

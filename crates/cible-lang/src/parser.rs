@@ -23,9 +23,11 @@ pub const FUNCTIONS: [&str; 11] = [
     "in_segment",
 ];
 
-/// Attribute namespaces: `trait.x` reads a profile trait; the others are computed traits.
-pub const NAMESPACES: [&str; 8] = [
+/// Attribute namespaces: `trait.x` reads a profile trait, `consent.x` whether the profile
+/// granted purpose x (and has not withdrawn it since); the others are computed traits.
+pub const NAMESPACES: [&str; 9] = [
     "trait",
+    "consent",
     "score",
     "rfm",
     "intent",
@@ -56,9 +58,15 @@ pub const COMPUTED: [&str; 17] = [
     "cluster.name",
 ];
 
-/// Whether an attribute is a computed trait rather than a `trait.` profile trait.
+/// Whether an attribute is a computed trait rather than a `trait.` profile trait or a
+/// `consent.` purpose.
 pub fn is_computed(name: &str) -> bool {
-    !name.starts_with("trait.")
+    !name.starts_with("trait.") && consent_purpose(name).is_none()
+}
+
+/// The purpose a `consent.<purpose>` attribute reads.
+pub fn consent_purpose(name: &str) -> Option<&str> {
+    name.strip_prefix("consent.")
 }
 
 pub fn parse(source: &str) -> Result<Expr, Diagnostic> {
@@ -482,7 +490,8 @@ impl Parser {
             let (path, span) = self.property_path()?;
             let full = format!("{name}.{path}");
             // `predicted.<model>` names any propensity model (`predicted.purchase_30d`).
-            if !matches!(name.as_str(), "trait" | "predicted") && !COMPUTED.contains(&full.as_str())
+            if !matches!(name.as_str(), "trait" | "predicted" | "consent")
+                && !COMPUTED.contains(&full.as_str())
             {
                 let known = COMPUTED
                     .iter()
@@ -587,8 +596,48 @@ impl Parser {
         })
     }
 
+    /// `consent.email` alone holds when the purpose is granted; it may also be compared with
+    /// `true` or `false` (`=`, `!=`), nothing else.
+    fn consent_test(&mut self, left: Value, span: Span) -> Parsed<Expr> {
+        let token = self.peek();
+        let starts_test = match &token.kind {
+            TokenKind::Cmp(_) => true,
+            TokenKind::Ident(word) => ["in", "contains", "starts_with"].contains(&word.as_str()),
+            _ => false,
+        };
+        if !starts_test {
+            return Ok(Expr::Compare {
+                left,
+                cmp: Cmp::Eq,
+                right: Literal::Bool(true),
+            });
+        }
+        match self.test()? {
+            Test::Compare {
+                cmp: cmp @ (Cmp::Eq | Cmp::Ne),
+                value: value @ Literal::Bool(_),
+            } => Ok(Expr::Compare {
+                left,
+                cmp,
+                right: value,
+            }),
+            _ => Err(Diagnostic::error(
+                Code::TypeMismatch,
+                span.to(token.span),
+                format!(
+                    "{left} is true or false: write `{left}`, `not {left}` or `{left} = false`"
+                ),
+            )),
+        }
+    }
+
     /// The comparison that must follow a value.
     fn comparison(&mut self, left: Value, span: Span) -> Parsed<Expr> {
+        if let Value::Attribute { name } = &left
+            && consent_purpose(name).is_some()
+        {
+            return self.consent_test(left, span);
+        }
         let numeric = !matches!(left, Value::Attribute { .. });
         let token = self.peek();
         let test = match &token.kind {

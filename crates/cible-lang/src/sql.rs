@@ -232,6 +232,10 @@ impl Compiler {
             Value::Attribute { name } => {
                 // Profile traits in `traits`; computed traits, as `cible export profiles` writes
                 // them, in `computed`.
+                if let Some(purpose) = crate::parser::consent_purpose(name) {
+                    // `cible export profiles` writes every purpose, true or false.
+                    return Err(Box::new(json("p.consents", purpose, self.dialect)));
+                }
                 return Err(Box::new(match name.strip_prefix("trait.") {
                     Some(property) => json("p.traits", property, self.dialect),
                     None => json("p.computed", name, self.dialect),

@@ -160,6 +160,7 @@ fn unknown_events_warn_with_the_closest_name_and_unknown_segments_fail() {
             event_names: &events,
             segments: &segments,
             models: &[],
+            purposes: &[],
         },
         source,
     );
@@ -242,6 +243,7 @@ fn model_outputs_need_a_trained_model() {
             event_names: &[],
             segments: &[],
             models: &models,
+            purposes: &[],
         },
         source,
     );
@@ -256,6 +258,7 @@ fn model_outputs_need_a_trained_model() {
         event_names: &[],
         segments: &[],
         models: &models,
+        purposes: &[],
     };
     let source = "predicted.purchase_30d > 0.5 or cluster.id = 2";
     assert!(check(&parse(source).unwrap(), &clean, source).is_empty());
@@ -333,4 +336,48 @@ fn windows_are_at_most_ten_years_and_never_overflow() {
     let error = from_json(&did("0d")).unwrap_err();
     assert_eq!(error.code, Code::InvalidJson);
     assert!(error.message.contains("`window`"), "{}", error.message);
+}
+
+#[test]
+fn consent_reads_as_a_condition_and_compares_only_with_booleans() {
+    let bare = parse("consent.email and trait.country = \"FR\"").unwrap();
+    let explicit = parse("consent.email = true and trait.country = \"FR\"").unwrap();
+    assert_eq!(bare, explicit);
+    assert_eq!(
+        parse("not consent.profiling").unwrap().to_string(),
+        "not consent.profiling = true"
+    );
+    assert!(parse("consent.email != false").is_ok());
+    assert!(parse("consent.sms_marketing").is_ok());
+    for bad in [
+        "consent.email = \"yes\"",
+        "consent.email >= 1",
+        "consent.email in (true)",
+    ] {
+        let error = error(bad);
+        assert!(
+            error.contains("error[E008]: consent.email is true or false"),
+            "{bad}: {error}"
+        );
+    }
+    let source = "consent.emial or consent.profiling";
+    let purposes: Vec<String> = ["email", "profiling"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let found = check(
+        &parse(source).unwrap(),
+        &Catalog {
+            event_names: &[],
+            segments: &[],
+            models: &[],
+            purposes: &purposes,
+        },
+        source,
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].render(source),
+        "error[E016]: \"emial\" is not a consent purpose (add it to consent.toml's [purposes])\n --> line 1, column 1\n  |\n1 | consent.emial or consent.profiling\n  | ^^^^^^^^^^^^^\n  = help: did you mean `consent.email`?"
+    );
 }

@@ -283,6 +283,80 @@ pub enum ProfileCommand {
         /// The merge id (see `cible profile merges` or `profile show`).
         merge: u64,
     },
+    /// Consent per purpose with its history; with --grant or --withdraw, record a change
+    /// (source `api`, durable when the command returns).
+    Consent {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// Purposes granted (repeat, or comma-separated): email, analytics, personalization,
+        /// profiling, advertising, or one of consent.toml.
+        #[arg(long, value_delimiter = ',')]
+        grant: Vec<String>,
+        /// Purposes withdrawn.
+        #[arg(long, value_delimiter = ',')]
+        withdraw: Vec<String>,
+        /// Lawful basis: consent, contract, legal_obligation, vital_interests, public_task,
+        /// legitimate_interests.
+        #[arg(long)]
+        basis: Option<String>,
+        /// Print JSON (the same document as GET /api/profiles/{id}/consents).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The purposes of `--grant` and `--withdraw`, as the API takes them.
+fn consent_purposes(
+    grant: &[String],
+    withdraw: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, bool>> {
+    let mut purposes = std::collections::BTreeMap::new();
+    for (list, granted) in [(grant, true), (withdraw, false)] {
+        for purpose in list {
+            if purposes.insert(purpose.clone(), granted) == Some(!granted) {
+                bail!("--grant and --withdraw both name {purpose:?}");
+            }
+        }
+    }
+    Ok(purposes)
+}
+
+/// `profile consent` as text.
+fn print_consents(view: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return crate::print_json(view);
+    }
+    println!("profile {}", view["profile"]);
+    for (purpose, state) in view["current"].as_object().into_iter().flatten() {
+        let since = &state["since"];
+        let how = if since.is_null() {
+            "never asked".to_string()
+        } else {
+            format!(
+                "{} since {} ({}, {})",
+                if state["granted"] == true {
+                    "granted"
+                } else {
+                    "withdrawn"
+                },
+                cible_core::time::format_ms(since["at"].as_i64().unwrap_or_default()),
+                since["source"].as_str().unwrap_or("-"),
+                since["basis"].as_str().unwrap_or("-"),
+            )
+        };
+        let permitted = if state["permitted"] == true {
+            "permitted"
+        } else {
+            "not permitted"
+        };
+        println!(
+            "  {purpose:<16} {permitted:<14} {how}  [{}]",
+            state["rule"].as_str().unwrap_or_default()
+        );
+    }
+    let history = view["history"].as_array().map_or(0, Vec::len);
+    println!("  {history} changes in the history (--json shows them)");
+    Ok(())
 }
 
 pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
@@ -358,6 +432,30 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
         ProfileCommand::Unmerge { merge } => {
             let outcome = engine.unmerge(merge, global.now_ms()?)?;
             print_unmerge(&serde_json::to_value(&outcome)?);
+        }
+        ProfileCommand::Consent {
+            id,
+            grant,
+            withdraw,
+            basis,
+            json,
+        } => {
+            let profile = engine
+                .find_profile(&id)
+                .with_context(|| format!("no profile {id:?}"))?;
+            let purposes = consent_purposes(&grant, &withdraw)?;
+            let consents = if purposes.is_empty() {
+                engine.consents_of(profile)?
+            } else {
+                let request = cible_core::engine::ConsentRequest {
+                    purposes,
+                    basis,
+                    ..Default::default()
+                };
+                engine.set_consents(profile, &request, global.now_ms()?)?
+            };
+            let view = cible_core::view::consents_view(engine.purposes(), profile, consents);
+            print_consents(&serde_json::to_value(view)?, json)?;
         }
     }
     Ok(())
@@ -526,14 +624,19 @@ fn print_quality(report: &cible_core::records::QualityReport, json: bool) -> any
 
 #[derive(Debug, Subcommand)]
 pub enum ExportCommand {
-    /// Every stored event as JSON Lines, with its profile number, in (profile, time) order.
+    /// Every stored event as JSON Lines, with its profile number, in (profile, time) order,
+    /// of the profiles whose consents let `--purpose` process them.
     Events {
         /// Output file; standard output when absent.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// What the export is for (a consent purpose: analytics, email, advertising...): only
+        /// the profiles that purpose may process are written.
+        #[arg(long)]
+        purpose: String,
     },
     /// Every live profile's feature vector for models, as Parquet (see the README for the
-    /// columns).
+    /// columns); profiles that objected to profiling are left out.
     Features {
         /// Output file (.parquet).
         #[arg(long)]
@@ -542,11 +645,15 @@ pub enum ExportCommand {
         #[arg(long, value_enum, default_value = "none")]
         scale: ScaleArg,
     },
-    /// Every live profile as JSON Lines: number, identifiers, current traits, computed traits.
+    /// Every live profile as JSON Lines: number, identifiers, current traits, computed traits,
+    /// consents; only the profiles whose consents let `--purpose` process them.
     Profiles {
         /// Output file; standard output when absent.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// What the export is for (a consent purpose: analytics, email, advertising...).
+        #[arg(long)]
+        purpose: String,
     },
 }
 
@@ -575,9 +682,13 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let (ExportCommand::Events { out } | ExportCommand::Profiles { out }) = &command else {
+    let (ExportCommand::Events { out, purpose } | ExportCommand::Profiles { out, purpose }) =
+        &command
+    else {
         unreachable!("features are written above")
     };
+    // The consent check first: an unknown purpose writes nothing.
+    let check = engine.consent_check(purpose)?;
     let sink: Box<dyn Write> = match out {
         Some(path) => Box::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -586,8 +697,10 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     };
     let mut writer = BufWriter::with_capacity(1 << 20, sink);
     let result = match command {
-        ExportCommand::Events { .. } => export_events(&engine, &mut writer),
-        ExportCommand::Profiles { .. } => export_profiles(&engine, &mut writer, global.now_ms()?),
+        ExportCommand::Events { .. } => export_events(&engine, &check, &mut writer),
+        ExportCommand::Profiles { .. } => {
+            export_profiles(&engine, &check, &mut writer, global.now_ms()?)
+        }
         ExportCommand::Features { .. } => unreachable!("features are written above"),
     };
     match result.and_then(|()| writer.flush()) {
@@ -596,9 +709,16 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     }
 }
 
-fn export_events(engine: &cible_core::Engine, writer: &mut impl Write) -> std::io::Result<()> {
+fn export_events(
+    engine: &cible_core::Engine,
+    check: &cible_core::consent::ConsentCheck,
+    writer: &mut impl Write,
+) -> std::io::Result<()> {
     let mut io_error = None;
     let outcome = engine.for_each_event(|event| {
+        if !check.permits(event.profile) {
+            return Ok(());
+        }
         let line = cible_core::view::event_json(event);
         if let Err(error) = serde_json::to_writer(&mut *writer, &line)
             .map_err(std::io::Error::from)
@@ -618,10 +738,13 @@ fn export_events(engine: &cible_core::Engine, writer: &mut impl Write) -> std::i
 
 fn export_profiles(
     engine: &cible_core::Engine,
+    check: &cible_core::consent::ConsentCheck,
     writer: &mut impl Write,
     now: i64,
 ) -> std::io::Result<()> {
-    let profiles = engine.live_profiles();
+    let mut profiles = engine.live_profiles();
+    profiles.retain(|p| check.permits(*p));
+    let purposes: Vec<String> = engine.purposes().names().map(str::to_string).collect();
     let reader = engine
         .traits_reader(now)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -637,8 +760,20 @@ fn export_profiles(
                 .into_iter()
                 .map(|(name, t)| (name, t.value))
                 .collect();
+            // Every purpose, true only when granted and not withdrawn since (as rules read
+            // `consent.<purpose>`).
+            let consents: serde_json::Map<String, serde_json::Value> = purposes
+                .iter()
+                .map(|purpose| {
+                    let granted = record
+                        .consents
+                        .current(purpose)
+                        .is_some_and(|change| change.granted);
+                    (purpose.clone(), granted.into())
+                })
+                .collect();
             let line = serde_json::json!({"profile": profile, "identifiers": record.identifiers,
-                "traits": traits, "computed": computed});
+                "traits": traits, "computed": computed, "consents": consents});
             serde_json::to_writer(&mut *writer, &line)?;
             writer.write_all(b"\n")?;
         }
@@ -818,6 +953,23 @@ fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> any
         ProfileCommand::Unmerge { merge } => {
             let path = format!("/api/merges/{merge}/unmerge");
             print_unmerge(&remote.call("POST", &path, None)?);
+        }
+        ProfileCommand::Consent {
+            id,
+            grant,
+            withdraw,
+            basis,
+            json,
+        } => {
+            let path = format!("/api/profiles/{}/consents", crate::local::escape(&id));
+            let purposes = consent_purposes(&grant, &withdraw)?;
+            let view = if purposes.is_empty() {
+                remote.call("GET", &path, None)?
+            } else {
+                let body = serde_json::json!({"purposes": purposes, "basis": basis});
+                remote.call("PUT", &path, Some(&body))?
+            };
+            print_consents(&view, json)?;
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ pub fn status_of(error: &EngineError) -> (StatusCode, &'static str) {
     match error {
         EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
         EngineError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
         EngineError::Poisoned(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         EngineError::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
         EngineError::Store(store) => match store {
@@ -37,6 +38,7 @@ mod tests {
                 "not_found",
             ),
             (EngineError::Invalid("bad".into()), 400, "invalid_request"),
+            (EngineError::Conflict("again".into()), 409, "conflict"),
             (EngineError::Poisoned("x".into()), 503, "store_unavailable"),
             (
                 EngineError::Store(StoreError::Corrupt {

@@ -4,6 +4,7 @@
 mod changes;
 mod changes_api;
 mod commands;
+mod consent_api;
 mod errors;
 mod limits;
 mod local;

@@ -486,6 +486,10 @@ fn router(state: AppState) -> Router {
             get(api_recommendations),
         )
         .route("/api/profiles/{id}/traits", get(api_computed_traits))
+        .route(
+            "/api/profiles/{id}/consents",
+            get(crate::consent_api::show).put(crate::consent_api::put),
+        )
         .route("/api/traits/config", get(api_trait_config))
         .route("/api/traits/refresh", post(api_trait_refresh))
         .route(
@@ -1216,7 +1220,7 @@ async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) ->
 }
 
 /// The profile a path names (number, userId, anonymousId or e-mail), or 404.
-fn profile_of(engine: &Engine, id: &str) -> Result<u32, EngineError> {
+pub(crate) fn profile_of(engine: &Engine, id: &str) -> Result<u32, EngineError> {
     engine
         .find_profile(id)
         .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))

@@ -6,6 +6,7 @@ mod integration {
     mod clients;
     pub mod common;
     mod concurrency;
+    mod consent;
     mod crash;
     mod http;
     mod limits;

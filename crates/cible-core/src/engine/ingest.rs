@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Engine;
-use crate::error::Result;
+use crate::error::{Result, corrupt};
 use crate::hot::NO_NAME;
 use crate::ingest::*;
 use crate::message::{ParseContext, parse_message_text};
@@ -49,7 +49,7 @@ impl Engine {
         let hot = self.hot.read();
         // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
         let prepared = (|| -> Result<_> {
-            let mut tx = Tx::new(&self.store, &mut state, &hot, source, now);
+            let mut tx = Tx::new(&self.store, &mut state, &hot, source, &self.purposes, now);
             tx.bulk = durability == Durability::Bulk;
             if tx.bulk && tx.state.bulk.quality.is_none() {
                 tx.state.bulk.quality = Some(tx.state.counters.quality.clone());
@@ -68,6 +68,7 @@ impl Engine {
                 hot_merges,
                 created,
                 dirty,
+                consents,
                 ..
             } = tx.finish()?;
             batch_ids.clear();
@@ -94,14 +95,16 @@ impl Engine {
             if let Some(end) = end {
                 self.store.log.mark_committed(end);
             }
+            self.mirror_consents(&consents);
             if state.bulk.events.len() >= BULK_EVENTS {
                 self.flush_bulk(&mut state)?;
             }
-            Ok((outcomes, pending, hot_merges, created, dirty))
+            Ok((outcomes, pending, hot_merges, created, dirty, consents))
         })();
-        let (outcomes, pending, hot_merges, created, dirty) = prepared.inspect_err(|_| {
-            self.poisoned.store(true, Ordering::Release);
-        })?;
+        let (outcomes, pending, hot_merges, created, dirty, consents) =
+            prepared.inspect_err(|_| {
+                self.poisoned.store(true, Ordering::Release);
+            })?;
         drop(hot);
         {
             let mut columns = self.trait_columns.write();
@@ -113,6 +116,9 @@ impl Engine {
         }
         let mut touched = crate::segment::live::Touched::default();
         touched.all.extend(created.iter().map(|p| state.find(*p)));
+        // A consent changed: every segment looks again (rules read `consent.*`, and what a
+        // profile may be scored with).
+        touched.all.extend(consents.iter().map(|(p, _)| *p));
         // Profiles born or merged away in this batch, whose liveness changes once the hot store
         // shows the batch.
         let born_or_merged: Vec<u32> = created
@@ -210,6 +216,17 @@ impl Engine {
                 .db
                 .batch()
                 .durability(Some(fjall::PersistMode::SyncAll));
+            let mut consents = Vec::new();
+            for profile in std::mem::take(&mut state.bulk.consent_touched) {
+                let record = state.bulk.profiles.get(&profile).ok_or_else(|| {
+                    corrupt("profiles", format!("profile {profile} waits for no flush"))
+                })?;
+                consents.push((
+                    profile,
+                    self.store
+                        .write_consents(&mut batch, profile, &record.consents)?,
+                ));
+            }
             for (profile, record) in state.bulk.profiles.drain() {
                 batch.insert(&self.store.profiles, profile_key(profile), to_json(&record));
             }
@@ -252,6 +269,7 @@ impl Engine {
                 bulk_marker(from, true, probe.as_ref().map(|k| k.as_slice())),
             );
             batch.commit()?;
+            self.mirror_consents(&consents);
 
             // 2. The index entries and messageIds as sorted tables.
             let mut ingestion = self.store.events.start_ingestion()?;

@@ -24,9 +24,12 @@ impl Engine {
         )
     }
 
-    /// The feature table of every live profile at `now` (ms).
+    /// The feature table at `now` (ms) of every live profile that `profiling` may process
+    /// (those who objected to it are neither exported as features nor trained on).
     pub fn features(&self, now: i64) -> Result<FeatureTable, EngineError> {
-        let profiles = self.live_profiles();
+        let profiling = self.consent_check("profiling")?;
+        let mut profiles = self.live_profiles();
+        profiles.retain(|p| profiling.permits(*p));
         let reader = self.traits_reader(now)?;
         let plan = self.feature_plan();
         let now_s = now.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32;

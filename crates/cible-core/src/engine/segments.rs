@@ -92,6 +92,18 @@ impl Population for Engine {
     fn model_names(&self) -> Result<Vec<String>> {
         Ok(self.model_set()?.models().map(|m| m.name.clone()).collect())
     }
+
+    fn purpose_names(&self) -> Vec<String> {
+        self.purposes.names().map(str::to_string).collect()
+    }
+
+    fn consents(&self) -> std::sync::Arc<crate::consent::ConsentIndex> {
+        self.consent_snapshot()
+    }
+
+    fn consent_check(&self, purpose: &str) -> Result<crate::consent::ConsentCheck> {
+        Engine::consent_check(self, purpose)
+    }
 }
 
 impl Engine {

@@ -182,6 +182,7 @@ impl Engine {
             hot: &self.hot,
             setup: self.setup(&self.dictionaries(), now)?,
             now: seconds(now),
+            profiling: self.consent_check("profiling")?,
         })
     }
 

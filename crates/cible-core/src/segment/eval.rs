@@ -190,6 +190,8 @@ pub struct Context<'a> {
     pub now: u32,
     pub traits: &'a BTreeMap<String, TraitValue>,
     pub in_segment: &'a dyn Fn(&str) -> bool,
+    /// Whether the profile granted a purpose and has not withdrawn it since.
+    pub consented: &'a dyn Fn(&str) -> bool,
     /// The profile's computed traits, when a rule reads them.
     pub computed: Option<&'a crate::scoring::Lazy<'a>>,
 }
@@ -509,6 +511,9 @@ impl<E: Events> Evaluator<'_, E> {
                     self.candidate(u64::from(at));
                 }
                 return Ok(crate::computed::attribute(traits, name));
+            }
+            ValueNode::Consent(purpose) => {
+                return Ok(Some(Json::Bool((self.ctx.consented)(purpose))));
             }
             ValueNode::Trait(path) => {
                 let Some((first, rest)) = path.split_first() else {

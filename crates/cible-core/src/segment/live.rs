@@ -644,6 +644,9 @@ impl Segmenter<'_> {
             super::trait_names(&state.segments[*index].plan.root, &mut names);
         }
         self.population.ensure_trait_columns(&names)?;
+        // As of the batches handed off so far (the writer mirrors consents before handing off).
+        let consents = self.population.consents();
+        let profiling = self.population.consent_check("profiling")?;
         let mut stats: FxHashMap<usize, PassStats> = FxHashMap::default();
         let mut dirty: FxHashSet<usize> = FxHashSet::default();
         for (index, profiles) in rounds {
@@ -703,6 +706,8 @@ impl Segmenter<'_> {
                         traits: &traits,
                         dependencies: &dependencies,
                         computed: state.computed.as_ref().filter(|_| segment.uses_computed),
+                        consents: &consents,
+                        profiling: &profiling,
                     };
                     let evaluate = |(&profile, &alive): (&u32, &bool)| -> Result<_> {
                         if !alive {

@@ -154,6 +154,9 @@ pub(crate) struct RuleRun<'a> {
     dependencies: &'a FxHashMap<String, RoaringBitmap>,
     /// The computed-traits plan and calibration, when the rule reads computed traits.
     computed: Option<&'a Setup>,
+    consents: &'a crate::consent::ConsentIndex,
+    /// Who models may score (see [`crate::scoring::Setup::traits`]).
+    profiling: &'a crate::consent::ConsentCheck,
 }
 
 /// The segments a rule refers to.
@@ -248,6 +251,12 @@ pub(crate) trait Population: Sync {
     fn profile_traits(&self, profile: u32) -> Result<BTreeMap<String, TraitValue>>;
     /// Names of the stored models (a rule may read their scores).
     fn model_names(&self) -> Result<Vec<String>>;
+    /// The consent purposes (a rule may read `consent.<purpose>`).
+    fn purpose_names(&self) -> Vec<String>;
+    /// Every profile's current consents, as of the last commit.
+    fn consents(&self) -> std::sync::Arc<crate::consent::ConsentIndex>;
+    /// What a processing for `purpose` may touch (`Engine::consent_check`).
+    fn consent_check(&self, purpose: &str) -> Result<crate::consent::ConsentCheck>;
 }
 
 /// The segments component: the worker's state (every live segment, the timers, the feed's
@@ -421,10 +430,12 @@ impl Segmenter<'_> {
             catalog_segments.push(name.to_string());
         }
         let models = self.population.model_names()?;
+        let purposes = self.population.purpose_names();
         let catalog = cible_lang::check::Catalog {
             event_names: &events,
             segments: &catalog_segments,
             models: &models,
+            purposes: &purposes,
         };
         let mut diagnostics = cible_lang::check::check(expr, &catalog, source);
         if let Some(name) = name {
@@ -707,6 +718,11 @@ impl Segmenter<'_> {
         now_s: u32,
         progress: &AtomicU64,
     ) -> Vec<Result<Vec<ChunkResult>>> {
+        let consents = self.population.consents();
+        let profiling = match self.population.consent_check("profiling") {
+            Ok(check) => check,
+            Err(error) => return vec![Err(error)],
+        };
         profiles
             .par_chunks(2048)
             .map(|chunk| {
@@ -732,11 +748,13 @@ impl Segmenter<'_> {
                     };
                     let lazy = computed
                         .as_ref()
-                        .map(|setup| Lazy::new(timeline, now_s, setup));
+                        .map(|setup| Lazy::new(timeline, now_s, setup, profiling.permits(profile)));
+                    let consented = |purpose: &str| consents.granted(purpose, profile);
                     let ctx = Context {
                         now: now_s,
                         traits: &traits,
                         in_segment: &in_segment,
+                        consented: &consented,
                         computed: lazy.as_ref(),
                     };
                     let mut full: Option<MessageEvents> = None;
@@ -786,13 +804,16 @@ impl Segmenter<'_> {
                 .get(name)
                 .is_some_and(|m| m.contains(profile))
         };
-        let lazy = run
-            .computed
-            .map(|setup| Lazy::new(run.hot.timeline(profile), run.now, setup));
+        let lazy = run.computed.map(|setup| {
+            let profiling = run.profiling.permits(profile);
+            Lazy::new(run.hot.timeline(profile), run.now, setup, profiling)
+        });
+        let consented = |purpose: &str| run.consents.granted(purpose, profile);
         let ctx = Context {
             now: run.now,
             traits,
             in_segment: &in_segment,
+            consented: &consented,
             computed: lazy.as_ref(),
         };
         if !run.plan.needs_messages
@@ -825,14 +846,23 @@ impl Segmenter<'_> {
         };
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         let computed = self.computed_setup(std::slice::from_ref(&plan), &dictionaries, now)?;
+        let profiling = self.population.consent_check("profiling")?;
         let hot = self.population.hot();
-        let lazy = computed
-            .as_ref()
-            .map(|setup| Lazy::new(hot.timeline(profile), now_s, setup));
+        let lazy = computed.as_ref().map(|setup| {
+            Lazy::new(
+                hot.timeline(profile),
+                now_s,
+                setup,
+                profiling.permits(profile),
+            )
+        });
+        let consents = self.population.consents();
+        let consented = |purpose: &str| consents.granted(purpose, profile);
         let ctx = Context {
             now: now_s,
             traits: &traits,
             in_segment: &in_segment,
+            consented: &consented,
             computed: lazy.as_ref(),
         };
         let hot_events = HotEvents(hot.timeline(profile), None);

@@ -61,6 +61,8 @@ pub enum ValueNode {
     Trait(Vec<String>),
     /// A computed trait (`score.engagement`, `lifecycle`...), see [`crate::computed`].
     Computed(String),
+    /// Whether the profile granted this purpose (`consent.email`), see [`crate::consent`].
+    Consent(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +233,10 @@ impl<D: Dictionaries> Planner<'_, D> {
             },
             Value::DaysSinceFirstSeen => ValueNode::DaysSinceSeen { first: true },
             Value::DaysSinceLastSeen => ValueNode::DaysSinceSeen { first: false },
+            Value::Attribute { name } if cible_lang::parser::consent_purpose(name).is_some() => {
+                let purpose = cible_lang::parser::consent_purpose(name).unwrap_or_default();
+                ValueNode::Consent(purpose.to_string())
+            }
             Value::Attribute { name } if cible_lang::parser::is_computed(name) => {
                 ValueNode::Computed(name.clone())
             }

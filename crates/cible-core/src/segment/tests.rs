@@ -419,16 +419,31 @@ fn members_on_messages(engine: &Engine, rule: &str, now: i64) -> RoaringBitmap {
         .computed_setup(std::slice::from_ref(&plan), &dictionaries, now)
         .unwrap();
     let mut members = RoaringBitmap::new();
+    let profiling = engine.consent_check("profiling").unwrap();
     for profile in engine.live_profiles() {
-        let traits = engine.profile_record(profile).unwrap().traits;
+        let record = engine.profile_record(profile).unwrap();
+        let traits = record.traits;
         let hot = engine.hot();
-        let lazy = computed
-            .as_ref()
-            .map(|setup| Lazy::new(hot.timeline(profile), (now / 1000) as u32, setup));
+        let lazy = computed.as_ref().map(|setup| {
+            Lazy::new(
+                hot.timeline(profile),
+                (now / 1000) as u32,
+                setup,
+                profiling.permits(profile),
+            )
+        });
+        // From the profile's own record, not the engine's index.
+        let consented = |purpose: &str| {
+            record
+                .consents
+                .current(purpose)
+                .is_some_and(|change| change.granted)
+        };
         let ctx = Context {
             now: (now / 1000) as u32,
             traits: &traits,
             in_segment: &|_| false,
+            consented: &consented,
             computed: lazy.as_ref(),
         };
         let events =

@@ -258,10 +258,11 @@ fn segment_commands_keys_and_exports() {
     let key = create_key(&data, "--write");
     let keys = run_ok(cible(&data).args(["key", "list"]));
     assert!(keys.contains(&key[..12]) && !keys.contains(&key), "{keys}");
-    let profiles: Vec<Value> = run_ok(cible(&data).args(["export", "profiles"]))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let profiles: Vec<Value> =
+        run_ok(cible(&data).args(["export", "profiles", "--purpose", "analytics"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
     assert!(profiles.iter().any(|p| p["traits"]["plan"].is_string()));
     let quarantined = run_ok(cible(&data).args(["quality", "list", "--limit", "2"]));
     assert!(quarantined.lines().count() >= 2, "{quarantined}");
@@ -445,7 +446,7 @@ fn computed_traits_from_the_command_line() {
     assert!(trained["auc"].as_f64().unwrap() > 0.5, "{trained}");
     assert_eq!(trained["calibration"].as_array().unwrap().len(), 10);
     assert_eq!(trained["algorithm"], "boosted_trees");
-    let exported = run_ok(cible(&data).args(["export", "profiles"]));
+    let exported = run_ok(cible(&data).args(["export", "profiles", "--purpose", "analytics"]));
     let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
     assert!(first["computed"]["score"]["engagement"].is_u64(), "{first}");
     // Stored models are traits: in exports, in rules; versions, reports, rollback.

@@ -42,7 +42,7 @@ pub fn create_key(data: &Path, kind: &str) -> String {
 
 /// Every stored event, via `cible export events`.
 pub fn export_events(data: &Path) -> Vec<Value> {
-    run_ok(cible(data).args(["export", "events"]))
+    run_ok(cible(data).args(["export", "events", "--purpose", "analytics"]))
         .lines()
         .map(|line| serde_json::from_str(line).expect("export is JSON Lines"))
         .collect()

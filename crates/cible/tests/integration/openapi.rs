@@ -99,6 +99,29 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", "/api/profiles/u1?limit=2", a(), None);
     r.call("GET", "/api/profiles/nobody", a(), None);
     r.call("GET", "/api/profiles/u1?type=hover", a(), None);
+    r.call(
+        "PUT",
+        "/api/profiles/u1/consents",
+        a(),
+        Some(
+            json!({"purposes": {"email": true, "profiling": false}, "basis": "consent",
+            "ip": "192.0.2.1", "request_id": "form-1"}),
+        ),
+    );
+    r.call(
+        "PUT",
+        "/api/profiles/u1/consents",
+        a(),
+        Some(json!({"purposes": {"email": true}, "request_id": "form-1"})),
+    );
+    r.call(
+        "PUT",
+        "/api/profiles/u1/consents",
+        a(),
+        Some(json!({"purposes": {"mail": true}})),
+    );
+    r.call("GET", "/api/profiles/u1/consents", a(), None);
+    r.call("GET", "/api/profiles/nobody/consents", a(), None);
     r.call("GET", "/api/merges", a(), None);
     r.call("POST", "/api/merges/99/unmerge", a(), None);
     r.call("GET", "/api/keys", a(), None);

@@ -1,0 +1,204 @@
+//! Consent per purpose, as a user meets it: set by a consent tool, an identify trait, an
+//! unsubscribe and the API; read by a rule; asked by every export; beside a running server
+//! and without one.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use super::common::*;
+
+fn put(url: &str, admin: &str, body: &Value) -> Answer {
+    let result = ureq::put(url)
+        .set("Authorization", &format!("Bearer {admin}"))
+        .set("User-Agent", "consent-form/1.0")
+        .send_string(&body.to_string());
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(other) => panic!("PUT {url}: {other}"),
+    };
+    let status = response.status();
+    let body = response.into_json().unwrap_or(Value::Null);
+    Answer {
+        status,
+        body,
+        retry_after: None,
+    }
+}
+
+fn output(command: &mut Command) -> (bool, String) {
+    let output = command.output().expect("cible runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn consent_from_each_source_reaches_rules_exports_and_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    std::fs::write(
+        data.join("consent.toml"),
+        "[purposes]\nsms = \"opt-in\"\n[categories]\nMarketing = \"email\"\n[traits]\nnewsletter = \"email\"\n",
+    )
+    .unwrap();
+    let write = create_key(data, "--write");
+    let admin = create_key(data, "--admin");
+    let server = Server::start(data, &[]);
+    let created = ureq::post(&server.url("/api/segments"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .send_json(json!({"name": "mailable", "rule": "consent.email and not consent.sms"}))
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let batch = json!({"batch": [
+        // A consent tool's preferences, on every event of the visit.
+        {"type": "page", "anonymousId": "d1", "messageId": "m1", "timestamp": "2026-05-01T10:00:00Z",
+         "context": {"consent": {"categoryPreferences": {"Marketing": true, "Advertising": false}}}},
+        {"type": "identify", "userId": "u2", "messageId": "m2", "timestamp": "2026-05-01T10:00:00Z",
+         "traits": {"newsletter": true, "consent_sms": true}},
+        {"type": "identify", "userId": "u3", "messageId": "m3", "timestamp": "2026-05-01T10:00:00Z",
+         "traits": {"newsletter": true}},
+        {"type": "track", "userId": "u3", "event": "Unsubscribed", "messageId": "m4",
+         "timestamp": "2026-05-01T11:00:00Z"},
+        {"type": "identify", "userId": "u4", "messageId": "m5", "timestamp": "2026-05-01T10:00:00Z"},
+    ]});
+    assert_eq!(post(&server.url("/v1/batch"), &write, &batch).status, 200);
+
+    // The API: a grant with its basis and proof; errors name the field.
+    let url = server.url("/api/profiles/u4/consents");
+    let granted = put(
+        &url,
+        &admin,
+        &json!({"purposes": {"email": true}, "basis": "consent", "ip": "192.0.2.9", "request_id": "f-1"}),
+    );
+    assert_eq!(granted.status, 200, "{:?}", granted.body);
+    let since = &granted.body["current"]["email"]["since"];
+    assert_eq!(
+        (
+            &since["source"],
+            &since["ip"],
+            &since["user_agent"],
+            &since["message_id"]
+        ),
+        (
+            &json!("api"),
+            &json!("192.0.2.9"),
+            &json!("consent-form/1.0"),
+            &json!("f-1")
+        )
+    );
+    assert_eq!(granted.body["current"]["profiling"]["permitted"], true);
+    assert_eq!(granted.body["current"]["sms"]["rule"], "opt-in");
+    let again = put(
+        &url,
+        &admin,
+        &json!({"purposes": {"email": true}, "request_id": "f-1"}),
+    );
+    assert_eq!(
+        (again.status, &again.body["error"]["code"]),
+        (409, &json!("conflict"))
+    );
+    let bad = put(&url, &admin, &json!({"purposes": {"mail": true}}));
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("purposes.mail: \"mail\" is not a purpose"),
+        "{:?}",
+        bad.body
+    );
+    let unknown = put(&url, &admin, &json!({"purpose": {"email": true}}));
+    assert_eq!(unknown.status, 400);
+    let nobody = put(
+        &server.url("/api/profiles/nobody/consents"),
+        &admin,
+        &json!({"purposes": {"email": true}}),
+    );
+    assert_eq!(nobody.status, 404);
+
+    // The rule: d1 (consent tool) and u4 (API) may be mailed; u2 granted sms too, u3
+    // unsubscribed.
+    let members = get(&server.url("/api/segments/mailable/members"), &admin).body;
+    let mut ids: Vec<String> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["primary_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["d1", "u4"], "{members}");
+    let u3 = get(&server.url("/api/profiles/u3/consents"), &admin).body;
+    let history: Vec<(&str, bool, &str)> = u3["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["purpose"].as_str().unwrap(),
+                c["granted"].as_bool().unwrap(),
+                c["source"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("email", true, "identify_trait"),
+            ("email", false, "unsubscribe")
+        ]
+    );
+    let profile = get(&server.url("/api/profiles/d1"), &admin).body;
+    assert_eq!(profile["consents"]["current"]["email"]["granted"], true);
+
+    // The CLI beside the server goes through it.
+    let shown =
+        run_ok(cible(data).args(["profile", "consent", "u2", "--withdraw", "sms", "--json"]));
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["current"]["sms"]["granted"], false);
+    server.stop();
+
+    // Exports ask for a purpose: only the profiles it may process leave.
+    let exported = run_ok(cible(data).args(["export", "profiles", "--purpose", "email"]));
+    let mut emailable: Vec<String> = exported
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .map(|p| {
+            assert_eq!(p["consents"]["email"], true);
+            p["identifiers"][0].as_str().unwrap().to_string()
+        })
+        .collect();
+    emailable.sort();
+    assert_eq!(emailable, ["a:d1", "u:u2", "u:u4"]);
+    let events = run_ok(cible(data).args(["export", "events", "--purpose", "advertising"]));
+    assert_eq!(
+        events.lines().count(),
+        0,
+        "nobody granted advertising: {events}"
+    );
+    let (ok, stderr) = output(cible(data).args(["export", "events", "--purpose", "spam"]));
+    assert!(
+        !ok && stderr.contains("\"spam\" is not a purpose"),
+        "{stderr}"
+    );
+    let (ok, stderr) = output(cible(data).args(["export", "events"]));
+    assert!(!ok && stderr.contains("--purpose"), "{stderr}");
+
+    // Without a server, the CLI records a change itself; a bad consent.toml names its field.
+    let text = run_ok(cible(data).args([
+        "profile", "consent", "u3", "--grant", "email", "--basis", "contract",
+    ]));
+    assert!(
+        text.contains("email") && text.contains("granted since"),
+        "{text}"
+    );
+    std::fs::write(
+        data.join("consent.toml"),
+        "[traits]\nnewsletter = \"mail\"\n",
+    )
+    .unwrap();
+    let (ok, stderr) = output(cible(data).args(["segment", "list"]));
+    assert!(!ok && stderr.contains("traits.newsletter"), "{stderr}");
+}
