@@ -3,7 +3,7 @@
 Usage: sql_members.py sqlite|duckdb EVENTS PROFILES QUERIES.json
 EVENTS and PROFILES are the JSON Lines of `cible export events|profiles`, or CSV files already in
 the table layout (events, optionally .csv.gz: profile, ts, event, properties; profiles: profile,
-traits, computed).
+traits, computed, consents).
 QUERIES.json is {"name": "SELECT ..."}; prints {"seconds": query time, "members": {"name":
 [profile, ...]}} as JSON. Builds the table layout documented in docs/segment-language.md ("SQL");
 only the queries are timed.
@@ -40,10 +40,11 @@ def event_rows():
 
 with open(profiles_path, newline="") as f:
     if profiles_path.endswith(".csv"):
-        profiles = [(int(p), traits, computed) for p, traits, computed in csv.reader(f)]
+        # (profile, traits, computed[, consents]): consents default to none granted.
+        profiles = [(int(row[0]), row[1], row[2], row[3] if len(row) > 3 else "{}") for row in csv.reader(f)]
     else:
         profiles = [
-            (p["profile"], json.dumps(p["traits"]), json.dumps(p.get("computed", {})))
+            (p["profile"], json.dumps(p["traits"]), json.dumps(p.get("computed", {})), json.dumps(p.get("consents", {})))
             for p in map(json.loads, f)
         ]
 
@@ -53,11 +54,11 @@ if engine == "sqlite":
     db = sqlite3.connect(":memory:")
     db.executescript(
         "CREATE TABLE events (profile INTEGER, ts INTEGER, event TEXT, properties TEXT);"
-        "CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT, computed TEXT);"
+        "CREATE TABLE profiles (profile INTEGER PRIMARY KEY, traits TEXT, computed TEXT, consents TEXT);"
         "CREATE TABLE segment_members (segment TEXT, profile INTEGER);"
     )
     db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", event_rows())
-    db.executemany("INSERT INTO profiles VALUES (?, ?, ?)", profiles)
+    db.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?)", profiles)
     db.execute("CREATE INDEX events_by_profile ON events (profile, event, ts)")
     run = lambda sql: [row[0] for row in db.execute(sql)]
 else:
@@ -84,7 +85,7 @@ else:
     )
     db.execute(
         f"CREATE TABLE profiles AS SELECT * FROM read_csv('{profiles_csv}', header=false, "
-        "columns={'profile': 'INTEGER', 'traits': 'VARCHAR', 'computed': 'VARCHAR'})"
+        "columns={'profile': 'INTEGER', 'traits': 'VARCHAR', 'computed': 'VARCHAR', 'consents': 'VARCHAR'})"
     )
     db.execute("CREATE TABLE segment_members (segment VARCHAR, profile INTEGER)")
     run = lambda sql: [row[0] for row in db.execute(sql).fetchall()]

@@ -10,6 +10,7 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod audit;
 mod consent;
 pub use consent::{CONSENT_EVENT, ConsentRequest};
 mod ingest;
@@ -55,7 +56,7 @@ const COLUMNS_KEY: &str = "columns";
 /// The engine. Cheap to share behind an `Arc`.
 ///
 /// Its locks are taken in the order of [`crate::lock::Level`] (checked at every acquisition):
-/// `segments.state` → `column_build` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → caches →
+/// `segments.state` → `column_build` → `state` (the writer) → `hot` → `liveness` → `trait_columns` → `consents` → `audit` → caches →
 /// `segments.work`.
 pub struct Engine {
     pub(crate) store: Store,
@@ -95,6 +96,8 @@ pub struct Engine {
     pub(crate) consents: OrderedRwLock<std::sync::Arc<crate::consent::ConsentIndex>>,
     /// Whether `consents` was read from the store (a light open reads it on first use).
     pub(crate) consents_loaded: AtomicBool,
+    /// The audit log's head (see [`crate::audit`]).
+    pub(crate) audit: OrderedMutex<audit::AuditState>,
 }
 
 impl Engine {
@@ -228,6 +231,7 @@ impl Engine {
         metrics.feed_head.store(feed.head(), Ordering::Relaxed);
         let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
         let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
+        let audit = audit::AuditState::load(&store, light)?;
         let engine = Self {
             store,
             liveness: OrderedRwLock::new(
@@ -255,6 +259,7 @@ impl Engine {
             purposes,
             consents: OrderedRwLock::new(Level::Consents, Default::default()),
             consents_loaded: AtomicBool::new(false),
+            audit: OrderedMutex::new(Level::Audit, audit),
         };
         engine.load_consents()?;
         Ok(engine)
@@ -843,10 +848,25 @@ impl Engine {
         );
         merge.unmerged_at = Some(now);
         batch.insert(&self.store.merges, merge_key, to_json(&merge));
+        let mut chain = self.audit_chain();
+        let concerned: Vec<String> = survivor_record
+            .identifiers
+            .iter()
+            .chain(&restored.identifiers)
+            .cloned()
+            .collect();
+        let entry = crate::audit::Entry {
+            action: crate::audit::Action::Unmerge,
+            actor: crate::audit::actor(),
+            subjects: chain.subjects(&concerned),
+            detail: serde_json::json!({"merge": merge_id, "restored": merge.from, "survivor": survivor}),
+        };
+        chain.record(&self.store, &mut batch, vec![entry], now);
         if let Err(error) = batch.commit() {
             self.poisoned.store(true, Ordering::Release);
             return Err(error.into());
         }
+        drop(chain);
         {
             let mut columns = self.trait_columns.write();
             columns.update(survivor, &survivor_record.traits);
@@ -936,9 +956,24 @@ impl Engine {
         // journal, and the writer lock is held): their redo records, which may name the
         // person, can go.
         let committed = self.store.log.committed();
+        let mut chain = self.audit_chain();
+        let entry = crate::audit::Entry {
+            action: crate::audit::Action::ProfileRemoval,
+            actor: crate::audit::actor(),
+            subjects: chain.subjects(&record.identifiers),
+            detail: serde_json::json!({"profile": profile, "events": removed_hashes.len(),
+                "merged_profiles": merged_profiles}),
+        };
+        chain.record(
+            &self.store,
+            &mut batch,
+            vec![entry],
+            crate::time::wall_clock_ms(),
+        );
         batch
             .commit()
             .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        drop(chain);
         // Nothing points at the bodies any more: overwrite them in the log. A failure here
         // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
         let erased = (|| -> Result<()> {
@@ -999,8 +1034,22 @@ impl Engine {
             prefix: key[..12].to_string(),
         };
         let hash = key_hash(&key);
-        self.store.keys.insert(hash.as_bytes(), to_json(&record))?;
-        self.store.db.persist(fjall::PersistMode::SyncAll)?;
+        let mut chain = self.audit_chain();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        batch.insert(&self.store.keys, hash.as_bytes(), to_json(&record));
+        let entry = crate::audit::Entry {
+            action: crate::audit::Action::KeyCreate,
+            actor: crate::audit::actor(),
+            subjects: Vec::new(),
+            detail: serde_json::json!({"kind": kind, "name": name, "prefix": record.prefix}),
+        };
+        chain.record(&self.store, &mut batch, vec![entry], now);
+        batch.commit()?;
+        drop(chain);
         self.api_keys.write().insert(hash, record);
         Ok(key)
     }

@@ -239,6 +239,9 @@ pub(crate) struct Tx<'a> {
     pub(crate) consent_touched: FxHashSet<u32>,
     /// Written by `finish`: each touched profile's current consents, for the index.
     pub(crate) consents: Vec<crate::consent::Written>,
+    /// What the audit log records of this batch (consent changes, merges): the action, the
+    /// identifiers of the people concerned (hashed when recorded), details without them.
+    pub(crate) audit: Vec<(crate::audit::Action, Vec<String>, Value)>,
     pub(crate) pending: Vec<PendingEvent>,
     pub(crate) batch_ids: FxHashSet<String>,
     pub(crate) batch_quarantine: FxHashSet<[u8; 16]>,
@@ -362,6 +365,7 @@ impl<'a> Tx<'a> {
             dirty: FxHashMap::default(),
             consent_touched: FxHashSet::default(),
             consents: Vec::new(),
+            audit: Vec::new(),
             pending,
             batch_ids,
             batch_quarantine: FxHashSet::default(),
@@ -592,6 +596,19 @@ impl<'a> Tx<'a> {
         if news.is_empty() {
             return Ok(());
         }
+        let bulk = self.bulk;
+        let record = self.record(profile)?;
+        if !bulk {
+            let detail = serde_json::json!({
+                "profile": profile,
+                "changes": news.iter().map(|c| serde_json::json!({"purpose": c.purpose,
+                    "granted": c.granted, "basis": c.basis, "source": c.source, "at": c.at}))
+                    .collect::<Vec<_>>(),
+            });
+            let identifiers = record.identifiers.clone();
+            self.audit
+                .push((crate::audit::Action::ConsentChange, identifiers, detail));
+        }
         let record = self.record(profile)?;
         for change in news {
             record.consents.apply(change);
@@ -677,6 +694,15 @@ impl<'a> Tx<'a> {
                 .insert(&self.store.merges, id.to_be_bytes(), to_json(&record));
             self.batch
                 .insert(&self.store.merged_into, merged_into_key(into, id), []);
+        }
+        if !self.bulk {
+            // The survivor's identifiers, the absorbed ones among them.
+            let concerned = self.record(into)?.identifiers.clone();
+            self.audit.push((
+                crate::audit::Action::Merge,
+                concerned,
+                serde_json::json!({"from": from, "into": into, "merge": id}),
+            ));
         }
         self.hot_merges.push((from, into));
         if let Some(times) = self.batch_times.remove(&from) {

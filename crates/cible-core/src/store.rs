@@ -119,6 +119,7 @@ keyspaces!(
     entries,
     changes,
     consents,
+    audit,
 );
 
 /// The `meta` key holding the store's layout version.
@@ -152,8 +153,8 @@ pub const PER_PROFILE: [(&str, &str); 9] = [
 ];
 
 /// Keyspaces that hold nothing about a person by key (quarantine holds raw messages, which
-/// erasure must search by identifier).
-pub const GLOBAL: [&str; 7] = [
+/// erasure must search by identifier; audit names people only by keyed hashes).
+pub const GLOBAL: [&str; 8] = [
     "quarantine",
     "qkeys",
     "dict",
@@ -161,6 +162,7 @@ pub const GLOBAL: [&str; 7] = [
     "meta",
     "segments",
     "segment_log",
+    "audit",
 ];
 
 /// Options of a keyspace created by this build (an existing keyspace keeps the options it was

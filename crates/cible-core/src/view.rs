@@ -361,3 +361,100 @@ pub fn size_history(engine: &Engine, name: &str) -> Result<Vec<SizePoint>, Engin
     }
     Ok(points.into_iter().map(|(_, p)| p).collect())
 }
+
+/// Whether a raw message (a quarantined one, kept whole) names one of these identifier values
+/// (user ids, anonymous ids, e-mails without their `u:`/`a:`/`e:` prefix): as a JSON string
+/// anywhere in it, or, for text that is not JSON, anywhere at all.
+pub fn names_any(raw: &str, values: &[&str]) -> bool {
+    fn walk(value: &Value, values: &[&str]) -> bool {
+        match value {
+            Value::String(text) => values
+                .iter()
+                .any(|v| text == v || text.eq_ignore_ascii_case(v) && v.contains('@')),
+            Value::Array(items) => items.iter().any(|i| walk(i, values)),
+            Value::Object(map) => map.values().any(|v| walk(v, values)),
+            _ => false,
+        }
+    }
+    match serde_json::from_str::<Value>(raw) {
+        Ok(value) => walk(&value, values),
+        Err(_) => values.iter().any(|v| raw.contains(v)),
+    }
+}
+
+/// Everything held on a person, for a right-of-access request: identifiers, traits and the
+/// identify calls that set them, every event, computed traits and model outputs, segment
+/// memberships and their history, consents, merges, quarantined messages that name them, and
+/// the audit records about them.
+pub fn access_export(engine: &Engine, id: &str, now: i64) -> Result<Value, EngineError> {
+    let found = engine
+        .lookup_profile(id)
+        .ok_or_else(|| EngineError::NotFound(format!("profile {id:?}")))?;
+    let profile = found.profile;
+    let view = profile_view(
+        engine,
+        id,
+        TimelineQuery {
+            kind: None,
+            offset: 0,
+            limit: 0,
+        },
+        now,
+    )?;
+    let record = engine.profile_record(profile)?;
+    let mut events: Vec<StoredEvent> = engine.timeline(profile, None, 0, usize::MAX)?;
+    events.reverse();
+    let trait_history: Vec<Value> = events
+        .iter()
+        .filter(|e| e.message.kind == MessageType::Identify && !e.message.traits.is_empty())
+        .map(|e| {
+            serde_json::json!({"at": format_ms(e.message.timestamp), "message_id": e.message.message_id,
+                "traits": e.message.traits})
+        })
+        .collect();
+    let mut current = Vec::new();
+    for segment in engine.segments()? {
+        if engine.members(&segment.name)?.contains(profile) {
+            current.push(segment.name);
+        }
+    }
+    // Every feed entry naming the profile (or a profile merged into it).
+    let merged: Vec<u32> = view.merges.iter().map(|m| m.from).collect();
+    let mut history = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = engine.changes_after(after, 10_000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        history.extend(
+            page.into_iter()
+                .filter(|c| c.profile == profile || merged.contains(&c.profile)),
+        );
+    }
+    let values: Vec<&str> = record
+        .identifiers
+        .iter()
+        .map(|i| i.get(2..).unwrap_or_default())
+        .collect();
+    let quarantined: Vec<_> = engine
+        .quarantined(None, usize::MAX)?
+        .into_iter()
+        .filter(|q| names_any(&q.raw, &values))
+        .collect();
+    let audit = engine.audit_records_of(&record.identifiers)?;
+    Ok(serde_json::json!({
+        "profile": profile,
+        "exported_at": format_ms(now),
+        "identifiers": view.identifiers,
+        "created_at": view.created_at,
+        "traits": view.traits,
+        "trait_history": trait_history,
+        "events": events.into_iter().map(event_json).collect::<Vec<_>>(),
+        "computed": view.computed,
+        "memberships": {"current": current, "history": history},
+        "consents": view.consents,
+        "merges": view.merges,
+        "quarantined": quarantined,
+        "audit": audit,
+    }))
+}

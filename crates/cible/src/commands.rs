@@ -84,6 +84,14 @@ pub fn import(global: &Global, args: ImportArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    // One record for the import (its merges are not recorded one by one).
+    engine.audit(engine.audit_entry(
+        cible_core::audit::Action::Import,
+        &[],
+        serde_json::json!({"files": args.files.len(), "accepted": summary.accepted,
+            "quarantined": summary.quarantined, "profiles_created": summary.profiles_created,
+            "profiles_merged": summary.profiles_merged}),
+    ))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -283,6 +291,16 @@ pub enum ProfileCommand {
         /// The merge id (see `cible profile merges` or `profile show`).
         merge: u64,
     },
+    /// Everything held on the person, as JSON (right of access): identifiers, traits and their
+    /// history, events, computed traits, memberships and their history, consents, merges,
+    /// quarantined messages naming them, audit records about them.
+    Export {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Consent per purpose with its history; with --grant or --withdraw, record a change
     /// (source `api`, durable when the command returns).
     Consent {
@@ -303,6 +321,46 @@ pub enum ProfileCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Records an access export in the audit log (about the person, by their identifiers).
+pub(crate) fn audit_access(
+    engine: &cible_core::Engine,
+    document: &serde_json::Value,
+) -> Result<(), cible_core::EngineError> {
+    let identifiers: Vec<String> = [
+        ("user_ids", "u:"),
+        ("anonymous_ids", "a:"),
+        ("emails", "e:"),
+    ]
+    .iter()
+    .flat_map(|(field, prefix)| {
+        document["identifiers"][field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .map(move |v| format!("{prefix}{v}"))
+    })
+    .collect();
+    engine.audit(engine.audit_entry(
+        cible_core::audit::Action::Export,
+        &identifiers,
+        serde_json::json!({"what": "access", "profile": document["profile"],
+            "events": document["events"].as_array().map_or(0, Vec::len)}),
+    ))
+}
+
+/// Writes a JSON document to a file, or pretty to standard output.
+fn write_document(
+    document: &serde_json::Value,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    match out {
+        Some(path) => std::fs::write(path, serde_json::to_vec_pretty(document)?)
+            .with_context(|| format!("writing {}", path.display())),
+        None => crate::print_json(document),
+    }
 }
 
 /// The purposes of `--grant` and `--withdraw`, as the API takes them.
@@ -432,6 +490,11 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
         ProfileCommand::Unmerge { merge } => {
             let outcome = engine.unmerge(merge, global.now_ms()?)?;
             print_unmerge(&serde_json::to_value(&outcome)?);
+        }
+        ProfileCommand::Export { id, out } => {
+            let document = cible_core::view::access_export(&engine, &id, global.now_ms()?)?;
+            audit_access(&engine, &document)?;
+            write_document(&document, out.as_deref())?;
         }
         ProfileCommand::Consent {
             id,
@@ -674,6 +737,11 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
             ScaleArg::Minmax => cible_core::features::Scaling::MinMax,
         });
         table.write_parquet(out)?;
+        engine.audit(engine.audit_entry(
+            cible_core::audit::Action::Export,
+            &[],
+            serde_json::json!({"what": "features", "purpose": "profiling", "profiles": table.rows.len()}),
+        ))?;
         eprintln!(
             "wrote {} profiles x {} features to {}",
             table.rows.len(),
@@ -696,29 +764,38 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     let mut writer = BufWriter::with_capacity(1 << 20, sink);
-    let result = match command {
-        ExportCommand::Events { .. } => export_events(&engine, &check, &mut writer),
-        ExportCommand::Profiles { .. } => {
-            export_profiles(&engine, &check, &mut writer, global.now_ms()?)
-        }
+    let (what, result) = match command {
+        ExportCommand::Events { .. } => ("events", export_events(&engine, &check, &mut writer)),
+        ExportCommand::Profiles { .. } => (
+            "profiles",
+            export_profiles(&engine, &check, &mut writer, global.now_ms()?),
+        ),
         ExportCommand::Features { .. } => unreachable!("features are written above"),
     };
-    match result.and_then(|()| writer.flush()) {
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    let written = match result.and_then(|written| writer.flush().map(|()| written)) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        other => other?,
+    };
+    engine.audit(engine.audit_entry(
+        cible_core::audit::Action::Export,
+        &[],
+        serde_json::json!({"what": what, "purpose": check.purpose(), "records": written}),
+    ))?;
+    Ok(())
 }
 
 fn export_events(
     engine: &cible_core::Engine,
     check: &cible_core::consent::ConsentCheck,
     writer: &mut impl Write,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let mut io_error = None;
+    let mut written = 0u64;
     let outcome = engine.for_each_event(|event| {
         if !check.permits(event.profile) {
             return Ok(());
         }
+        written += 1;
         let line = cible_core::view::event_json(event);
         if let Err(error) = serde_json::to_writer(&mut *writer, &line)
             .map_err(std::io::Error::from)
@@ -732,7 +809,7 @@ fn export_events(
     match (io_error, outcome) {
         (Some(error), _) => Err(error),
         (None, Err(error)) => Err(std::io::Error::other(error.to_string())),
-        (None, Ok(())) => Ok(()),
+        (None, Ok(())) => Ok(written),
     }
 }
 
@@ -741,7 +818,7 @@ fn export_profiles(
     check: &cible_core::consent::ConsentCheck,
     writer: &mut impl Write,
     now: i64,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let mut profiles = engine.live_profiles();
     profiles.retain(|p| check.permits(*p));
     let purposes: Vec<String> = engine.purposes().names().map(str::to_string).collect();
@@ -778,7 +855,7 @@ fn export_profiles(
             writer.write_all(b"\n")?;
         }
     }
-    Ok(())
+    Ok(profiles.len() as u64)
 }
 
 /// `profile show` as text, from the profile's JSON (the same for a local store and a server).
@@ -953,6 +1030,10 @@ fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> any
         ProfileCommand::Unmerge { merge } => {
             let path = format!("/api/merges/{merge}/unmerge");
             print_unmerge(&remote.call("POST", &path, None)?);
+        }
+        ProfileCommand::Export { id, out } => {
+            let path = format!("/api/profiles/{}/export", crate::local::escape(&id));
+            write_document(&remote.call("GET", &path, None)?, out.as_deref())?;
         }
         ProfileCommand::Consent {
             id,

@@ -52,7 +52,7 @@ pub async fn put(
     Path(id): Path<String>,
     body: Body,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 64 * 1024).await?;
     let body: ConsentBody = serde_json::from_slice(&bytes).map_err(|e| {
         error(
@@ -83,7 +83,8 @@ pub async fn put(
     let now = state.now();
     blocking(move || {
         let profile = crate::server::profile_of(&engine, &id)?;
-        let consents = engine.set_consents(profile, &request, now)?;
+        let consents =
+            cible_core::audit::with_actor(&actor, || engine.set_consents(profile, &request, now))?;
         let profile = engine.find_profile(&id).unwrap_or(profile);
         Ok(cible_core::view::consents_view(
             engine.purposes(),

@@ -1,6 +1,8 @@
 //! The `cible` binary: command-line parsing and dispatch. The only crate that knows the terminal
 //! and HTTP; everything it does with data it asks of `cible-core`.
 
+mod audit;
+mod audit_api;
 mod changes;
 mod changes_api;
 mod commands;
@@ -178,6 +180,10 @@ enum Command {
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// The audit log: hash-chained records of consent changes, merges, removals, exports, keys
+    /// and admin actions; verification.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Restores the default SIGPIPE action so `cible ... | head` ends quietly like other Unix tools
@@ -244,6 +250,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(command) => commands::export(&cli.global, command),
         Command::Segment(command) => segments::run(&cli.global, command),
         Command::Traits(command) => traits::run(&cli.global, command),
+        Command::Audit(command) => audit::run(&cli.global, command),
         Command::Model(command) => model::run(&cli.global, command),
         Command::Changes(args) => changes::run(&cli.global, args),
     };

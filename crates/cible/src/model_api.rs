@@ -141,7 +141,7 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> ApiResul
 
 /// `POST /api/models`: trains, stores as the next version and activates; 201 with the report.
 pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 64 * 1024).await?;
     let request = training(&bytes)?;
     let engine = Arc::clone(&state.engine);
@@ -152,7 +152,7 @@ pub async fn train(State(state): State<AppState>, headers: HeaderMap, body: Body
             Training::Propensity(params) => engine.train_propensity(&params, now)?.1,
         };
         let name = model.name.clone();
-        let version = engine.save_model(model, now)?;
+        let version = cible_core::audit::with_actor(&actor, || engine.save_model(model, now))?;
         engine.models().detail(&name, Some(version))
     })
     .await?;
@@ -194,11 +194,11 @@ pub async fn retrain(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let answer = cancellable(&state.engine, move || {
-        let version = engine.retrain(&name, now)?;
+        let version = cible_core::audit::with_actor(&actor, || engine.retrain(&name, now))?;
         engine.models().detail(&name, Some(version))
     })
     .await?;
@@ -218,14 +218,16 @@ pub async fn activate(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 4 * 1024).await?;
     let request: ActivateBody = serde_json::from_slice(&bytes)
         .map_err(|e| invalid("version", format!("expected {{\"version\": N}}: {e}")))?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     admin_blocking(&state.engine, move || {
-        engine.activate_model(&name, request.version, now)?;
+        cible_core::audit::with_actor(&actor, || {
+            engine.activate_model(&name, request.version, now)
+        })?;
         Ok(engine.models().active_model(&name)?.summary(true))
     })
     .await

@@ -110,7 +110,7 @@ async fn save(
     body: Body,
     existing: Option<String>,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let request = rule_body(&headers, body).await?;
     let name = match (&existing, &request.name) {
         (Some(name), _) => name.clone(),
@@ -130,11 +130,13 @@ async fn save(
     let created = existing.is_none();
     let outcome = admin_job(&state.engine, move || -> Result<_, ApiError> {
         let warnings = checked(&engine, &expr, &source, Some(&name))?;
-        let record = if created {
-            engine.create_segment(&name, expr, &source, now)
-        } else {
-            engine.edit_segment(&name, expr, &source, now)
-        }
+        let record = cible_core::audit::with_actor(&actor, || {
+            if created {
+                engine.create_segment(&name, expr, &source, now)
+            } else {
+                engine.edit_segment(&name, expr, &source, now)
+            }
+        })
         .map_err(ApiError::from)?;
         Ok((record, warnings))
     })
@@ -167,12 +169,11 @@ pub async fn delete(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     blocking(move || {
-        engine
-            .delete_segment(&name, now)
+        cible_core::audit::with_actor(&actor, || engine.delete_segment(&name, now))
             .map(|()| json!({"deleted": name}))
     })
     .await

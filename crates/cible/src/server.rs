@@ -486,6 +486,9 @@ fn router(state: AppState) -> Router {
             get(api_recommendations),
         )
         .route("/api/profiles/{id}/traits", get(api_computed_traits))
+        .route("/api/profiles/{id}/export", get(api_access_export))
+        .route("/api/audit", get(crate::audit_api::list))
+        .route("/api/audit/verify", get(crate::audit_api::verify))
         .route(
             "/api/profiles/{id}/consents",
             get(crate::consent_api::show).put(crate::consent_api::put),
@@ -688,16 +691,25 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
     }
 }
 
-pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the admin key; returns who acts, as the audit log names them: `cli` (a command
+/// through the server's local credential) or `api:` and the key's prefix.
+pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     let presented = presented_key(headers);
     if presented
         .as_deref()
         .is_some_and(|key| crate::local::same_token(key, &state.local_token))
     {
-        return Ok(());
+        return Ok("cli".into());
     }
     match presented.as_deref().map(|key| state.engine.key_kind(key)) {
-        Some(Some(KeyKind::Admin)) => Ok(()),
+        Some(Some(KeyKind::Admin)) => Ok(format!(
+            "api:{}",
+            presented
+                .as_deref()
+                .unwrap_or_default()
+                .get(..12)
+                .unwrap_or_default()
+        )),
         Some(Some(KeyKind::Write)) => Err(error(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -1147,16 +1159,35 @@ async fn api_profile(
     blocking(move || profile_view(&engine, &id, query, now)).await
 }
 
+/// `GET /api/profiles/{id}/export`: everything held on the person (right of access).
+async fn api_access_export(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let actor = check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || {
+        let document = cible_core::view::access_export(&engine, &id, now)?;
+        cible_core::audit::with_actor(&actor, || {
+            crate::commands::audit_access(&engine, &document)
+        })?;
+        Ok(document)
+    })
+    .await
+}
+
 async fn api_delete_profile(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     blocking(move || {
         let profile = profile_of(&engine, &id)?;
-        engine.remove_profile(profile)
+        cible_core::audit::with_actor(&actor, || engine.remove_profile(profile))
     })
     .await
 }
@@ -1213,10 +1244,13 @@ async fn api_trait_config(State(state): State<AppState>, headers: HeaderMap) -> 
 }
 
 async fn api_trait_refresh(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    admin_blocking(&state.engine, move || engine.refresh_traits(now)).await
+    admin_blocking(&state.engine, move || {
+        cible_core::audit::with_actor(&actor, || engine.refresh_traits(now))
+    })
+    .await
 }
 
 /// The profile a path names (number, userId, anonymousId or e-mail), or 404.
@@ -1244,10 +1278,13 @@ async fn api_unmerge(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    admin_blocking(&state.engine, move || engine.unmerge(id, now)).await
+    admin_blocking(&state.engine, move || {
+        cible_core::audit::with_actor(&actor, || engine.unmerge(id, now))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -1263,7 +1300,7 @@ async fn api_create_key(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    check_admin(&state, &headers)?;
+    let actor = check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 4096).await?;
     let request: CreateKey = serde_json::from_slice(&bytes).map_err(|e| {
         let message = format!("expected {{\"kind\": \"write\"|\"admin\", \"name\": \"...\"}}: {e}");
@@ -1272,9 +1309,10 @@ async fn api_create_key(
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let key = off_thread(move || {
-        engine
-            .create_key(request.kind, &request.name, now)
-            .map_err(ApiError::from)
+        cible_core::audit::with_actor(&actor, || {
+            engine.create_key(request.kind, &request.name, now)
+        })
+        .map_err(ApiError::from)
     })
     .await?;
     Ok((

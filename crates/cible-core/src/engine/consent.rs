@@ -419,6 +419,120 @@ mod tests {
         assert!(!engine.consent_snapshot().granted("analytics", d1));
     }
 
+    /// An import's consents wait with its profile records and are written by its flush,
+    /// merges included, as ordinary batches write them.
+    #[test]
+    fn an_import_writes_consents_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let bulk = |messages: &[Value]| {
+            let items = messages
+                .iter()
+                .map(|m| parse_message(m.clone(), None, &ParseContext::at(NOW)).into())
+                .collect();
+            engine
+                .ingest(items, "import", Durability::Bulk, NOW)
+                .unwrap();
+        };
+        bulk(&[
+            json!({"type": "page", "anonymousId": "d1", "messageId": "p1", "timestamp": at(60),
+                "context": {"consent": {"categoryPreferences": {"Email": true}}}}),
+            json!({"type": "identify", "userId": "u1", "messageId": "i1", "timestamp": at(50),
+                "traits": {"consent_profiling": false}}),
+        ]);
+        bulk(&[
+            json!({"type": "identify", "userId": "u1", "anonymousId": "d1", "messageId": "i2", "timestamp": at(40)}),
+        ]);
+        engine.finish_bulk().unwrap();
+        let u1 = engine.find_profile("u1").unwrap();
+        assert_eq!(
+            history(&engine, "u1"),
+            [
+                ("email".into(), true, Source::Import),
+                ("profiling".into(), false, Source::Import)
+            ]
+        );
+        assert!(engine.has_consent("email", u1));
+        assert_index_mirrors_records(&engine);
+        drop(engine);
+        let engine = Engine::open(dir.path()).unwrap();
+        assert_index_mirrors_records(&engine);
+        let rows = engine.store.read_consents().unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|(profile, ..)| *profile == u1));
+    }
+
+    /// The examples of docs/segment-language.md, "Consent", select what the test expects of
+    /// them (an example without an expectation here fails, as does a wrong one).
+    #[test]
+    fn the_documented_consent_examples_select_what_they_say() {
+        let doc = include_str!("../../../../docs/segment-language.md");
+        let section = &doc[doc.find("### Consent").expect("a Consent section")..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+        let examples: Vec<&str> = section
+            .split("```cible\n")
+            .skip(1)
+            .map(|block| block.split("```").next().unwrap().trim())
+            .collect();
+        assert_eq!(examples.len(), 3, "{examples:?}");
+        let expected: [(&str, &[&str]); 3] = [
+            (
+                r#"consent.email and did("Product Added", 7d) and not did("Order Completed", 7d)"#,
+                &["a"],
+            ),
+            (
+                r#"not consent.email and did("Order Completed", 30d)"#,
+                &["b", "c"],
+            ),
+            (
+                r#"consent.email = true and (trait.country = "FR" or consent.advertising)"#,
+                &["a", "d"],
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let track = |user: &str, event: &str, days: i64, id: &str| {
+            json!({"type": "track", "userId": user, "event": event, "messageId": id,
+                "timestamp": at(days * 24 * 60)})
+        };
+        send(
+            &engine,
+            "http",
+            &[
+                json!({"type": "identify", "userId": "a", "messageId": "a0", "timestamp": at(3000),
+                    "traits": {"country": "FR", "consent_email": true}}),
+                track("a", "Product Added", 1, "a1"),
+                json!({"type": "identify", "userId": "b", "messageId": "b0", "timestamp": at(9000),
+                    "traits": {"country": "FR", "consent_email": true}}),
+                track("b", "Order Completed", 3, "b1"),
+                track("b", "Unsubscribed", 2, "b2"),
+                track("c", "Order Completed", 10, "c1"),
+                track("c", "Product Added", 1, "c2"),
+                json!({"type": "track", "userId": "d", "event": "Product Added", "messageId": "d1",
+                    "timestamp": at(2 * 24 * 60), "context": {"consent": {"categoryPreferences":
+                        {"Email": true, "Advertising": true}}}}),
+                track("d", "Order Completed", 1, "d2"),
+            ],
+        );
+        for (i, example) in examples.iter().enumerate() {
+            let (_, members) = expected
+                .iter()
+                .find(|(text, _)| text == example)
+                .unwrap_or_else(|| panic!("no expectation for the documented example {example}"));
+            let name = format!("doc-{i}");
+            engine
+                .create_segment(&name, cible_lang::parse(example).unwrap(), example, NOW)
+                .unwrap();
+            engine.drain_segments().unwrap();
+            let got = engine.members(&name).unwrap();
+            let want: roaring::RoaringBitmap = members
+                .iter()
+                .map(|user| engine.find_profile(user).unwrap())
+                .collect();
+            assert_eq!(got, want, "{example}");
+        }
+    }
+
     #[test]
     fn bad_consent_requests_name_the_field() {
         let dir = tempfile::tempdir().unwrap();

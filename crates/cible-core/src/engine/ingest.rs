@@ -69,6 +69,7 @@ impl Engine {
                 created,
                 dirty,
                 consents,
+                audit,
                 ..
             } = tx.finish()?;
             batch_ids.clear();
@@ -77,6 +78,26 @@ impl Engine {
             // bodies: the log's sync then makes the batch durable, and fjall's journal is
             // synced later, off this path (`Store::retire_redo`).
             let mut batch = batch.durability(Some(fjall::PersistMode::Buffer));
+            // Audit records go in the batch they describe; the chain's head stays locked until
+            // it commits, so records are numbered in commit order.
+            let chain = (!audit.is_empty()).then(|| {
+                let mut chain = self.audit_chain();
+                let actor = match source {
+                    "api" => crate::audit::actor(),
+                    channel => channel.to_string(),
+                };
+                let entries = audit
+                    .into_iter()
+                    .map(|(action, identifiers, detail)| crate::audit::Entry {
+                        action,
+                        actor: actor.clone(),
+                        subjects: chain.subjects(&identifiers),
+                        detail,
+                    })
+                    .collect();
+                chain.record(&self.store, &mut batch, entries, now);
+                chain
+            });
             let end = match durability {
                 Durability::Bulk => None,
                 Durability::Sync | Durability::Buffered => {
@@ -92,6 +113,7 @@ impl Engine {
             // commits.
             self.store.log.sync()?;
             batch.commit()?;
+            drop(chain);
             if let Some(end) = end {
                 self.store.log.mark_committed(end);
             }

@@ -225,7 +225,13 @@ impl Engine {
     /// Stores `model` as the next version of its name and makes it active; returns the version.
     /// The live segments are re-evaluated (a new model may move profiles in or out).
     pub fn save_model(&self, model: SavedModel, now: i64) -> Result<u32> {
+        let name = model.name.clone();
         let version = self.models.save(model)?;
+        self.audit(self.audit_entry(
+            crate::audit::Action::ModelTrain,
+            &[],
+            serde_json::json!({"model": name, "version": version}),
+        ))?;
         self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)?;
         Ok(version)
     }
@@ -233,6 +239,11 @@ impl Engine {
     /// Makes a stored version the one scored, and re-evaluates the live segments.
     pub fn activate_model(&self, name: &str, version: u32, now: i64) -> Result<()> {
         self.models.activate(name, version)?;
+        self.audit(self.audit_entry(
+            crate::audit::Action::ModelActivate,
+            &[],
+            serde_json::json!({"model": name, "version": version}),
+        ))?;
         self.reevaluate_computed(now, crate::segment::feed::Cause::ModelActivation)
     }
 

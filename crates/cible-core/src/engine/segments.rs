@@ -185,7 +185,18 @@ impl Engine {
         source: &str,
         now: i64,
     ) -> Result<SegmentRecord> {
-        self.segmenter().create_segment(name, expr, source, now)
+        let record = self.segmenter().create_segment(name, expr, source, now)?;
+        self.audit_admin(crate::audit::Action::SegmentCreate, &record)?;
+        Ok(record)
+    }
+
+    /// Records an admin action on a segment (its name and rule: no personal data).
+    fn audit_admin(&self, action: crate::audit::Action, record: &SegmentRecord) -> Result<()> {
+        self.audit(self.audit_entry(
+            action,
+            &[],
+            serde_json::json!({"segment": record.name, "rule": record.rule}),
+        ))
     }
 
     /// Replaces a segment's rule and backfills it; members who no longer match exit.
@@ -196,12 +207,19 @@ impl Engine {
         source: &str,
         now: i64,
     ) -> Result<SegmentRecord> {
-        self.segmenter().edit_segment(name, expr, source, now)
+        let record = self.segmenter().edit_segment(name, expr, source, now)?;
+        self.audit_admin(crate::audit::Action::SegmentEdit, &record)?;
+        Ok(record)
     }
 
     /// Deletes a segment, its membership and its log; refused while other segments use it.
     pub fn delete_segment(&self, name: &str, now: i64) -> Result<()> {
-        self.segmenter().delete_segment(name, now)
+        self.segmenter().delete_segment(name, now)?;
+        self.audit(self.audit_entry(
+            crate::audit::Action::SegmentDelete,
+            &[],
+            serde_json::json!({"segment": name}),
+        ))
     }
 
     /// Evaluates a rule over every live profile at `now`: the members, how many profiles were

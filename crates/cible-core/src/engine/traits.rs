@@ -196,6 +196,11 @@ impl Engine {
         let model = self.build_product_model(now)?;
         let product_model_seconds = started.elapsed().as_secs_f64();
         let created_segments = self.ensure_lifecycle_segments(now)?;
+        self.audit(self.audit_entry(
+            crate::audit::Action::TraitsRefresh,
+            &[],
+            serde_json::json!({"profiles": calibration.profiles}),
+        ))?;
         self.reevaluate_computed(now, crate::segment::feed::Cause::Recalibration)?;
         Ok(RefreshReport {
             calibration: (*calibration).clone(),

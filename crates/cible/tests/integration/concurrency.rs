@@ -198,7 +198,11 @@ fn client_batch(client: usize, batch: usize) -> Value {
                 1 => json!({"type": "track", "userId": user, "event": "Order Completed",
                     "messageId": id, "properties": {"revenue": (batch % 7) * 30}}),
                 2 => json!({"type": "identify", "userId": user, "messageId": id,
-                    "traits": {"plan": if batch.is_multiple_of(2) { "pro" } else { "free" }}}),
+                    "traits": {"plan": if batch.is_multiple_of(2) { "pro" } else { "free" },
+                        "consent_email": !batch.is_multiple_of(3)}}),
+                3 => json!({"type": "track", "userId": user, "event": "Email Opened",
+                    "messageId": id, "context": {"consent": {"categoryPreferences":
+                        {"Profiling": !batch.is_multiple_of(5)}}}}),
                 _ => json!({"type": "track", "userId": user, "event": "Email Opened",
                     "messageId": id}),
             }
@@ -207,7 +211,7 @@ fn client_batch(client: usize, batch: usize) -> Value {
     json!({ "batch": messages })
 }
 
-const STABLE: [(&str, &str); 4] = [
+const STABLE: [(&str, &str); 5] = [
     ("recent", r#"did("Ping", 1m)"#),
     ("buyers", r#"sum("Order Completed".revenue, 30d) > 200"#),
     (
@@ -218,6 +222,7 @@ const STABLE: [(&str, &str); 4] = [
         "pro-engaged",
         r#"trait.plan = "pro" and score.engagement >= 30"#,
     ),
+    ("mailable", r#"consent.email and did("Email Opened", 7d)"#),
 ];
 const EDITED: [&str; 2] = [
     r#"count("Email Opened", 7d) >= 3"#,
@@ -334,7 +339,23 @@ fn ingestion_admin_work_and_timers_at_once_never_hang_and_the_feed_matches_a_reb
                 &admin,
                 Some(&json!({"version": version})),
             );
+            if round == 1 {
+                // Profiling objections (API and consent tool) take profiles out of it.
+                admin_ok(
+                    "POST",
+                    &format!("{base}/api/segments"),
+                    &admin,
+                    Some(&json!({"name": "clustered", "rule": "cluster.id >= 0"})),
+                );
+            }
         }
+        // Consent through the API, beside the clients' own consent changes.
+        admin_ok(
+            "PUT",
+            &format!("{base}/api/profiles/u{}/consents", 63 + round % 20),
+            &admin,
+            Some(&json!({"purposes": {"email": round % 2 == 0, "profiling": round % 3 != 0}})),
+        );
         if round % 3 == 0 {
             // Readers beside the writers.
             admin_ok(

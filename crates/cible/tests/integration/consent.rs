@@ -186,6 +186,33 @@ fn consent_from_each_source_reaches_rules_exports_and_the_history() {
     let (ok, stderr) = output(cible(data).args(["export", "events"]));
     assert!(!ok && stderr.contains("--purpose"), "{stderr}");
 
+    // Everything above is in the audit log, which verifies.
+    let verified = run_ok(cible(data).args(["audit", "verify"]));
+    assert!(
+        verified.starts_with("the audit log is intact:"),
+        "{verified}"
+    );
+    let records: Vec<Value> =
+        serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["actor"].as_str().unwrap()))
+        .collect();
+    for expected in [
+        ("key_create", "cli"),
+        ("segment_create", &*format!("api:{}", &admin[..12])),
+        ("consent_change", "http"),
+        ("consent_change", &*format!("api:{}", &admin[..12])),
+        ("consent_change", "cli"),
+        ("export", "cli"),
+    ] {
+        assert!(seen.contains(&expected), "{expected:?} not in {seen:?}");
+    }
+    let text = serde_json::to_string(&records).unwrap();
+    for identifier in ["\"u2\"", "u:u2", "a:d1", "\"d1\""] {
+        assert!(!text.contains(identifier), "{identifier} in {text}");
+    }
+
     // Without a server, the CLI records a change itself; a bad consent.toml names its field.
     let text = run_ok(cible(data).args([
         "profile", "consent", "u3", "--grant", "email", "--basis", "contract",
@@ -201,4 +228,109 @@ fn consent_from_each_source_reaches_rules_exports_and_the_history() {
     .unwrap();
     let (ok, stderr) = output(cible(data).args(["segment", "list"]));
     assert!(!ok && stderr.contains("traits.newsletter"), "{stderr}");
+}
+
+/// The right of access: one document with everything held on the person, through the server
+/// and through the CLI alone, the same.
+#[test]
+fn an_access_export_holds_everything_on_the_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let write = create_key(data, "--write");
+    let admin = create_key(data, "--admin");
+    let server = Server::start(data, &[]);
+    let created = ureq::post(&server.url("/api/segments"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .send_json(json!({"name": "buyers", "rule": "did(\"Order Completed\", 30d)"}))
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "dev-9", "messageId": "a1", "timestamp": "2026-05-01T09:00:00Z"},
+        {"type": "identify", "userId": "ann", "messageId": "a2", "timestamp": "2026-05-01T09:30:00Z",
+         "traits": {"email": "Ann@Example.com", "plan": "pro", "consent_email": true}},
+        {"type": "identify", "userId": "ann", "anonymousId": "dev-9", "messageId": "a3",
+         "timestamp": "2026-05-01T10:00:00Z", "traits": {"plan": "team"}},
+        {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "a4",
+         "timestamp": "2026-05-01T11:00:00Z", "properties": {"revenue": 30}},
+        // Dated three days ahead: quarantined, kept whole, naming her.
+        {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "a5",
+         "timestamp": "2026-05-04T11:00:00Z"},
+        {"type": "track", "userId": "bob", "event": "Order Completed", "messageId": "b1",
+         "timestamp": "2026-05-01T11:00:00Z"},
+    ]});
+    assert_eq!(post(&server.url("/v1/batch"), &write, &batch).status, 200);
+    let document = get(&server.url("/api/profiles/ann/export"), &admin);
+    assert_eq!(document.status, 200, "{:?}", document.body);
+    let doc = document.body;
+    assert_eq!(doc["identifiers"]["user_ids"], json!(["ann"]));
+    assert_eq!(doc["identifiers"]["anonymous_ids"], json!(["dev-9"]));
+    assert_eq!(doc["identifiers"]["emails"], json!(["ann@example.com"]));
+    let ids: Vec<&str> = doc["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids, ["a1", "a2", "a3", "a4"], "{}", doc["events"]);
+    assert_eq!(doc["traits"]["plan"]["value"], "team");
+    assert_eq!(doc["trait_history"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["memberships"]["current"], json!(["buyers"]));
+    assert!(
+        doc["memberships"]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["segment"] == "buyers" && c["entered"] == true)
+    );
+    assert_eq!(doc["consents"]["current"]["email"]["granted"], true);
+    assert_eq!(doc["merges"].as_array().unwrap().len(), 1);
+    let quarantined = doc["quarantined"].as_array().unwrap();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0]["raw"].as_str().unwrap().contains("a5"));
+    let audit: Vec<&str> = doc["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        audit.contains(&"consent_change") && audit.contains(&"merge"),
+        "{audit:?}"
+    );
+    assert!(
+        !doc.to_string().contains("\"bob\""),
+        "nothing of another person"
+    );
+    assert_eq!(
+        get(&server.url("/api/profiles/nobody/export"), &admin).status,
+        404
+    );
+    server.stop();
+
+    // The same document from the CLI on the store alone (and the export is audited).
+    let out = dir.path().join("ann.json");
+    run_ok(
+        cible(data)
+            .args(["profile", "export", "ann", "--out"])
+            .arg(&out),
+    );
+    let alone: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    for field in [
+        "identifiers",
+        "events",
+        "traits",
+        "memberships",
+        "consents",
+        "merges",
+        "quarantined",
+    ] {
+        assert_eq!(alone[field], doc[field], "{field}");
+    }
+    let records: Vec<Value> =
+        serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
+    let accesses = records
+        .iter()
+        .filter(|r| r["action"] == "export" && r["detail"]["what"] == "access")
+        .count();
+    assert_eq!(accesses, 2);
 }

@@ -122,6 +122,11 @@ fn every_answer_matches_the_openapi_document() {
     );
     r.call("GET", "/api/profiles/u1/consents", a(), None);
     r.call("GET", "/api/profiles/nobody/consents", a(), None);
+    r.call("GET", "/api/profiles/u1/export", a(), None);
+    r.call("GET", "/api/audit?limit=50", a(), None);
+    r.call("GET", "/api/audit?limit=0", a(), None);
+    r.call("GET", "/api/audit/verify", a(), None);
+    r.call("GET", "/api/audit/verify?head=1:00", a(), None);
     r.call("GET", "/api/merges", a(), None);
     r.call("POST", "/api/merges/99/unmerge", a(), None);
     r.call("GET", "/api/keys", a(), None);
