@@ -51,6 +51,7 @@ pub enum Action {
     Merge,
     Unmerge,
     ProfileRemoval,
+    Erasure,
     Export,
     Import,
     KeyCreate,

@@ -175,6 +175,8 @@ impl Engine {
             scratch: Default::default(),
             names: Dict::default(),
             keys: Dict::default(),
+            suppressed: Default::default(),
+            secret: Vec::new(),
         };
         // A light open looks identifiers and merges up in the store when asked.
         if !light {
@@ -232,6 +234,13 @@ impl Engine {
         let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
         let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
         let audit = audit::AuditState::load(&store, light)?;
+        state.secret = audit.secret.clone();
+        for entry in store.suppressed.iter() {
+            let key = entry.key()?;
+            state
+                .suppressed
+                .insert(String::from_utf8_lossy(&key).into_owned());
+        }
         let engine = Self {
             store,
             liveness: OrderedRwLock::new(
@@ -899,6 +908,40 @@ impl Engine {
     /// same messages could be accepted again), identifiers, traits, the records of profiles merged
     /// into it and the merge records naming it. Erasure builds on this.
     pub fn remove_profile(&self, profile: u32) -> Result<RemovalOutcome> {
+        Ok(self.remove(profile, false)?.0)
+    }
+
+    /// Erases a person (right to be forgotten): everything [`Engine::remove_profile`] removes,
+    /// the quarantined messages that name one of their identifiers, then fjall's journal
+    /// sealed and deleted and the keyspaces that held their identifiers compacted, so that no
+    /// byte of those identifiers is left in any file of the data directory (event bodies and
+    /// redo records are overwritten with zeros in the log). A keyed hash of each identifier is
+    /// kept (`suppressed`): a later message or import naming one is quarantined as `erased`,
+    /// without its content. Returns the receipt, which the audit log records too.
+    pub fn erase_profile(&self, profile: u32) -> Result<crate::records::ErasureReceipt> {
+        let started = std::time::Instant::now();
+        let (removal, quarantined) = self.remove(profile, true)?;
+        // Every journal that may hold the person's keys or records is flushed and deleted
+        // (the writer waits meanwhile: no batch lands in a journal being sealed).
+        {
+            let _writer = self.state.lock();
+            self.store.checkpoint()?;
+        }
+        let compacted = crate::store::HOLDING_IDENTIFIERS;
+        self.store.purge(&compacted)?;
+        let subjects = self.audit_chain().subjects(&removal.identifiers_removed);
+        Ok(crate::records::ErasureReceipt {
+            profile,
+            subjects,
+            events_removed: removal.events_removed,
+            merged_profiles_removed: removal.merged_profiles_removed,
+            quarantined_removed: quarantined,
+            keyspaces_compacted: compacted.into_iter().map(str::to_string).collect(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn remove(&self, profile: u32, erase: bool) -> Result<(RemovalOutcome, u64)> {
         self.check_poisoned()?;
         let mut state = self.state.lock();
         if !state
@@ -952,17 +995,47 @@ impl Engine {
                 }
             }
         }
+        // An erasure: the quarantined messages naming the person go too, and a keyed hash of
+        // each identifier stays, to refuse the person's later messages.
+        let mut quarantined = 0u64;
+        let mut suppressed = Vec::new();
+        if erase {
+            let values: Vec<&str> = record
+                .identifiers
+                .iter()
+                .map(|i| i.get(2..).unwrap_or_default())
+                .collect();
+            for entry in self.store.quarantine.iter() {
+                let (key, value) = entry.into_inner()?;
+                let kept: QuarantineRecord =
+                    serde_json::from_slice(&value).map_err(|e| corrupt("quarantine", e))?;
+                if crate::view::names_any(&kept.raw, &values) {
+                    batch.remove(&self.store.quarantine, key);
+                    batch.remove(&self.store.qkeys, crate::ingest::quarantine_key(&kept.raw));
+                    quarantined += 1;
+                }
+            }
+            for ident in &record.identifiers {
+                let hashed = crate::audit::subject(&state.secret, ident);
+                batch.insert(&self.store.suppressed, hashed.as_bytes(), []);
+                suppressed.push(hashed);
+            }
+        }
         // Every batch the writer committed is durable once this one is (it syncs fjall's
         // journal, and the writer lock is held): their redo records, which may name the
         // person, can go.
         let committed = self.store.log.committed();
         let mut chain = self.audit_chain();
         let entry = crate::audit::Entry {
-            action: crate::audit::Action::ProfileRemoval,
+            action: if erase {
+                crate::audit::Action::Erasure
+            } else {
+                crate::audit::Action::ProfileRemoval
+            },
             actor: crate::audit::actor(),
             subjects: chain.subjects(&record.identifiers),
             detail: serde_json::json!({"profile": profile, "events": removed_hashes.len(),
-                "merged_profiles": merged_profiles}),
+                "merged_profiles": merged_profiles, "quarantined": quarantined}),
         };
         chain.record(
             &self.store,
@@ -987,6 +1060,7 @@ impl Engine {
         for ident in &record.identifiers {
             state.idents.remove(ident);
         }
+        state.suppressed.extend(suppressed);
         state.seen.remove_all(&removed_hashes);
         state.profiles[profile as usize] = ProfileMeta::default();
         for merged in &merged_profiles {
@@ -1016,12 +1090,15 @@ impl Engine {
             crate::segment::feed::Cause::ProfileEdit,
             crate::time::wall_clock_ms(),
         )?;
-        Ok(RemovalOutcome {
-            profile,
-            events_removed: removed_hashes.len() as u64,
-            identifiers_removed: record.identifiers,
-            merged_profiles_removed: merged_profiles,
-        })
+        Ok((
+            RemovalOutcome {
+                profile,
+                events_removed: removed_hashes.len() as u64,
+                identifiers_removed: record.identifiers,
+                merged_profiles_removed: merged_profiles,
+            },
+            quarantined,
+        ))
     }
 
     /// Creates an API key and returns it in clear text (the only time it is shown).

@@ -413,9 +413,50 @@ impl<'a> Tx<'a> {
             },
             None => NO_NAME,
         };
+        if self.names_erased(&message) {
+            let raw = serde_json::json!({"messageId": message.message_id, "type": message.kind})
+                .to_string();
+            let rejection = Rejection {
+                reason: Reason::Erased,
+                field: None,
+                detail: "the message names a person whose data was erased; its content is not kept"
+                    .into(),
+                raw,
+            };
+            self.quarantine(index, rejection, item.replay_of)?;
+            return Ok(());
+        }
         let profile = self.resolve(&message)?;
         self.drop_replayed(item.replay_of);
         self.accept(profile, name, message)
+    }
+
+    /// Whether one of the message's identifiers belongs to an erased person.
+    fn names_erased(&self, message: &Prepared) -> bool {
+        if self.state.suppressed.is_empty() {
+            return false;
+        }
+        let secret = &self.state.secret;
+        let user = message.user_id.iter().chain(&message.previous_id);
+        user.map(|id| identity::user_ident(id))
+            .chain(
+                message
+                    .previous_id
+                    .iter()
+                    .map(|id| identity::anonymous_ident(id)),
+            )
+            .chain(
+                message
+                    .anonymous_id
+                    .iter()
+                    .map(|id| identity::anonymous_ident(id)),
+            )
+            .chain(message.email.iter().map(|e| identity::email_ident(e)))
+            .any(|ident| {
+                self.state
+                    .suppressed
+                    .contains(&crate::audit::subject(secret, &ident))
+            })
     }
 
     fn drop_replayed(&mut self, replay_of: Option<Replay>) {
@@ -956,6 +997,11 @@ pub(crate) struct State {
     pub(crate) scratch: Scratch,
     pub(crate) names: Dict,
     pub(crate) keys: Dict,
+    /// Keyed hashes ([`crate::audit::subject`]) of the identifiers of erased people: a message
+    /// naming one is quarantined as `erased`, without its content.
+    pub(crate) suppressed: FxHashSet<String>,
+    /// The key of those hashes (the audit log's secret).
+    pub(crate) secret: Vec<u8>,
 }
 
 impl State {

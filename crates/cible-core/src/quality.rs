@@ -35,6 +35,9 @@ pub enum Reason {
     TooManyEventNames,
     /// A CSV row with another number of fields than the header.
     MalformedRow,
+    /// For a person whose data was erased: kept without its content (only its messageId and
+    /// type), so the person is not brought back.
+    Erased,
 }
 
 impl Reason {
@@ -54,6 +57,7 @@ impl Reason {
             Self::MessageTooLarge => "message_too_large",
             Self::TooManyEventNames => "too_many_event_names",
             Self::MalformedRow => "malformed_row",
+            Self::Erased => "erased",
         }
     }
 }

@@ -156,6 +156,20 @@ pub struct RemovalOutcome {
     pub merged_profiles_removed: Vec<u32>,
 }
 
+/// The receipt of an erasure ([`crate::Engine::erase_profile`]): what was removed, with the
+/// person named only by keyed hashes of their identifiers (as the audit log names them).
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasureReceipt {
+    pub profile: u32,
+    pub subjects: Vec<String>,
+    pub events_removed: u64,
+    pub merged_profiles_removed: Vec<u32>,
+    pub quarantined_removed: u64,
+    /// Rewritten so that no earlier version of their records is left in any file.
+    pub keyspaces_compacted: Vec<String>,
+    pub seconds: f64,
+}
+
 /// The result of [`Engine::unmerge`].
 #[derive(Debug, Clone, Serialize)]
 pub struct UnmergeOutcome {

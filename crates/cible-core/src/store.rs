@@ -92,7 +92,7 @@ macro_rules! keyspaces {
             }
 
             /// The keyspace of this name.
-            fn keyspace(&self, name: &str) -> Option<&Keyspace> {
+            pub fn keyspace(&self, name: &str) -> Option<&Keyspace> {
                 match name {
                     $(stringify!($name) => Some(&self.$name),)+
                     _ => None,
@@ -120,6 +120,7 @@ keyspaces!(
     changes,
     consents,
     audit,
+    suppressed,
 );
 
 /// The `meta` key holding the store's layout version.
@@ -152,9 +153,14 @@ pub const PER_PROFILE: [(&str, &str); 9] = [
     ("consents", "profile prefix (consent_key)"),
 ];
 
+/// The keyspaces whose keys or values hold identifiers in clear (user ids, anonymous ids,
+/// e-mail addresses): what an erasure rewrites ([`Store::purge`]). The others name people by
+/// ordinal or keyed hash; event bodies are in the event log, overwritten in place.
+pub const HOLDING_IDENTIFIERS: [&str; 5] = ["idents", "profiles", "merges", "quarantine", "qkeys"];
+
 /// Keyspaces that hold nothing about a person by key (quarantine holds raw messages, which
-/// erasure must search by identifier; audit names people only by keyed hashes).
-pub const GLOBAL: [&str; 8] = [
+/// erasure must search by identifier; audit and suppressed name people only by keyed hashes).
+pub const GLOBAL: [&str; 9] = [
     "quarantine",
     "qkeys",
     "dict",
@@ -163,6 +169,7 @@ pub const GLOBAL: [&str; 8] = [
     "segments",
     "segment_log",
     "audit",
+    "suppressed",
 ];
 
 /// Options of a keyspace created by this build (an existing keyspace keeps the options it was
@@ -269,6 +276,24 @@ impl Store {
             batch.insert(&self.consents, consent_key(profile, purpose), value);
         }
         Ok(states)
+    }
+
+    /// Rewrites these keyspaces so that no earlier version of any record, and no tombstone, is
+    /// left in any of their files (an erasure; call after [`Store::checkpoint`], which deletes
+    /// the journals): a major compaction, then a flush of one tombstone for a key no record
+    /// has, which installs a new version of the tree and lets fjall delete the files the
+    /// compaction replaced (it keeps them while an older version is current).
+    pub fn purge(&self, names: &[&str]) -> Result<(), StoreError> {
+        for name in names {
+            let keyspace = self.keyspace(name).ok_or_else(|| StoreError::Corrupt {
+                keyspace: "meta",
+                detail: format!("no keyspace {name}"),
+            })?;
+            keyspace.major_compact()?;
+            keyspace.remove(PURGE_MARK)?;
+            keyspace.rotate_memtable_and_wait()?;
+        }
+        Ok(())
     }
 
     /// Every profile's current consents: (profile, purpose, granted, when).
@@ -404,6 +429,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// The key [`Store::purge`] writes a tombstone for: no keyspace holds a record under it.
+const PURGE_MARK: [u8; 3] = [0xff, 0xff, 0xfe];
 
 /// Length of an event key.
 pub const EVENT_KEY_LEN: usize = 20;

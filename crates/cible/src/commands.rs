@@ -274,6 +274,19 @@ pub enum ProfileCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Erase a person (right to be forgotten): everything `delete` removes and the quarantined
+    /// messages naming them; no byte of their identifiers is left in any file of the data
+    /// directory, and their later messages are quarantined as `erased`. Prints the receipt.
+    Erase {
+        /// Profile number, userId, anonymousId or e-mail.
+        id: String,
+        /// Confirm: an erasure cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        /// Print the receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Products to put in an e-mail for this profile: abandoned cart, recently viewed, viewed
     /// X bought Y, best sellers of its favourite categories.
     Recommend {
@@ -478,6 +491,16 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
             }
             let outcome = engine.remove_profile(profile)?;
             print_removal(&serde_json::to_value(&outcome)?);
+        }
+        ProfileCommand::Erase { id, yes, json } => {
+            let profile = engine
+                .find_profile(&id)
+                .with_context(|| format!("no profile {id:?}"))?;
+            if !yes {
+                bail!("erasing profile {profile} cannot be undone; run again with --yes");
+            }
+            let receipt = engine.erase_profile(profile)?;
+            print_receipt(&serde_json::to_value(&receipt)?, json)?;
         }
         ProfileCommand::Recommend { id, n, json } => {
             let profile = engine
@@ -1020,6 +1043,13 @@ fn profile_remote(remote: &crate::local::Remote, command: ProfileCommand) -> any
             let path = format!("/api/profiles/{}", crate::local::escape(&id));
             print_removal(&remote.call("DELETE", &path, None)?);
         }
+        ProfileCommand::Erase { id, yes, json } => {
+            if !yes {
+                bail!("erasing profile {id} cannot be undone; run again with --yes");
+            }
+            let path = format!("/api/profiles/{}?erase=true", crate::local::escape(&id));
+            print_receipt(&remote.call("DELETE", &path, None)?, json)?;
+        }
         ProfileCommand::Recommend { id, n, json } => {
             let path = format!(
                 "/api/profiles/{}/recommendations?n={n}",
@@ -1092,6 +1122,24 @@ fn print_removal(outcome: &serde_json::Value) {
         outcome["events_removed"],
         list_of(&outcome["identifiers_removed"])
     );
+}
+
+fn print_receipt(receipt: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return crate::print_json(receipt);
+    }
+    println!(
+        "profile {} erased in {:.2} s: {} event(s), {} merged profile(s), {} quarantined message(s); {} identifier(s) kept only as keyed hashes to refuse later messages",
+        receipt["profile"],
+        receipt["seconds"].as_f64().unwrap_or_default(),
+        receipt["events_removed"],
+        receipt["merged_profiles_removed"]
+            .as_array()
+            .map_or(0, Vec::len),
+        receipt["quarantined_removed"],
+        receipt["subjects"].as_array().map_or(0, Vec::len),
+    );
+    Ok(())
 }
 
 fn print_unmerge(outcome: &serde_json::Value) {

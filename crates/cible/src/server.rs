@@ -1178,13 +1178,31 @@ async fn api_access_export(
     .await
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    erase: Option<bool>,
+}
+
+/// `DELETE /api/profiles/{id}`: removes the profile; with `?erase=true`, erases the person
+/// (nothing of their identifiers left in any file, later messages refused) and answers the
+/// receipt.
 async fn api_delete_profile(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> ApiResult {
     let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
+    if params.erase == Some(true) {
+        return admin_blocking(&state.engine, move || {
+            let profile = profile_of(&engine, &id)?;
+            cible_core::audit::with_actor(&actor, || engine.erase_profile(profile))
+        })
+        .await;
+    }
     blocking(move || {
         let profile = profile_of(&engine, &id)?;
         cible_core::audit::with_actor(&actor, || engine.remove_profile(profile))

@@ -1344,3 +1344,195 @@ fn a_segment_edit_builds_its_column_before_it_takes_the_segments_lock() {
         .collect();
     assert_eq!(engine.live_members("hats"), Some(expected));
 }
+
+/// Every file under `dir` that holds one of `needles`, with the needle.
+fn files_holding(dir: &std::path::Path, needles: &[&str]) -> Vec<(std::path::PathBuf, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap().to_ascii_lowercase();
+        for needle in needles {
+            if memchr::memmem::find(&bytes, needle.to_ascii_lowercase().as_bytes()).is_some() {
+                found.push((path.clone(), needle.to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// An erasure on a store with merges, quarantined messages, segments and a trained model leaves
+/// no byte of the person's identifiers in any file of the data directory, and their later
+/// messages (sent or imported) are quarantined as `erased`, not brought back.
+#[test]
+fn an_erased_person_leaves_no_byte_in_any_file_and_stays_erased() {
+    let (dir, engine) = crate::test_support::generated_store(200, 30, 7, NOW);
+    let data = dir.path().join("data");
+    let (user, device, email) = (
+        "zq7-erase-user-X9K2",
+        "zq7-erase-device-W4M8",
+        "zq7.erase.person@example.org",
+    );
+    let rule = r#"did("Order Completed", 30d)"#;
+    engine
+        .create_segment("buyers", cible_lang::parse(rule).unwrap(), rule, NOW)
+        .unwrap();
+    ingest(
+        &engine,
+        &[
+            track("e1", None, Some(device), "Page Viewed", 90),
+            identify("e2", user, None, json!({"email": email, "plan": "pro"}), 80),
+            identify("e3", user, Some(device), json!({"consent_email": true}), 70),
+            track("e4", Some(user), None, "Order Completed", 60),
+            // Three days ahead: quarantined, naming them.
+            json!({"type": "track", "userId": user, "event": "Order Completed", "messageId": "e5",
+                "timestamp": crate::time::format_ms(NOW + 3 * 86_400_000)}),
+        ],
+    );
+    let params = crate::models::ClusterParams {
+        min_k: 2,
+        max_k: 2,
+        restarts: 1,
+        sample: 200,
+        seed: 1,
+    };
+    let (_, model) = engine.cluster(NOW, &params).unwrap();
+    engine.save_model(model, NOW).unwrap();
+    engine.drain_segments().unwrap();
+    let person = engine.find_profile(user).unwrap();
+    assert!(engine.members("buyers").unwrap().contains(person));
+    assert_eq!(engine.merges_into(person).unwrap().len(), 1);
+    let quarantined = engine.quarantined(None, 100).unwrap();
+    assert!(quarantined.iter().any(|q| q.raw.contains(user)));
+    // Before: their identifiers are in the files (the test can fail).
+    drop(engine);
+    assert!(!files_holding(&data, &[user, device, email]).is_empty());
+
+    let engine = Engine::open(&data).unwrap();
+    let person = engine.find_profile(user).unwrap();
+    let receipt = engine.erase_profile(person).unwrap();
+    assert_eq!(receipt.events_removed, 4);
+    assert_eq!(receipt.merged_profiles_removed.len(), 1);
+    assert_eq!(receipt.quarantined_removed, 1);
+    assert_eq!(receipt.subjects.len(), 3);
+    engine.drain_segments().unwrap();
+    assert!(!engine.members("buyers").unwrap().contains(person));
+    assert!(engine.find_profile(user).is_none() && engine.find_profile(email).is_none());
+    // While the engine is open, and after it closes.
+    assert_eq!(files_holding(&data, &[user, device, email]), []);
+    drop(engine);
+    assert_eq!(files_holding(&data, &[user, device, email]), []);
+
+    // Their next messages, sent or imported, are quarantined as erased, without content.
+    let engine = Engine::open(&data).unwrap();
+    let outcome = ingest(
+        &engine,
+        &[
+            track("later-1", Some(user), None, "Page Viewed", 1),
+            json!({"type": "identify", "anonymousId": "someone-new", "messageId": "later-2",
+                "traits": {"email": email.to_uppercase()}}),
+        ],
+    );
+    assert_eq!(outcome.accepted, 0);
+    assert!(
+        outcome
+            .quarantined
+            .iter()
+            .all(|q| q.reason == crate::quality::Reason::Erased)
+    );
+    let bulk = ingest_bulk(
+        &engine,
+        &[track("later-3", None, Some(device), "Page Viewed", 1)],
+    );
+    assert_eq!(bulk.quarantined.len(), 1);
+    engine.finish_bulk().unwrap();
+    assert!(engine.find_profile(user).is_none() && engine.find_profile(device).is_none());
+    assert!(
+        engine
+            .quarantined(Some(crate::quality::Reason::Erased), 10)
+            .unwrap()
+            .iter()
+            .all(|q| !q.raw.contains(user) && !q.raw.contains(device))
+    );
+    drop(engine);
+    assert_eq!(files_holding(&data, &[user, device, email]), []);
+}
+
+/// Erasures while two threads ingest for the same people: nothing hangs, an erased person is
+/// never brought back by a message that arrives after, and the audit log stays one chain.
+#[test]
+fn erasures_beside_ingestion_never_hang_and_never_resurrect() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = std::sync::Arc::new(Engine::open(dir.path()).unwrap());
+    let users: Vec<String> = (0..12).map(|i| format!("person-{i}")).collect();
+    let first: Vec<Value> = users
+        .iter()
+        .map(|u| track(&format!("first-{u}"), Some(u), None, "Page Viewed", 100))
+        .collect();
+    ingest(&engine, &first);
+    let erased = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let (done, finished) = std::sync::mpsc::channel();
+    for thread in 0..2 {
+        let (engine, users, done) = (std::sync::Arc::clone(&engine), users.clone(), done.clone());
+        std::thread::spawn(move || {
+            for round in 0..40 {
+                let user = &users[(round * 5 + thread * 3) % users.len()];
+                ingest(
+                    &engine,
+                    &[track(
+                        &format!("t{thread}-{round}"),
+                        Some(user),
+                        None,
+                        "Email Opened",
+                        50,
+                    )],
+                );
+            }
+            done.send(()).unwrap();
+        });
+    }
+    {
+        let (engine, erased, done) = (
+            std::sync::Arc::clone(&engine),
+            std::sync::Arc::clone(&erased),
+            done.clone(),
+        );
+        let users = users.clone();
+        std::thread::spawn(move || {
+            for user in users.iter().step_by(4) {
+                let profile = engine.find_profile(user).unwrap();
+                engine.erase_profile(profile).unwrap();
+                erased.lock().push(user.clone());
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..3 {
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a thread hung or panicked");
+    }
+    for user in erased.lock().iter() {
+        assert!(engine.find_profile(user).is_none(), "{user} came back");
+        let outcome = ingest(
+            &engine,
+            &[track(
+                &format!("after-{user}"),
+                Some(user),
+                None,
+                "Page Viewed",
+                1,
+            )],
+        );
+        assert_eq!(
+            outcome.quarantined[0].reason,
+            crate::quality::Reason::Erased
+        );
+    }
+    assert!(engine.verify_audit(None).unwrap().is_ok());
+}

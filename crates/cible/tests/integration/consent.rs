@@ -334,3 +334,93 @@ fn an_access_export_holds_everything_on_the_person() {
         .count();
     assert_eq!(accesses, 2);
 }
+
+fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            if memchr::memmem::find(&bytes, needle.as_bytes()).is_some() {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Erasure as a user runs it, over HTTP and with the CLI beside the server: a receipt, the
+/// person gone from every file once the server stops, their next message refused.
+#[test]
+fn erasure_through_the_api_and_the_cli_leaves_nothing_and_refuses_the_person_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let write = create_key(data, "--write");
+    let admin = create_key(data, "--admin");
+    let server = Server::start(data, &[]);
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "qv8-device-eve", "messageId": "e1"},
+        {"type": "identify", "userId": "qv8-user-eve", "anonymousId": "qv8-device-eve",
+         "messageId": "e2", "traits": {"email": "qv8.eve@example.net"}},
+        {"type": "track", "userId": "qv8-user-eve", "event": "Order Completed", "messageId": "e3"},
+        {"type": "track", "userId": "qv8-user-mallory", "event": "Order Completed", "messageId": "m1"},
+        {"type": "track", "userId": "keep-me", "event": "Order Completed", "messageId": "k1"},
+    ]});
+    assert_eq!(post(&server.url("/v1/batch"), &write, &batch).status, 200);
+    let erased = ureq::delete(&server.url("/api/profiles/qv8-user-eve?erase=true"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    assert_eq!(erased["events_removed"], 3, "{erased}");
+    assert_eq!(erased["subjects"].as_array().unwrap().len(), 3);
+    assert!(
+        !erased.to_string().contains("qv8"),
+        "the receipt names no identifier: {erased}"
+    );
+    assert_eq!(
+        get(&server.url("/api/profiles/qv8-user-eve"), &admin).status,
+        404
+    );
+    let later = post(
+        &server.url("/v1/track"),
+        &write,
+        &json!({"userId": "qv8-user-eve", "event": "Page Viewed", "messageId": "e4"}),
+    );
+    assert_eq!(later.status, 200, "{:?}", later.body);
+    assert_eq!(
+        get(&server.url("/api/profiles/qv8-user-eve"), &admin).status,
+        404
+    );
+    let quarantine = get(&server.url("/api/quality/quarantine?reason=erased"), &admin).body;
+    assert_eq!(quarantine.as_array().map(Vec::len), Some(1), "{quarantine}");
+    // The CLI beside the server goes through it.
+    let text = run_ok(cible(data).args(["profile", "erase", "qv8-user-mallory", "--yes"]));
+    assert!(text.contains("erased"), "{text}");
+    let (ok, stderr) = output(cible(data).args(["profile", "erase", "keep-me"]));
+    assert!(!ok && stderr.contains("--yes"), "{stderr}");
+    server.stop();
+    for needle in [
+        "qv8-user-eve",
+        "qv8-device-eve",
+        "qv8.eve@example.net",
+        "qv8-user-mallory",
+    ] {
+        assert_eq!(
+            files_holding(data, needle),
+            Vec::<std::path::PathBuf>::new(),
+            "{needle}"
+        );
+    }
+    assert!(
+        !files_holding(data, "keep-me").is_empty(),
+        "the others stay"
+    );
+    let verified = run_ok(cible(data).args(["audit", "verify"]));
+    assert!(verified.contains("intact"), "{verified}");
+}

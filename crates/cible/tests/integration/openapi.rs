@@ -299,6 +299,8 @@ fn every_answer_matches_the_openapi_document() {
     );
     r.call("DELETE", "/api/segments/readers", a(), None);
     r.call("DELETE", "/api/profiles/u2", a(), None);
+    r.call("DELETE", "/api/profiles/u1?erase=true", a(), None);
+    r.call("GET", "/api/quality/quarantine?reason=erased", a(), None);
 
     let exchanges = dir.path().join("exchanges.json");
     std::fs::write(&exchanges, serde_json::to_string(&r.exchanges).unwrap()).unwrap();
