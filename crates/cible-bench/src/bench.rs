@@ -46,7 +46,8 @@ pub struct BenchArgs {
     /// storage (`cible import` beside DuckDB loading the same file: speed, bytes written, size
     /// on disk; commands after the import; restart) or ingest (`cible serve`'s `/v1/batch` with
     /// 20 live segments beside a sink on the same cores: 400 KB and 20-message batches, ack
-    /// latency at 50,000 messages/s).
+    /// latency at 50,000 messages/s) or privacy (erasure of one person through the CLI and a
+    /// server beside a removal; consent checks on a segment rebuild).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -74,6 +75,7 @@ pub enum Suite {
     Spine,
     Storage,
     Ingest,
+    Privacy,
 }
 
 pub(crate) struct Row {
@@ -102,6 +104,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Ingest {
         return crate::bench_ingest::run(global, &args);
+    }
+    if args.suite == Suite::Privacy {
+        return crate::bench_privacy::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_ingest;
 mod bench_models;
+mod bench_privacy;
 mod bench_spine;
 mod bench_storage;
 mod bench_traits;

@@ -51,6 +51,19 @@ pub(crate) mod test_support {
     use crate::Engine;
     use crate::generate::{GenerateOptions, generate};
 
+    /// Trains a two-cluster model on `sample` profiles and makes it active.
+    pub fn save_two_clusters(engine: &Engine, sample: usize, now: i64) {
+        let params = crate::models::ClusterParams {
+            min_k: 2,
+            max_k: 2,
+            restarts: 1,
+            sample,
+            seed: 1,
+        };
+        let (_, model) = engine.cluster(now, &params).unwrap();
+        engine.save_model(model, now).unwrap();
+    }
+
     /// A store loaded with generated data ending at `end_ms`.
     pub fn generated_store(
         profiles: u64,

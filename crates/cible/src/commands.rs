@@ -336,6 +336,17 @@ pub enum ProfileCommand {
     },
 }
 
+/// The profile `id` names, once `--yes` confirmed what cannot be undone.
+fn confirmed(engine: &cible_core::Engine, id: &str, yes: bool, doing: &str) -> anyhow::Result<u32> {
+    let profile = engine
+        .find_profile(id)
+        .with_context(|| format!("no profile {id:?}"))?;
+    if !yes {
+        bail!("{doing} profile {profile} cannot be undone; run again with --yes");
+    }
+    Ok(profile)
+}
+
 /// Records an access export in the audit log (about the person, by their identifiers).
 pub(crate) fn audit_access(
     engine: &cible_core::Engine,
@@ -483,22 +494,12 @@ pub fn profile(global: &Global, command: ProfileCommand) -> anyhow::Result<()> {
             }
         }
         ProfileCommand::Delete { id, yes } => {
-            let profile = engine
-                .find_profile(&id)
-                .with_context(|| format!("no profile {id:?}"))?;
-            if !yes {
-                bail!("removing profile {profile} cannot be undone; run again with --yes");
-            }
+            let profile = confirmed(&engine, &id, yes, "removing")?;
             let outcome = engine.remove_profile(profile)?;
             print_removal(&serde_json::to_value(&outcome)?);
         }
         ProfileCommand::Erase { id, yes, json } => {
-            let profile = engine
-                .find_profile(&id)
-                .with_context(|| format!("no profile {id:?}"))?;
-            if !yes {
-                bail!("erasing profile {profile} cannot be undone; run again with --yes");
-            }
+            let profile = confirmed(&engine, &id, yes, "erasing")?;
             let receipt = engine.erase_profile(profile)?;
             print_receipt(&serde_json::to_value(&receipt)?, json)?;
         }

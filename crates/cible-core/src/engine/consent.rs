@@ -565,15 +565,7 @@ mod tests {
     #[test]
     fn a_profiling_objection_removes_scores_memberships_and_training_rows() {
         let (_dir, engine) = crate::test_support::generated_store(300, 60, 4, NOW);
-        let params = crate::models::ClusterParams {
-            min_k: 2,
-            max_k: 2,
-            restarts: 1,
-            sample: 300,
-            seed: 1,
-        };
-        let (_, model) = engine.cluster(NOW, &params).unwrap();
-        engine.save_model(model, NOW).unwrap();
+        crate::test_support::save_two_clusters(&engine, 300, NOW);
         let rule = "cluster.id >= 0";
         engine
             .create_segment("clustered", cible_lang::parse(rule).unwrap(), rule, NOW)

@@ -1394,15 +1394,7 @@ fn an_erased_person_leaves_no_byte_in_any_file_and_stays_erased() {
                 "timestamp": crate::time::format_ms(NOW + 3 * 86_400_000)}),
         ],
     );
-    let params = crate::models::ClusterParams {
-        min_k: 2,
-        max_k: 2,
-        restarts: 1,
-        sample: 200,
-        seed: 1,
-    };
-    let (_, model) = engine.cluster(NOW, &params).unwrap();
-    engine.save_model(model, NOW).unwrap();
+    crate::test_support::save_two_clusters(&engine, 200, NOW);
     engine.drain_segments().unwrap();
     let person = engine.find_profile(user).unwrap();
     assert!(engine.members("buyers").unwrap().contains(person));

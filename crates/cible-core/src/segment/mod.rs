@@ -749,7 +749,8 @@ impl Segmenter<'_> {
                     let lazy = computed
                         .as_ref()
                         .map(|setup| Lazy::new(timeline, now_s, setup, profiling.permits(profile)));
-                    let consented = |purpose: &str| consents.granted(purpose, profile);
+                    let of = consents.of(profile);
+                    let consented = |purpose: &str| of.granted(purpose);
                     let ctx = Context {
                         now: now_s,
                         traits: &traits,
@@ -808,7 +809,8 @@ impl Segmenter<'_> {
             let profiling = run.profiling.permits(profile);
             Lazy::new(run.hot.timeline(profile), run.now, setup, profiling)
         });
-        let consented = |purpose: &str| run.consents.granted(purpose, profile);
+        let consents = run.consents.of(profile);
+        let consented = |purpose: &str| consents.granted(purpose);
         let ctx = Context {
             now: run.now,
             traits,
