@@ -55,12 +55,34 @@ pub enum Action {
     Export,
     Import,
     KeyCreate,
+    KeyRevoke,
     SegmentCreate,
     SegmentEdit,
     SegmentDelete,
     ModelTrain,
     ModelActivate,
     TraitsRefresh,
+}
+
+impl Action {
+    /// Every action, in declaration order.
+    pub const ALL: [Action; 15] = [
+        Action::ConsentChange,
+        Action::Merge,
+        Action::Unmerge,
+        Action::ProfileRemoval,
+        Action::Erasure,
+        Action::Export,
+        Action::Import,
+        Action::KeyCreate,
+        Action::KeyRevoke,
+        Action::SegmentCreate,
+        Action::SegmentEdit,
+        Action::SegmentDelete,
+        Action::ModelTrain,
+        Action::ModelActivate,
+        Action::TraitsRefresh,
+    ];
 }
 
 /// What a caller records: the action, who did it (`cli`, or `api:` and the key's prefix), the
@@ -360,6 +382,20 @@ mod tests {
             check(&records, &head, Some(&beyond)),
             Err(Tamper::Truncated { last: 5, head: 9 })
         ));
+    }
+
+    /// docs/openapi.json lists every action, and only those.
+    #[test]
+    fn the_api_document_names_every_action() {
+        let document: Value =
+            serde_json::from_str(include_str!("../../../docs/openapi.json")).unwrap();
+        let listed =
+            &document["components"]["schemas"]["AuditRecord"]["properties"]["action"]["enum"];
+        let actions: Vec<Value> = Action::ALL
+            .iter()
+            .map(|a| serde_json::to_value(a).unwrap())
+            .collect();
+        assert_eq!(listed, &Value::Array(actions));
     }
 
     #[test]

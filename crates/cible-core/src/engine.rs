@@ -1131,6 +1131,58 @@ impl Engine {
         Ok(key)
     }
 
+    /// Revokes a key, named by itself or by the prefix `cible key list` shows (refused when
+    /// several keys share it); returns its record. Its next request is refused.
+    pub fn revoke_key(&self, key_or_prefix: &str, now: i64) -> Result<KeyRecord> {
+        let hash = {
+            let keys = self.api_keys.read();
+            let exact = key_hash(key_or_prefix);
+            if keys.contains_key(&exact) {
+                exact
+            } else {
+                let matching: Vec<&String> = keys
+                    .iter()
+                    .filter(|(_, record)| record.prefix == key_or_prefix)
+                    .map(|(hash, _)| hash)
+                    .collect();
+                match matching.as_slice() {
+                    [hash] => (*hash).clone(),
+                    [] => return Err(EngineError::NotFound(format!("key {key_or_prefix:?}"))),
+                    several => {
+                        return Err(EngineError::Invalid(format!(
+                            "{} keys start with {key_or_prefix:?}: give the key itself",
+                            several.len()
+                        )));
+                    }
+                }
+            }
+        };
+        let record = self
+            .api_keys
+            .read()
+            .get(&hash)
+            .cloned()
+            .expect("found above");
+        let mut chain = self.audit_chain();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        batch.remove(&self.store.keys, hash.as_bytes());
+        let entry = crate::audit::Entry {
+            action: crate::audit::Action::KeyRevoke,
+            actor: crate::audit::actor(),
+            subjects: Vec::new(),
+            detail: serde_json::json!({"kind": record.kind, "name": record.name, "prefix": record.prefix}),
+        };
+        chain.record(&self.store, &mut batch, vec![entry], now);
+        batch.commit()?;
+        drop(chain);
+        self.api_keys.write().remove(&hash);
+        Ok(record)
+    }
+
     /// What a presented key may do, if it is one of ours.
     pub fn key_kind(&self, key: &str) -> Option<KeyKind> {
         self.api_keys

@@ -13,6 +13,8 @@ pub enum KeyKind {
     Write,
     /// Everything: the admin API (`/api/*`) and sending events.
     Admin,
+    /// The admin API's reads only (`GET /api/*`): dashboards, monitoring.
+    Read,
 }
 
 /// The stored form of a key.
@@ -32,6 +34,7 @@ pub fn new_key(kind: KeyKind) -> String {
     let tag = match kind {
         KeyKind::Write => "w",
         KeyKind::Admin => "a",
+        KeyKind::Read => "r",
     };
     format!("cible_{tag}_{}", hex::encode(bytes))
 }

@@ -172,17 +172,25 @@ pub enum KeyCommand {
     /// Create a key and print it (only now: it is stored hashed).
     Create {
         /// A write key, for the tracking API (/v1/*).
-        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        #[arg(long, conflicts_with = "admin", required_unless_present_any = ["admin", "read"])]
         write: bool,
         /// An admin key, for the admin API (/api/*).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "read")]
         admin: bool,
+        /// A read key: the admin API's reads only (GET /api/*), for dashboards and monitoring.
+        #[arg(long, conflicts_with = "write")]
+        read: bool,
         /// A name to recognise the key by.
         #[arg(long, default_value = "")]
         name: String,
     },
     /// List keys (names, kinds, prefixes; never the keys).
     List,
+    /// Revoke a key: its next request is refused.
+    Revoke {
+        /// The key, or the prefix `cible key list` shows.
+        key: String,
+    },
 }
 
 pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
@@ -196,15 +204,26 @@ pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
         }
     };
     match command {
-        KeyCommand::Create { admin, name, .. } => {
-            let kind = if admin {
-                KeyKind::Admin
-            } else {
-                KeyKind::Write
+        KeyCommand::Create {
+            admin, read, name, ..
+        } => {
+            let kind = match (admin, read) {
+                (true, _) => KeyKind::Admin,
+                (_, true) => KeyKind::Read,
+                _ => KeyKind::Write,
             };
             println!("{}", engine.create_key(kind, &name, global.now_ms()?)?);
         }
         KeyCommand::List => print_keys(&engine.list_keys()),
+        KeyCommand::Revoke { key } => {
+            let record = engine.revoke_key(&key, global.now_ms()?)?;
+            println!(
+                "revoked {} key {} ({})",
+                kind_name(record.kind),
+                record.prefix,
+                record.name
+            );
+        }
     }
     Ok(())
 }
@@ -212,8 +231,25 @@ pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
 /// `cible key` through the running server.
 fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Result<()> {
     match command {
-        KeyCommand::Create { admin, name, .. } => {
-            let kind = if admin { "admin" } else { "write" };
+        KeyCommand::Revoke { key } => {
+            let path = format!("/api/keys/{}", crate::local::escape(&key));
+            let record: cible_core::keys::KeyRecord =
+                serde_json::from_value(remote.call("DELETE", &path, None)?)?;
+            println!(
+                "revoked {} key {} ({})",
+                kind_name(record.kind),
+                record.prefix,
+                record.name
+            );
+        }
+        KeyCommand::Create {
+            admin, read, name, ..
+        } => {
+            let kind = match (admin, read) {
+                (true, _) => "admin",
+                (_, true) => "read",
+                _ => "write",
+            };
             let answer = remote.call(
                 "POST",
                 "/api/keys",
@@ -228,6 +264,14 @@ fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+fn kind_name(kind: KeyKind) -> &'static str {
+    match kind {
+        KeyKind::Write => "write",
+        KeyKind::Admin => "admin",
+        KeyKind::Read => "read",
+    }
 }
 
 fn print_keys(keys: &[cible_core::keys::KeyRecord]) {

@@ -538,7 +538,12 @@ fn router(state: AppState) -> Router {
             "/api/segments/{name}/explain/{profile}",
             get(crate::segment_api::explain),
         )
+        .route("/api/keys/{prefix}", axum::routing::delete(api_revoke_key))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_scope,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.body_timeout,
             crate::limits::body_deadline,
@@ -677,7 +682,7 @@ fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> 
         )),
         Some(key) => match state.engine.key_kind(key) {
             Some(KeyKind::Write) => Ok(()),
-            Some(KeyKind::Admin) => Err(error(
+            Some(KeyKind::Admin | KeyKind::Read) => Err(error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this is an admin key; the tracking API (/v1/*) needs a write key (cible key create --write)",
@@ -702,7 +707,8 @@ pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<Strin
         return Ok("cli".into());
     }
     match presented.as_deref().map(|key| state.engine.key_kind(key)) {
-        Some(Some(KeyKind::Admin)) => Ok(format!(
+        // A read key's requests other than reads were refused before (`read_scope`).
+        Some(Some(KeyKind::Admin | KeyKind::Read)) => Ok(format!(
             "api:{}",
             presented
                 .as_deref()
@@ -1338,6 +1344,45 @@ async fn api_create_key(
         axum::Json(json!({"key": key, "kind": request.kind})),
     )
         .into_response())
+}
+
+/// A read key reads the admin API and changes nothing: its requests other than GET and HEAD
+/// are refused with 403 before any handler runs.
+async fn read_scope(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reading = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !reading
+        && request.uri().path().starts_with("/api/")
+        && presented_key(request.headers())
+            .is_some_and(|key| state.engine.key_kind(&key) == Some(KeyKind::Read))
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this is a read key: it reads the admin API (GET) and changes nothing; use an admin key",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// `DELETE /api/keys/{prefix}`: revokes a key (by the prefix `GET /api/keys` shows, or the key).
+async fn api_revoke_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(prefix): Path<String>,
+) -> ApiResult {
+    let actor = check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    blocking(move || cible_core::audit::with_actor(&actor, || engine.revoke_key(&prefix, now)))
+        .await
 }
 
 async fn api_list_keys(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {

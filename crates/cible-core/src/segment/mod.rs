@@ -668,6 +668,11 @@ impl Segmenter<'_> {
         plans.iter().for_each(|p| trait_names(&p.root, &mut names));
         self.population.ensure_trait_columns(&names)?;
         let computed = self.computed_setup(&plans, &dictionaries, now)?;
+        // The consents as of the pass's start, once for every chunk.
+        let consents = (
+            self.population.consents(),
+            self.population.consent_check("profiling")?,
+        );
         let profiles = self.population.live_profiles();
         let now_s = (now.div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32;
         // The hot store's read guard is held for one outer chunk at a time, so the writer (which
@@ -685,6 +690,7 @@ impl Segmenter<'_> {
                 needs_traits,
                 &dependencies,
                 computed.as_ref(),
+                (&consents.0, &consents.1),
                 &dictionaries,
                 now_s,
                 progress,
@@ -714,15 +720,11 @@ impl Segmenter<'_> {
         needs_traits: bool,
         dependencies: &FxHashMap<String, RoaringBitmap>,
         computed: Option<&Setup>,
+        (consents, profiling): (&crate::consent::ConsentIndex, &crate::consent::ConsentCheck),
         dictionaries: &DictSnapshot,
         now_s: u32,
         progress: &AtomicU64,
     ) -> Vec<Result<Vec<ChunkResult>>> {
-        let consents = self.population.consents();
-        let profiling = match self.population.consent_check("profiling") {
-            Ok(check) => check,
-            Err(error) => return vec![Err(error)],
-        };
         profiles
             .par_chunks(2048)
             .map(|chunk| {

@@ -424,3 +424,75 @@ fn erasure_through_the_api_and_the_cli_leaves_nothing_and_refuses_the_person_lat
     let verified = run_ok(cible(data).args(["audit", "verify"]));
     assert!(verified.contains("intact"), "{verified}");
 }
+
+/// Key scopes and revocation: a read key reads the admin API and changes nothing; a revoked
+/// key is refused at its next request; both audited.
+#[test]
+fn read_keys_only_read_and_revoked_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let write = create_key(data, "--write");
+    let admin = create_key(data, "--admin");
+    let read = create_key(data, "--read");
+    assert!(read.starts_with("cible_r_"), "{read}");
+    let server = Server::start(data, &[]);
+    assert_eq!(get(&server.url("/api/segments"), &read).status, 200);
+    let refused = ureq::post(&server.url("/api/segments"))
+        .set("Authorization", &format!("Bearer {read}"))
+        .send_json(json!({"name": "x", "rule": "did(\"E\")"}));
+    let Err(ureq::Error::Status(403, response)) = refused else {
+        panic!("a read key created a segment: {refused:?}")
+    };
+    let body: Value = response.into_json().unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("read key"),
+        "{body}"
+    );
+    let tracked = post(
+        &server.url("/v1/track"),
+        &read,
+        &json!({"userId": "u", "event": "E"}),
+    );
+    assert_eq!(tracked.status, 403);
+    assert_eq!(
+        post(
+            &server.url("/v1/track"),
+            &write,
+            &json!({"userId": "u", "event": "E"})
+        )
+        .status,
+        200
+    );
+
+    // Revoked beside the server (by its prefix), then refused; the API revokes too.
+    let revoked = run_ok(cible(data).args(["key", "revoke", &read[..12]]));
+    assert!(revoked.starts_with("revoked read key"), "{revoked}");
+    assert_eq!(get(&server.url("/api/segments"), &read).status, 401);
+    let removed = ureq::delete(&server.url(&format!("/api/keys/{write}")))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    assert_eq!(
+        post(
+            &server.url("/v1/track"),
+            &write,
+            &json!({"userId": "u", "event": "E"})
+        )
+        .status,
+        401
+    );
+    server.stop();
+    let records: Vec<Value> =
+        serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
+    let revocations = records
+        .iter()
+        .filter(|r| r["action"] == "key_revoke")
+        .count();
+    assert_eq!(revocations, 2);
+    let (ok, stderr) = output(cible(data).args(["key", "revoke", "cible_a_none"]));
+    assert!(!ok && stderr.contains("not found"), "{stderr}");
+}

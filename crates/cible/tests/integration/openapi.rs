@@ -123,6 +123,18 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", "/api/profiles/u1/consents", a(), None);
     r.call("GET", "/api/profiles/nobody/consents", a(), None);
     r.call("GET", "/api/profiles/u1/export", a(), None);
+    let read_key = r.call(
+        "POST",
+        "/api/keys",
+        a(),
+        Some(json!({"kind": "read", "name": "dash"})),
+    );
+    let read = format!("Bearer {}", read_key["key"].as_str().unwrap());
+    r.call("GET", "/api/segments", Some(read.clone()), None);
+    r.call("POST", "/api/traits/refresh", Some(read.clone()), None);
+    let prefix = read_key["key"].as_str().unwrap()[..12].to_string();
+    r.call("DELETE", &format!("/api/keys/{prefix}"), a(), None);
+    r.call("DELETE", "/api/keys/cible_x_0000", a(), None);
     r.call("GET", "/api/audit?limit=50", a(), None);
     r.call("GET", "/api/audit?limit=0", a(), None);
     r.call("GET", "/api/audit/verify", a(), None);
