@@ -1111,12 +1111,7 @@ impl Engine {
             prefix: key[..12].to_string(),
         };
         let hash = key_hash(&key);
-        let mut chain = self.audit_chain();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.db.batch();
         batch.insert(&self.store.keys, hash.as_bytes(), to_json(&record));
         let entry = crate::audit::Entry {
             action: crate::audit::Action::KeyCreate,
@@ -1124,9 +1119,7 @@ impl Engine {
             subjects: Vec::new(),
             detail: serde_json::json!({"kind": kind, "name": name, "prefix": record.prefix}),
         };
-        chain.record(&self.store, &mut batch, vec![entry], now);
-        batch.commit()?;
-        drop(chain);
+        self.commit_audited(batch, entry, now)?;
         self.api_keys.write().insert(hash, record);
         Ok(key)
     }
@@ -1163,12 +1156,7 @@ impl Engine {
             .get(&hash)
             .cloned()
             .expect("found above");
-        let mut chain = self.audit_chain();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.db.batch();
         batch.remove(&self.store.keys, hash.as_bytes());
         let entry = crate::audit::Entry {
             action: crate::audit::Action::KeyRevoke,
@@ -1176,9 +1164,7 @@ impl Engine {
             subjects: Vec::new(),
             detail: serde_json::json!({"kind": record.kind, "name": record.name, "prefix": record.prefix}),
         };
-        chain.record(&self.store, &mut batch, vec![entry], now);
-        batch.commit()?;
-        drop(chain);
+        self.commit_audited(batch, entry, now)?;
         self.api_keys.write().remove(&hash);
         Ok(record)
     }

@@ -83,19 +83,25 @@ impl Engine {
     /// Records `entry` alone (admin actions that are not one batch of the engine), durable
     /// when this returns.
     pub fn audit(&self, entry: Entry) -> Result<()> {
+        let batch = self.store.db.batch();
+        self.commit_audited(batch, entry, crate::time::wall_clock_ms())
+    }
+
+    /// Commits `batch` (synced) with `entry`'s record in it, the chain's head locked meanwhile.
+    pub(crate) fn commit_audited(
+        &self,
+        batch: fjall::OwnedWriteBatch,
+        entry: Entry,
+        at: i64,
+    ) -> Result<()> {
         // A light open writes too (segment deletions, keys): their records with them.
         if self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
             return Err(crate::error::EngineError::Poisoned(
                 "an earlier commit failed".into(),
             ));
         }
+        let mut batch = batch.durability(Some(fjall::PersistMode::SyncAll));
         let mut chain = self.audit.lock();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
-        let at = crate::time::wall_clock_ms();
         let before = chain.head.clone();
         chain.record(&self.store, &mut batch, vec![entry], at);
         if let Err(error) = batch.commit() {

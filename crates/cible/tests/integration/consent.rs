@@ -436,6 +436,14 @@ fn read_keys_only_read_and_revoked_keys_are_refused() {
     let read = create_key(data, "--read");
     assert!(read.starts_with("cible_r_"), "{read}");
     let server = Server::start(data, &[]);
+    let track = |key: &str| {
+        post(
+            &server.url("/v1/track"),
+            key,
+            &json!({"userId": "u", "event": "E"}),
+        )
+        .status
+    };
     assert_eq!(get(&server.url("/api/segments"), &read).status, 200);
     let refused = ureq::post(&server.url("/api/segments"))
         .set("Authorization", &format!("Bearer {read}"))
@@ -451,21 +459,8 @@ fn read_keys_only_read_and_revoked_keys_are_refused() {
             .contains("read key"),
         "{body}"
     );
-    let tracked = post(
-        &server.url("/v1/track"),
-        &read,
-        &json!({"userId": "u", "event": "E"}),
-    );
-    assert_eq!(tracked.status, 403);
-    assert_eq!(
-        post(
-            &server.url("/v1/track"),
-            &write,
-            &json!({"userId": "u", "event": "E"})
-        )
-        .status,
-        200
-    );
+    assert_eq!(track(&read), 403);
+    assert_eq!(track(&write), 200);
 
     // Revoked beside the server (by its prefix), then refused; the API revokes too.
     let revoked = run_ok(cible(data).args(["key", "revoke", &read[..12]]));
@@ -476,15 +471,7 @@ fn read_keys_only_read_and_revoked_keys_are_refused() {
         .call()
         .unwrap();
     assert_eq!(removed.status(), 200);
-    assert_eq!(
-        post(
-            &server.url("/v1/track"),
-            &write,
-            &json!({"userId": "u", "event": "E"})
-        )
-        .status,
-        401
-    );
+    assert_eq!(track(&write), 401);
     server.stop();
     let records: Vec<Value> =
         serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
