@@ -1101,14 +1101,28 @@ impl Engine {
         ))
     }
 
-    /// Creates an API key and returns it in clear text (the only time it is shown).
+    /// Creates an API key with no origin and no rate limit (see [`Engine::create_key_with`]).
     pub fn create_key(&self, kind: KeyKind, name: &str, now: i64) -> Result<String> {
+        let spec = crate::keys::KeySpec {
+            kind,
+            name: name.to_string(),
+            ..Default::default()
+        };
+        self.create_key_with(spec, now)
+    }
+
+    /// Creates an API key and returns it in clear text (the only time it is shown).
+    pub fn create_key_with(&self, spec: crate::keys::KeySpec, now: i64) -> Result<String> {
+        let spec = spec.validated().map_err(EngineError::Invalid)?;
+        let (kind, name) = (spec.kind, spec.name.as_str());
         let key = new_key(kind);
         let record = KeyRecord {
             kind,
             name: name.to_string(),
             created_at: now,
             prefix: key[..12].to_string(),
+            origins: spec.origins.clone(),
+            rate_limit: spec.rate_limit,
         };
         let hash = key_hash(&key);
         let mut batch = self.store.db.batch();
@@ -1117,7 +1131,10 @@ impl Engine {
             action: crate::audit::Action::KeyCreate,
             actor: crate::audit::actor(),
             subjects: Vec::new(),
-            detail: serde_json::json!({"kind": kind, "name": name, "prefix": record.prefix}),
+            detail: serde_json::json!({
+                "kind": kind, "name": name, "prefix": record.prefix,
+                "origins": record.origins, "rate_limit": record.rate_limit,
+            }),
         };
         self.commit_audited(batch, entry, now)?;
         self.api_keys.write().insert(hash, record);
@@ -1175,6 +1192,20 @@ impl Engine {
             .read()
             .get(&key_hash(key))
             .map(|record| record.kind)
+    }
+
+    /// A presented key's record, if it is one of ours.
+    pub fn key_record(&self, key: &str) -> Option<KeyRecord> {
+        self.api_keys.read().get(&key_hash(key)).cloned()
+    }
+
+    /// Whether some write key lets pages of `origin` send events (a CORS preflight carries
+    /// no key; the request that follows is checked against its own key's origins).
+    pub fn any_key_allows_origin(&self, origin: &str) -> bool {
+        self.api_keys
+            .read()
+            .values()
+            .any(|record| record.kind == KeyKind::Write && record.allows_origin(origin))
     }
 
     /// Every key's record (never the key itself).

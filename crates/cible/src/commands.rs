@@ -183,6 +183,13 @@ pub enum KeyCommand {
         /// A name to recognise the key by.
         #[arg(long, default_value = "")]
         name: String,
+        /// A web origin (https://shop.example) whose pages may send events with this write key
+        /// (analytics.js); repeat for several, `*` for any. Without one, browsers are refused.
+        #[arg(long = "origin", requires = "write")]
+        origins: Vec<String>,
+        /// Requests a second this key may make (429 with Retry-After beyond); no limit if absent.
+        #[arg(long)]
+        rate_limit: Option<u32>,
     },
     /// List keys (names, kinds, prefixes; never the keys).
     List,
@@ -205,14 +212,25 @@ pub fn key(global: &Global, command: KeyCommand) -> anyhow::Result<()> {
     };
     match command {
         KeyCommand::Create {
-            admin, read, name, ..
+            admin,
+            read,
+            name,
+            origins,
+            rate_limit,
+            ..
         } => {
             let kind = match (admin, read) {
                 (true, _) => KeyKind::Admin,
                 (_, true) => KeyKind::Read,
                 _ => KeyKind::Write,
             };
-            println!("{}", engine.create_key(kind, &name, global.now_ms()?)?);
+            let spec = cible_core::keys::KeySpec {
+                kind,
+                name,
+                origins,
+                rate_limit,
+            };
+            println!("{}", engine.create_key_with(spec, global.now_ms()?)?);
         }
         KeyCommand::List => print_keys(&engine.list_keys()),
         KeyCommand::Revoke { key } => {
@@ -243,18 +261,22 @@ fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Res
             );
         }
         KeyCommand::Create {
-            admin, read, name, ..
+            admin,
+            read,
+            name,
+            origins,
+            rate_limit,
+            ..
         } => {
             let kind = match (admin, read) {
                 (true, _) => "admin",
                 (_, true) => "read",
                 _ => "write",
             };
-            let answer = remote.call(
-                "POST",
-                "/api/keys",
-                Some(&serde_json::json!({"kind": kind, "name": name})),
-            )?;
+            let request = serde_json::json!({
+                "kind": kind, "name": name, "origins": origins, "rate_limit": rate_limit,
+            });
+            let answer = remote.call("POST", "/api/keys", Some(&request))?;
             println!("{}", answer["key"].as_str().unwrap_or_default());
         }
         KeyCommand::List => {
@@ -276,8 +298,15 @@ fn kind_name(kind: KeyKind) -> &'static str {
 
 fn print_keys(keys: &[cible_core::keys::KeyRecord]) {
     for key in keys {
+        let mut limits = String::new();
+        if !key.origins.is_empty() {
+            limits.push_str(&format!("  origins {}", key.origins.join(",")));
+        }
+        if let Some(rate) = key.rate_limit {
+            limits.push_str(&format!("  {rate} req/s"));
+        }
         println!(
-            "{:<6} {}…  {}  {}",
+            "{:<6} {}…  {}  {}{limits}",
             format!("{:?}", key.kind).to_lowercase(),
             key.prefix,
             format_ms(key.created_at),

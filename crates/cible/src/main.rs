@@ -3,6 +3,7 @@
 
 mod audit;
 mod audit_api;
+mod browser;
 mod changes;
 mod changes_api;
 mod commands;
@@ -14,6 +15,7 @@ mod metrics_api;
 mod model;
 mod model_api;
 mod priority;
+mod ratelimit;
 mod segment_api;
 mod segments;
 mod server;

@@ -111,6 +111,8 @@ pub(crate) struct AppState {
     inflight: Arc<tokio::sync::Semaphore>,
     /// How long a request body may take to arrive (408 after).
     body_timeout: std::time::Duration,
+    /// The keys' rate limits (see [`crate::ratelimit`]).
+    limiter: Arc<crate::ratelimit::KeyLimiter>,
 }
 
 impl AppState {
@@ -122,7 +124,7 @@ impl AppState {
                 "overloaded",
                 "too many requests in flight; retry after the delay",
             )
-            .retry_after("1")
+            .retry_after(1)
         })
     }
 }
@@ -296,6 +298,7 @@ pub async fn serve(
                 .map_or_else(crate::local::new_token, |file| file.token.clone()),
         ),
         inflight: Arc::new(tokio::sync::Semaphore::new(queue.max(1) * 4)),
+        limiter: Arc::default(),
         body_timeout: limits.body_timeout,
     };
     let (signalled_sender, signalled) = tokio::sync::oneshot::channel::<()>();
@@ -473,7 +476,13 @@ fn router(state: AppState) -> Router {
         .route("/api/changes/stream", get(crate::changes_api::stream))
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
+        // analytics.js posts its batches to `/b`.
+        .route("/v1/b", post(batch))
         .route("/v1/{kind}", post(single))
+        .route(
+            "/v1/projects/{write_key}/settings",
+            get(crate::browser::settings),
+        )
         .route("/api/quality", get(api_quality))
         .route("/api/quality/quarantine", get(api_quarantine))
         .route("/api/quality/replay", post(api_replay))
@@ -545,6 +554,10 @@ fn router(state: AppState) -> Router {
             read_scope,
         ))
         .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::browser::cors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             state.body_timeout,
             crate::limits::body_deadline,
         ))
@@ -559,7 +572,8 @@ pub(crate) struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
-    retry_after: Option<&'static str>,
+    /// Seconds, for `Retry-After`.
+    retry_after: Option<u32>,
     /// Structured detail (e.g. the located diagnostics of a rule).
     pub(crate) details: Option<Value>,
 }
@@ -585,7 +599,7 @@ impl ApiError {
         self
     }
 
-    fn retry_after(mut self, seconds: &'static str) -> Self {
+    fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after = Some(seconds);
         self
     }
@@ -604,7 +618,7 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -673,27 +687,62 @@ fn presented_key(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-fn check_write_key(state: &AppState, key: Option<&str>) -> Result<(), ApiError> {
-    match key {
-        None => Err(error(
+/// Checks a write key (and, for a browser's request, that it allows the page's origin) and
+/// takes one request of its rate limit.
+fn check_write_key(
+    state: &AppState,
+    key: Option<&str>,
+    origin: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(key) = key else {
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing write key: send it as the HTTP Basic user name, as Segment clients do",
-        )),
-        Some(key) => match state.engine.key_kind(key) {
-            Some(KeyKind::Write) => Ok(()),
-            Some(KeyKind::Admin | KeyKind::Read) => Err(error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "this is an admin key; the tracking API (/v1/*) needs a write key (cible key create --write)",
-            )),
-            None => Err(error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "unknown write key",
-            )),
-        },
+        ));
+    };
+    let Some(record) = state.engine.key_record(key) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown write key",
+        ));
+    };
+    if record.kind != KeyKind::Write {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this is an admin key; the tracking API (/v1/*) needs a write key (cible key create --write)",
+        ));
     }
+    crate::browser::check_origin(&record, origin)?;
+    rate_limit(state, key, &record)
+}
+
+/// Takes one request of a key's rate limit, or answers 429 with the seconds to wait.
+fn rate_limit(
+    state: &AppState,
+    key: &str,
+    record: &cible_core::keys::KeyRecord,
+) -> Result<(), ApiError> {
+    let Some(rate) = record.rate_limit else {
+        return Ok(());
+    };
+    state
+        .limiter
+        .take(key, rate, std::time::Instant::now())
+        .map_err(|wait| {
+            let seconds = crate::ratelimit::retry_after_secs(wait);
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "key {} is limited to {rate} requests a second; retry in {seconds} s",
+                    record.prefix
+                ),
+            )
+            .retry_after(u32::try_from(seconds).unwrap_or(u32::MAX))
+        })
 }
 
 /// Checks the admin key; returns who acts, as the audit log names them: `cli` (a command
@@ -706,30 +755,28 @@ pub(crate) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<Strin
     {
         return Ok("cli".into());
     }
-    match presented.as_deref().map(|key| state.engine.key_kind(key)) {
+    let Some(key) = presented.as_deref() else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing admin key: send `Authorization: Bearer <admin key>`",
+        ));
+    };
+    match state.engine.key_record(key) {
         // A read key's requests other than reads were refused before (`read_scope`).
-        Some(Some(KeyKind::Admin | KeyKind::Read)) => Ok(format!(
-            "api:{}",
-            presented
-                .as_deref()
-                .unwrap_or_default()
-                .get(..12)
-                .unwrap_or_default()
-        )),
-        Some(Some(KeyKind::Write)) => Err(error(
+        Some(record) if matches!(record.kind, KeyKind::Admin | KeyKind::Read) => {
+            rate_limit(state, key, &record)?;
+            Ok(format!("api:{}", key.get(..12).unwrap_or_default()))
+        }
+        Some(_) => Err(error(
             StatusCode::FORBIDDEN,
             "forbidden",
             "this is a write key; the admin API needs an admin key (cible key create --admin)",
         )),
-        Some(None) => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown admin key",
-        )),
         None => Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing admin key: send `Authorization: Bearer <admin key>`",
+            "unknown admin key",
         )),
     }
 }
@@ -846,13 +893,14 @@ async fn single(
     body: Body,
 ) -> ApiResult {
     let (_permit, body) = admit_or_drain(&state, body).await?;
-    let kind = MessageType::parse(&kind).ok_or_else(|| {
-        error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no endpoint /v1/{kind}"),
-        )
-    })?;
+    let kind = MessageType::parse(crate::browser::short_endpoint(&kind).unwrap_or(&kind))
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no endpoint /v1/{kind}"),
+            )
+        })?;
     let key = presented_key(&headers);
     let bytes = read_body(&headers, body, MAX_MESSAGE_BYTES).await?;
     let mut message = parse_json(&bytes)?;
@@ -866,7 +914,11 @@ async fn single(
     let body_key = object
         .remove("writeKey")
         .and_then(|k| k.as_str().map(str::to_string));
-    check_write_key(&state, key.as_deref().or(body_key.as_deref()))?;
+    check_write_key(
+        &state,
+        key.as_deref().or(body_key.as_deref()),
+        crate::browser::origin(&headers),
+    )?;
     // As in Segment, the endpoint decides the type.
     object.insert(
         "type".into(),
@@ -905,7 +957,11 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
             _ => error(StatusCode::BAD_REQUEST, "invalid_json", message),
         }
     })?;
-    check_write_key(&state, key.as_deref().or(document.write_key.as_deref()))?;
+    check_write_key(
+        &state,
+        key.as_deref().or(document.write_key.as_deref()),
+        crate::browser::origin(&headers),
+    )?;
     let Some(messages) = document.batch else {
         let message = "the body must be {\"batch\": [messages]}";
         return Err(error(StatusCode::BAD_REQUEST, "invalid_request", message).field("batch"));
@@ -965,7 +1021,7 @@ async fn submit_inner(state: &AppState, items: Vec<Incoming>) -> ApiResult {
             mpsc::error::TrySendError::Full(_) => "the writer is saturated; retry after the delay",
             mpsc::error::TrySendError::Closed(_) => "the server is shutting down",
         };
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after("1"));
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after(1));
     }
     match answer.await {
         Ok(Ok(outcome)) => {
@@ -982,7 +1038,7 @@ async fn submit_inner(state: &AppState, items: Vec<Incoming>) -> ApiResult {
             "store_unavailable",
             message,
         )
-        .retry_after("5")),
+        .retry_after(5)),
         Err(_) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -1311,14 +1367,6 @@ async fn api_unmerge(
     .await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateKey {
-    kind: KeyKind,
-    #[serde(default)]
-    name: String,
-}
-
 async fn api_create_key(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -1326,22 +1374,28 @@ async fn api_create_key(
 ) -> ApiResult {
     let actor = check_admin(&state, &headers)?;
     let bytes = read_body(&headers, body, 4096).await?;
-    let request: CreateKey = serde_json::from_slice(&bytes).map_err(|e| {
-        let message = format!("expected {{\"kind\": \"write\"|\"admin\", \"name\": \"...\"}}: {e}");
-        error(StatusCode::BAD_REQUEST, "invalid_request", message).field("kind")
-    })?;
+    let mut decoder = serde_json::Deserializer::from_slice(&bytes);
+    let request: cible_core::keys::KeySpec = serde_path_to_error::deserialize(&mut decoder)
+        .map_err(|e| {
+            let field = e.path().to_string();
+            let message = format!(
+                "expected {{\"kind\": \"write\"|\"admin\"|\"read\", \"name\", \"origins\", \"rate_limit\"}}: {}",
+                e.inner()
+            );
+            error(StatusCode::BAD_REQUEST, "invalid_request", message)
+                .field(if field == "." { "kind".into() } else { field })
+        })?;
+    let kind = request.kind;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
     let key = off_thread(move || {
-        cible_core::audit::with_actor(&actor, || {
-            engine.create_key(request.kind, &request.name, now)
-        })
-        .map_err(ApiError::from)
+        cible_core::audit::with_actor(&actor, || engine.create_key_with(request, now))
+            .map_err(ApiError::from)
     })
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"key": key, "kind": request.kind})),
+        axum::Json(json!({"key": key, "kind": kind})),
     )
         .into_response())
 }

@@ -9,6 +9,7 @@ mod integration {
     mod consent;
     mod crash;
     mod http;
+    mod keys;
     mod limits;
     mod openapi;
     mod segments;

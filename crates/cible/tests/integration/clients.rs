@@ -89,3 +89,87 @@ fn official_python_and_node_libraries_deliver_every_call_exactly_once() {
         assert_eq!(profile_of("alias"), profile_of("identify"));
     }
 }
+
+/// A port free now, for a page the browser test serves from another origin than cible's.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn segment_browser_library_works_unchanged_in_chromium_from_an_allowed_origin() {
+    let clients = clients_dir();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let origin = format!("http://127.0.0.1:{port}");
+    let write = run_ok(cible(dir.path()).args(["key", "create", "--write", "--origin", &origin]))
+        .trim()
+        .to_string();
+    let server = Server::start_unpinned(dir.path());
+
+    let output = Command::new("node")
+        .arg(root.join("browser_client.js"))
+        .args([&server.base, &write, &port.to_string()])
+        .env("NODE_PATH", clients.join("node/node_modules"))
+        .output()
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "analytics.js in Chromium failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    server.stop();
+
+    // The short endpoints, then one batch.
+    let posts: Vec<&str> = report["posts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for path in ["/v1/p", "/v1/t", "/v1/i", "/v1/g", "/v1/a", "/v1/b"] {
+        assert!(posts.contains(&path), "{path} not posted: {posts:?}");
+    }
+    let events = export_events(dir.path());
+    let ids: Vec<&str> = report["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 8);
+    assert_eq!(events.len(), ids.len(), "each call once, nothing else");
+    let event = |id: &str| {
+        events
+            .iter()
+            .find(|e| e["messageId"] == id)
+            .unwrap_or_else(|| panic!("{id} missing"))
+    };
+    let page = event(ids[0]);
+    assert_eq!(page["type"], "page");
+    assert_eq!(page["anonymousId"], report["anonymousId"]);
+    assert!(
+        page["context"]["page"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&origin),
+        "{page}"
+    );
+    assert!(page.get("writeKey").is_none(), "the key is not stored");
+    assert_eq!(event(ids[1])["event"], "Product Viewed");
+    // The anonymous visit, the identify and the later batched tracks are one profile.
+    let identify = event(ids[2]);
+    assert_eq!(identify["userId"], "browser-user");
+    for id in &ids {
+        assert_eq!(event(id)["profile"], page["profile"], "{id}");
+    }
+    let batched = event(ids[7]);
+    assert_eq!(batched["event"], "Added To Cart");
+    assert_eq!(batched["userId"], "browser-user");
+}

@@ -59,6 +59,14 @@ fn every_answer_matches_the_openapi_document() {
     let a = || Some(format!("Bearer {admin}"));
 
     r.call("GET", "/healthz", None, None);
+    r.call("GET", &format!("/v1/projects/{write}/settings"), None, None);
+    r.call("GET", "/v1/projects/cible_w_0000/settings", None, None);
+    r.call(
+        "POST",
+        "/v1/t",
+        None,
+        Some(json!({"writeKey": write, "anonymousId": "d3", "event": "Short"})),
+    );
     r.call("POST", "/v1/batch", w(), Some(json!({"batch": [
         {"type": "page", "anonymousId": "d1", "properties": {"url": "https://x.io/blog/a"}, "timestamp": "2026-04-30T10:00:00Z"},
         {"type": "identify", "userId": "u1", "anonymousId": "d1", "traits": {"email": "u1@x.io", "plan": "pro"}},
