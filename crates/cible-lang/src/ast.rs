@@ -258,8 +258,23 @@ impl Expr {
     }
 }
 
+/// A string as the lexer reads it back: `"` and `\\` escaped, newline and tab as `\n` and
+/// `\t`, everything else as itself (the language has no `\u` escape; a JSON-style one
+/// would read back as other text, as the fuzzer found).
 fn quote(text: &str) -> String {
-    serde_json::to_string(text).expect("strings serialize")
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            '\n' => quoted.push_str("\\n"),
+            '\t' => quoted.push_str("\\t"),
+            other => quoted.push(other),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 impl fmt::Display for Literal {
