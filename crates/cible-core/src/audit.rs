@@ -62,11 +62,12 @@ pub enum Action {
     ModelTrain,
     ModelActivate,
     TraitsRefresh,
+    PseudonymRotate,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::ConsentChange,
         Action::Merge,
         Action::Unmerge,
@@ -82,6 +83,7 @@ impl Action {
         Action::ModelTrain,
         Action::ModelActivate,
         Action::TraitsRefresh,
+        Action::PseudonymRotate,
     ];
 }
 

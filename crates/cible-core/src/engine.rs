@@ -98,6 +98,9 @@ pub struct Engine {
     pub(crate) consents_loaded: AtomicBool,
     /// The audit log's head (see [`crate::audit`]).
     pub(crate) audit: OrderedMutex<audit::AuditState>,
+    /// The exports' pseudonym key (see [`crate::pseudonym`]); `None` in a light open of a
+    /// store that has none yet.
+    pseudonym: OrderedMutex<Option<crate::pseudonym::PseudonymKey>>,
 }
 
 impl Engine {
@@ -234,6 +237,15 @@ impl Engine {
         let models = crate::models::saved::ModelRegistry::new(store.meta.clone());
         let traits = crate::computed::ops::TraitStore::new(store.meta.clone(), trait_config);
         let audit = audit::AuditState::load(&store, light)?;
+        let pseudonym = match store.meta.get(crate::pseudonym::KEY)? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| corrupt("meta", e))?),
+            None if light => None,
+            None => {
+                let key = crate::pseudonym::PseudonymKey::generate(1, crate::time::wall_clock_ms());
+                store.meta.insert(crate::pseudonym::KEY, to_json(&key))?;
+                Some(key)
+            }
+        };
         state.secret = audit.secret.clone();
         for entry in store.suppressed.iter() {
             let key = entry.key()?;
@@ -269,6 +281,7 @@ impl Engine {
             consents: OrderedRwLock::new(Level::Consents, Default::default()),
             consents_loaded: AtomicBool::new(false),
             audit: OrderedMutex::new(Level::Audit, audit),
+            pseudonym: OrderedMutex::new(Level::Pseudonym, pseudonym),
         };
         engine.load_consents()?;
         Ok(engine)
@@ -1192,6 +1205,38 @@ impl Engine {
             .read()
             .get(&key_hash(key))
             .map(|record| record.kind)
+    }
+
+    /// The pseudonymizer of exports, under the store's current key.
+    pub fn pseudonymizer(&self) -> Result<crate::pseudonym::Pseudonymizer> {
+        self.pseudonym
+            .lock()
+            .as_ref()
+            .map(crate::pseudonym::PseudonymKey::pseudonymizer)
+            .ok_or_else(|| {
+                EngineError::Invalid(
+                    "this store has no pseudonym key yet: open it once with `cible serve`".into(),
+                )
+            })
+    }
+
+    /// Replaces the pseudonym key by a new version and destroys the old one (audited);
+    /// returns the new version. Pseudonyms made before no longer match those made after.
+    pub fn rotate_pseudonym_key(&self, now: i64) -> Result<u32> {
+        let mut current = self.pseudonym.lock();
+        let version = current.as_ref().map_or(1, |key| key.version + 1);
+        let key = crate::pseudonym::PseudonymKey::generate(version, now);
+        let mut batch = self.store.db.batch();
+        batch.insert(&self.store.meta, crate::pseudonym::KEY, to_json(&key));
+        let entry = crate::audit::Entry {
+            action: crate::audit::Action::PseudonymRotate,
+            actor: crate::audit::actor(),
+            subjects: Vec::new(),
+            detail: serde_json::json!({"version": version}),
+        };
+        self.commit_audited(batch, entry, now)?;
+        *current = Some(key);
+        Ok(version)
     }
 
     /// A presented key's record, if it is one of ours.

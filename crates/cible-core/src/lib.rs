@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod models;
 pub mod normalize;
 pub mod packing;
+pub mod pseudonym;
 pub mod quality;
 pub mod records;
 pub mod scoring;

@@ -37,6 +37,8 @@ pub enum Level {
     TraitColumns,
     /// The current consent of every purpose, by profile (`consent::ConsentIndex`).
     Consents,
+    /// The exports' pseudonym key (read, or replaced by a rotation), taken before `Audit`.
+    Pseudonym,
     /// The audit chain's head, held until the batch carrying its new records commits.
     Audit,
     /// Saving a model version (the next version number is read, then written).

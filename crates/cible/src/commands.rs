@@ -288,6 +288,27 @@ fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Res
     Ok(())
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PseudonymCommand {
+    /// Replace the pseudonym key by a new version and destroy the old one: exports made after
+    /// no longer join with those made before (audited).
+    Rotate,
+}
+
+pub fn pseudonym(global: &Global, command: PseudonymCommand) -> anyhow::Result<()> {
+    let PseudonymCommand::Rotate = command;
+    let version = match global.open_or_remote(true)? {
+        crate::Opened::Local(engine) => u64::from(engine.rotate_pseudonym_key(global.now_ms()?)?),
+        crate::Opened::Remote(remote) => {
+            remote.call("POST", "/api/pseudonym/rotate", None)?["version"]
+                .as_u64()
+                .unwrap_or_default()
+        }
+    };
+    println!("pseudonym key is now version {version} (pseudonyms start with p{version}_)");
+    Ok(())
+}
+
 fn kind_name(kind: KeyKind) -> &'static str {
     match kind {
         KeyKind::Write => "write",
@@ -794,6 +815,10 @@ pub enum ExportCommand {
         /// the profiles that purpose may process are written.
         #[arg(long)]
         purpose: String,
+        /// Replace identifiers by keyed pseudonyms (HMAC-SHA256 under the store's key; see
+        /// `cible pseudonym rotate`).
+        #[arg(long)]
+        pseudonymize: bool,
     },
     /// Every live profile's feature vector for models, as Parquet (see the README for the
     /// columns); profiles that objected to profiling are left out.
@@ -814,6 +839,10 @@ pub enum ExportCommand {
         /// What the export is for (a consent purpose: analytics, email, advertising...).
         #[arg(long)]
         purpose: String,
+        /// Replace identifiers by keyed pseudonyms, as `export events --pseudonymize` does (the
+        /// two join on them).
+        #[arg(long)]
+        pseudonymize: bool,
     },
 }
 
@@ -847,13 +876,26 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let (ExportCommand::Events { out, purpose } | ExportCommand::Profiles { out, purpose }) =
-        &command
+    let (ExportCommand::Events {
+        out,
+        purpose,
+        pseudonymize,
+    }
+    | ExportCommand::Profiles {
+        out,
+        purpose,
+        pseudonymize,
+    }) = &command
     else {
         unreachable!("features are written above")
     };
     // The consent check first: an unknown purpose writes nothing.
     let check = engine.consent_check(purpose)?;
+    let pseudonyms = if *pseudonymize {
+        Some(engine.pseudonymizer()?)
+    } else {
+        None
+    };
     let sink: Box<dyn Write> = match out {
         Some(path) => Box::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -862,10 +904,19 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     };
     let mut writer = BufWriter::with_capacity(1 << 20, sink);
     let (what, result) = match command {
-        ExportCommand::Events { .. } => ("events", export_events(&engine, &check, &mut writer)),
+        ExportCommand::Events { .. } => (
+            "events",
+            export_events(&engine, &check, pseudonyms.as_ref(), &mut writer),
+        ),
         ExportCommand::Profiles { .. } => (
             "profiles",
-            export_profiles(&engine, &check, &mut writer, global.now_ms()?),
+            export_profiles(
+                &engine,
+                &check,
+                pseudonyms.as_ref(),
+                &mut writer,
+                global.now_ms()?,
+            ),
         ),
         ExportCommand::Features { .. } => unreachable!("features are written above"),
     };
@@ -876,7 +927,8 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
     engine.audit(engine.audit_entry(
         cible_core::audit::Action::Export,
         &[],
-        serde_json::json!({"what": what, "purpose": check.purpose(), "records": written}),
+        serde_json::json!({"what": what, "purpose": check.purpose(), "records": written,
+            "pseudonym_key": pseudonyms.as_ref().map(|p| p.version())}),
     ))?;
     Ok(())
 }
@@ -884,6 +936,7 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
 fn export_events(
     engine: &cible_core::Engine,
     check: &cible_core::consent::ConsentCheck,
+    pseudonyms: Option<&cible_core::pseudonym::Pseudonymizer>,
     writer: &mut impl Write,
 ) -> std::io::Result<u64> {
     let mut io_error = None;
@@ -893,7 +946,10 @@ fn export_events(
             return Ok(());
         }
         written += 1;
-        let line = cible_core::view::event_json(event);
+        let mut line = cible_core::view::event_json(event);
+        if let Some(pseudonyms) = pseudonyms {
+            pseudonyms.event(&mut line);
+        }
         if let Err(error) = serde_json::to_writer(&mut *writer, &line)
             .map_err(std::io::Error::from)
             .and_then(|()| writer.write_all(b"\n"))
@@ -913,6 +969,7 @@ fn export_events(
 fn export_profiles(
     engine: &cible_core::Engine,
     check: &cible_core::consent::ConsentCheck,
+    pseudonyms: Option<&cible_core::pseudonym::Pseudonymizer>,
     writer: &mut impl Write,
     now: i64,
 ) -> std::io::Result<u64> {
@@ -946,8 +1003,11 @@ fn export_profiles(
                     (purpose.clone(), granted.into())
                 })
                 .collect();
-            let line = serde_json::json!({"profile": profile, "identifiers": record.identifiers,
+            let mut line = serde_json::json!({"profile": profile, "identifiers": record.identifiers,
                 "traits": traits, "computed": computed, "consents": consents});
+            if let Some(pseudonyms) = pseudonyms {
+                pseudonyms.profile(&mut line);
+            }
             serde_json::to_writer(&mut *writer, &line)?;
             writer.write_all(b"\n")?;
         }

@@ -163,6 +163,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(commands::KeyCommand),
+    /// The key that pseudonymizes exports (`export --pseudonymize`).
+    #[command(subcommand)]
+    Pseudonym(commands::PseudonymCommand),
     /// Look at and repair profiles.
     #[command(subcommand)]
     Profile(commands::ProfileCommand),
@@ -247,6 +250,7 @@ fn main() -> std::process::ExitCode {
         Command::Import(args) => commands::import(&cli.global, args),
         Command::Generate(args) => commands::generate(&cli.global, args),
         Command::Key(command) => commands::key(&cli.global, command),
+        Command::Pseudonym(command) => commands::pseudonym(&cli.global, command),
         Command::Profile(command) => commands::profile(&cli.global, command),
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),

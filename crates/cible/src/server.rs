@@ -548,6 +548,7 @@ fn router(state: AppState) -> Router {
             get(crate::segment_api::explain),
         )
         .route("/api/keys/{prefix}", axum::routing::delete(api_revoke_key))
+        .route("/api/pseudonym/rotate", post(api_rotate_pseudonym))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -1424,6 +1425,19 @@ async fn read_scope(
         .into_response();
     }
     next.run(request).await
+}
+
+/// `POST /api/pseudonym/rotate`: a new pseudonym key, the old one destroyed.
+async fn api_rotate_pseudonym(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    let actor = check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    let version = off_thread(move || {
+        cible_core::audit::with_actor(&actor, || engine.rotate_pseudonym_key(now))
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok(axum::Json(json!({"version": version})).into_response())
 }
 
 /// `DELETE /api/keys/{prefix}`: revokes a key (by the prefix `GET /api/keys` shows, or the key).

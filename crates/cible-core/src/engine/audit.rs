@@ -328,8 +328,9 @@ mod tests {
         assert_eq!(verified.records, 7);
     }
 
-    /// Records from several threads at once (the writer's consent changes, keys, segment
-    /// edits): numbered without a gap or a fork, and nothing hangs.
+    /// Records from several threads at once (the writer's consent changes, keys, pseudonym key
+    /// rotations beside exports' reads of it, segment edits): numbered without a gap or a
+    /// fork, and nothing hangs.
     #[test]
     fn records_from_many_threads_stay_one_chain() {
         let dir = tempfile::tempdir().unwrap();
@@ -340,18 +341,24 @@ mod tests {
             std::thread::spawn(move || {
                 for round in 0..15u32 {
                     match thread {
-                        0 | 1 => send(
-                            &engine,
-                            &[
-                                json!({"type": "identify", "userId": format!("u{thread}-{round}"),
+                        0 | 1 => {
+                            send(
+                                &engine,
+                                &[
+                                    json!({"type": "identify", "userId": format!("u{thread}-{round}"),
                                 "messageId": format!("t{thread}-{round}"),
                                 "traits": {"consent_email": round % 2 == 0}}),
-                            ],
-                        ),
-                        2 => {
+                                ],
+                            );
+                            assert!(engine.pseudonymizer().unwrap().of("ann").starts_with('p'));
+                        }
+                        2 if round % 2 == 0 => {
                             engine
                                 .create_key(crate::keys::KeyKind::Admin, "k", NOW)
                                 .unwrap();
+                        }
+                        2 => {
+                            engine.rotate_pseudonym_key(NOW).unwrap();
                         }
                         _ => {
                             let rule = "consent.email";
@@ -372,5 +379,7 @@ mod tests {
         }
         let verified = engine.verify_audit(None).unwrap().unwrap();
         assert_eq!(verified.records, 60);
+        // Seven rotations after the first key, each one version on.
+        assert_eq!(engine.pseudonymizer().unwrap().version(), 8);
     }
 }

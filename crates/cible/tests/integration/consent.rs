@@ -483,3 +483,108 @@ fn read_keys_only_read_and_revoked_keys_are_refused() {
     let (ok, stderr) = output(cible(data).args(["key", "revoke", "cible_a_none"]));
     assert!(!ok && stderr.contains("not found"), "{stderr}");
 }
+
+#[test]
+fn pseudonymized_exports_name_nobody_join_on_pseudonyms_and_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let file = data.join("events.jsonl");
+    let lines = [
+        json!({"type": "identify", "userId": "ann-secret", "anonymousId": "dev-secret",
+            "traits": {"email": "ann.secret@example.com", "firstName": "Annabelle", "plan": "pro"},
+            "context": {"ip": "203.0.113.77"}, "timestamp": "2026-04-30T10:00:00Z", "messageId": "m1"}),
+        json!({"type": "track", "userId": "ann-secret", "event": "Order Completed",
+            "properties": {"revenue": 40}, "timestamp": "2026-04-30T11:00:00Z", "messageId": "m2"}),
+        json!({"type": "track", "userId": "bob-secret", "event": "Order Completed",
+            "timestamp": "2026-04-30T11:00:00Z", "messageId": "m3"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    run_ok(cible(data).arg("import").arg(&file));
+    let export = |what: &str| -> (String, Vec<Value>) {
+        let text =
+            run_ok(cible(data).args(["export", what, "--purpose", "analytics", "--pseudonymize"]));
+        let rows = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (text, rows)
+    };
+    let (events_text, events) = export("events");
+    let (profiles_text, profiles) = export("profiles");
+    for secret in [
+        "ann-secret",
+        "dev-secret",
+        "ann.secret",
+        "Annabelle",
+        "203.0.113.77",
+        "bob-secret",
+    ] {
+        assert!(
+            !events_text.contains(secret),
+            "{secret} in the events export"
+        );
+        assert!(
+            !profiles_text.contains(secret),
+            "{secret} in the profiles export"
+        );
+    }
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        events[0]["traits"]["plan"], "pro",
+        "what does not name a person stays"
+    );
+    assert_eq!(events[1]["properties"]["revenue"], 40);
+    // Ann's two events and her profile join on the pseudonyms.
+    let ann = events.iter().find(|e| e["messageId"] == "m2").unwrap();
+    let identify = events.iter().find(|e| e["messageId"] == "m1").unwrap();
+    assert_eq!(ann["userId"], identify["userId"]);
+    assert_eq!(ann["profile"], identify["profile"]);
+    let pseudonym = ann["userId"].as_str().unwrap().to_string();
+    assert!(pseudonym.starts_with("p1_"), "{pseudonym}");
+    let profile = profiles
+        .iter()
+        .find(|p| p["profile"] == ann["profile"])
+        .expect("Ann's profile under the same pseudonym");
+    assert!(
+        profile["identifiers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("u:{pseudonym}"))),
+        "{profile}"
+    );
+    assert_eq!(profile["traits"]["email"], identify["traits"]["email"]);
+    assert_ne!(
+        events.iter().find(|e| e["messageId"] == "m3").unwrap()["userId"],
+        ann["userId"]
+    );
+
+    // A rotation: new pseudonyms, the old ones gone for good; audited.
+    let rotated = run_ok(cible(data).args(["pseudonym", "rotate"]));
+    assert!(rotated.contains("version 2"), "{rotated}");
+    let (_, after) = export("events");
+    let ann_after = after.iter().find(|e| e["messageId"] == "m2").unwrap();
+    assert!(ann_after["userId"].as_str().unwrap().starts_with("p2_"));
+    assert_ne!(ann_after["userId"], ann["userId"]);
+    // The same through a running server.
+    let admin = create_key(data, "--admin");
+    let server = Server::start(data, &[]);
+    let answer = ureq::post(&server.url("/api/pseudonym/rotate"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    assert_eq!(answer["version"], 3);
+    server.stop();
+    let records: Vec<Value> =
+        serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
+    let rotations = records
+        .iter()
+        .filter(|r| r["action"] == "pseudonym_rotate")
+        .count();
+    assert_eq!(rotations, 2);
+    let exports: Vec<&Value> = records.iter().filter(|r| r["action"] == "export").collect();
+    assert_eq!(exports[0]["detail"]["pseudonym_key"], 1);
+    assert!(run_ok(cible(data).args(["audit", "verify"])).starts_with("the audit log is intact:"));
+}
