@@ -63,11 +63,12 @@ pub enum Action {
     ModelActivate,
     TraitsRefresh,
     PseudonymRotate,
+    RetentionPurge,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::ConsentChange,
         Action::Merge,
         Action::Unmerge,
@@ -84,6 +85,7 @@ impl Action {
         Action::ModelActivate,
         Action::TraitsRefresh,
         Action::PseudonymRotate,
+        Action::RetentionPurge,
     ];
 }
 

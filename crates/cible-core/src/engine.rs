@@ -15,6 +15,7 @@ mod consent;
 pub use consent::{CONSENT_EVENT, ConsentRequest};
 mod ingest;
 mod models;
+mod retention;
 mod segments;
 mod traits;
 
@@ -91,6 +92,8 @@ pub struct Engine {
     pub(crate) trait_columns: OrderedRwLock<crate::trait_columns::TraitColumns>,
     /// The purposes of consent (built-in, and `consent.toml`'s).
     pub(crate) purposes: crate::consent::Purposes,
+    /// How long events and quarantined messages are kept (`retention.toml`).
+    retention: crate::retention::Retention,
     /// The current consent of every purpose by profile, mirrored after each commit.
     /// Copied on write: passes read a snapshot without holding the lock.
     pub(crate) consents: OrderedRwLock<std::sync::Arc<crate::consent::ConsentIndex>>,
@@ -147,6 +150,21 @@ impl Engine {
                     )));
                 }
             };
+        let retention = match std::fs::read_to_string(dir.join(crate::retention::FILE_NAME)) {
+            Ok(text) => crate::retention::Retention::from_toml(&text).map_err(|reason| {
+                EngineError::Invalid(format!(
+                    "{}: {reason}",
+                    dir.join(crate::retention::FILE_NAME).display()
+                ))
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(error) => {
+                return Err(EngineError::Invalid(format!(
+                    "{}: {error}",
+                    dir.join(crate::retention::FILE_NAME).display()
+                )));
+            }
+        };
         let purposes = match std::fs::read_to_string(dir.join(crate::consent::FILE_NAME)) {
             Ok(text) => crate::consent::Purposes::from_toml(&text).map_err(|reason| {
                 EngineError::Invalid(format!(
@@ -278,6 +296,7 @@ impl Engine {
             models,
             trait_columns: OrderedRwLock::new(Level::TraitColumns, Default::default()),
             purposes,
+            retention,
             consents: OrderedRwLock::new(Level::Consents, Default::default()),
             consents_loaded: AtomicBool::new(false),
             audit: OrderedMutex::new(Level::Audit, audit),

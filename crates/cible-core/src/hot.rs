@@ -466,6 +466,34 @@ impl HotStore {
             .collect();
     }
 
+    /// Forgets a profile's events dated before `ts` (retention), keeping the columns aligned;
+    /// returns how many went.
+    pub fn drop_before(&mut self, profile: u32, ts: u32) -> usize {
+        let Some(index) = self
+            .slot_index(profile)
+            .filter(|i| *i < self.timelines.len())
+        else {
+            return 0;
+        };
+        let gone = self.timelines[index].partition_point(|e| e.ts < ts);
+        if gone == 0 {
+            return 0;
+        }
+        self.note_change(profile);
+        self.timelines[index].drain(..gone);
+        for column in &mut self.columns {
+            let values = column.values_mut(profile);
+            if !values.is_empty() {
+                values.drain(..gone.min(values.len()));
+                if values.iter().all(|v| *v == ABSENT) {
+                    values.clear();
+                }
+            }
+        }
+        self.n_events -= gone;
+        gone
+    }
+
     /// Replaces a profile's timeline (at load, after an unmerge or an erasure); events with
     /// the same second keep their order.
     pub fn replace(&mut self, profile: u32, mut events: Vec<(HotEvent, OtherKeys)>) {

@@ -29,6 +29,7 @@ pub mod packing;
 pub mod pseudonym;
 pub mod quality;
 pub mod records;
+pub mod retention;
 pub mod scoring;
 pub mod seen;
 pub mod segment;

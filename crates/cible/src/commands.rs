@@ -289,6 +289,59 @@ fn key_remote(remote: &crate::local::Remote, command: KeyCommand) -> anyhow::Res
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// The policy read from retention.toml.
+    Show,
+    /// Purge now what the policy says is expired (the server also does it at start and hourly).
+    Run {
+        /// The receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn retention(global: &Global, command: RetentionCommand) -> anyhow::Result<()> {
+    let days =
+        |days: Option<u64>| days.map_or("kept for ever".to_string(), |d| format!("{d} days"));
+    match command {
+        RetentionCommand::Show => {
+            let policy = match global.open_or_remote(true)? {
+                crate::Opened::Local(engine) => serde_json::to_value(engine.retention())?,
+                crate::Opened::Remote(remote) => remote.call("GET", "/api/retention", None)?,
+            };
+            println!("events       {}", days(policy["events_days"].as_u64()));
+            println!("quarantine   {}", days(policy["quarantine_days"].as_u64()));
+        }
+        RetentionCommand::Run { json } => {
+            let receipt = match global.open_or_remote(false)? {
+                crate::Opened::Local(engine) => {
+                    serde_json::to_value(engine.purge_expired(global.now_ms()?)?)?
+                }
+                crate::Opened::Remote(remote) => remote.call("POST", "/api/retention/run", None)?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&receipt)?);
+            } else {
+                match receipt["events_before"].as_str() {
+                    Some(before) => println!(
+                        "purged {} events dated before {before} from {} profiles",
+                        receipt["events_removed"], receipt["profiles_touched"]
+                    ),
+                    None => println!("events are kept for ever (no events_days in retention.toml)"),
+                }
+                if let Some(before) = receipt["quarantine_before"].as_str() {
+                    println!(
+                        "purged {} quarantined messages received before {before}",
+                        receipt["quarantined_removed"]
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PseudonymCommand {
     /// Replace the pseudonym key by a new version and destroy the old one: exports made after
     /// no longer join with those made before (audited).

@@ -163,6 +163,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(commands::KeyCommand),
+    /// How long events and quarantined messages are kept (`DIR/retention.toml`).
+    #[command(subcommand)]
+    Retention(commands::RetentionCommand),
     /// The key that pseudonymizes exports (`export --pseudonymize`).
     #[command(subcommand)]
     Pseudonym(commands::PseudonymCommand),
@@ -251,6 +254,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => commands::generate(&cli.global, args),
         Command::Key(command) => commands::key(&cli.global, command),
         Command::Pseudonym(command) => commands::pseudonym(&cli.global, command),
+        Command::Retention(command) => commands::retention(&cli.global, command),
         Command::Profile(command) => commands::profile(&cli.global, command),
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),

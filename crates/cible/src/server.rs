@@ -374,7 +374,10 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
     })
 }
 
-/// Daily recalibration and scheduled retraining, checked once a second (the segment worker,
+/// How often the retention policy is applied while the server runs.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Retention purges, daily recalibration and scheduled retraining, checked once a second (the segment worker,
 /// not this thread, follows the timers of live segments).
 fn jobs_loop(
     engine: &Engine,
@@ -382,8 +385,34 @@ fn jobs_loop(
     pinned_now: Option<i64>,
     retrain_days: u32,
 ) {
+    let retention = engine.retention();
+    let purging = retention.events_days.is_some() || retention.quarantine_days.is_some();
+    let mut last_purge: Option<std::time::Instant> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
+        // Retention: once the live segments have caught up after the start (so that the
+        // changes it makes carry cause `retention`), then hourly.
+        let ready = engine
+            .metrics
+            .segments_ready
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 1;
+        if purging && ready && last_purge.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
+            last_purge = Some(std::time::Instant::now());
+            match cible_core::audit::with_actor("retention", || engine.purge_expired(now)) {
+                Ok(receipt) if receipt.events_removed + receipt.quarantined_removed > 0 => {
+                    tracing::info!(
+                        events = receipt.events_removed,
+                        profiles = receipt.profiles_touched,
+                        quarantined = receipt.quarantined_removed,
+                        seconds = receipt.seconds,
+                        "expired data purged (retention.toml)"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(error = %error, "the retention purge failed"),
+            }
+        }
         // Percentiles, quintiles and the product model follow the population once a day.
         match engine.refresh_traits_if_older(now, cible_core::time::DAY_MS) {
             Ok(true) => tracing::info!("computed traits recalibrated"),
@@ -549,6 +578,8 @@ fn router(state: AppState) -> Router {
         )
         .route("/api/keys/{prefix}", axum::routing::delete(api_revoke_key))
         .route("/api/pseudonym/rotate", post(api_rotate_pseudonym))
+        .route("/api/retention", get(api_retention))
+        .route("/api/retention/run", post(api_retention_run))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -1425,6 +1456,23 @@ async fn read_scope(
         .into_response();
     }
     next.run(request).await
+}
+
+/// `GET /api/retention`: the policy of `retention.toml`.
+async fn api_retention(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    check_admin(&state, &headers)?;
+    Ok(axum::Json(state.engine.retention()).into_response())
+}
+
+/// `POST /api/retention/run`: purges what the policy says is expired, now.
+async fn api_retention_run(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    let actor = check_admin(&state, &headers)?;
+    let engine = Arc::clone(&state.engine);
+    let now = state.now();
+    admin_blocking(&state.engine, move || {
+        cible_core::audit::with_actor(&actor, || engine.purge_expired(now))
+    })
+    .await
 }
 
 /// `POST /api/pseudonym/rotate`: a new pseudonym key, the old one destroyed.

@@ -1528,3 +1528,163 @@ fn erasures_beside_ingestion_never_hang_and_never_resurrect() {
     }
     assert!(engine.verify_audit(None).unwrap().is_ok());
 }
+
+/// Retention: events older than the policy's age go from the index, the event log's bytes,
+/// the hot store and every membership, as if they had never arrived; what is newer stays;
+/// the same old events sent again are duplicates; all of it beside ingestion from other
+/// threads, bounded in time.
+#[test]
+fn retention_purges_old_events_everywhere_as_if_they_never_came() {
+    let (dir, engine) = crate::test_support::generated_store(300, 40, 11, NOW);
+    let data = dir.path().join("data");
+    let rules = [
+        ("ever_bought", r#"did("Order Completed", 3650d)"#),
+        ("viewers", r#"count("Page Viewed", 3650d) >= 3"#),
+        ("recent", r#"did("Page Viewed", 7d)"#),
+    ];
+    for (name, rule) in rules {
+        engine
+            .create_segment(name, cible_lang::parse(rule).unwrap(), rule, NOW)
+            .unwrap();
+    }
+    // One person whose only order is old, with a marker only its body holds.
+    let marker = "zq-retention-marker-7Y3";
+    ingest(
+        &engine,
+        &[
+            identify(
+                "r1",
+                "retained-user",
+                None,
+                json!({"plan": "pro"}),
+                60 * 24 * 30,
+            ),
+            json!({"type": "track", "userId": "retained-user", "event": "Order Completed",
+                "messageId": "r2", "properties": {"note": marker},
+                "timestamp": crate::time::format_ms(NOW - 25 * 86_400_000)}),
+            track("r3", Some("retained-user"), None, "Page Viewed", 60),
+        ],
+    );
+    engine.drain_segments().unwrap();
+    let person = engine.find_profile("retained-user").unwrap();
+    assert!(engine.members("ever_bought").unwrap().contains(person));
+    let before: Vec<u64> = rules
+        .iter()
+        .map(|(name, _)| engine.members(name).unwrap().len())
+        .collect();
+    drop(engine);
+    assert!(
+        !files_holding(&data, &[marker]).is_empty(),
+        "the test can fail"
+    );
+
+    std::fs::write(data.join(crate::retention::FILE_NAME), "events_days = 20\n").unwrap();
+    let engine = std::sync::Arc::new(Engine::open(&data).unwrap());
+    let cutoff = engine.retention().events_cutoff(NOW).unwrap();
+    let mut old_ids = Vec::new();
+    engine
+        .for_each_event(|event| {
+            if event.message.timestamp < cutoff {
+                old_ids.push(event.message.message_id.clone());
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(old_ids.len() > 100, "{}", old_ids.len());
+
+    // Ingestion goes on beside the purge.
+    let (done, finished) = std::sync::mpsc::channel();
+    for thread in 0..2 {
+        let (engine, done) = (std::sync::Arc::clone(&engine), done.clone());
+        std::thread::spawn(move || {
+            for round in 0..30 {
+                ingest(
+                    &engine,
+                    &[track(
+                        &format!("live-{thread}-{round}"),
+                        Some(&format!("live-{thread}")),
+                        None,
+                        "Page Viewed",
+                        5,
+                    )],
+                );
+            }
+            done.send(()).unwrap();
+        });
+    }
+    let purging = {
+        let engine = std::sync::Arc::clone(&engine);
+        std::thread::spawn(move || engine.purge_expired(NOW).unwrap())
+    };
+    for _ in 0..2 {
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("an ingesting thread hung or panicked");
+    }
+    let receipt = purging.join().unwrap();
+    assert_eq!(receipt.events_removed, old_ids.len() as u64);
+    assert!(receipt.profiles_touched > 10);
+    engine.drain_segments().unwrap();
+
+    // Nothing dated before the cutoff is left; what is newer, and the live traffic, is.
+    let mut left = 0;
+    engine
+        .for_each_event(|event| {
+            assert!(event.message.timestamp >= cutoff, "{:?}", event.message);
+            left += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert!(left > 0);
+    assert_eq!(engine.hot().n_events(), left);
+    // The person's old order is gone, and with it their membership, with its cause.
+    assert!(!engine.members("ever_bought").unwrap().contains(person));
+    assert!(engine.members("recent").unwrap().contains(person));
+    let exits: Vec<_> = engine
+        .changes_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.profile == person && !c.entered)
+        .collect();
+    assert_eq!(exits.len(), 1);
+    assert_eq!(exits[0].cause, crate::segment::feed::Cause::Retention);
+    // The profile itself stays: identifiers, traits.
+    assert_eq!(
+        engine.profile_record(person).unwrap().traits["plan"].value,
+        json!("pro")
+    );
+    // Live memberships equal an evaluation from scratch, on this hot store and on one
+    // reloaded from the store alone (no snapshot).
+    let check = |engine: &Engine| {
+        for (name, rule) in rules {
+            let (fresh, _, _) = engine
+                .evaluate_rule(&cible_lang::parse(rule).unwrap(), NOW, &Default::default())
+                .unwrap();
+            assert_eq!(engine.members(name).unwrap(), fresh, "{name}");
+        }
+    };
+    check(&engine);
+    let after: Vec<u64> = rules
+        .iter()
+        .map(|(name, _)| engine.members(name).unwrap().len())
+        .collect();
+    assert!(after[0] < before[0], "{before:?} {after:?}");
+    // The same old events sent again are duplicates, not back.
+    let again = ingest(
+        &engine,
+        &[
+            json!({"type": "track", "userId": "retained-user", "event": "Order Completed",
+            "messageId": "r2", "timestamp": crate::time::format_ms(NOW - 25 * 86_400_000)}),
+        ],
+    );
+    assert_eq!((again.accepted, again.duplicates), (0, 1));
+    assert!(engine.verify_audit(None).unwrap().is_ok());
+    drop(engine);
+    assert_eq!(files_holding(&data, &[marker]), []);
+    std::fs::remove_file(crate::snapshot::path(&data)).ok();
+    let reopened = Engine::open(&data).unwrap();
+    assert_eq!(reopened.hot().n_events(), left);
+    check(&reopened);
+    // Nothing more to purge: a second run removes nothing.
+    assert_eq!(reopened.purge_expired(NOW).unwrap().events_removed, 0);
+}

@@ -30,6 +30,8 @@ pub enum Cause {
     ModelActivation,
     /// A profile was unmerged or removed.
     ProfileEdit,
+    /// Events of the profile expired under the retention policy and were purged.
+    Retention,
     /// The server started and caught up with the time passed and the batches committed while
     /// it was stopped.
     Restart,
@@ -46,6 +48,7 @@ impl Cause {
             Cause::ModelActivation => "model_activation",
             Cause::ProfileEdit => "profile_edit",
             Cause::Restart => "restart",
+            Cause::Retention => "retention",
         }
     }
 }

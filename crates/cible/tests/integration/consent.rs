@@ -588,3 +588,91 @@ fn pseudonymized_exports_name_nobody_join_on_pseudonyms_and_rotate() {
     assert_eq!(exports[0]["detail"]["pseudonym_key"], 1);
     assert!(run_ok(cible(data).args(["audit", "verify"])).starts_with("the audit log is intact:"));
 }
+
+#[test]
+fn retention_purges_on_start_and_on_demand_through_the_cli_and_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    // NOW is 2026-05-01T12:00:00Z; events_days = 30 keeps what is dated from 2026-04-01.
+    let file = data.join("events.jsonl");
+    let lines = [
+        json!({"type": "track", "userId": "old-buyer", "event": "Order Completed",
+            "timestamp": "2026-02-01T10:00:00Z", "messageId": "old-1"}),
+        json!({"type": "track", "userId": "old-buyer", "event": "Page Viewed",
+            "timestamp": "2026-04-20T10:00:00Z", "messageId": "new-1"}),
+        json!({"type": "track", "userId": "new-buyer", "event": "Order Completed",
+            "timestamp": "2026-04-25T10:00:00Z", "messageId": "new-2"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    run_ok(cible(data).arg("import").arg(&file));
+    run_ok(cible(data).args([
+        "segment",
+        "create",
+        "buyers",
+        "--rule",
+        r#"did("Order Completed", 365d)"#,
+    ]));
+    let shown = run_ok(cible(data).args(["retention", "show"]));
+    assert!(shown.contains("kept for ever"), "{shown}");
+
+    // A bad policy is refused, naming the field.
+    std::fs::write(data.join("retention.toml"), "events_days = 0\n").unwrap();
+    let (ok, stderr) = output(cible(data).args(["retention", "show"]));
+    assert!(
+        !ok && stderr.contains("events_days") && stderr.contains("retention.toml"),
+        "{stderr}"
+    );
+
+    std::fs::write(data.join("retention.toml"), "events_days = 30\n").unwrap();
+    let admin = create_key(data, "--admin");
+    // The server purges at start.
+    let server = Server::start(data, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let changes = get(&server.url("/api/changes?after=0"), &admin);
+        let exits = changes.body["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["cause"] == "retention" && c["entered"] == false)
+            .count();
+        if exits == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retention exit: {}",
+            changes.body
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let members = get(&server.url("/api/segments/buyers/members"), &admin);
+    assert_eq!(members.body["total"], 1, "{}", members.body);
+    // On demand, through the server: nothing more to purge.
+    let receipt: Value =
+        serde_json::from_str(&run_ok(cible(data).args(["retention", "run", "--json"]))).unwrap();
+    assert_eq!(receipt["events_removed"], 0);
+    assert_eq!(receipt["events_before"], "2026-04-01T12:00:00.000Z");
+    server.stop();
+
+    let ids: Vec<String> = export_events(data)
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["new-1", "new-2"]);
+    // Importing the old file again brings nothing back.
+    let imported = run_ok(cible(data).arg("import").arg(&file).arg("--json"));
+    assert!(
+        imported.contains("\"duplicates\": 3") || imported.contains("\"duplicates\":3"),
+        "{imported}"
+    );
+    let records: Vec<Value> =
+        serde_json::from_str(&run_ok(cible(data).args(["audit", "list", "--json"]))).unwrap();
+    let purge = records
+        .iter()
+        .find(|r| r["action"] == "retention_purge")
+        .expect("audited");
+    assert_eq!(purge["actor"], "retention");
+    assert_eq!(purge["detail"]["events"], 1);
+}

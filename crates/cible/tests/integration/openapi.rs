@@ -150,6 +150,9 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", "/api/merges", a(), None);
     r.call("POST", "/api/merges/99/unmerge", a(), None);
     r.call("GET", "/api/keys", a(), None);
+    r.call("GET", "/api/retention", a(), None);
+    r.call("POST", "/api/retention/run", a(), None);
+    r.call("POST", "/api/pseudonym/rotate", a(), None);
     r.call(
         "POST",
         "/api/keys",

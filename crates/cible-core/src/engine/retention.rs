@@ -1,0 +1,149 @@
+//! The engine's side of retention (see [`crate::retention`]): purging expired events a chunk of
+//! profiles at a time, each chunk one batch under the writer lock, then handed to the segment
+//! worker like any other change, so ingestion goes on between chunks.
+
+use std::sync::atomic::Ordering;
+
+use super::Engine;
+use crate::error::Result;
+use crate::retention::{Retention, RetentionReceipt};
+use crate::store::{entry_of, event_key};
+
+/// Profiles per batch of a purge.
+const CHUNK: u32 = 4096;
+
+impl Engine {
+    /// The retention policy read from `retention.toml` at open.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Purges what the retention policy says is expired at `now`: events dated before the
+    /// cutoff (index entries removed, bodies overwritten in the event log, hot rows dropped,
+    /// every segment evaluated again for the profiles that lost some, with cause `retention`)
+    /// and quarantined messages received before theirs. The messageIds of purged events stay
+    /// known, so the same events sent again are duplicates, not new. Audited when it removed
+    /// anything.
+    pub fn purge_expired(&self, now: i64) -> Result<RetentionReceipt> {
+        let started = std::time::Instant::now();
+        let mut receipt = RetentionReceipt::default();
+        if let Some(cutoff) = self.retention.events_cutoff(now) {
+            receipt.events_before = Some(crate::time::format_ms(cutoff));
+            let profiles = self.state.lock().profiles.len() as u32;
+            let mut start = 0;
+            while start < profiles {
+                let end = start.saturating_add(CHUNK).min(profiles);
+                let (removed, touched) = self.purge_events(start..end, cutoff)?;
+                receipt.events_removed += removed;
+                receipt.profiles_touched += touched.all.len() as u64;
+                if !touched.all.is_empty() {
+                    self.hand_off(touched, crate::segment::feed::Cause::Retention, now)?;
+                }
+                start = end;
+            }
+        }
+        if let Some(cutoff) = self.retention.quarantine_cutoff(now) {
+            receipt.quarantine_before = Some(crate::time::format_ms(cutoff));
+            receipt.quarantined_removed = self.purge_quarantine(cutoff)?;
+        }
+        receipt.seconds = started.elapsed().as_secs_f64();
+        if receipt.events_removed > 0 || receipt.quarantined_removed > 0 {
+            self.audit(crate::audit::Entry {
+                action: crate::audit::Action::RetentionPurge,
+                actor: crate::audit::actor(),
+                subjects: Vec::new(),
+                detail: serde_json::json!({
+                    "events_before": receipt.events_before,
+                    "events": receipt.events_removed,
+                    "profiles": receipt.profiles_touched,
+                    "quarantine_before": receipt.quarantine_before,
+                    "quarantined": receipt.quarantined_removed,
+                }),
+            })?;
+        }
+        Ok(receipt)
+    }
+
+    fn purge_events(
+        &self,
+        profiles: std::ops::Range<u32>,
+        cutoff: i64,
+    ) -> Result<(u64, crate::segment::live::Touched)> {
+        self.check_poisoned()?;
+        let state = self.state.lock();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut bodies = Vec::new();
+        let mut touched = crate::segment::live::Touched::default();
+        for profile in profiles {
+            if !state
+                .profiles
+                .get(profile as usize)
+                .is_some_and(|meta| meta.alive)
+            {
+                continue;
+            }
+            let range = event_key(profile, i64::MIN, 0)..event_key(profile, cutoff, 0);
+            for entry in self.store.events.range(range) {
+                let (key, value) = entry.into_inner()?;
+                bodies.push(entry_of(&value)?.location);
+                batch.remove(&self.store.events, key);
+                touched.all.insert(profile);
+            }
+        }
+        if bodies.is_empty() {
+            return Ok((0, touched));
+        }
+        batch
+            .commit()
+            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        // Nothing points at the bodies any more: overwrite them in the log. A failure here
+        // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
+        let erased = (|| -> Result<()> {
+            for location in &bodies {
+                self.store.log.erase(*location)?;
+            }
+            Ok(self.store.log.sync()?)
+        })();
+        erased.inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        let seconds = u32::try_from(cutoff.div_euclid(1000).max(0)).unwrap_or(u32::MAX);
+        {
+            let mut hot = self.hot.write();
+            for profile in &touched.all {
+                hot.drop_before(*profile, seconds);
+            }
+        }
+        drop(state);
+        Ok((bodies.len() as u64, touched))
+    }
+
+    fn purge_quarantine(&self, cutoff: i64) -> Result<u64> {
+        self.check_poisoned()?;
+        let _writer = self.state.lock();
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut removed = 0u64;
+        for entry in self.store.quarantine.iter() {
+            let (key, value) = entry.into_inner()?;
+            let kept: crate::records::QuarantineRecord = serde_json::from_slice(&value)
+                .map_err(|e| crate::error::corrupt("quarantine", e))?;
+            if kept.received_at < cutoff {
+                batch.remove(&self.store.quarantine, key);
+                batch.remove(&self.store.qkeys, crate::ingest::quarantine_key(&kept.raw));
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            batch
+                .commit()
+                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        }
+        Ok(removed)
+    }
+}
