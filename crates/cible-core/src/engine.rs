@@ -953,6 +953,13 @@ impl Engine {
     pub fn erase_profile(&self, profile: u32) -> Result<crate::records::ErasureReceipt> {
         let started = std::time::Instant::now();
         let (removal, quarantined) = self.remove(profile, true)?;
+        // Their exits are written (consumers of the feed learn they left), then every earlier
+        // entry naming them goes from the feed and the segments' size history.
+        self.drain_segments()?;
+        let mut gone: rustc_hash::FxHashSet<u32> =
+            removal.merged_profiles_removed.iter().copied().collect();
+        gone.insert(profile);
+        let feed_entries_removed = self.erase_membership_history(&gone)?;
         // Every journal that may hold the person's keys or records is flushed and deleted
         // (the writer waits meanwhile: no batch lands in a journal being sealed).
         {
@@ -968,9 +975,47 @@ impl Engine {
             events_removed: removal.events_removed,
             merged_profiles_removed: removal.merged_profiles_removed,
             quarantined_removed: quarantined,
+            feed_entries_removed,
             keyspaces_compacted: compacted.into_iter().map(str::to_string).collect(),
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Removes the change feed's and the size history's entries naming these profiles, but
+    /// for the exits of their erasure. Returns how many went.
+    fn erase_membership_history(&self, profiles: &rustc_hash::FxHashSet<u32>) -> Result<u64> {
+        use crate::segment::feed::{Cause, FeedChange};
+        let mut batch = self
+            .store
+            .db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut removed = 0u64;
+        for entry in self.store.changes.iter() {
+            let (key, value) = entry.into_inner()?;
+            let change: FeedChange =
+                serde_json::from_slice(&value).map_err(|e| corrupt("changes", e))?;
+            let last_exit = change.cause == Cause::Erasure && !change.entered;
+            if profiles.contains(&change.profile) && !last_exit {
+                batch.remove(&self.store.changes, key);
+                removed += 1;
+            }
+        }
+        for entry in self.store.segment_log.iter() {
+            let (key, value) = entry.into_inner()?;
+            let change: crate::segment::Change =
+                serde_json::from_slice(&value).map_err(|e| corrupt("segment_log", e))?;
+            if profiles.contains(&change.profile) {
+                batch.remove(&self.store.segment_log, key);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            batch
+                .commit()
+                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        }
+        Ok(removed)
     }
 
     fn remove(&self, profile: u32, erase: bool) -> Result<(RemovalOutcome, u64)> {
@@ -1117,11 +1162,12 @@ impl Engine {
         let mut touched = crate::segment::live::Touched::default();
         touched.all.insert(profile);
         touched.all.extend(merged_profiles.iter().copied());
-        self.hand_off(
-            touched,
-            crate::segment::feed::Cause::ProfileEdit,
-            crate::time::wall_clock_ms(),
-        )?;
+        let cause = if erase {
+            crate::segment::feed::Cause::Erasure
+        } else {
+            crate::segment::feed::Cause::ProfileEdit
+        };
+        self.hand_off(touched, cause, crate::time::wall_clock_ms())?;
         Ok((
             RemovalOutcome {
                 profile,

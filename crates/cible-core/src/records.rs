@@ -165,6 +165,10 @@ pub struct ErasureReceipt {
     pub events_removed: u64,
     pub merged_profiles_removed: Vec<u32>,
     pub quarantined_removed: u64,
+    /// Entries of the change feed and of the segments' size history that named them (the
+    /// exits the erasure itself caused stay, with cause `erasure`, naming only the ordinal).
+    #[serde(default)]
+    pub feed_entries_removed: u64,
     /// Rewritten so that no earlier version of their records is left in any file.
     pub keyspaces_compacted: Vec<String>,
     pub seconds: f64,

@@ -1407,7 +1407,35 @@ fn an_erased_person_leaves_no_byte_in_any_file_and_stays_erased() {
 
     let engine = Engine::open(&data).unwrap();
     let person = engine.find_profile(user).unwrap();
+    let named = |engine: &Engine| -> Vec<crate::segment::feed::FeedChange> {
+        engine
+            .changes_after(0, 1_000_000)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.profile == person)
+            .collect()
+    };
+    assert!(
+        named(&engine).iter().any(|c| c.entered),
+        "the test can fail"
+    );
     let receipt = engine.erase_profile(person).unwrap();
+    // Of the feed, only their last exits are left, naming the ordinal and nothing else.
+    let left = named(&engine);
+    assert!(!left.is_empty());
+    for change in &left {
+        assert!(!change.entered, "{change:?}");
+        assert_eq!(change.cause, crate::segment::feed::Cause::Erasure);
+    }
+    assert!(receipt.feed_entries_removed >= 2, "{receipt:?}");
+    assert!(
+        engine
+            .segment_changes("buyers")
+            .unwrap()
+            .iter()
+            .all(|c| c.profile != person),
+        "the size history still names them"
+    );
     assert_eq!(receipt.events_removed, 4);
     assert_eq!(receipt.merged_profiles_removed.len(), 1);
     assert_eq!(receipt.quarantined_removed, 1);

@@ -30,6 +30,8 @@ pub enum Cause {
     ModelActivation,
     /// A profile was unmerged or removed.
     ProfileEdit,
+    /// The person was erased: their last exits (every earlier entry naming them is gone).
+    Erasure,
     /// Events of the profile expired under the retention policy and were purged.
     Retention,
     /// The server started and caught up with the time passed and the batches committed while
@@ -49,6 +51,7 @@ impl Cause {
             Cause::ProfileEdit => "profile_edit",
             Cause::Restart => "restart",
             Cause::Retention => "retention",
+            Cause::Erasure => "erasure",
         }
     }
 }
