@@ -952,7 +952,13 @@ impl Engine {
     /// without its content. Returns the receipt, which the audit log records too.
     pub fn erase_profile(&self, profile: u32) -> Result<crate::records::ErasureReceipt> {
         let started = std::time::Instant::now();
+        let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1000.0;
         let (removal, quarantined) = self.remove(profile, true)?;
+        let mut timings = crate::records::ErasureTimings {
+            removal_ms: ms(started),
+            ..Default::default()
+        };
+        let phase = std::time::Instant::now();
         // Their exits are written (consumers of the feed learn they left), then every earlier
         // entry naming them goes from the feed and the segments' size history.
         self.drain_segments()?;
@@ -960,14 +966,19 @@ impl Engine {
             removal.merged_profiles_removed.iter().copied().collect();
         gone.insert(profile);
         let feed_entries_removed = self.erase_membership_history(&gone)?;
+        timings.history_ms = ms(phase);
+        let phase = std::time::Instant::now();
         // Every journal that may hold the person's keys or records is flushed and deleted
         // (the writer waits meanwhile: no batch lands in a journal being sealed).
         {
             let _writer = self.state.lock();
             self.store.checkpoint()?;
         }
+        timings.journal_ms = ms(phase);
+        let phase = std::time::Instant::now();
         let compacted = crate::store::HOLDING_IDENTIFIERS;
         self.store.purge(&compacted)?;
+        timings.rewrite_ms = ms(phase);
         let subjects = self.audit_chain().subjects(&removal.identifiers_removed);
         Ok(crate::records::ErasureReceipt {
             profile,
@@ -978,6 +989,7 @@ impl Engine {
             feed_entries_removed,
             keyspaces_compacted: compacted.into_iter().map(str::to_string).collect(),
             seconds: started.elapsed().as_secs_f64(),
+            timings,
         })
     }
 

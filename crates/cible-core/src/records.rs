@@ -172,6 +172,22 @@ pub struct ErasureReceipt {
     /// Rewritten so that no earlier version of their records is left in any file.
     pub keyspaces_compacted: Vec<String>,
     pub seconds: f64,
+    /// Where the time went.
+    #[serde(default)]
+    pub timings: ErasureTimings,
+}
+
+/// The phases of an erasure, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErasureTimings {
+    /// Removing the person's records, links, events and quarantined messages (one batch).
+    pub removal_ms: f64,
+    /// Their exits evaluated, then the feed and size-history entries naming them removed.
+    pub history_ms: f64,
+    /// fjall's journal sealed and deleted (the writer waits).
+    pub journal_ms: f64,
+    /// The keyspaces holding identifiers rewritten.
+    pub rewrite_ms: f64,
 }
 
 /// The result of [`Engine::unmerge`].
