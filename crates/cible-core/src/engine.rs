@@ -132,54 +132,21 @@ impl Engine {
     }
 
     fn open_with(dir: &Path, light: bool) -> Result<Self> {
-        let trait_config =
-            match std::fs::read_to_string(dir.join(crate::computed::config::FILE_NAME)) {
-                Ok(text) => {
-                    crate::computed::config::TraitConfig::from_toml(&text).map_err(|reason| {
-                        EngineError::Invalid(format!(
-                            "{}: {reason}",
-                            dir.join(crate::computed::config::FILE_NAME).display()
-                        ))
-                    })?
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
-                Err(error) => {
-                    return Err(EngineError::Invalid(format!(
-                        "{}: {error}",
-                        dir.join(crate::computed::config::FILE_NAME).display()
-                    )));
-                }
-            };
-        let retention = match std::fs::read_to_string(dir.join(crate::retention::FILE_NAME)) {
-            Ok(text) => crate::retention::Retention::from_toml(&text).map_err(|reason| {
-                EngineError::Invalid(format!(
-                    "{}: {reason}",
-                    dir.join(crate::retention::FILE_NAME).display()
-                ))
-            })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(error) => {
-                return Err(EngineError::Invalid(format!(
-                    "{}: {error}",
-                    dir.join(crate::retention::FILE_NAME).display()
-                )));
-            }
-        };
-        let purposes = match std::fs::read_to_string(dir.join(crate::consent::FILE_NAME)) {
-            Ok(text) => crate::consent::Purposes::from_toml(&text).map_err(|reason| {
-                EngineError::Invalid(format!(
-                    "{}: {reason}",
-                    dir.join(crate::consent::FILE_NAME).display()
-                ))
-            })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(error) => {
-                return Err(EngineError::Invalid(format!(
-                    "{}: {error}",
-                    dir.join(crate::consent::FILE_NAME).display()
-                )));
-            }
-        };
+        let trait_config = read_config(
+            dir,
+            crate::computed::config::FILE_NAME,
+            crate::computed::config::TraitConfig::from_toml,
+        )?;
+        let retention = read_config(
+            dir,
+            crate::retention::FILE_NAME,
+            crate::retention::Retention::from_toml,
+        )?;
+        let purposes = read_config(
+            dir,
+            crate::consent::FILE_NAME,
+            crate::consent::Purposes::from_toml,
+        )?;
         let store = Store::open(dir)?;
         check_schema(&store)?;
         recover_bulk(&store)?;
@@ -993,6 +960,27 @@ impl Engine {
         })
     }
 
+    /// Puts in `batch` the removal of every quarantined message `matches` picks (and its dedup
+    /// key); returns how many.
+    pub(crate) fn remove_quarantined(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        matches: impl Fn(&QuarantineRecord) -> bool,
+    ) -> Result<u64> {
+        let mut removed = 0u64;
+        for entry in self.store.quarantine.iter() {
+            let (key, value) = entry.into_inner()?;
+            let kept: QuarantineRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("quarantine", e))?;
+            if matches(&kept) {
+                batch.remove(&self.store.quarantine, key);
+                batch.remove(&self.store.qkeys, crate::ingest::quarantine_key(&kept.raw));
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the change feed's and the size history's entries naming these profiles, but
     /// for the exits of their erasure. Returns how many went.
     fn erase_membership_history(&self, profiles: &rustc_hash::FxHashSet<u32>) -> Result<u64> {
@@ -1094,16 +1082,9 @@ impl Engine {
                 .iter()
                 .map(|i| i.get(2..).unwrap_or_default())
                 .collect();
-            for entry in self.store.quarantine.iter() {
-                let (key, value) = entry.into_inner()?;
-                let kept: QuarantineRecord =
-                    serde_json::from_slice(&value).map_err(|e| corrupt("quarantine", e))?;
-                if crate::view::names_any(&kept.raw, &values) {
-                    batch.remove(&self.store.quarantine, key);
-                    batch.remove(&self.store.qkeys, crate::ingest::quarantine_key(&kept.raw));
-                    quarantined += 1;
-                }
-            }
+            quarantined = self.remove_quarantined(&mut batch, |kept| {
+                crate::view::names_any(&kept.raw, &values)
+            })?;
             for ident in &record.identifiers {
                 let hashed = crate::audit::subject(&state.secret, ident);
                 batch.insert(&self.store.suppressed, hashed.as_bytes(), []);
@@ -1399,6 +1380,22 @@ type ScannedRange = (Scanned, Vec<u64>);
 /// The hot store of the profiles in `ranges`, and the messageId hashes of their events.
 /// `population` (events, profiles), when the ranges cover every profile, sizes the buffers
 /// ahead: grown by doubling, they had the kernel zeroing pages for most of an open.
+/// A configuration file of the data directory read with `parse`, its default when absent; an
+/// error names the file and the reason.
+fn read_config<T: Default>(
+    dir: &Path,
+    name: &str,
+    parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+) -> Result<T> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text)
+            .map_err(|reason| EngineError::Invalid(format!("{}: {reason}", path.display()))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(error) => Err(EngineError::Invalid(format!("{}: {error}", path.display()))),
+    }
+}
+
 fn load_hot(
     store: &Store,
     ranges: &[(u32, u32)],

@@ -128,17 +128,7 @@ impl Engine {
             .db
             .batch()
             .durability(Some(fjall::PersistMode::SyncAll));
-        let mut removed = 0u64;
-        for entry in self.store.quarantine.iter() {
-            let (key, value) = entry.into_inner()?;
-            let kept: crate::records::QuarantineRecord = serde_json::from_slice(&value)
-                .map_err(|e| crate::error::corrupt("quarantine", e))?;
-            if kept.received_at < cutoff {
-                batch.remove(&self.store.quarantine, key);
-                batch.remove(&self.store.qkeys, crate::ingest::quarantine_key(&kept.raw));
-                removed += 1;
-            }
-        }
+        let removed = self.remove_quarantined(&mut batch, |kept| kept.received_at < cutoff)?;
         if removed > 0 {
             batch
                 .commit()
