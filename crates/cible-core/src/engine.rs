@@ -1215,6 +1215,8 @@ impl Engine {
     /// Revokes a key, named by itself or by the prefix `cible key list` shows (refused when
     /// several keys share it); returns its record. Its next request is refused.
     pub fn revoke_key(&self, key_or_prefix: &str, now: i64) -> Result<KeyRecord> {
+        // As `cible key list` prints it, ellipsis included.
+        let key_or_prefix = key_or_prefix.trim().trim_end_matches('…');
         let hash = {
             let keys = self.api_keys.read();
             let exact = key_hash(key_or_prefix);

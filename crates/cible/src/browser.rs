@@ -141,6 +141,7 @@ pub(crate) async fn settings(
             .field("writeKey")
         })?;
     check_origin(&record, origin(&headers))?;
+    crate::server::rate_limit(&state, &write_key, &record)?;
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())

@@ -730,7 +730,7 @@ fn check_write_key(
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing write key: send it as the HTTP Basic user name, as Segment clients do",
+            "missing write key: send it as the HTTP Basic user name, as Segment clients do, or as `writeKey` in the body",
         ));
     };
     let Some(record) = state.engine.key_record(key) else {
@@ -752,7 +752,7 @@ fn check_write_key(
 }
 
 /// Takes one request of a key's rate limit, or answers 429 with the seconds to wait.
-fn rate_limit(
+pub(crate) fn rate_limit(
     state: &AppState,
     key: &str,
     record: &cible_core::keys::KeyRecord,

@@ -301,7 +301,31 @@ fn rate_limited_keys_get_429_with_retry_after_from_many_threads_at_once() {
     // Once the wait is over, the key works again.
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(get(&server.url("/api/keys"), &admin).status, 200);
+    // analytics.js's settings count against the key too.
+    let settings: Vec<u16> = (0..8)
+        .map(|_| {
+            request(
+                "GET",
+                &server.url(&format!("/v1/projects/{limited}/settings")),
+                &[],
+                None,
+            )
+            .0
+        })
+        .collect();
+    assert!(settings.contains(&429), "{settings:?}");
     server.stop();
+    // A key is revoked by the prefix as `key list` prints it, ellipsis and all.
+    let listed = run_ok(cible(dir.path()).args(["key", "list"]));
+    let shown = listed
+        .lines()
+        .find(|line| line.contains("2 req/s"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .unwrap()
+        .to_string();
+    assert!(shown.ends_with('…'), "{shown}");
+    let revoked = run_ok(cible(dir.path()).args(["key", "revoke", &shown]));
+    assert!(revoked.starts_with("revoked admin key"), "{revoked}");
 
     // Exactly the accepted messages of the limited key were stored.
     let events = export_events(dir.path());
