@@ -6,7 +6,7 @@
 //!
 //! `Segments` (the segment worker and the change feed) → `ColumnBuild` (a rebuild of the hot
 //! store's columns) → `Writer` (identity graph, counters,
-//! dictionaries) → `Hot` (hot store) → `Liveness` → `TraitColumns` → `Consents` → `Audit` → `ModelWrites` (saving a model version)
+//! dictionaries) → `Hot` (hot store) → `Liveness` → `TraitColumns` → `Consents` → `Pseudonym` → `Audit` → `ModelWrites` (saving a model version)
 //! → `Cache` (calibration, product model,
 //! models, API keys) → `Queue` (work handed from the writer to the segment worker) → `EventLog`
 //! (the event log's end, what is unsynced) → `EventLogFiles` (its open files) → `Dictionaries`
