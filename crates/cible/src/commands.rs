@@ -1316,7 +1316,7 @@ fn print_receipt(receipt: &serde_json::Value, json: bool) -> anyhow::Result<()> 
         return crate::print_json(receipt);
     }
     println!(
-        "profile {} erased in {:.2} s: {} event(s), {} merged profile(s), {} quarantined message(s); {} identifier(s) kept only as keyed hashes to refuse later messages",
+        "profile {} erased in {:.2} s: {} event(s), {} merged profile(s), {} quarantined message(s), {} feed entries; {} identifier(s) kept only as keyed hashes to refuse later messages",
         receipt["profile"],
         receipt["seconds"].as_f64().unwrap_or_default(),
         receipt["events_removed"],
@@ -1324,7 +1324,17 @@ fn print_receipt(receipt: &serde_json::Value, json: bool) -> anyhow::Result<()> 
             .as_array()
             .map_or(0, Vec::len),
         receipt["quarantined_removed"],
+        receipt["feed_entries_removed"],
         receipt["subjects"].as_array().map_or(0, Vec::len),
+    );
+    let timings = &receipt["timings"];
+    let ms = |name: &str| timings[name].as_f64().unwrap_or_default();
+    println!(
+        "  removal {:.0} ms, feed history {:.0} ms, journal {:.0} ms, rewrite {:.0} ms",
+        ms("removal_ms"),
+        ms("history_ms"),
+        ms("journal_ms"),
+        ms("rewrite_ms")
     );
     Ok(())
 }

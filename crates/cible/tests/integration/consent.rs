@@ -401,7 +401,11 @@ fn erasure_through_the_api_and_the_cli_leaves_nothing_and_refuses_the_person_lat
     assert_eq!(quarantine.as_array().map(Vec::len), Some(1), "{quarantine}");
     // The CLI beside the server goes through it.
     let text = run_ok(cible(data).args(["profile", "erase", "qv8-user-mallory", "--yes"]));
-    assert!(text.contains("erased"), "{text}");
+    assert!(
+        text.contains("erased") && text.contains("feed entries"),
+        "{text}"
+    );
+    assert!(text.contains("rewrite"), "where the time went: {text}");
     let (ok, stderr) = output(cible(data).args(["profile", "erase", "keep-me"]));
     assert!(!ok && stderr.contains("--yes"), "{stderr}");
     server.stop();
