@@ -255,6 +255,8 @@ pub(crate) struct Tx<'a> {
     /// Bulk mode (imports): new events' entries and messageIds wait in [`Bulk`] instead of
     /// going through the batch.
     pub(crate) bulk: bool,
+    /// Events dated before this are expired under the retention policy: not stored.
+    pub(crate) expired_before: Option<i64>,
 }
 
 /// What a bulk import (`Durability::Bulk`) writes in large steps instead of per batch: its
@@ -374,6 +376,7 @@ impl<'a> Tx<'a> {
             created: Vec::new(),
             outcome: BatchOutcome::default(),
             bulk: false,
+            expired_before: None,
         }
     }
 
@@ -421,6 +424,23 @@ impl<'a> Tx<'a> {
                 field: None,
                 detail: "the message names a person whose data was erased; its content is not kept"
                     .into(),
+                raw,
+            };
+            self.quarantine(index, rejection, item.replay_of)?;
+            return Ok(());
+        }
+        if let Some(cutoff) = self.expired_before
+            && message.timestamp < cutoff
+        {
+            let raw = serde_json::json!({"messageId": message.message_id, "type": message.kind})
+                .to_string();
+            let rejection = Rejection {
+                reason: Reason::Expired,
+                field: Some("timestamp".into()),
+                detail: format!(
+                    "dated before {}, the retention policy's cutoff (retention.toml); its content is not kept",
+                    crate::time::format_ms(cutoff)
+                ),
                 raw,
             };
             self.quarantine(index, rejection, item.replay_of)?;

@@ -38,6 +38,9 @@ pub enum Reason {
     /// For a person whose data was erased: kept without its content (only its messageId and
     /// type), so the person is not brought back.
     Erased,
+    /// Dated before the retention policy's cutoff (`retention.toml`): kept without its content,
+    /// as the purge would have removed it.
+    Expired,
 }
 
 impl Reason {
@@ -58,6 +61,7 @@ impl Reason {
             Self::TooManyEventNames => "too_many_event_names",
             Self::MalformedRow => "malformed_row",
             Self::Erased => "erased",
+            Self::Expired => "expired",
         }
     }
 }

@@ -50,6 +50,7 @@ impl Engine {
         // Any failure from here on leaves memory ahead of disk: refuse writes until a restart.
         let prepared = (|| -> Result<_> {
             let mut tx = Tx::new(&self.store, &mut state, &hot, source, &self.purposes, now);
+            tx.expired_before = self.retention.events_cutoff(now);
             tx.bulk = durability == Durability::Bulk;
             if tx.bulk && tx.state.bulk.quality.is_none() {
                 tx.state.bulk.quality = Some(tx.state.counters.quality.clone());

@@ -1706,6 +1706,19 @@ fn retention_purges_old_events_everywhere_as_if_they_never_came() {
         ],
     );
     assert_eq!((again.accepted, again.duplicates), (0, 1));
+    // A new event dated before the cutoff is not stored: quarantined as expired, without its
+    // content.
+    let late = ingest(
+        &engine,
+        &[
+            json!({"type": "track", "userId": "retained-user", "event": "Order Completed",
+            "messageId": "r9", "properties": {"note": marker},
+            "timestamp": crate::time::format_ms(NOW - 25 * 86_400_000)}),
+        ],
+    );
+    assert_eq!(late.accepted, 0);
+    assert_eq!(late.quarantined[0].reason, crate::quality::Reason::Expired);
+    assert!(!engine.members("ever_bought").unwrap().contains(person));
     assert!(engine.verify_audit(None).unwrap().is_ok());
     drop(engine);
     assert_eq!(files_holding(&data, &[marker]), []);
