@@ -21,6 +21,7 @@ mod traits;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
@@ -69,7 +70,8 @@ pub struct Engine {
     pub(crate) liveness: OrderedRwLock<crate::liveness::Liveness>,
     /// The number of event names and of key texts, as of the last committed batch.
     pub(crate) dictionary_sizes: [std::sync::atomic::AtomicUsize; 2],
-    api_keys: OrderedRwLock<FxHashMap<String, KeyRecord>>,
+    /// Shared records: a request's key check clones a pointer, not the record.
+    api_keys: OrderedRwLock<FxHashMap<String, Arc<KeyRecord>>>,
     pub(crate) poisoned: AtomicBool,
     /// Segments and the change feed: the worker's state, its queue of committed batches.
     pub(crate) segments: crate::segment::Segments,
@@ -214,7 +216,7 @@ impl Engine {
             let (key, value) = entry.into_inner()?;
             let record: KeyRecord =
                 serde_json::from_slice(&value).map_err(|e| corrupt("keys", e))?;
-            api_keys.insert(String::from_utf8_lossy(&key).into_owned(), record);
+            api_keys.insert(String::from_utf8_lossy(&key).into_owned(), Arc::new(record));
         }
         let feed = crate::segment::feed::FeedWriter::open(&store)?;
         let metrics = crate::metrics::Metrics::default();
@@ -511,6 +513,28 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs a write the memory will follow; a failure leaves memory ahead of disk, so writes
+    /// (and a snapshot of memory) are refused until a restart.
+    pub(crate) fn or_poison<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
+        write().inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+    }
+
+    /// Commits a batch the memory will follow (see [`Engine::or_poison`]).
+    pub(crate) fn commit_or_poison(&self, batch: fjall::OwnedWriteBatch) -> Result<()> {
+        self.or_poison(|| Ok(batch.commit()?))
+    }
+
+    /// Overwrites event bodies nothing points at any more in the log, then syncs it (see
+    /// [`Engine::or_poison`]).
+    pub(crate) fn overwrite_bodies(&self, bodies: &[crate::eventlog::Location]) -> Result<()> {
+        self.or_poison(|| {
+            for location in bodies {
+                self.store.log.erase(*location)?;
+            }
+            Ok(self.store.log.sync()?)
+        })
+    }
+
     /// Quarantined messages, oldest first.
     pub fn quarantined(
         &self,
@@ -761,11 +785,7 @@ impl Engine {
             .filter(|ident| state.idents.get(*ident) == Some(&survivor))
             .cloned()
             .collect();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.synced_batch();
 
         // Split the survivor's events by the identifier they were sent under.
         let mut back = Vec::new();
@@ -985,11 +1005,7 @@ impl Engine {
     /// for the exits of their erasure. Returns how many went.
     fn erase_membership_history(&self, profiles: &rustc_hash::FxHashSet<u32>) -> Result<u64> {
         use crate::segment::feed::{Cause, FeedChange};
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.synced_batch();
         let mut removed = 0u64;
         for entry in self.store.changes.iter() {
             let (key, value) = entry.into_inner()?;
@@ -1011,9 +1027,7 @@ impl Engine {
             }
         }
         if removed > 0 {
-            batch
-                .commit()
-                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+            self.commit_or_poison(batch)?;
         }
         Ok(removed)
     }
@@ -1029,11 +1043,7 @@ impl Engine {
             return Err(EngineError::NotFound(format!("profile {profile}")));
         }
         let record = read_profile(&self.store, profile)?.unwrap_or_default();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.synced_batch();
         let mut removed_hashes = Vec::new();
         let mut bodies = Vec::new();
         for entry in self.store.events.prefix(profile_key(profile)) {
@@ -1113,20 +1123,11 @@ impl Engine {
             vec![entry],
             crate::time::wall_clock_ms(),
         );
-        batch
-            .commit()
-            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        self.commit_or_poison(batch)?;
         drop(chain);
-        // Nothing points at the bodies any more: overwrite them in the log. A failure here
-        // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
-        let erased = (|| -> Result<()> {
-            self.store.log.retire(committed)?;
-            for location in bodies {
-                self.store.log.erase(location)?;
-            }
-            Ok(self.store.log.sync()?)
-        })();
-        erased.inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+        // Nothing points at the bodies (nor the redo records naming them) any more.
+        self.or_poison(|| Ok(self.store.log.retire(committed)?))?;
+        self.overwrite_bodies(&bodies)?;
         for ident in &record.identifiers {
             state.idents.remove(ident);
         }
@@ -1208,7 +1209,7 @@ impl Engine {
             }),
         };
         self.commit_audited(batch, entry, now)?;
-        self.api_keys.write().insert(hash, record);
+        self.api_keys.write().insert(hash, Arc::new(record));
         Ok(key)
     }
 
@@ -1240,12 +1241,7 @@ impl Engine {
                 }
             }
         };
-        let record = self
-            .api_keys
-            .read()
-            .get(&hash)
-            .cloned()
-            .expect("found above");
+        let record = KeyRecord::clone(self.api_keys.read().get(&hash).expect("found above"));
         let mut batch = self.store.db.batch();
         batch.remove(&self.store.keys, hash.as_bytes());
         let entry = crate::audit::Entry {
@@ -1300,7 +1296,7 @@ impl Engine {
     }
 
     /// A presented key's record, if it is one of ours.
-    pub fn key_record(&self, key: &str) -> Option<KeyRecord> {
+    pub fn key_record(&self, key: &str) -> Option<Arc<KeyRecord>> {
         self.api_keys.read().get(&key_hash(key)).cloned()
     }
 
@@ -1315,7 +1311,12 @@ impl Engine {
 
     /// Every key's record (never the key itself).
     pub fn list_keys(&self) -> Vec<KeyRecord> {
-        let mut keys: Vec<KeyRecord> = self.api_keys.read().values().cloned().collect();
+        let mut keys: Vec<KeyRecord> = self
+            .api_keys
+            .read()
+            .values()
+            .map(|record| KeyRecord::clone(record))
+            .collect();
         keys.sort_by_key(|k| k.created_at);
         keys
     }
@@ -1373,15 +1374,6 @@ struct Scanned {
     ends: Vec<(u32, usize)>,
 }
 
-/// Timelines of a range of profiles and the messageId hashes seen while scanning it.
-type ScannedRange = (Scanned, Vec<u64>);
-
-/// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
-/// hashes from the hot rows of the `events` entries, scanning ranges of profiles in parallel (timelines of
-/// different profiles are disjoint).
-/// The hot store of the profiles in `ranges`, and the messageId hashes of their events.
-/// `population` (events, profiles), when the ranges cover every profile, sizes the buffers
-/// ahead: grown by doubling, they had the kernel zeroing pages for most of an open.
 /// A configuration file of the data directory read with `parse`, its default when absent; an
 /// error names the file and the reason.
 fn read_config<T: Default>(
@@ -1398,6 +1390,15 @@ fn read_config<T: Default>(
     }
 }
 
+/// Timelines of a range of profiles and the messageId hashes seen while scanning it.
+type ScannedRange = (Scanned, Vec<u64>);
+
+/// Rebuilds the hot store, with property columns for `columns`, and collects the messageId
+/// hashes from the hot rows of the `events` entries, scanning ranges of profiles in parallel (timelines of
+/// different profiles are disjoint).
+/// The hot store of the profiles in `ranges`, and the messageId hashes of their events.
+/// `population` (events, profiles), when the ranges cover every profile, sizes the buffers
+/// ahead: grown by doubling, they had the kernel zeroing pages for most of an open.
 fn load_hot(
     store: &Store,
     ranges: &[(u32, u32)],
@@ -1567,10 +1568,7 @@ fn recover_bulk(store: &Store) -> Result<()> {
     // The index tables are written after the records, in one step each: the probe entry says.
     let written = records_written && (probe.is_empty() || store.events.contains_key(probe)?);
     let records = store.log.records_between(from, store.log.head())?;
-    let mut batch = store
-        .db
-        .batch()
-        .durability(Some(fjall::PersistMode::SyncAll));
+    let mut batch = store.synced_batch();
     for (_, body) in &records {
         // A body already zeroed by an earlier attempt had its messageId forgotten then.
         let Some(body) = body else { continue };
@@ -1591,10 +1589,7 @@ fn recover_bulk(store: &Store) -> Result<()> {
         }
         store.log.sync()?;
     }
-    let mut batch = store
-        .db
-        .batch()
-        .durability(Some(fjall::PersistMode::SyncAll));
+    let mut batch = store.synced_batch();
     batch.remove(&store.meta, crate::ingest::BULK_KEY);
     batch.remove(&store.meta, crate::ingest::BULK_COUNTERS_KEY);
     batch.commit()?;
@@ -1617,10 +1612,7 @@ fn members_to_entries(store: &Store) -> Result<()> {
     let members = store
         .db
         .keyspace("members", fjall::KeyspaceCreateOptions::default)?;
-    let mut batch = store
-        .db
-        .batch()
-        .durability(Some(fjall::PersistMode::SyncAll));
+    let mut batch = store.synced_batch();
     for entry in members.iter() {
         let (name, bytes) = entry.into_inner()?;
         let name = std::str::from_utf8(&name).map_err(|e| corrupt("members", e))?;
@@ -1641,10 +1633,7 @@ fn members_to_entries(store: &Store) -> Result<()> {
 /// Layout 3 to 4: every merge record gets its `merged_into` key (one batch: a store has one
 /// merge per absorbed profile at most, 12 bytes each).
 fn index_merges_by_survivor(store: &Store) -> Result<()> {
-    let mut batch = store
-        .db
-        .batch()
-        .durability(Some(fjall::PersistMode::SyncAll));
+    let mut batch = store.synced_batch();
     for entry in store.merges.iter() {
         let (_, value) = entry.into_inner()?;
         let merge: MergeRecord =
@@ -1685,10 +1674,7 @@ fn move_bodies_to_log(store: &Store) -> Result<()> {
             .log
             .append(chunk.iter().map(|(_, b, _)| b.as_slice()))?;
         store.log.sync()?;
-        let mut batch = store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = store.synced_batch();
         for ((key, _, record), location) in chunk.drain(..).zip(locations) {
             batch.insert(&store.events, key, EventEntry { location, record }.encode());
         }

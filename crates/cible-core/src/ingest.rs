@@ -416,31 +416,31 @@ impl<'a> Tx<'a> {
             },
             None => NO_NAME,
         };
-        if self.names_erased(&message) {
+        let refused = if self.names_erased(&message) {
+            Some((
+                Reason::Erased,
+                None,
+                "the message names a person whose data was erased; its content is not kept".into(),
+            ))
+        } else {
+            self.expired_before
+                .filter(|cutoff| message.timestamp < *cutoff)
+                .map(|cutoff| {
+                    let detail = format!(
+                        "dated before {}, the retention policy's cutoff (retention.toml); its content is not kept",
+                        crate::time::format_ms(cutoff)
+                    );
+                    (Reason::Expired, Some("timestamp".to_string()), detail)
+                })
+        };
+        if let Some((reason, field, detail)) = refused {
+            // Quarantined without its content: only what names the message.
             let raw = serde_json::json!({"messageId": message.message_id, "type": message.kind})
                 .to_string();
             let rejection = Rejection {
-                reason: Reason::Erased,
-                field: None,
-                detail: "the message names a person whose data was erased; its content is not kept"
-                    .into(),
-                raw,
-            };
-            self.quarantine(index, rejection, item.replay_of)?;
-            return Ok(());
-        }
-        if let Some(cutoff) = self.expired_before
-            && message.timestamp < cutoff
-        {
-            let raw = serde_json::json!({"messageId": message.message_id, "type": message.kind})
-                .to_string();
-            let rejection = Rejection {
-                reason: Reason::Expired,
-                field: Some("timestamp".into()),
-                detail: format!(
-                    "dated before {}, the retention policy's cutoff (retention.toml); its content is not kept",
-                    crate::time::format_ms(cutoff)
-                ),
+                reason,
+                field,
+                detail,
                 raw,
             };
             self.quarantine(index, rejection, item.replay_of)?;

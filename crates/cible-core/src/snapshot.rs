@@ -53,10 +53,7 @@ pub fn take(
         None => None,
     };
     if token.is_some() {
-        let mut batch = store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = store.synced_batch();
         batch.remove(&store.meta, TOKEN_KEY);
         batch.commit()?;
     }
@@ -70,10 +67,7 @@ pub fn take(
 pub fn save(store: &Store, data: &Path, hot: &HotStore, hashes: &[u64]) -> Result<(), StoreError> {
     let token = rand::random::<u64>();
     write(data, token, hot, hashes)?;
-    let mut batch = store
-        .db
-        .batch()
-        .durability(Some(fjall::PersistMode::SyncAll));
+    let mut batch = store.synced_batch();
     batch.insert(&store.meta, TOKEN_KEY, token.to_le_bytes());
     batch.commit()?;
     Ok(())

@@ -411,6 +411,14 @@ impl Store {
         sizes
     }
 
+    /// A batch whose commit syncs fjall's journal (for what is not also in the event log's
+    /// redo records: removals, admin writes, the segment worker's memberships).
+    pub fn synced_batch(&self) -> fjall::OwnedWriteBatch {
+        self.db
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll))
+    }
+
     /// Writes every memtable out to tables and deletes the journal they came from, so that
     /// the next open replays an empty journal (fjall seals a journal only past 64 MB, and an
     /// open reads through whatever the active one holds).

@@ -25,10 +25,17 @@ impl KeyLimiter {
     pub(crate) fn take(&self, key: &str, rate: u32, now: Instant) -> Result<(), Duration> {
         let rate = f64::from(rate.max(1));
         let mut buckets = self.buckets.lock();
-        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: rate,
-            at: now,
-        });
+        // A key's first request makes its bucket; the others find it without allocating.
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_string(),
+                Bucket {
+                    tokens: rate,
+                    at: now,
+                },
+            );
+        }
+        let bucket = buckets.get_mut(key).expect("inserted above");
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(rate);
         bucket.at = now;

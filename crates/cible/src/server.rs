@@ -377,8 +377,8 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
 /// How often the retention policy is applied while the server runs.
 const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Retention purges, daily recalibration and scheduled retraining, checked once a second (the segment worker,
-/// not this thread, follows the timers of live segments).
+/// Retention purges, daily recalibration and scheduled retraining, checked once a second (the
+/// segment worker, not this thread, follows the timers of live segments).
 fn jobs_loop(
     engine: &Engine,
     stop: &std::sync::atomic::AtomicBool,
@@ -1480,12 +1480,11 @@ async fn api_rotate_pseudonym(State(state): State<AppState>, headers: HeaderMap)
     let actor = check_admin(&state, &headers)?;
     let engine = Arc::clone(&state.engine);
     let now = state.now();
-    let version = off_thread(move || {
+    admin_blocking(&state.engine, move || {
         cible_core::audit::with_actor(&actor, || engine.rotate_pseudonym_key(now))
-            .map_err(ApiError::from)
+            .map(|version| json!({"version": version}))
     })
-    .await?;
-    Ok(axum::Json(json!({"version": version})).into_response())
+    .await
 }
 
 /// `DELETE /api/keys/{prefix}`: revokes a key (by the prefix `GET /api/keys` shows, or the key).

@@ -218,7 +218,7 @@ impl Engine {
             }
             return Ok(());
         };
-        let outcome = (|| -> Result<()> {
+        self.or_poison(|| {
             // Under the profile each event lives in now (merges since it was written), in key
             // order: (profile, time, seq) sorts as `event_key`'s bytes do. Drained, not taken:
             // the buffers keep their capacity for the next round.
@@ -234,11 +234,7 @@ impl Engine {
             // 1. One batch: profile records, identifier links, merge records, stored entries of
             // merged-away profiles moved to their survivor, the counters (quality as of the last
             // flush; the current ones wait under BULK_COUNTERS_KEY) and the marker.
-            let mut batch = self
-                .store
-                .db
-                .batch()
-                .durability(Some(fjall::PersistMode::SyncAll));
+            let mut batch = self.store.synced_batch();
             let mut consents = Vec::new();
             for profile in std::mem::take(&mut state.bulk.consent_touched) {
                 let record = state.bulk.profiles.get(&profile).ok_or_else(|| {
@@ -313,18 +309,13 @@ impl Engine {
             ingestion.finish()?;
 
             // 3. Done: the current counters, and no marker.
-            let mut batch = self
-                .store
-                .db
-                .batch()
-                .durability(Some(fjall::PersistMode::SyncAll));
+            let mut batch = self.store.synced_batch();
             batch.remove(&self.store.meta, BULK_KEY);
             batch.remove(&self.store.meta, BULK_COUNTERS_KEY);
             batch.insert(&self.store.meta, COUNTERS_KEY, to_json(&state.counters));
             batch.commit()?;
             Ok(())
-        })();
-        outcome.inspect_err(|_| self.poisoned.store(true, Ordering::Release))
+        })
     }
 
     /// Writes out a bulk import's waiting entries (the end of an import).

@@ -2,8 +2,6 @@
 //! profiles at a time, each chunk one batch under the writer lock, then handed to the segment
 //! worker like any other change, so ingestion goes on between chunks.
 
-use std::sync::atomic::Ordering;
-
 use super::Engine;
 use crate::error::Result;
 use crate::retention::{Retention, RetentionReceipt};
@@ -71,11 +69,7 @@ impl Engine {
     ) -> Result<(u64, crate::segment::live::Touched)> {
         self.check_poisoned()?;
         let state = self.state.lock();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.synced_batch();
         let mut bodies = Vec::new();
         let mut touched = crate::segment::live::Touched::default();
         for profile in profiles {
@@ -97,19 +91,9 @@ impl Engine {
         if bodies.is_empty() {
             return Ok((0, touched));
         }
-        batch
-            .commit()
-            .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
-        // Nothing points at the bodies any more: overwrite them in the log. A failure here
-        // leaves memory ahead of disk: refuse writes (and a snapshot of memory) until restart.
-        let erased = (|| -> Result<()> {
-            for location in &bodies {
-                self.store.log.erase(*location)?;
-            }
-            Ok(self.store.log.sync()?)
-        })();
-        erased.inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
-        let seconds = u32::try_from(cutoff.div_euclid(1000).max(0)).unwrap_or(u32::MAX);
+        self.commit_or_poison(batch)?;
+        self.overwrite_bodies(&bodies)?;
+        let seconds = crate::computed::ops::seconds(cutoff);
         {
             let mut hot = self.hot.write();
             for profile in &touched.all {
@@ -123,16 +107,10 @@ impl Engine {
     fn purge_quarantine(&self, cutoff: i64) -> Result<u64> {
         self.check_poisoned()?;
         let _writer = self.state.lock();
-        let mut batch = self
-            .store
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.store.synced_batch();
         let removed = self.remove_quarantined(&mut batch, |kept| kept.received_at < cutoff)?;
         if removed > 0 {
-            batch
-                .commit()
-                .inspect_err(|_| self.poisoned.store(true, Ordering::Release))?;
+            self.commit_or_poison(batch)?;
         }
         Ok(removed)
     }

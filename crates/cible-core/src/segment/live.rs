@@ -553,11 +553,7 @@ impl Segmenter<'_> {
     }
 
     fn membership_batch(&self) -> fjall::OwnedWriteBatch {
-        self.population
-            .store()
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll))
+        self.population.store().synced_batch()
     }
 
     /// Commits a pass's changes with the memberships of the segments they changed, then moves

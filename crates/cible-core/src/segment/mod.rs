@@ -571,12 +571,7 @@ impl Segmenter<'_> {
         // evaluation can write this segment back.
         let mut worker = self.segments.state.lock();
         // The record first, in a batch of its own: the segment is gone for everyone at once.
-        let mut batch = self
-            .population
-            .store()
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.population.store().synced_batch();
         batch.remove(&self.population.store().segments, name.as_bytes());
         batch.remove(
             &self.population.store().meta,
@@ -614,12 +609,7 @@ impl Segmenter<'_> {
                 };
                 from = last.to_vec();
                 from.push(0); // the smallest key after `last`
-                let mut batch = self
-                    .population
-                    .store()
-                    .db
-                    .batch()
-                    .durability(Some(fjall::PersistMode::SyncAll));
+                let mut batch = self.population.store().synced_batch();
                 for key in keys {
                     batch.remove(keyspace, key);
                 }
