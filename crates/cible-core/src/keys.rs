@@ -118,3 +118,59 @@ pub fn new_key(kind: KeyKind) -> String {
 pub fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: KeyKind, origins: &[&str]) -> KeySpec {
+        KeySpec {
+            kind,
+            origins: origins.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn origins_are_canonical_and_star_allows_any() {
+        let validated = spec(
+            KeyKind::Write,
+            &["https://Shop.Example:443", "http://localhost:8080", "*"],
+        )
+        .validated()
+        .unwrap();
+        assert_eq!(
+            validated.origins,
+            ["*", "http://localhost:8080", "https://shop.example"]
+        );
+        let record = |origins: Vec<String>| KeyRecord {
+            kind: KeyKind::Write,
+            name: String::new(),
+            created_at: 0,
+            prefix: String::new(),
+            origins,
+            rate_limit: None,
+        };
+        let any = record(vec!["*".into()]);
+        assert!(any.allows_origin("https://anything.example") && any.allows_origin("null"));
+        let listed = record(vec!["https://shop.example".into()]);
+        assert!(listed.allows_origin("https://shop.example"));
+        assert!(!listed.allows_origin("https://shop.example.evil"));
+        assert!(!record(Vec::new()).allows_origin("https://shop.example"));
+        for (bad, reason) in [
+            ("https://shop.example/cart", "no path"),
+            ("ftp://shop.example", "http:// or https://"),
+            ("shop.example", "not an origin"),
+        ] {
+            let error = spec(KeyKind::Write, &[bad]).validated().unwrap_err();
+            assert!(
+                error.starts_with("origins:") && error.contains(reason),
+                "{error}"
+            );
+        }
+        let error = spec(KeyKind::Admin, &["https://shop.example"])
+            .validated()
+            .unwrap_err();
+        assert!(error.contains("only a write key"), "{error}");
+    }
+}

@@ -111,6 +111,11 @@ fn write_keys_serve_only_the_origins_they_list() {
         Some("https://shop.example")
     );
     assert_eq!(header(&headers, "vary"), Some("Origin"));
+    // A page may read how long to wait after a 429.
+    assert_eq!(
+        header(&headers, "access-control-expose-headers"),
+        Some("Retry-After")
+    );
     // Another origin: refused before anything is stored, and unreadable to the page.
     let (status, headers, body) = track(&shop, Some("https://evil.example"));
     assert_eq!(status, 403, "{body}");
@@ -191,6 +196,15 @@ fn write_keys_serve_only_the_origins_they_list() {
     assert_eq!(settings["integrations"]["Segment.io"]["protocol"], "http");
     assert_eq!(settings["integrations"].as_object().unwrap().len(), 1);
     assert_eq!(settings["metrics"]["sampleRate"], 0);
+    // Behind a TLS proxy, pages post over HTTPS.
+    let (_, _, body) = request(
+        "GET",
+        &server.url(&format!("/v1/projects/{shop}/settings")),
+        &[("X-Forwarded-Proto", "https")],
+        None,
+    );
+    let behind: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(behind["integrations"]["Segment.io"]["protocol"], "https");
     let (status, _, body) = request(
         "GET",
         &server.url("/v1/projects/cible_w_nope/settings"),
