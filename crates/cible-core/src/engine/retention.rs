@@ -8,7 +8,11 @@ use crate::retention::{Retention, RetentionReceipt};
 use crate::store::{entry_of, event_key};
 
 /// Profiles per batch of a purge.
+#[cfg(not(test))]
 const CHUNK: u32 = 4096;
+/// Small in tests, so a few hundred generated profiles span several chunks.
+#[cfg(test)]
+const CHUNK: u32 = 64;
 
 impl Engine {
     /// The retention policy read from `retention.toml` at open.

@@ -273,6 +273,41 @@ fn quarantined_messages_are_kept_whole_and_replayed_after_a_fix() {
 
 const DAY: i64 = crate::time::DAY_MS;
 
+/// `quarantine_days`: quarantined messages received before the cutoff are purged, newer ones
+/// stay, and the report counts what went.
+#[test]
+fn retention_purges_quarantined_messages_received_before_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let missing = |id: &str| json!({"type": "track", "messageId": id, "userId": "q1"});
+    let at = |messages: &[Value], now: i64| {
+        let items = messages
+            .iter()
+            .map(|m| parse_message(m.clone(), None, &ParseContext::at(now)).into())
+            .collect();
+        engine.ingest(items, "test", Durability::Sync, now).unwrap()
+    };
+    at(&[missing("old-1"), missing("old-2")], NOW - 10 * DAY);
+    at(&[missing("new-1")], NOW - DAY);
+    assert_eq!(engine.quarantined(None, 10).unwrap().len(), 3);
+    drop(engine);
+    std::fs::write(
+        dir.path().join(crate::retention::FILE_NAME),
+        "quarantine_days = 7\n",
+    )
+    .unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let receipt = engine.purge_expired(NOW).unwrap();
+    assert_eq!(receipt.quarantined_removed, 2);
+    assert_eq!(receipt.events_removed, 0);
+    let left = engine.quarantined(None, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert!(left[0].raw.contains("new-1"), "{}", left[0].raw);
+    let report = engine.quality().unwrap();
+    assert_eq!(report.in_quarantine.get(&Reason::MissingEvent), Some(&1));
+    assert_eq!(engine.purge_expired(NOW).unwrap().quarantined_removed, 0);
+}
+
 #[test]
 fn anomalies_are_flagged_and_kept() {
     let dir = tempfile::tempdir().unwrap();
