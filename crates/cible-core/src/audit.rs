@@ -64,11 +64,12 @@ pub enum Action {
     TraitsRefresh,
     PseudonymRotate,
     RetentionPurge,
+    WebhookChange,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 18] = [
         Action::ConsentChange,
         Action::Merge,
         Action::Unmerge,
@@ -86,6 +87,7 @@ impl Action {
         Action::TraitsRefresh,
         Action::PseudonymRotate,
         Action::RetentionPurge,
+        Action::WebhookChange,
     ];
 }
 

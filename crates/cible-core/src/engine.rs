@@ -18,6 +18,8 @@ mod models;
 mod retention;
 mod segments;
 mod traits;
+mod webhooks;
+pub use webhooks::{LIST_MAX_CHANGES, NewWebhook};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,6 +108,8 @@ pub struct Engine {
     /// The exports' pseudonym key (see [`crate::pseudonym`]); `None` in a light open of a
     /// store that has none yet.
     pseudonym: OrderedMutex<Option<crate::pseudonym::PseudonymKey>>,
+    /// Writes to the `webhooks` keyspace (see [`crate::webhooks`]).
+    webhook_lock: OrderedMutex<()>,
 }
 
 impl Engine {
@@ -270,6 +274,7 @@ impl Engine {
             consents_loaded: AtomicBool::new(false),
             audit: OrderedMutex::new(Level::Audit, audit),
             pseudonym: OrderedMutex::new(Level::Pseudonym, pseudonym),
+            webhook_lock: OrderedMutex::new(Level::Webhooks, ()),
         };
         engine.load_consents()?;
         Ok(engine)
@@ -953,6 +958,7 @@ impl Engine {
             removal.merged_profiles_removed.iter().copied().collect();
         gone.insert(profile);
         let feed_entries_removed = self.erase_membership_history(&gone)?;
+        let webhook_deliveries_removed = self.forget_in_webhooks(&gone)?;
         timings.history_ms = ms(phase);
         let phase = std::time::Instant::now();
         // Every journal that may hold the person's keys or records is flushed and deleted
@@ -974,6 +980,7 @@ impl Engine {
             merged_profiles_removed: removal.merged_profiles_removed,
             quarantined_removed: quarantined,
             feed_entries_removed,
+            webhook_deliveries_removed,
             keyspaces_compacted: compacted.into_iter().map(str::to_string).collect(),
             seconds: started.elapsed().as_secs_f64(),
             timings,

@@ -39,6 +39,7 @@ pub mod threads;
 pub mod time;
 pub mod trait_columns;
 pub mod view;
+pub mod webhooks;
 
 pub use engine::Engine;
 pub use error::EngineError;

@@ -39,6 +39,9 @@ pub enum Level {
     Consents,
     /// The exports' pseudonym key (read, or replaced by a rotation), taken before `Audit`.
     Pseudonym,
+    /// Webhook subscriptions and their delivery queue (`webhooks` keyspace), held until a
+    /// batch changing them commits (with its audit record: before `Audit`).
+    Webhooks,
     /// The audit chain's head, held until the batch carrying its new records commits.
     Audit,
     /// Saving a model version (the next version number is read, then written).

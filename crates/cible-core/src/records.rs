@@ -169,6 +169,9 @@ pub struct ErasureReceipt {
     /// exits the erasure itself caused stay, with cause `erasure`, naming only the ordinal).
     #[serde(default)]
     pub feed_entries_removed: u64,
+    /// Webhook deliveries still queued (or dead) for changes that named them.
+    #[serde(default)]
+    pub webhook_deliveries_removed: u64,
     /// Rewritten so that no earlier version of their records is left in any file.
     pub keyspaces_compacted: Vec<String>,
     pub seconds: f64,

@@ -19,6 +19,7 @@
 //! | `segment_log`| name · 0 · time i64 · feed seq u64    | [`crate::segment::Change`]          |
 //! | `entries`    | name · 0 · profile u32                | when the member entered, i64: one entry per member, the membership itself |
 //! | `changes`    | feed seq u64                          | [`crate::segment::feed::FeedChange`]|
+//! | `webhooks`   | tag · subscription u32 [· seq u64] ([`crate::webhooks::keys`]) | subscriptions, cursors, queued deliveries, dead letters |
 //!
 //! `meta` also holds [`SCHEMA_KEY`], the layout version of the store: a store written by a newer
 //! cible is refused instead of misread. [`PER_PROFILE`] lists every keyspace that holds data
@@ -121,6 +122,7 @@ keyspaces!(
     consents,
     audit,
     suppressed,
+    webhooks,
 );
 
 /// The `meta` key holding the store's layout version.
@@ -138,7 +140,7 @@ pub const SCHEMA_VERSION: u32 = 6;
 
 /// Keyspaces that hold data about a person, and how it is keyed there: erasure must walk every
 /// one of them (a test checks that each keyspace is either listed here or in [`GLOBAL`]).
-pub const PER_PROFILE: [(&str, &str); 9] = [
+pub const PER_PROFILE: [(&str, &str); 10] = [
     ("events", "profile prefix (the bodies are in the event log)"),
     ("msgids", "the messageIds of the profile's events"),
     ("idents", "the profile's identifiers"),
@@ -151,6 +153,10 @@ pub const PER_PROFILE: [(&str, &str); 9] = [
         "feed entries naming the profile (and segment_log)",
     ),
     ("consents", "profile prefix (consent_key)"),
+    (
+        "webhooks",
+        "queued deliveries and dead letters of the profile's changes (crate::webhooks)",
+    ),
 ];
 
 /// The keyspaces whose keys or values hold identifiers in clear (user ids, anonymous ids,

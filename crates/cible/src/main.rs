@@ -20,6 +20,9 @@ mod segment_api;
 mod segments;
 mod server;
 mod traits;
+mod webhook;
+mod webhook_api;
+mod webhook_sender;
 
 use std::path::PathBuf;
 
@@ -174,6 +177,9 @@ enum Command {
     Profile(commands::ProfileCommand),
     /// Data-quality report, quarantine listing and replay.
     Quality(commands::QualityArgs),
+    /// Webhooks: signed deliveries of segment changes (and list syncs) to URLs.
+    #[command(subcommand)]
+    Webhook(webhook::WebhookCommand),
     /// Export data.
     #[command(subcommand)]
     Export(commands::ExportCommand),
@@ -258,6 +264,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(command) => commands::profile(&cli.global, command),
         Command::Quality(args) => commands::quality(&cli.global, args),
         Command::Export(command) => commands::export(&cli.global, command),
+        Command::Webhook(command) => webhook::run(&cli.global, command),
         Command::Segment(command) => segments::run(&cli.global, command),
         Command::Traits(command) => traits::run(&cli.global, command),
         Command::Audit(command) => audit::run(&cli.global, command),

@@ -74,6 +74,17 @@ pub struct ServeArgs {
     /// e.g. behind a reverse proxy.
     #[arg(long, default_value_t = 128)]
     pub max_connections_per_ip: usize,
+    /// Webhook retries: the delay before each retry after the first attempt, comma-separated
+    /// (ms, s, m, h); after the last, a dead letter. The default is the Standard Webhooks
+    /// schedule.
+    #[arg(long, default_value = "5s,5m,30m,2h,5h,10h,10h")]
+    pub webhook_retries: String,
+    /// How long one webhook attempt may take (connect, send, answer), seconds.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub webhook_timeout_secs: u64,
+    /// Webhook attempts in flight per subscription at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub webhook_concurrency: u64,
 }
 
 impl ServeArgs {
@@ -113,6 +124,8 @@ pub(crate) struct AppState {
     body_timeout: std::time::Duration,
     /// The keys' rate limits (see [`crate::ratelimit`]).
     limiter: Arc<crate::ratelimit::KeyLimiter>,
+    /// The webhook sender (see [`crate::webhook_sender`]).
+    pub(crate) webhooks: crate::webhook_sender::Sender,
 }
 
 impl AppState {
@@ -144,6 +157,7 @@ pub struct ServeOptions {
     /// Where to write the address and local credential for CLI commands (none in benches).
     pub data_dir: Option<std::path::PathBuf>,
     pub limits: crate::limits::Limits,
+    pub webhooks: crate::webhook_sender::SenderOptions,
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
@@ -205,6 +219,12 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
                 max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
                 max_connections_per_ip: args.max_connections_per_ip,
             },
+            webhooks: crate::webhook_sender::SenderOptions {
+                schedule: cible_core::webhooks::parse_schedule(&args.webhook_retries)
+                    .map_err(|e| anyhow::anyhow!("--webhook-retries: {e}"))?,
+                timeout: std::time::Duration::from_secs(args.webhook_timeout_secs),
+                concurrency: args.webhook_concurrency as usize,
+            },
         };
         serve(engine, listener, options, signal).await
     });
@@ -229,6 +249,7 @@ pub async fn serve(
         retrain_days,
         data_dir,
         limits,
+        webhooks,
     } = options;
     let now = pinned_now.unwrap_or_else(cible_core::time::wall_clock_ms);
     let (feed_head, _) = tokio::sync::watch::channel(engine.feed_head());
@@ -286,7 +307,14 @@ pub async fn serve(
     println!("cible listening on http://{}", listener.local_addr()?);
     std::io::Write::flush(&mut std::io::stdout())?;
     let stop_writer = jobs.clone();
+    let webhooks = crate::webhook_sender::start(
+        Arc::clone(&engine),
+        webhooks,
+        feed_head.subscribe(),
+        stopping.clone(),
+    )?;
     let state = AppState {
+        webhooks,
         engine,
         jobs,
         pinned_now,
@@ -580,6 +608,31 @@ fn router(state: AppState) -> Router {
         .route("/api/pseudonym/rotate", post(api_rotate_pseudonym))
         .route("/api/retention", get(api_retention))
         .route("/api/retention/run", post(api_retention_run))
+        .route(
+            "/api/webhooks",
+            get(crate::webhook_api::list).post(crate::webhook_api::create),
+        )
+        .route(
+            "/api/webhooks/{id}",
+            get(crate::webhook_api::show).delete(crate::webhook_api::delete),
+        )
+        .route(
+            "/api/webhooks/{id}/rotate",
+            post(crate::webhook_api::rotate),
+        )
+        .route(
+            "/api/webhooks/{id}/enable",
+            post(crate::webhook_api::enable),
+        )
+        .route(
+            "/api/webhooks/{id}/disable",
+            post(crate::webhook_api::disable),
+        )
+        .route("/api/webhooks/{id}/dead", get(crate::webhook_api::dead))
+        .route(
+            "/api/webhooks/{id}/replay",
+            post(crate::webhook_api::replay),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

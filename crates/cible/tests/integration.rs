@@ -14,4 +14,5 @@ mod integration {
     mod openapi;
     mod segments;
     mod shutdown;
+    mod webhooks;
 }
