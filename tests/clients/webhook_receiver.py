@@ -77,7 +77,15 @@ class Handler(BaseHTTPRequestHandler):
             if n == 1:
                 status, extra = 429, {"Retry-After": "1"}
         elif kind == "hang":
+            # Logged on arrival (the answer never comes).
+            with lock:
+                with open(LOG, "a") as f:
+                    f.write(json.dumps({"path": self.path, "id": wid, "status": None,
+                                        "body": body.decode("utf-8", "replace"),
+                                        "verified": verify(self.path, {k.lower(): v for k, v in self.headers.items()}, body),
+                                        "received_at": time.time()}) + "\n")
             time.sleep(120)
+            return
         elif kind == "slow":
             time.sleep(int(parts[1]) / 1000)
         record = {

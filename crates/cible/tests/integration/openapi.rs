@@ -320,6 +320,47 @@ fn every_answer_matches_the_openapi_document() {
             .contains("predicted.purchase_30d"),
         "{typo}"
     );
+    // Webhooks (to a port nobody listens on: deliveries fail and wait; their answers here).
+    let hook = r.call(
+        "POST",
+        "/api/webhooks",
+        a(),
+        Some(json!({"url": "http://127.0.0.1:9/hook", "segment": "buyers", "on": ["enter"]})),
+    );
+    let hook_path = format!("/api/webhooks/{}", hook["webhook"]["id"]);
+    r.call(
+        "POST",
+        "/api/webhooks",
+        a(),
+        Some(json!({"url": "ftp://x", "segment": "buyers"})),
+    );
+    r.call(
+        "POST",
+        "/api/webhooks",
+        a(),
+        Some(json!({"url": "http://x/", "segment": "nope"})),
+    );
+    r.call(
+        "POST",
+        "/api/webhooks",
+        a(),
+        Some(json!({"url": "http://x/", "lifecycle": true, "list_every_secs": 60})),
+    );
+    r.call("GET", "/api/webhooks", a(), None);
+    r.call("GET", &hook_path, a(), None);
+    r.call("GET", "/api/webhooks/77", a(), None);
+    r.call("GET", "/api/webhooks/x", a(), None);
+    r.call(
+        "POST",
+        &format!("{hook_path}/rotate"),
+        a(),
+        Some(json!({"keep_old_secs": 60})),
+    );
+    r.call("POST", &format!("{hook_path}/disable"), a(), None);
+    r.call("POST", &format!("{hook_path}/enable"), a(), None);
+    r.call("GET", &format!("{hook_path}/dead?limit=10"), a(), None);
+    r.call("POST", &format!("{hook_path}/replay"), a(), Some(json!({})));
+    r.call("DELETE", &hook_path, a(), None);
     r.call("DELETE", "/api/segments/readers", a(), None);
     r.call("DELETE", "/api/profiles/u2", a(), None);
     r.call("DELETE", "/api/profiles/u1?erase=true", a(), None);

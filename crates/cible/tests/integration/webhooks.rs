@@ -407,3 +407,290 @@ fn deliveries_are_signed_ordered_retried_dead_lettered_and_replayed() {
     );
     server.stop();
 }
+
+/// Applies list syncs in order, as a destination would, by profile id: the user ids on the
+/// list, and the profile ids removed without identifiers (erased).
+fn apply_lists(requests: &[Value], prefix: &str) -> (HashSet<String>, Vec<u64>) {
+    let (mut list, mut anonymous_removes) = (HashMap::new(), Vec::new());
+    for request in requests
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with(prefix) && r["status"] == 200)
+    {
+        let payload = body(request);
+        assert_eq!(payload["type"], "list.sync");
+        for add in payload["data"]["adds"].as_array().unwrap() {
+            let user = add["user_id"].as_str().unwrap().to_string();
+            list.insert(add["id"].as_u64().unwrap(), user);
+        }
+        for remove in payload["data"]["removes"].as_array().unwrap() {
+            let id = remove["id"].as_u64().unwrap();
+            assert!(list.remove(&id).is_some(), "{id} removed but not listed");
+            if remove["user_id"].is_null() {
+                anonymous_removes.push(id);
+            }
+        }
+    }
+    (list.into_values().collect(), anonymous_removes)
+}
+
+#[test]
+fn list_syncs_send_net_changes_and_erasure_drops_queued_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut receiver = Receiver::start(dir.path());
+    let write = create_key(&data, "--write");
+    let admin = create_key(&data, "--admin");
+    // Retries every second for a while: the failing endpoint's deliveries stay queued.
+    let server = Server::start(
+        &data,
+        &[
+            "--webhook-retries",
+            "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s",
+        ],
+    );
+    run_ok(cible(&data).args([
+        "segment",
+        "create",
+        "one_order",
+        "--rule",
+        r#"count("Order Completed", 30d) = 1"#,
+    ]));
+    let (_, secret) = create_webhook(
+        &data,
+        &[
+            "--url",
+            &receiver.url("/ok/list"),
+            "--segment",
+            "one_order",
+            "--list-every",
+            "1",
+        ],
+    );
+    receiver.trust("/ok/list", vec![secret]);
+    let flag = format!("cible-webhook-erase-{}", std::process::id());
+    std::fs::write(format!("/tmp/{flag}"), "").unwrap();
+    let toggle = format!("/toggle/{flag}");
+    let (_, secret) = create_webhook(
+        &data,
+        &["--url", &receiver.url(&toggle), "--segment", "one_order"],
+    );
+    receiver.trust(&toggle, vec![secret]);
+
+    let users: Vec<String> = (0..10).map(|i| format!("ls-user-{i}")).collect();
+    let mut batch: Vec<Value> = users.iter().flat_map(|u| buyer(u, 1, true)).collect();
+    batch.extend(buyer("qz7-eve", 1, true));
+    batch.extend(buyer("ls-no-consent", 1, false));
+    assert_eq!(
+        post(&server.url("/v1/batch"), &write, &json!({"batch": batch})).status,
+        200
+    );
+    receiver.wait_for(30, "a list sync with every consenting buyer", |r| {
+        apply_lists(r, "/ok/list").0.len() == 11
+    });
+    // Five leave (and one orders twice in one batch: never in the segment, in no list).
+    let mut batch: Vec<Value> = users[..5].iter().map(|u| second_order(u)).collect();
+    batch.extend(buyer("ls-brief", 1, true));
+    batch.push(second_order("ls-brief"));
+    assert_eq!(
+        post(&server.url("/v1/batch"), &write, &json!({"batch": batch})).status,
+        200
+    );
+    receiver.wait_for(30, "a list sync with the five removes", |r| {
+        apply_lists(r, "/ok/list").0.len() == 6
+    });
+    let (list, _) = apply_lists(&receiver.requests(), "/ok/list");
+    let mut expected: HashSet<String> = users[5..].iter().cloned().collect();
+    expected.insert("qz7-eve".into());
+    assert_eq!(list, expected);
+    assert!(
+        receiver
+            .requests_to("/ok/list")
+            .iter()
+            .all(|r| r["verified"] == true)
+    );
+    assert!(
+        !receiver
+            .requests()
+            .iter()
+            .any(|r| r["body"].as_str().unwrap().contains("ls-brief"))
+    );
+
+    // The event subscription failed its first attempts: eve's enter waits in the queue.
+    receiver.wait_for(30, "first attempts to the failing endpoint", |r| {
+        r.iter().filter(|r| r["path"] == json!(toggle)).count() >= 11
+    });
+    let erased: Value = ureq::delete(&server.url("/api/profiles/qz7-eve?erase=true"))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert!(
+        erased["webhook_deliveries_removed"].as_u64().unwrap() >= 1,
+        "{erased}"
+    );
+    let erased_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let eve = erased["profile"].as_u64().unwrap();
+    std::fs::remove_file(format!("/tmp/{flag}")).unwrap();
+    // Everyone else's changes arrive; eve's queued enter does not, her erasure's exit does,
+    // naming only her profile number.
+    let requests = receiver.wait_for(30, "the queue after the erasure", |r| {
+        let ok: Vec<&Value> = r
+            .iter()
+            .filter(|r| r["path"] == json!(toggle) && r["status"] == 200)
+            .collect();
+        ok.iter().any(|r| body(r)["data"]["cause"] == "erasure")
+            && ok
+                .iter()
+                .filter(|r| body(r)["type"] == "segment.entered")
+                .count()
+                == 10
+    });
+    for request in &requests {
+        if request["received_at"].as_f64().unwrap() > erased_at {
+            assert!(
+                !request["body"].as_str().unwrap().contains("qz7-eve"),
+                "{request}"
+            );
+        }
+    }
+    let exit = requests
+        .iter()
+        .find(|r| r["path"] == json!(toggle) && body(r)["data"]["cause"] == "erasure")
+        .unwrap();
+    let exit = body(exit);
+    assert_eq!(exit["data"]["profile"], json!({"id": eve}));
+    receiver.wait_for(30, "eve's removal from the list", |r| {
+        let (list, anonymous) = apply_lists(r, "/ok/list");
+        anonymous.contains(&eve) && !list.contains("qz7-eve") && list.len() == 5
+    });
+    server.stop();
+}
+
+/// kill -9 while deliveries are under way, then a restart: every change arrives, each under
+/// one id with one body; what was in flight at the kill may come twice (receivers dedup on
+/// `webhook-id`, as the specification asks).
+#[test]
+fn kill_9_in_the_middle_of_deliveries_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut receiver = Receiver::start(dir.path());
+    let write = create_key(&data, "--write");
+    let args = ["--webhook-retries", "200ms", "--webhook-concurrency", "4"];
+    let server = Server::start(&data, &args);
+    run_ok(cible(&data).args([
+        "segment",
+        "create",
+        "buyers",
+        "--rule",
+        r#"did("Order Completed", 30d)"#,
+    ]));
+    let (_, secret) = create_webhook(
+        &data,
+        &["--url", &receiver.url("/slow/20/k"), "--segment", "buyers"],
+    );
+    receiver.trust("/slow/", vec![secret]);
+    let batch: Vec<Value> = (0..300)
+        .flat_map(|i| buyer(&format!("k9-{i}"), 1, true))
+        .collect();
+    assert_eq!(
+        post(&server.url("/v1/batch"), &write, &json!({"batch": batch})).status,
+        200
+    );
+    receiver.wait_for(60, "the first deliveries", |r| r.len() >= 40);
+    server.kill();
+    let before = receiver.requests().len();
+    assert!(
+        before < 300,
+        "the kill came too late to test anything: {before}"
+    );
+    let server = Server::start(&data, &args);
+    let requests = receiver.wait_for(120, "every change after the restart", |r| {
+        r.iter()
+            .filter(|r| r["status"] == 200)
+            .map(|r| r["id"].as_str().unwrap())
+            .collect::<HashSet<_>>()
+            .len()
+            == 300
+    });
+    let mut bodies: HashMap<&str, &str> = HashMap::new();
+    for request in &requests {
+        let (id, text) = (
+            request["id"].as_str().unwrap(),
+            request["body"].as_str().unwrap(),
+        );
+        assert_eq!(*bodies.entry(id).or_insert(text), text, "one body per id");
+    }
+    let duplicates = requests.len() - bodies.len();
+    eprintln!("{before} delivered before the kill; {duplicates} sent again after it");
+    assert!(
+        duplicates <= 8,
+        "only what was in flight comes again: {duplicates}"
+    );
+    assert!(requests.iter().all(|r| r["verified"] == true));
+    server.stop();
+}
+
+/// An endpoint that never answers holds only its own attempts: acknowledgements and another
+/// endpoint's deliveries go on. Bounded in time: a hang fails the test.
+#[test]
+fn a_hanging_endpoint_slows_neither_ingestion_nor_other_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut receiver = Receiver::start(dir.path());
+    let write = create_key(&data, "--write");
+    let server = Server::start(&data, &["--webhook-timeout-secs", "3"]);
+    run_ok(cible(&data).args([
+        "segment",
+        "create",
+        "buyers",
+        "--rule",
+        r#"did("Order Completed", 30d)"#,
+    ]));
+    for path in ["/hang/h", "/ok/o"] {
+        let (_, secret) = create_webhook(
+            &data,
+            &["--url", &receiver.url(path), "--segment", "buyers"],
+        );
+        receiver.trust(path, vec![secret]);
+    }
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for round in 0..30 {
+        let batch: Vec<Value> = (0..20)
+            .flat_map(|i| buyer(&format!("hang-{round}-{i}"), 1, true))
+            .collect();
+        let sent = Instant::now();
+        assert_eq!(
+            post(&server.url("/v1/batch"), &write, &json!({"batch": batch})).status,
+            200
+        );
+        slowest = slowest.max(sent.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(3),
+        "an acknowledgement took {slowest:?}"
+    );
+    receiver.wait_for(60, "every change at the answering endpoint", |r| {
+        r.iter()
+            .filter(|r| r["path"] == "/ok/o" && r["status"] == 200)
+            .count()
+            == 600
+    });
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The hanging endpoint got its first attempts (64 at once at most), still unanswered.
+    let hanging = receiver.requests_to("/hang/");
+    assert!(
+        !hanging.is_empty() && hanging.len() <= 64,
+        "{}",
+        hanging.len()
+    );
+    assert!(hanging.iter().all(|r| r["verified"] == true));
+    server.stop();
+}
