@@ -1764,3 +1764,171 @@ fn retention_purges_old_events_everywhere_as_if_they_never_came() {
     // Nothing more to purge: a second run removes nothing.
     assert_eq!(reopened.purge_expired(NOW).unwrap().events_removed, 0);
 }
+
+/// Webhooks beside ingestion and erasure, from several threads at once, bounded in time:
+/// subscriptions created at once get distinct ids; the queue a sender fills and settles holds,
+/// at the end, exactly the wanted changes not yet delivered; an erased person's queued
+/// deliveries go (their erasure's exits stay).
+#[test]
+fn webhook_queues_beside_ingestion_and_erasure_stay_exact() {
+    use crate::webhooks::{Mode, Settle, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = std::sync::Arc::new(Engine::open(dir.path()).unwrap());
+    let rule = r#"did("Order Completed", 30d)"#;
+    engine
+        .create_segment("buyers", cible_lang::parse(rule).unwrap(), rule, NOW)
+        .unwrap();
+    let spec = || crate::engine::NewWebhook {
+        url: "http://127.0.0.1:9/hook".into(),
+        target: Target::Segment {
+            name: "buyers".into(),
+        },
+        on_enter: true,
+        on_exit: true,
+        mode: Mode::Events,
+        purpose: "analytics".into(),
+        after: None,
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    let created = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    for _ in 0..2 {
+        let (engine, created, done) = (
+            std::sync::Arc::clone(&engine),
+            std::sync::Arc::clone(&created),
+            done.clone(),
+        );
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                created
+                    .lock()
+                    .push(engine.create_webhook(spec(), NOW).unwrap().id);
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a creating thread hung or panicked");
+    }
+    let mut ids = created.lock().clone();
+    ids.sort();
+    assert_eq!(ids, (1..=10).collect::<Vec<u32>>(), "distinct ids");
+    let id = ids[0];
+
+    // Ingestion, a sender (fill, settle every other delivery) and erasures at once.
+    let users: Vec<String> = (0..16).map(|i| format!("hook-{i}")).collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let delivered = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
+    {
+        let (engine, users, done) = (std::sync::Arc::clone(&engine), users.clone(), done.clone());
+        std::thread::spawn(move || {
+            for (i, user) in users.iter().enumerate() {
+                ingest(
+                    &engine,
+                    &[track(
+                        &format!("o-{i}"),
+                        Some(user),
+                        None,
+                        "Order Completed",
+                        30,
+                    )],
+                );
+                engine.drain_segments().unwrap();
+            }
+            done.send(()).unwrap();
+        });
+    }
+    let sender = {
+        let (engine, stop, delivered) = (
+            std::sync::Arc::clone(&engine),
+            std::sync::Arc::clone(&stop),
+            std::sync::Arc::clone(&delivered),
+        );
+        std::thread::spawn(move || {
+            let mut turn = 0u64;
+            loop {
+                let last_round = stop.load(Ordering::Acquire);
+                let queued = engine.enqueue_webhook_changes(id, NOW, 3).unwrap();
+                let mut settles = Vec::new();
+                for delivery in queued {
+                    turn += 1;
+                    if turn % 2 == 0 {
+                        delivered.lock().push(delivery.seq);
+                        settles.push(Settle::Done { seq: delivery.seq });
+                    }
+                }
+                engine.settle_webhook(id, &settles).unwrap();
+                if last_round && engine.webhook_cursor(id).unwrap().0 == engine.feed_head() {
+                    return;
+                }
+            }
+        })
+    };
+    {
+        let (engine, users, done) = (std::sync::Arc::clone(&engine), users.clone(), done.clone());
+        std::thread::spawn(move || {
+            for user in users.iter().step_by(5) {
+                // Erase whoever already arrived.
+                let started = std::time::Instant::now();
+                let profile = loop {
+                    if let Some(profile) = engine.find_profile(user) {
+                        break profile;
+                    }
+                    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+                    std::thread::yield_now();
+                };
+                engine.erase_profile(profile).unwrap();
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("ingestion or erasure hung or panicked");
+    }
+    stop.store(true, Ordering::Release);
+    let (sent, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        sender.join().unwrap();
+        sent.send(()).unwrap();
+    });
+    received
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the sender hung or panicked");
+
+    // What is queued = every change still in the feed, minus what was delivered.
+    let feed = engine.changes_after(0, 100_000).unwrap();
+    let delivered: std::collections::HashSet<u64> = delivered.lock().iter().copied().collect();
+    let expected: Vec<u64> = feed
+        .iter()
+        .map(|c| c.seq)
+        .filter(|seq| !delivered.contains(seq))
+        .collect();
+    let queued: Vec<u64> = engine
+        .webhook_queue(id)
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(queued, expected);
+    // The erased: only their erasure's exits are left, anywhere in the queue.
+    let erasure_exits = feed
+        .iter()
+        .filter(|c| c.cause == crate::segment::feed::Cause::Erasure)
+        .count();
+    assert!(erasure_exits >= 1, "{feed:?}");
+    for delivery in engine.webhook_queue(id).unwrap() {
+        let change = feed.iter().find(|c| c.seq == delivery.seq).unwrap();
+        assert_eq!(Some(change.profile), delivery.pending.profile);
+    }
+    // Another subscription, created before any change, owes every change still in the feed.
+    let other = ids[1];
+    while !engine
+        .enqueue_webhook_changes(other, NOW, 1000)
+        .unwrap()
+        .is_empty()
+    {}
+    assert_eq!(engine.webhook_queue(other).unwrap().len(), feed.len());
+}
