@@ -1853,7 +1853,7 @@ fn webhook_queues_beside_ingestion_and_erasure_stay_exact() {
                 let mut settles = Vec::new();
                 for delivery in queued {
                     turn += 1;
-                    if turn % 2 == 0 {
+                    if turn.is_multiple_of(2) {
                         delivered.lock().push(delivery.seq);
                         settles.push(Settle::Done { seq: delivery.seq });
                     }
