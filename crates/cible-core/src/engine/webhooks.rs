@@ -21,7 +21,8 @@ pub struct NewWebhook {
     pub on_exit: bool,
     pub mode: Mode,
     pub purpose: String,
-    /// Start after this feed sequence number (0: the whole feed); the feed's head when absent.
+    /// Start after this feed sequence number (0: the whole feed); when absent, the feed's head
+    /// for events, 0 for a list sync (its first request carries the whole membership).
     pub after: Option<u64>,
 }
 
@@ -75,6 +76,8 @@ impl Engine {
                 )));
             }
             Some(after) => after,
+            // A list destination starts with the whole current membership.
+            None if matches!(spec.mode, Mode::List { .. }) => 0,
             None => head,
         };
         let _guard = self.webhook_lock.lock();
