@@ -22,6 +22,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("the work was cancelled (its client left, or the server is stopping)")]
     Cancelled,
+    /// Writing an export's output failed (a closed pipe, a client gone, a full disk).
+    #[error("writing the output: {0}")]
+    Output(std::io::Error),
 }
 
 impl From<fjall::Error> for EngineError {

@@ -12,6 +12,7 @@ pub mod consent;
 pub mod engine;
 pub mod error;
 pub mod eventlog;
+pub mod export;
 pub mod features;
 pub mod generate;
 pub mod hot;

@@ -883,8 +883,8 @@ pub enum ExportCommand {
         #[arg(long, value_enum, default_value = "none")]
         scale: ScaleArg,
     },
-    /// Every live profile as JSON Lines: number, identifiers, current traits, computed traits,
-    /// consents; only the profiles whose consents let `--purpose` process them.
+    /// Every live profile: number, identifiers, current traits, computed traits and model
+    /// outputs, consents; only the profiles whose consents let `--purpose` process them.
     Profiles {
         /// Output file; standard output when absent.
         #[arg(long)]
@@ -896,6 +896,25 @@ pub enum ExportCommand {
         /// two join on them).
         #[arg(long)]
         pseudonymize: bool,
+        /// jsonl (nested), csv or parquet (flattened: `traits.plan`, `computed.score.value`...).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
+    /// A segment's members, as `export profiles` writes profiles, with `entered_at`.
+    Members {
+        /// The segment.
+        name: String,
+        /// Output file; standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// What the export is for (a consent purpose): only the members it permits.
+        #[arg(long, default_value = "email")]
+        purpose: String,
+        #[arg(long)]
+        pseudonymize: bool,
+        /// jsonl, csv or parquet.
+        #[arg(long, default_value = "csv")]
+        format: String,
     },
 }
 
@@ -929,18 +948,61 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let (ExportCommand::Events {
+    if let ExportCommand::Profiles {
         out,
         purpose,
         pseudonymize,
+        format,
     }
-    | ExportCommand::Profiles {
+    | ExportCommand::Members {
         out,
         purpose,
         pseudonymize,
-    }) = &command
+        format,
+        ..
+    } = &command
+    {
+        let spec = cible_core::export::ExportSpec {
+            segment: match &command {
+                ExportCommand::Members { name, .. } => Some(name.clone()),
+                _ => None,
+            },
+            purpose: purpose.clone(),
+            pseudonymize: *pseudonymize,
+            format: cible_core::export::Format::parse(format)?,
+            now: global.now_ms()?,
+        };
+        let sink: Box<dyn Write + Send> = match out {
+            Some(path) => Box::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => Box::new(std::io::stdout()),
+        };
+        return match cible_core::audit::with_actor("cli", || {
+            cible_core::export::write_profiles(&engine, &spec, sink)
+        }) {
+            Ok(written) => {
+                if out.is_some() {
+                    eprintln!("wrote {written} profiles");
+                }
+                Ok(())
+            }
+            Err(cible_core::EngineError::Output(error))
+                if error.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        };
+    }
+    let ExportCommand::Events {
+        out,
+        purpose,
+        pseudonymize,
+    } = &command
     else {
-        unreachable!("features are written above")
+        unreachable!("the others are written above")
     };
     // The consent check first: an unknown purpose writes nothing.
     let check = engine.consent_check(purpose)?;
@@ -961,17 +1023,7 @@ pub fn export(global: &Global, command: ExportCommand) -> anyhow::Result<()> {
             "events",
             export_events(&engine, &check, pseudonyms.as_ref(), &mut writer),
         ),
-        ExportCommand::Profiles { .. } => (
-            "profiles",
-            export_profiles(
-                &engine,
-                &check,
-                pseudonyms.as_ref(),
-                &mut writer,
-                global.now_ms()?,
-            ),
-        ),
-        ExportCommand::Features { .. } => unreachable!("features are written above"),
+        _ => unreachable!("the others are written above"),
     };
     let written = match result.and_then(|written| writer.flush().map(|()| written)) {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
@@ -1017,55 +1069,6 @@ fn export_events(
         (None, Err(error)) => Err(std::io::Error::other(error.to_string())),
         (None, Ok(())) => Ok(written),
     }
-}
-
-fn export_profiles(
-    engine: &cible_core::Engine,
-    check: &cible_core::consent::ConsentCheck,
-    pseudonyms: Option<&cible_core::pseudonym::Pseudonymizer>,
-    writer: &mut impl Write,
-    now: i64,
-) -> std::io::Result<u64> {
-    let mut profiles = engine.live_profiles();
-    profiles.retain(|p| check.permits(*p));
-    let purposes: Vec<String> = engine.purposes().names().map(str::to_string).collect();
-    let reader = engine
-        .traits_reader(now)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    // Computed traits a chunk at a time, in parallel.
-    for chunk in profiles.chunks(4096) {
-        let computed = reader.of(chunk);
-        for (profile, computed) in chunk.iter().zip(computed) {
-            let record = engine
-                .profile_record(*profile)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let traits: serde_json::Map<String, serde_json::Value> = record
-                .traits
-                .into_iter()
-                .map(|(name, t)| (name, t.value))
-                .collect();
-            // Every purpose, true only when granted and not withdrawn since (as rules read
-            // `consent.<purpose>`).
-            let consents: serde_json::Map<String, serde_json::Value> = purposes
-                .iter()
-                .map(|purpose| {
-                    let granted = record
-                        .consents
-                        .current(purpose)
-                        .is_some_and(|change| change.granted);
-                    (purpose.clone(), granted.into())
-                })
-                .collect();
-            let mut line = serde_json::json!({"profile": profile, "identifiers": record.identifiers,
-                "traits": traits, "computed": computed, "consents": consents});
-            if let Some(pseudonyms) = pseudonyms {
-                pseudonyms.profile(&mut line);
-            }
-            serde_json::to_writer(&mut *writer, &line)?;
-            writer.write_all(b"\n")?;
-        }
-    }
-    Ok(profiles.len() as u64)
 }
 
 /// `profile show` as text, from the profile's JSON (the same for a local store and a server).

@@ -16,6 +16,7 @@ pub fn status_of(error: &EngineError) -> (StatusCode, &'static str) {
         EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
         EngineError::Poisoned(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         EngineError::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+        EngineError::Output(_) => (StatusCode::INTERNAL_SERVER_ERROR, "output_error"),
         EngineError::Store(store) => match store {
             StoreError::Locked { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_locked"),
             StoreError::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),

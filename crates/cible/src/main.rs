@@ -9,6 +9,7 @@ mod changes_api;
 mod commands;
 mod consent_api;
 mod errors;
+mod export_api;
 mod limits;
 mod local;
 mod metrics_api;

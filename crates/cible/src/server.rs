@@ -633,6 +633,11 @@ fn router(state: AppState) -> Router {
             "/api/webhooks/{id}/replay",
             post(crate::webhook_api::replay),
         )
+        .route(
+            "/api/exports/members/{name}",
+            get(crate::export_api::members),
+        )
+        .route("/api/exports/profiles", get(crate::export_api::profiles))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

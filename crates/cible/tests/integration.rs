@@ -8,6 +8,7 @@ mod integration {
     mod concurrency;
     mod consent;
     mod crash;
+    mod exports;
     mod http;
     mod keys;
     mod limits;

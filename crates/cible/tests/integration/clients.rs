@@ -8,20 +8,6 @@ use std::process::Command;
 
 use super::common::*;
 
-fn clients_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let output = Command::new("bash")
-        .arg(root.join("tests/clients/install.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        output.status.success(),
-        "installing the Segment clients failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
-
 fn run_client(command: &mut Command) -> Vec<String> {
     let output = command.output().expect("client runs");
     assert!(

@@ -190,3 +190,19 @@ pub fn get(url: &str, admin: &str) -> Answer {
     )
     .expect("request completes")
 }
+
+/// Installs what the tests need from PyPI, npm and Debian (`tests/clients/install.sh`) and
+/// returns where: `py` (for PYTHONPATH) and `node` below it.
+pub fn clients_dir() -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new("bash")
+        .arg(root.join("tests/clients/install.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "installing the test clients failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
