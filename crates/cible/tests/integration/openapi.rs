@@ -361,6 +361,26 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", &format!("{hook_path}/dead?limit=10"), a(), None);
     r.call("POST", &format!("{hook_path}/replay"), a(), Some(json!({})));
     r.call("DELETE", &hook_path, a(), None);
+    r.call(
+        "GET",
+        "/api/exports/members/buyers?purpose=analytics",
+        a(),
+        None,
+    );
+    r.call(
+        "GET",
+        "/api/exports/members/buyers?format=jsonl&pseudonymize=true&purpose=analytics",
+        a(),
+        None,
+    );
+    r.call("GET", "/api/exports/members/nope", a(), None);
+    r.call("GET", "/api/exports/profiles", a(), None);
+    r.call(
+        "GET",
+        "/api/exports/profiles?purpose=analytics&format=xls",
+        a(),
+        None,
+    );
     r.call("DELETE", "/api/segments/readers", a(), None);
     r.call("DELETE", "/api/profiles/u2", a(), None);
     r.call("DELETE", "/api/profiles/u1?erase=true", a(), None);
