@@ -11,6 +11,7 @@ mod bench_privacy;
 mod bench_spine;
 mod bench_storage;
 mod bench_traits;
+mod bench_webhooks;
 
 use clap::Parser;
 

@@ -122,6 +122,9 @@ async fn supervise(
     let mut running: HashMap<u32, (watch::Sender<u64>, tokio::task::JoinHandle<()>)> =
         HashMap::new();
     let mut generation = 0u64;
+    // Running tasks look again (subscription, queue) only when the API woke us, not on the
+    // periodic look for new or removed subscriptions.
+    let mut woken = false;
     loop {
         let listed = {
             let engine = Arc::clone(&engine);
@@ -145,7 +148,9 @@ async fn supervise(
                 for (id, subscription) in enabled {
                     match running.get(&id) {
                         Some((poke, _)) => {
-                            poke.send_replace(generation);
+                            if woken {
+                                poke.send_replace(generation);
+                            }
                         }
                         None => {
                             let (poke, poked) = watch::channel(generation);
@@ -175,11 +180,11 @@ async fn supervise(
             Ok(Err(error)) => tracing::error!(error = %error, "reading webhook subscriptions"),
             Err(error) => tracing::error!(error = %error, "reading webhook subscriptions"),
         }
-        tokio::select! {
-            () = sender.wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = stopping.changed() => {}
-        }
+        woken = tokio::select! {
+            () = sender.wake.notified() => true,
+            () = tokio::time::sleep(Duration::from_secs(5)) => false,
+            _ = stopping.changed() => false,
+        };
         if *stopping.borrow() {
             for (_, (_, task)) in running.drain() {
                 let _ = task.await;
@@ -270,8 +275,10 @@ impl SubscriptionTask {
         }
     }
 
-    /// Reads the queue from the store (at start, and after a replay).
+    /// Reads the queue from the store (at start, and after a replay). What was settled
+    /// is recorded first: a delivery done but not yet recorded would come back.
     async fn reload(&mut self) {
+        self.flush_settles().await;
         let engine = Arc::clone(&self.engine);
         let id = self.id();
         match tokio::task::spawn_blocking(move || engine.webhook_queue(id)).await {
@@ -354,6 +361,8 @@ impl SubscriptionTask {
     /// Starts every attempt that is due, up to the concurrency.
     fn launch(&mut self, done: &mpsc::UnboundedSender<Finished>) {
         let now = cible_core::time::wall_clock_ms();
+        // One consent check for the attempts started now (it copies the purpose's set).
+        let mut check: Option<Arc<cible_core::consent::ConsentCheck>> = None;
         while self.busy.len() < self.options.concurrency {
             let Some(&(at, seq, lane)) = self.ready.first() else {
                 break;
@@ -368,6 +377,17 @@ impl SubscriptionTask {
             if delivery.seq != seq || self.busy.contains(&lane) {
                 continue;
             }
+            let check = match &check {
+                Some(check) => Arc::clone(check),
+                None => match self.engine.consent_check(&self.subscription.purpose) {
+                    Ok(made) => Arc::clone(check.insert(Arc::new(made))),
+                    Err(error) => {
+                        tracing::error!(webhook = self.id(), error = %error, "the consent check");
+                        self.ready.insert((now + 1000, seq, lane));
+                        break;
+                    }
+                },
+            };
             self.busy.insert(lane);
             let (engine, client, subscription, timeout, done) = (
                 Arc::clone(&self.engine),
@@ -377,7 +397,8 @@ impl SubscriptionTask {
                 done.clone(),
             );
             tokio::spawn(async move {
-                let attempt = attempt(&engine, &client, &subscription, &delivery, timeout).await;
+                let attempt =
+                    attempt(&engine, &client, &subscription, &delivery, &check, timeout).await;
                 let _ = done.send(Finished { lane, attempt });
             });
         }
@@ -568,10 +589,11 @@ async fn attempt(
     client: &Client,
     subscription: &Subscription,
     delivery: &Delivery,
+    check: &cible_core::consent::ConsentCheck,
     timeout: Duration,
 ) -> Attempt {
     // A few reads of the store (the feed entry, the profile): short enough for this thread.
-    let body = match engine.webhook_payload(subscription, delivery) {
+    let body = match engine.webhook_payload(subscription, delivery, check) {
         Ok(Some(body)) => body,
         Ok(None) => return Attempt::Nothing,
         Err(error) => return Attempt::Failed(format!("building the payload: {error}")),

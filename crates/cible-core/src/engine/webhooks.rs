@@ -461,14 +461,23 @@ impl Engine {
 
     /// The body of a delivery as it would be sent now, or `None` when nothing is left to send
     /// (the change was erased, or the profile's consent no longer permits the purpose).
+    /// `check` is the subscription purpose's consent check (`Engine::consent_check`), taken
+    /// once for many attempts: it copies the purpose's set of profiles.
     pub fn webhook_payload(
         &self,
         subscription: &Subscription,
         delivery: &Delivery,
+        check: &crate::consent::ConsentCheck,
     ) -> Result<Option<Vec<u8>>> {
-        let check = self.consent_check(&subscription.purpose)?;
+        if check.purpose() != subscription.purpose {
+            return Err(EngineError::Invalid(format!(
+                "purpose: the check is for {:?}, the subscription's purpose is {:?}",
+                check.purpose(),
+                subscription.purpose
+            )));
+        }
         let Some(profile) = delivery.pending.profile else {
-            return self.list_payload(subscription, delivery, &check);
+            return self.list_payload(subscription, delivery, check);
         };
         let Some(change) = self.change_at(delivery.seq)? else {
             return Ok(None);
