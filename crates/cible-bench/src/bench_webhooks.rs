@@ -201,13 +201,12 @@ pub fn run(global: &Global, args: &BenchArgs) -> anyhow::Result<()> {
     let rate = n as f64 / span.as_secs_f64();
 
     // The baseline: the receiver's ceiling with a plain client, 64 connections.
-    let body = {
-        let shown = api("GET", &format!("/api/webhooks/{id}"), Value::Null).ok();
-        drop(shown);
-        format!(
-            "{{\"type\":\"segment.entered\",\"timestamp\":\"2026-05-01T12:00:00.000Z\",\"data\":{{\"sequence\":1,\"segment\":\"buyers\",\"change\":\"enter\",\"cause\":\"events\",\"at\":\"2026-05-01T12:00:00.000Z\",\"segment_size\":1,\"profile\":{{\"id\":1,\"user_id\":\"x\"}}}}}}"
-        )
-    };
+    // A body the size of the deliveries'.
+    let body = json!({"type": "segment.entered", "timestamp": "2026-05-01T12:00:00.000Z",
+        "data": {"sequence": 1, "segment": "buyers", "change": "enter", "cause": "events",
+            "at": "2026-05-01T12:00:00.000Z", "segment_size": 1,
+            "profile": {"id": 1, "user_id": "bulk-1"}}})
+    .to_string();
     let before = seen.count.load(Ordering::Relaxed);
     let started = Instant::now();
     let per_thread = n / 64;
