@@ -3,7 +3,8 @@
 //! a cohort counts its profiles active (any active event) in period `cohort + k`. Periods are
 //! integers (days since 1970-01-01, weeks since Monday 1969-12-29, `year * 12 + month - 1`), so
 //! a cell is one subtraction away; a profile's distinct periods come from one pass over its
-//! sorted timeline, computing the period only when the day changes.
+//! sorted timeline, computing a period only for an event past the end of the last one counted
+//! (one comparison for every other event).
 //!
 //! [`Tally`] accumulates profiles (one per thread of a parallel pass, then merged);
 //! [`Tally::table`] turns it into the cohorts of a [`RetentionTable`].
@@ -125,6 +126,24 @@ impl Active {
     }
 }
 
+/// Appends to `times` the times of the active events of a timeline (sorted by time) up to
+/// `until` (epoch seconds): all that [`Tally::add_times`] reads of it, 4 bytes an event instead
+/// of 16 (what a pass copies under the hot store's read guard).
+pub fn active_times(events: &[HotEvent], active: &Active, until: u32, times: &mut Vec<u32>) {
+    times.extend(
+        events
+            .iter()
+            .take_while(|e| e.ts <= until)
+            .filter(|e| active.counts(e.name))
+            .map(|e| e.ts),
+    );
+}
+
+/// The first second after period `index`.
+fn period_end(period: Period, index: i64) -> i64 {
+    period.first_day(index + 1) * i64::from(DAY_SECONDS)
+}
+
 /// Cohort counts over the profiles added so far.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -139,33 +158,32 @@ impl Tally {
     /// Adds one profile from its timeline (sorted by time, as the hot store keeps it); events
     /// after `until` (epoch seconds) are left out.
     pub fn add(&mut self, events: &[HotEvent], active: &Active, period: Period, until: u32) {
+        let mut times = Vec::new();
+        active_times(events, active, until, &mut times);
+        self.add_times(&times, period);
+    }
+
+    /// Adds one profile from the times of its active events (epoch seconds, sorted; see
+    /// [`active_times`]). One comparison an event: an event before the end of the last period
+    /// counted is skipped; the period (and its end) is computed only for the others.
+    pub fn add_times(&mut self, times: &[u32], period: Period) {
         self.profiles += 1;
-        let mut events = events
-            .iter()
-            .take_while(|e| e.ts <= until)
-            .filter(|e| active.counts(e.name));
-        let Some(first) = events.next() else {
+        let Some(&first) = times.first() else {
             return;
         };
-        let mut day = first.ts / DAY_SECONDS;
-        let cohort = period.index_of_day(i64::from(day));
+        let cohort = period.index_of_day(i64::from(first / DAY_SECONDS));
+        let mut end = period_end(period, cohort);
         let counts = self.cohorts.entry(cohort).or_default();
         if counts.is_empty() {
             counts.push(0);
         }
         counts[0] += 1;
-        let mut last = cohort;
-        for event in events {
-            let event_day = event.ts / DAY_SECONDS;
-            if event_day == day {
+        for &ts in &times[1..] {
+            if i64::from(ts) < end {
                 continue;
             }
-            day = event_day;
-            let index = period.index_of_day(i64::from(day));
-            if index == last {
-                continue;
-            }
-            last = index;
+            let index = period.index_of_day(i64::from(ts / DAY_SECONDS));
+            end = period_end(period, index);
             let k = (index - cohort) as usize;
             if counts.len() <= k {
                 counts.resize(k + 1, 0);
@@ -426,6 +444,78 @@ mod tests {
         assert_eq!(table.len(), 1);
         assert_eq!(table[0].counts, [3, 1, 0]);
         assert_eq!(table[0].shares, [1.0, 1.0 / 3.0, 0.0]);
+    }
+
+    /// A simple LCG: the same pseudo-random timelines on every run.
+    fn timelines(n: u32, seed: u64) -> Vec<Vec<HotEvent>> {
+        let mut state = seed;
+        let mut next = move |bound: u32| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % u64::from(bound)) as u32
+        };
+        let origin = at("2025-11-20T00:00:00Z");
+        (0..n)
+            .map(|_| {
+                let mut times: Vec<u32> =
+                    (0..next(40)).map(|_| origin + next(150 * 86_400)).collect();
+                times.sort_unstable();
+                times
+                    .into_iter()
+                    .map(|ts| HotEvent {
+                        ts,
+                        name: if next(10) == 0 {
+                            NO_NAME
+                        } else {
+                            next(4) as u16
+                        },
+                        ..event("2026-01-01T00:00:00Z", 0)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_one_pass_count_equals_counting_distinct_periods() {
+        // The obvious way: every active event's period, deduplicated per profile.
+        let now = at("2026-03-15T12:00:00Z");
+        for active in [Active::every(), Active::names([1, 3])] {
+            for period in [Period::Day, Period::Week, Period::Month] {
+                let mut expected: std::collections::BTreeMap<i64, Vec<u64>> = Default::default();
+                let mut tally = Tally::default();
+                for timeline in timelines(300, 7) {
+                    tally.add(&timeline, &active, period, now);
+                    let periods: std::collections::BTreeSet<i64> = timeline
+                        .iter()
+                        .filter(|e| e.ts <= now && active.counts(e.name))
+                        .map(|e| period.index_of_day(i64::from(e.ts / 86_400)))
+                        .collect();
+                    let Some(&cohort) = periods.first() else {
+                        continue;
+                    };
+                    let current = period.index_of_day(i64::from(now / 86_400));
+                    let counts = expected
+                        .entry(cohort)
+                        .or_insert_with(|| vec![0; (current - cohort + 1) as usize]);
+                    for index in periods {
+                        counts[(index - cohort) as usize] += 1;
+                    }
+                }
+                let got: Vec<(String, Vec<u64>)> = tally
+                    .table(period, now)
+                    .into_iter()
+                    .map(|c| (c.start, c.counts))
+                    .collect();
+                let expected: Vec<(String, Vec<u64>)> = expected
+                    .into_iter()
+                    .map(|(index, counts)| (format_day(period.first_day(index)), counts))
+                    .collect();
+                assert!(expected.len() > 3, "{period:?}");
+                assert_eq!(got, expected, "{period:?}");
+            }
+        }
     }
 
     #[test]

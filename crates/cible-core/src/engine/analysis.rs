@@ -1,16 +1,16 @@
 //! The engine's side of aggregate analysis ([`crate::analysis`]): cohort retention over the hot
-//! store (a whole-population pass: chunks of profiles copied under the `Hot` read guard, then
-//! counted on the copies in parallel, no lock held), the overlap of stored memberships, and the
-//! size history bucketed into a series.
+//! store (a whole-population pass: the active events' times of 512 profiles copied under the
+//! `Hot` read guard, then counted on the copies in parallel, no lock held), the overlap of
+//! stored memberships, and the size history bucketed into a series.
 
 use rayon::prelude::*;
 
 use super::Engine;
 use crate::analysis::overlap::{Overlap, check_names, overlap};
-use crate::analysis::retention::{Active, Period, RetentionTable, Tally};
+use crate::analysis::retention::{Active, Period, RetentionTable, Tally, active_times};
 use crate::analysis::series::{Every, SizeSeries, series};
 use crate::error::{EngineError, Result};
-use crate::hot::{HotEvent, READ_CHUNK};
+use crate::hot::READ_CHUNK;
 use crate::time::format_ms;
 
 /// What a cohort retention table is asked for.
@@ -69,11 +69,11 @@ impl Engine {
         let tally = profiles
             .par_chunks(READ_CHUNK)
             .map(|chunk| {
-                let (events, ends) = self.copy_timelines(chunk);
+                let (times, ends) = self.copy_active_times(chunk, &active, until);
                 let mut tally = Tally::default();
                 let mut start = 0;
                 for end in ends {
-                    tally.add(&events[start..end], &active, period, until);
+                    tally.add_times(&times[start..end], period);
                     start = end;
                 }
                 tally
@@ -92,19 +92,25 @@ impl Engine {
         })
     }
 
-    /// The events of these profiles, one after the other, and where each profile's end:
-    /// copied under the `Hot` read guard, which is released before anyone reads the copy (the
-    /// writer waits for one copy at most).
-    fn copy_timelines(&self, profiles: &[u32]) -> (Vec<HotEvent>, Vec<usize>) {
+    /// The times of the active events up to `until` of these profiles, one profile after the
+    /// other, and where each profile's end: copied under the `Hot` read guard (4 bytes an
+    /// event), which is released before anyone counts them (the writer waits for one copy at
+    /// most).
+    fn copy_active_times(
+        &self,
+        profiles: &[u32],
+        active: &Active,
+        until: u32,
+    ) -> (Vec<u32>, Vec<usize>) {
         let hot = self.hot();
         let total = profiles.iter().map(|p| hot.events(*p).len()).sum();
-        let mut events = Vec::with_capacity(total);
+        let mut times = Vec::with_capacity(total);
         let mut ends = Vec::with_capacity(profiles.len());
         for profile in profiles {
-            events.extend_from_slice(hot.events(*profile));
-            ends.push(events.len());
+            active_times(hot.events(*profile), active, until, &mut times);
+            ends.push(times.len());
         }
-        (events, ends)
+        (times, ends)
     }
 
     /// Sizes and pairwise intersections and Jaccard indexes of these segments' memberships.
