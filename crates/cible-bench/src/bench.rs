@@ -47,9 +47,10 @@ pub struct BenchArgs {
     /// on disk; commands after the import; restart) or ingest (`cible serve`'s `/v1/batch` with
     /// 20 live segments beside a sink on the same cores: 400 KB and 20-message batches, ack
     /// latency at 50,000 messages/s) or privacy (erasure of one person through the CLI and a
-    /// server beside a removal; consent checks on a segment rebuild) or webhooks (deliveries
+    /// server beside a removal; consent checks on a segment rebuild), webhooks (deliveries
     /// per second to a loopback receiver beside its ceiling; event to webhook received at 10k
-    /// changes/s; `--profiles` changes are delivered).
+    /// changes/s; `--profiles` changes are delivered) or cohort (the weekly cohort retention
+    /// table through the CLI against DuckDB computing it in SQL).
     #[arg(long, value_enum, default_value = "collect")]
     suite: Suite,
     /// Events per batch in the latency measurement (at 50k events/s, 100 events is a batch
@@ -79,6 +80,7 @@ pub enum Suite {
     Ingest,
     Privacy,
     Webhooks,
+    Cohort,
 }
 
 pub(crate) struct Row {
@@ -113,6 +115,9 @@ pub fn run(global: &Global, args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == Suite::Webhooks {
         return crate::bench_webhooks::run(global, &args);
+    }
+    if args.suite == Suite::Cohort {
+        return crate::bench_cohort::run(global, &args);
     }
     let now = global.now_ms()?;
     let (work, file, generated, _) = generate_data(global, &args, false)?;

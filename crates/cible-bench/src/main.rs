@@ -5,6 +5,7 @@
 //! `scripts/bench` builds both and installs the Python baselines.
 
 mod bench;
+mod bench_cohort;
 mod bench_ingest;
 mod bench_models;
 mod bench_privacy;

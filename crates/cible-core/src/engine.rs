@@ -10,6 +10,8 @@
 //! along with a batch; if a commit fails the engine refuses further writes (the process must
 //! restart and reload), so memory never disagrees with disk.
 
+mod analysis;
+pub use analysis::RetentionQuery;
 mod audit;
 mod consent;
 pub use consent::{CONSENT_EVENT, ConsentRequest};

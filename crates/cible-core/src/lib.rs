@@ -4,6 +4,7 @@
 //! [`engine::Engine::ingest`] (dedup, identity, anomaly flags, one atomic durable batch) → the
 //! durable [`store`] and the in-memory [`hot`] store. Nothing here knows HTTP or the terminal.
 
+pub mod analysis;
 pub mod audit;
 pub mod cancel;
 pub mod codec;

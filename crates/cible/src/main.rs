@@ -1,6 +1,8 @@
 //! The `cible` binary: command-line parsing and dispatch. The only crate that knows the terminal
 //! and HTTP; everything it does with data it asks of `cible-core`.
 
+mod analysis;
+mod analysis_api;
 mod audit;
 mod audit_api;
 mod browser;
@@ -192,6 +194,9 @@ enum Command {
     Traits(traits::TraitsCommand),
     /// The change feed: every segment enter and exit, with its sequence number and cause.
     Changes(changes::ChangesArgs),
+    /// Cohort analysis over events: retention tables.
+    #[command(subcommand)]
+    Cohort(analysis::CohortCommand),
     /// Models on profile features: clustering, propensity.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -271,6 +276,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(command) => audit::run(&cli.global, command),
         Command::Model(command) => model::run(&cli.global, command),
         Command::Changes(args) => changes::run(&cli.global, args),
+        Command::Cohort(command) => analysis::cohort(&cli.global, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! `/api/segments`: create, list, show, edit, delete, preview, members (JSON pages or CSV),
-//! history. Rules come as text (`rule`) or as their JSON form (`rule_json`); parse errors come
-//! back located, with the caret rendering.
+//! history (bucketed by `analysis_api.rs` with `every`). Rules come as text (`rule`) or as
+//! their JSON form (`rule_json`); parse errors come back located, with the caret rendering.
 
 use std::sync::Arc;
 
@@ -262,12 +262,24 @@ pub async fn members(
     )
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    every: Option<String>,
+}
+
+/// The size after each change; with `every=hour|day`, one point per bucket instead.
 pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
+    if let Some(every) = query.every.as_deref() {
+        let every = crate::analysis_api::every(every)?;
+        return crate::analysis_api::series(&state, name, every).await;
+    }
     let engine = Arc::clone(&state.engine);
     blocking(move || cible_core::view::size_history(&engine, &name)).await
 }

@@ -1,4 +1,5 @@
-//! `cible segment ...`: create, edit, list, show, delete, preview, members, history.
+//! `cible segment ...`: create, edit, list, show, delete, preview, members, history, overlap
+//! (printed by `analysis.rs`).
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -48,8 +49,25 @@ pub enum SegmentCommand {
         #[arg(long, value_enum, default_value = "csv")]
         format: MembersFormat,
     },
-    /// Enters and exits over time, with the size after each computation.
-    History { name: String },
+    /// Enters and exits over time, with the size after each computation; with --every, one
+    /// point per hour or day from the first change to now, the size at the bucket's end.
+    History {
+        name: String,
+        /// One point per bucket (the size at its end, carried over buckets without changes).
+        #[arg(long, value_enum)]
+        every: Option<crate::analysis::EveryArg>,
+        /// Print the JSON the API answers (with --every).
+        #[arg(long, requires = "every")]
+        json: bool,
+    },
+    /// Sizes of these segments and, for every pair, the members they share and the Jaccard
+    /// index (shared / either).
+    Overlap {
+        #[arg(required = true, num_args = 2..)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Why a profile is in or out: each condition with the value it saw.
     Explain {
         name: String,
@@ -277,7 +295,16 @@ fn run_remote(
             }
             out.flush()?;
         }
-        SegmentCommand::History { name } => {
+        SegmentCommand::History {
+            name,
+            every: Some(every),
+            json,
+        } => {
+            let series = crate::analysis::remote_series(remote, &name, every.into())?;
+            crate::analysis::print_series(&series, json)?;
+        }
+        SegmentCommand::Overlap { .. } => unreachable!("overlap runs before the store is opened"),
+        SegmentCommand::History { name, .. } => {
             let points = remote.call("GET", &format!("{}/history", path(&name)), None)?;
             for point in points.as_array().into_iter().flatten() {
                 println!(
@@ -390,6 +417,9 @@ fn reads_records_only(command: &SegmentCommand) -> bool {
 }
 
 pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
+    if let SegmentCommand::Overlap { names, json } = command {
+        return crate::analysis::overlap(global, names, json);
+    }
     let engine = match global.open_or_remote(reads_records_only(&command))? {
         crate::Opened::Local(engine) => engine,
         crate::Opened::Remote(remote) => return run_remote(&remote, global, command),
@@ -476,7 +506,16 @@ pub fn run(global: &Global, command: SegmentCommand) -> anyhow::Result<()> {
             }
             print_explanation(&why);
         }
-        SegmentCommand::History { name } => {
+        SegmentCommand::History {
+            name,
+            every: Some(every),
+            json,
+        } => {
+            let series = engine.size_series(&name, every.into(), now)?;
+            crate::analysis::print_series(&series, json)?;
+        }
+        SegmentCommand::Overlap { .. } => unreachable!("overlap runs before the store is opened"),
+        SegmentCommand::History { name, .. } => {
             for point in cible_core::view::size_history(&engine, &name)? {
                 println!(
                     "{}  size {:>8}  +{} -{}",

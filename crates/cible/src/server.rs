@@ -586,6 +586,11 @@ fn router(state: AppState) -> Router {
             get(crate::segment_api::list).post(crate::segment_api::create),
         )
         .route("/api/segments/preview", post(crate::segment_api::preview))
+        .route("/api/segments/overlap", get(crate::analysis_api::overlap))
+        .route(
+            "/api/cohorts/retention",
+            get(crate::analysis_api::retention),
+        )
         .route(
             "/api/segments/{name}",
             get(crate::segment_api::show)

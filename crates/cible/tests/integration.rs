@@ -1,6 +1,7 @@
 //! End-to-end tests of the `cible` binary: one test binary, a module per feature.
 
 mod integration {
+    mod analysis;
     mod beside;
     mod cli;
     mod clients;

@@ -190,6 +190,27 @@ fn every_answer_matches_the_openapi_document() {
     r.call("GET", "/api/segments/buyers/members?limit=10", a(), None);
     r.call("GET", "/api/segments/buyers/members?format=csv", a(), None);
     r.call("GET", "/api/segments/buyers/history", a(), None);
+    r.call("GET", "/api/segments/buyers/history?every=hour", a(), None);
+    r.call("GET", "/api/segments/buyers/history?every=week", a(), None);
+    r.call(
+        "GET",
+        "/api/segments/overlap?names=buyers,readers",
+        a(),
+        None,
+    );
+    r.call("GET", "/api/segments/overlap?names=buyers,nope", a(), None);
+    r.call("GET", "/api/segments/overlap?names=buyers", a(), None);
+    let table = r.call("GET", "/api/cohorts/retention?period=week", a(), None);
+    assert!(table["cohorts"][0]["counts"].is_array(), "{table}");
+    r.call(
+        "GET",
+        "/api/cohorts/retention?period=day&active=Order%20Completed&segment=buyers",
+        a(),
+        None,
+    );
+    r.call("GET", "/api/cohorts/retention?period=year", a(), None);
+    r.call("GET", "/api/cohorts/retention?segment=nope", a(), None);
+    r.call("GET", "/api/cohorts/retention", None, None);
     r.call("GET", "/api/segments/buyers/explain/u1", a(), None);
     r.call("GET", "/api/segments/nope", a(), None);
     r.call("GET", "/api/profiles/u1/traits", a(), None);
