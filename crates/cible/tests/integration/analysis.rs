@@ -13,17 +13,7 @@ use super::common::*;
 
 /// The Python path holding DuckDB (`tests/clients/install.sh`).
 fn duckdb_path() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let output = Command::new("bash")
-        .arg(root.join("tests/clients/install.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        output.status.success(),
-        "installing DuckDB failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()).join("py")
+    clients_dir().join("py")
 }
 
 fn generated_store(dir: &Path, profiles: &str, days: &str) -> PathBuf {
@@ -156,13 +146,7 @@ fn cohort_retention_equals_duckdb_cell_by_cell() {
     }
 
     // A segment's members only.
-    run_ok(cible(&data).args([
-        "segment",
-        "create",
-        "buyers",
-        "--rule",
-        r#"did("Order Completed", 30d)"#,
-    ]));
+    create_segment(&data, "buyers", r#"did("Order Completed", 30d)"#);
     let members: Vec<u64> =
         run_ok(cible(&data).args(["segment", "members", "buyers", "--format", "jsonl"]))
             .lines()
@@ -239,7 +223,7 @@ fn overlap_and_bucketed_history_from_the_cli_and_the_api() {
     ];
     let mut members = Vec::new();
     for (name, rule) in rules {
-        run_ok(cible(&data).args(["segment", "create", name, "--rule", rule]));
+        create_segment(&data, name, rule);
         let set: BTreeSet<u64> =
             run_ok(cible(&data).args(["segment", "members", name, "--format", "jsonl"]))
                 .lines()
@@ -347,6 +331,7 @@ fn overlap_and_bucketed_history_from_the_cli_and_the_api() {
     // The API answers the same, and names what is wrong.
     let admin = create_key(&data, "--admin");
     let server = Server::start(&data, &[]);
+    wait_segments_ready(&server);
     let answer = get(
         &server.url("/api/segments/overlap?names=buyers,viewers,carts,nobody"),
         &admin,

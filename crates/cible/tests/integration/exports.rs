@@ -62,13 +62,7 @@ fn members_and_profiles_export_as_csv_jsonl_and_parquet_with_consent_and_audit()
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     import(&data, &people());
-    run_ok(cible(&data).args([
-        "segment",
-        "create",
-        "buyers",
-        "--rule",
-        r#"did("Order Completed", 30d)"#,
-    ]));
+    create_segment(&data, "buyers", r#"did("Order Completed", 30d)"#);
     // CSV of the members e-mail may reach: 4 (one did not consent; the browser is no buyer).
     let csv = dir.path().join("members.csv");
     run_ok(
