@@ -347,6 +347,19 @@ fn overlap_and_bucketed_history_from_the_cli_and_the_api() {
     // The API answers the same, and names what is wrong.
     let admin = create_key(&data, "--admin");
     let server = Server::start(&data, &[]);
+    // The server first evaluates every segment again at its own now (two days before the
+    // refresh above), while the API already answers: wait for it, so that every answer below
+    // reads the same memberships.
+    let started = std::time::Instant::now();
+    while !ureq::get(&server.url("/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .is_some_and(|text| text.lines().any(|l| l == "cible_segments_ready 1"))
+    {
+        assert!(started.elapsed().as_secs() < 60, "segments never ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let answer = get(
         &server.url("/api/segments/overlap?names=buyers,viewers,carts,nobody"),
         &admin,
