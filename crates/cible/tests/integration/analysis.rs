@@ -331,7 +331,7 @@ fn overlap_and_bucketed_history_from_the_cli_and_the_api() {
     // The API answers the same, and names what is wrong.
     let admin = create_key(&data, "--admin");
     let server = Server::start(&data, &[]);
-    wait_segments_ready(&server);
+    super::concurrency::settle(&server.base);
     let answer = get(
         &server.url("/api/segments/overlap?names=buyers,viewers,carts,nobody"),
         &admin,

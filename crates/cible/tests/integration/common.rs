@@ -211,34 +211,3 @@ pub fn clients_dir() -> std::path::PathBuf {
 pub fn create_segment(data: &Path, name: &str, rule: &str) {
     run_ok(cible(data).args(["segment", "create", name, "--rule", rule]));
 }
-
-/// Waits (at most 60 s) until a server started on an existing store has evaluated every
-/// segment once (its first pass runs while it already answers) and has nothing queued.
-pub fn wait_segments_ready(server: &Server) {
-    let started = std::time::Instant::now();
-    loop {
-        let metrics = ureq::get(&server.url("/metrics"))
-            .call()
-            .expect("metrics answer")
-            .into_string()
-            .unwrap();
-        let value = |name: &str| {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(-1.0)
-        };
-        if value("cible_segments_ready") == 1.0
-            && value("cible_feed_lag_batches") == 0.0
-            && value("cible_segment_queue_profiles") == 0.0
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the segment worker does not catch up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
