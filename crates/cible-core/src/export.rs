@@ -20,35 +20,7 @@ use serde_json::{Map, Value, json};
 use crate::Engine;
 use crate::error::{EngineError, Result};
 
-/// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Jsonl,
-    Csv,
-    Parquet,
-}
-
-impl Format {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "jsonl" | "json" | "ndjson" => Ok(Format::Jsonl),
-            "csv" => Ok(Format::Csv),
-            "parquet" => Ok(Format::Parquet),
-            other => Err(EngineError::Invalid(format!(
-                "format: {other:?} is not a format (jsonl, csv, parquet)"
-            ))),
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Jsonl => "application/x-ndjson",
-            Format::Csv => "text/csv; charset=utf-8",
-            Format::Parquet => "application/vnd.apache.parquet",
-        }
-    }
-}
+pub use crate::import::Format;
 
 /// What to export.
 #[derive(Debug, Clone)]

@@ -37,7 +37,7 @@ use crate::records::BatchOutcome;
 /// Messages per chunk handed to the engine (one atomic batch each).
 const CHUNK_MESSAGES: usize = 20_000;
 
-/// Input formats.
+/// File formats, read by imports and written by exports ([`crate::export`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -63,6 +63,26 @@ impl Format {
             Some(Self::Jsonl)
         } else {
             None
+        }
+    }
+
+    /// A format by name, as `--format` and `?format=` give it.
+    pub fn parse(text: &str) -> Result<Self, crate::EngineError> {
+        match text {
+            "jsonl" | "json" | "ndjson" => Ok(Self::Jsonl),
+            "csv" => Ok(Self::Csv),
+            "parquet" => Ok(Self::Parquet),
+            other => Err(crate::EngineError::Invalid(format!(
+                "format: {other:?} is not a format (jsonl, csv, parquet)"
+            ))),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Jsonl => "application/x-ndjson",
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Parquet => "application/vnd.apache.parquet",
         }
     }
 }

@@ -24,15 +24,7 @@ pub async fn list(
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult {
     check_admin(&state, &headers)?;
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=10_000).contains(&limit) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("limit must be between 1 and 10000, found {limit}"),
-        )
-        .field("limit"));
-    }
+    let limit = crate::server::page_limit(params.limit, 100, 10_000)?;
     let engine = Arc::clone(&state.engine);
     blocking(move || engine.audit_records(params.after.unwrap_or(0), limit)).await
 }

@@ -1142,6 +1142,25 @@ async fn submit_inner(state: &AppState, items: Vec<Incoming>) -> ApiResult {
     }
 }
 
+/// A `limit` query parameter: `default` when absent, else 1 to `max` (400 naming it).
+pub(crate) fn page_limit(
+    limit: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("limit must be between 1 and {max}, found {limit}"),
+        )
+        .field("limit"))
+    }
+}
+
 /// Runs blocking work (store access) off the async workers.
 pub(crate) async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -131,12 +131,13 @@ impl Op {
             Op::Show(id) => {
                 let subscription = engine.webhook(id)?;
                 let (cursor, _) = engine.webhook_cursor(id)?;
+                let (queued, dead) = engine.webhook_counts(id)?;
                 json!({
                     "webhook": subscription.redacted(),
                     "cursor": cursor,
                     "feed_head": engine.feed_head(),
-                    "queued": engine.webhook_queue(id)?.len(),
-                    "dead": engine.webhook_dead_letters(id, usize::MAX)?.len(),
+                    "queued": queued,
+                    "dead": dead,
                 })
             }
             Op::Delete(id) => {

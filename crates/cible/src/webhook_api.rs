@@ -164,15 +164,7 @@ pub async fn dead(
     ApiQuery(query): ApiQuery<DeadQuery>,
 ) -> ApiResult {
     let actor = check_admin(&state, &headers)?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=10_000).contains(&limit) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("limit must be between 1 and 10000, found {limit}"),
-        )
-        .field("limit"));
-    }
+    let limit = crate::server::page_limit(query.limit, 100, 10_000)?;
     run(&state, actor, Op::Dead(webhook_id(&id)?, limit), false).await
 }
 

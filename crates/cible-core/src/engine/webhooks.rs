@@ -369,6 +369,21 @@ impl Engine {
         Ok(out)
     }
 
+    /// How many deliveries a subscription is owed and how many are dead (keys counted, not
+    /// decoded).
+    pub fn webhook_counts(&self, id: u32) -> Result<(u64, u64)> {
+        self.read_subscription(id)?;
+        let count = |tag: u8| -> Result<u64> {
+            let mut n = 0u64;
+            for entry in self.store.webhooks.prefix(keys::of(tag, id)) {
+                entry.key()?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok((count(keys::QUEUED)?, count(keys::DEAD)?))
+    }
+
     /// Every delivery still owed to a subscription, oldest change first.
     pub fn webhook_queue(&self, id: u32) -> Result<Vec<Delivery>> {
         self.read_deliveries(keys::QUEUED, id, usize::MAX)
