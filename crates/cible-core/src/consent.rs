@@ -465,8 +465,9 @@ pub type Written = (u32, States);
 /// The current state of every purpose, by profile ordinal: who granted, who withdrew.
 #[derive(Debug, Clone, Default)]
 pub struct ConsentIndex {
-    granted: BTreeMap<String, RoaringBitmap>,
-    withdrawn: BTreeMap<String, RoaringBitmap>,
+    /// Shared with the checks taken from it (`ConsentCheck`), copied only when changed.
+    granted: BTreeMap<String, std::sync::Arc<RoaringBitmap>>,
+    withdrawn: BTreeMap<String, std::sync::Arc<RoaringBitmap>>,
 }
 
 impl ConsentIndex {
@@ -477,9 +478,12 @@ impl ConsentIndex {
             (&mut self.withdrawn, granted == Some(false)),
         ] {
             if on {
-                map.entry(purpose.to_string()).or_default().insert(profile);
-            } else if let Some(bitmap) = map.get_mut(purpose) {
-                bitmap.remove(profile);
+                std::sync::Arc::make_mut(map.entry(purpose.to_string()).or_default())
+                    .insert(profile);
+            } else if let Some(bitmap) = map.get_mut(purpose)
+                && bitmap.contains(profile)
+            {
+                std::sync::Arc::make_mut(bitmap).remove(profile);
             }
         }
     }
@@ -487,7 +491,9 @@ impl ConsentIndex {
     /// Forgets every purpose of `profile`.
     pub fn clear(&mut self, profile: u32) {
         for bitmap in self.granted.values_mut().chain(self.withdrawn.values_mut()) {
-            bitmap.remove(profile);
+            if bitmap.contains(profile) {
+                std::sync::Arc::make_mut(bitmap).remove(profile);
+            }
         }
     }
 
@@ -526,7 +532,10 @@ impl ConsentIndex {
 
     /// The profiles that withdrew `purpose`.
     pub fn withdrawals(&self, purpose: &str) -> RoaringBitmap {
-        self.withdrawn.get(purpose).cloned().unwrap_or_default()
+        self.withdrawn
+            .get(purpose)
+            .map(|bitmap| (**bitmap).clone())
+            .unwrap_or_default()
     }
 }
 
@@ -569,8 +578,9 @@ impl ProfileConsents<'_> {
 pub struct ConsentCheck {
     purpose: String,
     rule: Rule,
-    /// The profiles `rule` lets through (opt-in) or stops (opt-out).
-    listed: RoaringBitmap,
+    /// The profiles `rule` lets through (opt-in) or stops (opt-out): the index's own bitmap,
+    /// shared, so a check costs nothing to take.
+    listed: std::sync::Arc<RoaringBitmap>,
 }
 
 impl ConsentCheck {
